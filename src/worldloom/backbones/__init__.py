@@ -1,0 +1,37 @@
+"""Sequence backbones behind one protocol, resolved by name.
+
+A backbone maps embeddings to hidden states: ``forward(x, cache=None) -> (h, cache)`` with
+``x`` of shape (B, T, C). ``new_cache(batch, max_len, pad=None)`` returns the state it
+needs for incremental decoding (a KV cache for attention). A new backbone is one module
+plus one ``@register("name")`` line; configs name it with ``model.backbone=<name>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def deco(builder):
+        BACKBONES[name] = builder
+        return builder
+
+    return deco
+
+
+def build_backbone(cfg) -> nn.Module:
+    if cfg.backbone not in BACKBONES:
+        close = difflib.get_close_matches(cfg.backbone, list(BACKBONES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown model.backbone '{cfg.backbone}'{hint} available: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[cfg.backbone](cfg)
+
+
+from . import transformer  # noqa: E402,F401  (registers "transformer")

@@ -1,0 +1,277 @@
+"""Typed configuration: one dataclass per component, presets in YAML, `key.sub=value` overrides.
+
+Every value that reaches a component passes through `from_dict`, which rejects unknown keys
+(listing the valid ones and suggesting the closest) and values of the wrong type. A run
+saves its fully resolved config as ``config.yaml`` so that it can be reproduced and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a UTF-8 text file
+    val_fraction: float = 0.1  # the last fraction of the file is held out
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "char"  # char | bpe
+    vocab_size: int = 4096  # bpe only: size of the learned vocabulary
+
+    def __post_init__(self):
+        if self.kind not in ("char", "bpe"):
+            raise ConfigError(f"tokenizer.kind must be 'char' or 'bpe', got {self.kind!r}")
+        if self.kind == "bpe" and self.vocab_size < 300:
+            raise ConfigError(f"tokenizer.vocab_size must be at least 300 for bpe (256 bytes + merges), got {self.vocab_size}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "transformer"  # a name in worldloom.backbones.BACKBONES
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 0  # grouped-query attention; 0 means n_head (plain multi-head)
+    d_model: int = 384
+    d_ff: int = 0  # SwiGLU hidden width; 0 means 8/3 * d_model rounded up to a multiple of 64
+    context: int = 256
+    dropout: float = 0.0
+    tie_weights: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    vocab_size: int = 0  # set from the tokenizer when a run starts
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "context"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ConfigError(f"head size d_model/n_head = {self.d_model // self.n_head} must be even for rotary positions")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 5000  # optimizer steps
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none. The LR schedule follows whichever budget ends first
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32 ; fp16 is refused on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_interval: int = 250  # steps between held-out evaluations (and checkpoints)
+    eval_batches: int = 20
+    log_interval: int = 10
+    seed: int = 1337
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    compile: bool = False  # torch.compile the model (costs 15-30 s at start on CPU)
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"train.max_minutes must be >= 0, got {self.max_minutes}")
+        if self.precision not in ("auto", "bf16", "fp32", "fp16"):
+            raise ConfigError(f"train.precision must be one of auto, bf16, fp32, fp16; got {self.precision!r}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(path: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to type `tp`, or raise a one-line ConfigError."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of keys, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, prefix=path + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(path, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - a field type this module does not know is a bug here
+        raise TypeError(f"unsupported config field type {tp!r} at {path}")
+    raise ConfigError(f"{path} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            valid = sorted(types_)
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} valid keys under '{prefix or '.'}': {', '.join(valid)}")
+        kwargs[key] = _check_value(prefix + key, value, types_[key])
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- overrides and presets
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'model.n_layer=4' -> (['model', 'n_layer'], 4). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. model.n_layer=4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each `key.sub=value` in a nested dict (validation happens later, in from_dict)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set {'.'.join(keys)}: '{k}' is a value, not a group of keys")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("worldloom") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown preset '{name}'{hint} available: {', '.join(names)}")
+    text = (resources.files("worldloom") / "presets" / f"{name}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    data.pop("description", None)
+    data.setdefault("name", name)
+    return data
+
+
+def preset_description(name: str) -> str:
+    text = (resources.files("worldloom") / "presets" / f"{name}.yaml").read_text()
+    return str((yaml.safe_load(text) or {}).get("description", "")).strip()
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return data
+
+
+def build_config(preset: str | None, overrides: list[str]) -> RunConfig:
+    data = load_preset(preset) if preset else {}
+    apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def save_yaml(data: dict, path: Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

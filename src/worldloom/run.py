@@ -1,0 +1,60 @@
+"""A run folder: its resolved config, tokenizer, checkpoints, metrics and plots.
+
+``load_run`` is how every verb after `train` (generate, eval, export) gets a model back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, from_dict, read_yaml
+from .errors import CheckpointError, ConfigError
+from .model import LWM
+from .tokenize import TextTokenizer
+from .train.checkpoint import latest_checkpoint, load_model_weights, read_state
+
+CONFIG = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig
+    model: LWM
+    tokenizer: TextTokenizer
+    state: dict
+    checkpoint: Path
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise CheckpointError(f"run folder not found: {run_dir}")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a worldloom run folder (no {CONFIG})")
+    try:
+        return from_dict(RunConfig, read_yaml(run_dir / CONFIG))
+    except ConfigError as e:
+        raise CheckpointError(f"{run_dir / CONFIG} is not a valid run config: {e}") from None
+
+
+def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"run folder {run_dir} holds no checkpoint yet (train it first)")
+    state = read_state(ckpt)
+    tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise CheckpointError(
+            f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model config says {cfg.model.vocab_size}"
+        )
+    model = LWM(cfg.model)
+    load_model_weights(model, ckpt)
+    model.to(device).eval()
+    return LoadedRun(cfg, model, tokenizer, state, ckpt)

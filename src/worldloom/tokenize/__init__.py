@@ -1,0 +1,8 @@
+"""Tokenizers, one per modality, all with the same protocol:
+
+``encode(x) -> LongTensor``, ``decode(ids) -> x``, ``vocab_size``, ``save(dir)``, ``load(dir)``.
+"""
+
+from .text import TextTokenizer
+
+__all__ = ["TextTokenizer"]

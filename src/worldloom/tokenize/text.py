@@ -1,0 +1,99 @@
+"""Text tokenizers on Hugging Face `tokenizers`.
+
+* ``char``: one token per character seen in the training text, plus 256 byte tokens
+  (``<0x00>`` … ``<0xFF>``) as a fallback, so any Unicode string round-trips exactly, even
+  characters never seen in training (they become their UTF-8 bytes).
+* ``bpe``: byte-level BPE learned on the training text (GPT-2 style), exact for any string.
+
+Both save one ``tokenizer.json`` that `transformers.PreTrainedTokenizerFast` also loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ..errors import CheckpointError, DataError
+from ..io import atomic_write_text, read_json, write_json
+
+
+class TextTokenizer:
+    """Protocol: encode(str) -> LongTensor, decode(ids) -> str, vocab_size, save(dir), load(dir)."""
+
+    modality = "text"
+
+    def __init__(self, tok: Tokenizer, kind: str):
+        self.tok = tok
+        self.kind = kind
+
+    # -- construction
+    @classmethod
+    def train(cls, kind: str, text: str, vocab_size: int = 4096) -> "TextTokenizer":
+        if not text:
+            raise DataError("cannot train a tokenizer on empty text")
+        if kind == "char":
+            return cls(_char_tokenizer(text), "char")
+        if kind == "bpe":
+            return cls(_bpe_tokenizer(text, vocab_size), "bpe")
+        raise ValueError(f"unknown text tokenizer kind {kind!r}")
+
+    # -- protocol
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tok.encode(text).ids, dtype=torch.long)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "tokenizer.json", self.tok.to_str())
+        write_json(folder / "tokenizer_meta.json", {"modality": "text", "kind": self.kind, "vocab_size": self.vocab_size})
+
+    @classmethod
+    def load(cls, folder: Path) -> "TextTokenizer":
+        folder = Path(folder)
+        meta = read_json(folder / "tokenizer_meta.json", "tokenizer metadata")
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer file not found: {path}")
+        try:
+            tok = Tokenizer.from_str(path.read_text())
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise CheckpointError(f"tokenizer file {path} is corrupt ({str(e).splitlines()[0][:100]})") from None
+        return cls(tok, meta.get("kind", "bpe"))
+
+
+def _char_tokenizer(text: str) -> Tokenizer:
+    chars = sorted(set(text))
+    vocab = {c: i for i, c in enumerate(chars)}
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return tok
+
+
+def _bpe_tokenizer(text: str, vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    chunk = 1 << 16  # feed lines in chunks so huge files do not become one giant string
+    tok.train_from_iterator((text[i : i + chunk] for i in range(0, len(text), chunk)), trainer=trainer)
+    return tok

@@ -1,0 +1,134 @@
+"""Checkpoints that survive a kill at any instant.
+
+Layout inside a run folder::
+
+    checkpoints/step-00000500/model.safetensors      weights
+    checkpoints/step-00000500/optimizer.safetensors  AdamW moments and step counts
+    checkpoints/step-00000500/state.json             step, elapsed time, RNG states, precision
+    checkpoint.json                                  {"latest": "checkpoints/step-00000500"}
+
+A checkpoint folder is written under a temporary name and renamed when complete; only
+then is ``checkpoint.json`` replaced (atomically) to point at it, and only after that are
+older folders removed. Whatever instant a run dies at, ``checkpoint.json`` names a whole
+checkpoint. Loading reads safetensors and JSON only: no file is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..io import load_tensors, read_json, save_tensors, write_json
+
+FORMAT = "worldloom-checkpoint/1"
+POINTER = "checkpoint.json"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    run_dir = Path(run_dir)
+    if not (run_dir / POINTER).exists():
+        return None
+    ptr = read_json(run_dir / POINTER, "checkpoint pointer")
+    path = run_dir / str(ptr.get("latest", ""))
+    if not path.is_dir():
+        raise CheckpointError(f"{run_dir / POINTER} points at {path}, which does not exist")
+    return path
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            tensors[f"{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    return tensors, sd["param_groups"]
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[int, dict] = {}
+    for name, val in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    return {"state": state, "param_groups": groups}
+
+
+def rng_to_json(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def rng_from_json(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 1) -> Path:
+    run_dir = Path(run_dir)
+    name = f"step-{state['step']:08d}"
+    final = run_dir / "checkpoints" / name
+    tmp = run_dir / "checkpoints" / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "model.safetensors", _unique_state(model), metadata={"format": FORMAT})
+    full_state = dict(state, format=FORMAT)
+    if optimizer is not None:
+        tensors, groups = _optimizer_tensors(optimizer)
+        save_tensors(tmp / "optimizer.safetensors", tensors, metadata={"format": FORMAT})
+        full_state["optimizer_groups"] = groups
+    write_json(tmp / "state.json", full_state)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    write_json(run_dir / POINTER, {"latest": f"checkpoints/{name}", "step": state["step"]})
+    older = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p != final)
+    for p in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without the second name of tied weights (safetensors refuses shared storage)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def read_state(ckpt: Path) -> dict:
+    state = read_json(Path(ckpt) / "state.json", "checkpoint state")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt} is not a worldloom checkpoint (format {state.get('format')!r}, expected {FORMAT!r})")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    tensors = load_tensors(Path(ckpt) / "model.safetensors", "model weights")
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors and not _is_tied_alias(model, k)]
+    unexpected = [k for k in tensors if k not in own]
+    wrong = [k for k in tensors if k in own and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (
+            f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+            else f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, model expects {tuple(own[wrong[0]].shape)}"
+        )
+        raise CheckpointError(f"checkpoint {ckpt} is of another architecture than its config ({detail})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
+    return key == "head.weight" and getattr(model.cfg, "tie_weights", False)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
+    tensors = load_tensors(Path(ckpt) / "optimizer.safetensors", "optimizer state")
+    try:
+        optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer_groups"]))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt} does not match the model ({str(e).splitlines()[0][:100]})") from None

@@ -1,0 +1,204 @@
+"""The training recipe for a text language model, read top to bottom.
+
+    config -> corpus -> tokenizer -> model -> AdamW -> steps (eval + checkpoint) -> plot
+
+Resuming reloads the resolved config, the tokenizer, the weights, the optimizer moments
+and every RNG state, so that a resumed run continues the exact sequence of the
+uninterrupted one (the test suite checks it bit for bit in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import RunConfig, TrainConfig, apply_overrides, from_dict, save_yaml, to_dict
+from ..data.text import TextData, read_corpus, split_text
+from ..errors import CheckpointError, ConfigError
+from ..evaluate import sampled_loss
+from ..io import atomic_write_text
+from ..model import LWM
+from ..run import CONFIG, METRICS, TOKENIZER_DIR, read_run_config
+from ..runtime import autocast, resolve_device, resolve_precision, set_threads
+from ..tokenize import TextTokenizer
+from .checkpoint import latest_checkpoint, load_model_weights, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
+from .optim import lr_at, make_optimizer
+from .plots import plot_loss, read_metrics
+
+
+def prepare_text(cfg: RunConfig, tokenizer: TextTokenizer | None = None) -> tuple[TextData, TextTokenizer]:
+    text = read_corpus(cfg.data.path)
+    train_text, val_text = split_text(text, cfg.data.val_fraction)
+    if tokenizer is None:
+        tokenizer = TextTokenizer.train(cfg.tokenizer.kind, train_text, cfg.tokenizer.vocab_size)
+    data = TextData(tokenizer.encode(train_text), tokenizer.encode(val_text), len(val_text))
+    data.check_context(cfg.model.context, cfg.data.path)
+    return data, tokenizer
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The saved config of a run, with `train.*` overrides (e.g. a longer max_steps)."""
+    cfg = read_run_config(run_dir)
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith("train.")]
+    if bad:
+        raise ConfigError(f"only train.* keys can change on --resume (got {bad[0]!r}); start a new run to change the rest")
+    data = to_dict(cfg)
+    apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+class _Progress:
+    """A bar over the fraction of the budget used (steps or minutes, whichever ends first)."""
+
+    def __init__(self, enabled: bool, start: float):
+        fmt = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+        self.bar = tqdm(total=1000, initial=int(start * 1000), bar_format=fmt, desc="train", disable=not enabled or None, dynamic_ncols=True)
+        self.shown = int(start * 1000)
+
+    def update(self, progress: float, **postfix):
+        n = int(min(progress, 1.0) * 1000)
+        if n > self.shown:
+            self.bar.update(n - self.shown)
+            self.shown = n
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: list[str] = (), progress: bool = True, log=print) -> dict:
+    """Train (or resume) a run and return its summary. Exactly one of cfg / resume is given."""
+    # ---- config and run folder
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = resume_config(run_dir, list(overrides))
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"cannot resume: {run_dir} holds no checkpoint yet; start it again without --resume")
+    else:
+        run_dir = cfg.run_dir
+        if latest_checkpoint(run_dir) is not None:
+            raise ConfigError(f"run folder {run_dir} already holds a checkpoint; continue it with --resume {run_dir} or choose another name=...")
+        ckpt = None
+    tc: TrainConfig = cfg.train
+    set_threads(tc.threads)
+    device = resolve_device(tc.device)
+    state = read_state(ckpt) if ckpt else {}
+    precision = state.get("precision") or resolve_precision(tc.precision, device)
+
+    # ---- data and tokenizer (the tokenizer is learned once, from the training part only)
+    tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR) if ckpt else None
+    data, tokenizer = prepare_text(cfg, tokenizer)
+    cfg.model.vocab_size = tokenizer.vocab_size
+
+    # ---- model and optimizer
+    torch.manual_seed(tc.seed)
+    model = LWM(cfg.model).to(device)
+    optimizer = make_optimizer(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed)
+    step, elapsed_before = 0, 0.0
+    if ckpt:
+        load_model_weights(model, ckpt)
+        load_optimizer(optimizer, ckpt, state)
+        step, elapsed_before = state["step"], state["elapsed"]
+        gen.set_state(rng_from_json(state["data_rng"]))
+        torch.set_rng_state(rng_from_json(state["torch_rng"]))
+        _truncate_metrics(run_dir / METRICS, step)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / METRICS).unlink(missing_ok=True)
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+    save_yaml(to_dict(cfg), run_dir / CONFIG)
+    if tc.compile:
+        model.compile()  # in place: compute_loss and evaluation use the compiled forward
+
+    n_params = model.num_params()
+    log(f"run {run_dir}: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, {len(data.train):,} training tokens, "
+        f"{len(data.val):,} held-out, {device} {precision}" + (f", resuming at step {step}" if ckpt else ""))
+
+    budget = tc.max_minutes * 60.0
+    t_start = time.perf_counter() - elapsed_before
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
+    def fraction() -> float:
+        f = step / tc.max_steps
+        return max(f, elapsed() / budget) if budget else f
+
+    def checkpoint(val_loss: float | None):
+        save_checkpoint(run_dir, model, optimizer, {
+            "step": step, "elapsed": elapsed(), "precision": precision, "val_loss": val_loss,
+            "data_rng": rng_to_json(gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state()),
+        })
+
+    def evaluate() -> float:
+        val = sampled_loss(model, data, cfg.model.context, tc.batch_size, tc.eval_batches, precision, device, seed=tc.seed + 1)
+        _append(run_dir / METRICS, {"step": step, "val_loss": val, "elapsed": round(elapsed(), 2)})
+        plot_loss(run_dir / METRICS, run_dir / "loss.png", title=f"{cfg.name}: {n_params / 1e6:.1f}M params")
+        return val
+
+    bar = _Progress(progress, fraction())
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context
+    val_loss = state.get("val_loss")
+    model.train()
+    t_log, tokens_since = time.perf_counter(), 0
+    try:
+        while step < tc.max_steps and not (budget and elapsed() >= budget):
+            lr = lr_at(step, fraction(), tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(tc.grad_accum):
+                batch = {k: v.to(device) for k, v in data.batch("train", tc.batch_size, cfg.model.context, gen).items()}
+                with autocast(precision, device):
+                    out = model.compute_loss(batch)
+                (out.total / tc.grad_accum).backward()
+                loss_sum += out.total.item()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_since += tokens_per_step
+            loss = loss_sum / tc.grad_accum
+            if step % tc.log_interval == 0:
+                now = time.perf_counter()
+                tps = tokens_since / (now - t_log)
+                t_log, tokens_since = now, 0
+                _append(run_dir / METRICS, {"step": step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed": round(elapsed(), 2)})
+                bar.update(fraction(), step=step, loss=f"{loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-", tok_s=f"{tps:,.0f}")
+            if step % tc.eval_interval == 0:
+                val_loss = evaluate()
+                checkpoint(val_loss)
+                if not progress:
+                    log(f"step {step}: train loss {loss:.4f}, held-out loss {val_loss:.4f}, {elapsed() / 60:.1f} min")
+    except KeyboardInterrupt:
+        bar.close()
+        last = latest_checkpoint(run_dir)
+        raise CheckpointError(f"interrupted at step {step}; last checkpoint: {last or 'none'} (continue with --resume {run_dir})") from None
+    bar.close()
+    if not (run_dir / "checkpoints" / f"step-{step:08d}").exists():
+        val_loss = evaluate()
+        checkpoint(val_loss)
+    summary = {"run_dir": str(run_dir), "step": step, "val_loss": val_loss, "minutes": round(elapsed() / 60, 2),
+               "params": n_params, "precision": precision}
+    log(f"done: step {step}, held-out loss {val_loss:.4f} (sampled windows), {elapsed() / 60:.1f} min; "
+        f"run folder {run_dir} (loss curve: {run_dir / 'loss.png'})")
+    return summary
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
