@@ -14,7 +14,6 @@ from .config import RunConfig, from_dict, read_yaml
 from .errors import CheckpointError, ConfigError
 from .model import LWM
 from .tokenize import TextTokenizer
-from .train.checkpoint import latest_checkpoint, load_model_weights, read_state
 
 CONFIG = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -43,6 +42,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
+    from .train.checkpoint import latest_checkpoint, load_model_weights, read_state  # here: train.loop imports this module
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)

@@ -1,0 +1,216 @@
+"""The `worldloom` command: presets, train, generate, eval, export.
+
+Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
+nothing a user does should end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import WorldloomError
+
+EPILOG_TRAIN = """\
+examples:
+  worldloom train shakespeare-char data.path=input.txt
+  worldloom train text-bpe data.path=corpus.txt tokenizer.vocab_size=4096 model.n_layer=4
+  worldloom train shakespeare-char data.path=input.txt train.max_minutes=5 name=quick
+  worldloom train --resume runs/shakespeare-char            # continue after a kill
+  worldloom train --resume runs/quick train.max_steps=8000  # extend a finished run
+
+Any config field can be set as group.key=value (groups: data, tokenizer, model, train;
+top-level: name, out_dir). `worldloom presets --show NAME` prints a preset's fields.
+"""
+
+
+def _cmd_presets(args) -> int:
+    import yaml
+
+    from .config import load_preset, preset_description, preset_names
+
+    if args.show:
+        print(yaml.safe_dump(load_preset(args.show), sort_keys=False), end="")
+        return 0
+    for name in preset_names():
+        print(f"{name:20s} {preset_description(name)}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .config import build_config
+    from .train import train
+
+    if args.resume:
+        if args.preset and "=" in args.preset:
+            args.overrides.insert(0, args.preset)
+        elif args.preset:
+            raise WorldloomError("give either a preset or --resume RUN, not both")
+        train(resume=Path(args.resume), overrides=args.overrides, progress=not args.no_progress)
+        return 0
+    preset = args.preset
+    if preset and "=" in preset:  # `worldloom train key=value ...` without a preset
+        args.overrides.insert(0, preset)
+        preset = None
+    if preset is None:
+        preset = "shakespeare-char"
+    cfg = build_config(preset, args.overrides)
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def _sampling(args):
+    from .decode import SamplingConfig
+
+    try:
+        return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise WorldloomError(str(e)) from None
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from .decode import stream_batch
+    from .run import load_run
+    from .runtime import autocast, resolve_precision, set_threads
+
+    if not args.prompt:
+        raise WorldloomError("the prompt is empty; give some text to continue")
+    if args.num_samples < 1:
+        raise WorldloomError(f"--num-samples must be at least 1, got {args.num_samples}")
+    set_threads(0)
+    run = load_run(Path(args.run))
+    sc = _sampling(args)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    ctx = (lambda: autocast(precision, torch.device("cpu"))) if precision != "fp32" else None
+    prompts = [args.prompt] * args.num_samples
+    if args.num_samples == 1:
+        sys.stdout.write(args.prompt)
+        for _, text in stream_batch(run.model, run.tokenizer, prompts, sc, args.stop, ctx):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    outs = [""] * len(prompts)
+    for i, text in stream_batch(run.model, run.tokenizer, prompts, sc, args.stop, ctx):
+        outs[i] += text
+    for i, text in enumerate(outs):
+        print(f"--- sample {i + 1}\n{args.prompt}{text}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .evaluate import full_heldout
+    from .run import load_run
+    from .runtime import resolve_precision, set_threads
+    from .train import prepare_text
+
+    if args.batch_size < 1:
+        raise WorldloomError(f"--batch-size must be at least 1, got {args.batch_size}")
+    set_threads(0)
+    run = load_run(Path(args.run))
+    if args.data:
+        run.cfg.data.path = args.data
+    data, _ = prepare_text(run.cfg, run.tokenizer)
+    device = torch.device("cpu")
+    precision = resolve_precision(args.precision, device)
+    with tqdm(total=len(data.val) - 1, desc="eval", unit="tok", disable=args.json or None, leave=False) as bar:
+        res = full_heldout(run.model, data, run.cfg.model.context, args.batch_size, precision, device, lambda n: bar.update(n - bar.n))
+    res.update({"run": str(args.run), "step": run.state["step"], "data": run.cfg.data.path,
+                "split": f"last {run.cfg.data.val_fraction:.0%} of the file", "precision": precision})
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{args.run} (step {res['step']}), held-out {res['split']} of {res['data']}: {res['tokens']:,} tokens")
+        print(f"  loss {res['loss']:.4f} nats/token   perplexity {res['perplexity']:.3f}   "
+              f"{res['nats_per_char']:.4f} nats/char   {res['bits_per_char']:.4f} bits/char")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export.hf import export_hf
+    from .run import load_run
+
+    run = load_run(Path(args.run))
+    out = export_hf(run, Path(args.out))
+    print(f"wrote {out} (load with transformers.LlamaForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="worldloom", description="Train, sample, evaluate and export large world models on a CPU.")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    s = sub.add_parser("presets", help="list the shipped presets")
+    s.add_argument("--show", metavar="NAME", help="print every field a preset sets")
+    s.set_defaults(fn=_cmd_presets)
+
+    s = sub.add_parser("train", help="train a model from a preset (or resume a run)", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("preset", nargs="?", help="preset name (see `worldloom presets`); default shakespeare-char")
+    s.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a progress bar")
+    s.set_defaults(fn=_cmd_train)
+
+    def sampling_args(s):
+        s.add_argument("--max-new-tokens", type=int, default=200)
+        s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        s.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+        s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+        s.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable samples")
+        s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+
+    s = sub.add_parser("generate", help="continue a prompt with a trained model (streams to stdout)")
+    s.add_argument("run", help="run folder, e.g. runs/shakespeare-char")
+    s.add_argument("prompt", help="text to continue")
+    sampling_args(s)
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    s.add_argument("--num-samples", type=int, default=1, help="sample several continuations as one batch")
+    s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("eval", help="held-out loss, perplexity and bits per character of a run")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    s.add_argument("--data", help="evaluate on the held-out part of another text file")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("export", help="export a run to another format")
+    s.add_argument("format", choices=["hf"], help="hf: a transformers LlamaForCausalLM folder")
+    s.add_argument("run", help="run folder")
+    s.add_argument("out", help="output folder")
+    s.set_defaults(fn=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
+        if getattr(args, "verb", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except WorldloomError as e:
+        print(f"worldloom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("worldloom: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Autoregressive generation with a KV cache: sampling, streaming, batched prompts, stop strings.
+
+Prompts of different lengths are left-padded; the cache masks the padding and starts each
+row's rotary positions at its first real token, so a batched row decodes like the same
+prompt alone. When a sequence fills the model's context, the cache is rebuilt from the
+last half-context of tokens (one prefill every context/2 tokens) and decoding goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): greedy at temperature 0, else filtered sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, L) left-padded ids and (B,) pad counts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    pad = torch.empty(len(prompts), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        pad[i] = L - len(p)
+    return ids, pad
+
+
+@torch.inference_mode()
+def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache: bool = True, autocast_ctx=None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), max_new_tokens times."""
+    ctx_len = model.cfg.context
+    gen = torch.Generator().manual_seed(sc.seed) if sc.seed is not None else None
+    device = next(model.parameters()).device
+    seq, pad = left_pad(prompts)
+    seq, pad = seq.to(device), pad.to(device)
+    B = seq.shape[0]
+
+    def run(ids, cache):
+        if autocast_ctx is None:
+            return model(ids, cache)[0][:, -1]
+        with autocast_ctx():
+            return model(ids, cache)[0][:, -1]
+
+    def prefill(keep: int):
+        """A fresh cache over the last `keep` tokens; returns (cache, logits of the last one)."""
+        window = seq[:, -keep:]
+        window_pad = (pad - (seq.shape[1] - window.shape[1])).clamp(min=0)
+        cache = model.new_cache(B, ctx_len, window_pad)
+        return cache, run(window, cache)
+
+    cache, logits = prefill(min(seq.shape[1], ctx_len))
+    for _ in range(sc.max_new_tokens):
+        nxt = sample_next(logits, sc.temperature, sc.top_k, sc.top_p, gen)
+        yield nxt
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if not use_cache:
+            cache, logits = prefill(min(seq.shape[1], ctx_len))
+        elif cache.length >= ctx_len:
+            cache, logits = prefill(max(1, ctx_len // 2))
+        else:
+            logits = run(nxt[:, None], cache)
+
+
+def generate(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None) -> list[str]:
+    """Completions (without the prompt) for a batch of text prompts."""
+    outs = [""] * len(prompts)
+    for i, text in stream_batch(model, tokenizer, prompts, sc, stop, autocast_ctx):
+        outs[i] += text
+    return outs
+
+
+def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None) -> Iterator[tuple[int, str]]:
+    """Yield (row, new text) as tokens arrive; a row ends at its first stop string (excluded)."""
+    stop = [s for s in (stop or []) if s]
+    ids = [tokenizer.encode(p).tolist() for p in prompts]
+    gen_ids: list[list[int]] = [[] for _ in prompts]
+    emitted = [""] * len(prompts)
+    done = [False] * len(prompts)
+    hold = max((len(s) for s in stop), default=1) - 1  # text that may yet become a stop string
+    for nxt in generate_ids(model, ids, sc, autocast_ctx=autocast_ctx):
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            gen_ids[i].append(t)
+            text = tokenizer.decode(gen_ids[i])
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, done[i] = text[:cut], True
+                safe = len(text)
+            else:  # an incomplete UTF-8 sequence decodes to U+FFFD (one per byte with byte fallback): wait for the rest
+                safe = len(text.rstrip("\ufffd")) - hold
+            if safe > len(emitted[i]):
+                yield i, text[len(emitted[i]):safe]
+                emitted[i] = text[:safe]
+        if all(done):
+            return
+    for i in range(len(prompts)):  # flush what was held back at the end
+        if not done[i]:
+            text = tokenizer.decode(gen_ids[i])
+            if len(text) > len(emitted[i]):
+                yield i, text[len(emitted[i]):]
