@@ -1,0 +1,110 @@
+"""Shared fixtures: a synthetic corpus written by the tests themselves, tiny configs, one trained run.
+
+Nothing here reads ../shared/data: every corpus is generated from a fixed seed, so the
+suite runs anywhere and in seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+from worldloom.config import RunConfig, build_config
+
+settings.register_profile("worldloom", deadline=None, database=None)
+settings.load_profile("worldloom")
+
+WORDS = ("the a cat dog bird sat ran flew on under over mat log tree and then slowly quickly "
+         "big small red blue green café naïve über").split()
+
+
+def make_corpus(n_chars: int = 20_000, seed: int = 0) -> str:
+    """Sentences from a tiny grammar: learnable in tens of steps, a few non-ASCII letters."""
+    rng = random.Random(seed)
+    out, total = [], 0
+    while total < n_chars:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))).capitalize() + ".\n"
+        out.append(line)
+        total += len(line)
+    return "".join(out)
+
+
+# Small enough to train a step in a few milliseconds on one core.
+TINY = [
+    "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=32",
+    "train.batch_size=4", "train.max_steps=8", "train.eval_interval=4", "train.eval_batches=1",
+    "train.log_interval=1", "train.warmup_steps=2", "train.precision=fp32", "train.device=cpu",
+    "train.threads=1",
+]
+
+
+def tiny_config(data_path, out_dir, name: str = "run", *overrides: str) -> RunConfig:
+    """A RunConfig for a tiny fp32 model; later overrides win over the TINY defaults."""
+    return build_config(None, [*TINY, f"data.path={data_path}", f"out_dir={out_dir}", f"name={name}", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are fastest on one thread (and the CLI verbs set all cores; undo that)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return make_corpus()
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, corpus_text) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(corpus_text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(corpus_file, tmp_path):
+    """tiny_cfg(*overrides, name="run", data=corpus_file) -> RunConfig writing under tmp_path/runs."""
+
+    def make(*overrides: str, name: str = "run", data=None) -> RunConfig:
+        return tiny_config(data if data is not None else corpus_file, tmp_path / "runs", name, *overrides)
+
+    return make
+
+
+TRAINED_STEPS = 80
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus_file) -> Path:
+    """A run trained once per session (GQA, 2 layers); tests that change it use `run_copy`."""
+    from worldloom.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(corpus_file, out, "trained",
+                      "model.n_layer=2", "model.d_model=48", "model.n_head=4", "model.n_kv_head=2",
+                      "train.batch_size=16", f"train.max_steps={TRAINED_STEPS}", "train.eval_interval=40",
+                      "train.lr=0.01", "train.min_lr=0.001", "train.warmup_steps=5")
+    train(cfg, progress=False, log=lambda *a: None)
+    return cfg.run_dir
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the trained run, free to corrupt."""
+    dst = tmp_path / "copy"
+    shutil.copytree(trained_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def loaded(trained_run):
+    from worldloom.run import load_run
+
+    return load_run(trained_run)
