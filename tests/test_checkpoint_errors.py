@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-import worldloom.train.checkpoint as checkpoint_mod
+import worldloom.checkpoint as checkpoint_mod
 import worldloom.train.loop as loop
 from worldloom.cli import main
 from worldloom.config import build_config
@@ -20,7 +20,7 @@ from worldloom.errors import CheckpointError, ConfigError, DataError, WorldloomE
 from worldloom.io import load_tensors
 from worldloom.run import load_run
 from worldloom.train import train
-from worldloom.train.checkpoint import latest_checkpoint, save_checkpoint
+from worldloom.checkpoint import latest_checkpoint, save_checkpoint
 from worldloom.train.optim import make_optimizer
 
 from conftest import TINY, TRAINED_STEPS
@@ -300,3 +300,19 @@ def test_config_errors_on_the_command_line(tmp_path, corpus_file, capsys):
     assert "fp16" in cli_error(capsys, [*cli_train_args(corpus_file, tmp_path), "train.precision=fp16"])
     assert "fp16" in api_error(ConfigError, train, build_config(None, [*TINY, f"data.path={corpus_file}", f"out_dir={tmp_path}",
                                                                        "train.precision=fp16"]), **QUIET)
+
+
+def test_prompt_that_is_not_unicode_is_one_line(trained_run, capsys):
+    """Bytes that are not UTF-8 reach Python as lone surrogates; they must not end in a traceback."""
+    line = cli_error(capsys, ["generate", trained_run, "ab\udcff", "--max-new-tokens", "2"])
+    assert "not valid Unicode" in line and "UTF-8" in line
+
+
+def test_stale_temporary_checkpoint_folders_are_removed(run_copy):
+    run = load_run(run_copy)
+    stale = run_copy / "checkpoints" / ".step-00000999.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    new = save_checkpoint(run_copy, run.model, None, {"step": TRAINED_STEPS + 1})
+    assert not stale.exists()
+    assert [p.name for p in (run_copy / "checkpoints").iterdir()] == [new.name]

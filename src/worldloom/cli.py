@@ -79,6 +79,10 @@ def _cmd_generate(args) -> int:
 
     if not args.prompt:
         raise WorldloomError("the prompt is empty; give some text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WorldloomError("the prompt is not valid Unicode (it holds bytes that are not UTF-8)") from None
     if args.num_samples < 1:
         raise WorldloomError(f"--num-samples must be at least 1, got {args.num_samples}")
     set_threads(0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import latest_checkpoint, load_model_weights, read_state
 from .config import RunConfig, from_dict, read_yaml
 from .errors import CheckpointError, ConfigError
 from .model import LWM
@@ -42,7 +43,6 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
-    from .train.checkpoint import latest_checkpoint, load_model_weights, read_state  # here: train.loop imports this module
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)

@@ -45,7 +45,11 @@ class TextTokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tok.encode(text).ids, dtype=torch.long)
+        try:
+            ids = self.tok.encode(text).ids
+        except TypeError:  # lone surrogates: what Python makes of bytes that are not UTF-8
+            raise DataError("text is not valid Unicode (it holds lone surrogates, e.g. from non-UTF-8 bytes)") from None
+        return torch.tensor(ids, dtype=torch.long)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts)]

@@ -25,7 +25,7 @@ from ..model import LWM
 from ..run import CONFIG, METRICS, TOKENIZER_DIR, read_run_config
 from ..runtime import autocast, resolve_device, resolve_precision, set_threads
 from ..tokenize import TextTokenizer
-from .checkpoint import latest_checkpoint, load_model_weights, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_model_weights, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
 from .optim import lr_at, make_optimizer
 from .plots import plot_loss, read_metrics
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from ..io import load_tensors, read_json, save_tensors, write_json
+from .errors import CheckpointError
+from .io import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "worldloom-checkpoint/1"
 POINTER = "checkpoint.json"
@@ -69,7 +69,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     name = f"step-{state['step']:08d}"
     final = run_dir / "checkpoints" / name
     tmp = run_dir / "checkpoints" / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (run_dir / "checkpoints").glob(".step-*.tmp"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_tensors(tmp / "model.safetensors", _unique_state(model), metadata={"format": FORMAT})
     full_state = dict(state, format=FORMAT)
