@@ -16,7 +16,7 @@ from worldloom.cli import main
 from worldloom.config import load_preset, preset_names
 from worldloom.decode import SamplingConfig, generate
 from worldloom.run import load_run
-from worldloom.train.checkpoint import latest_checkpoint
+from worldloom.checkpoint import latest_checkpoint
 
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=32", "train.max_steps=4",
          "train.eval_interval=2", "train.eval_batches=1", "train.batch_size=4", "train.precision=fp32", "train.threads=1"]

@@ -23,7 +23,7 @@ from worldloom.export import export_hf  # noqa: E402
 from worldloom.model import LWM  # noqa: E402
 from worldloom.run import load_run  # noqa: E402
 from worldloom.tokenize import TextTokenizer  # noqa: E402
-from worldloom.train.checkpoint import save_checkpoint  # noqa: E402
+from worldloom.checkpoint import save_checkpoint  # noqa: E402
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 4
 TOL = 1e-4

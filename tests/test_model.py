@@ -7,7 +7,7 @@ import torch
 
 from worldloom.config import ModelConfig, TrainConfig
 from worldloom.model import LWM
-from worldloom.train.checkpoint import load_model_weights, save_checkpoint
+from worldloom.checkpoint import load_model_weights, save_checkpoint
 from worldloom.train.optim import make_optimizer
 
 V, CTX = 61, 16

@@ -14,7 +14,7 @@ from worldloom.data.text import TextData, split_text
 from worldloom.errors import CheckpointError, ConfigError, DataError
 from worldloom.io import load_tensors
 from worldloom.train import train
-from worldloom.train.checkpoint import latest_checkpoint
+from worldloom.checkpoint import latest_checkpoint
 
 from conftest import TRAINED_STEPS
 
