@@ -177,14 +177,15 @@ def time_runs(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def worldloom_decode(model: LWM, batch: int, prompt_len: int, new: int, use_cache: bool, warmup: int, reps: int) -> tuple[float, list[list[int]]]:
+def worldloom_decode(model: LWM, batch: int, prompt_len: int, new: int, use_cache: bool, warmup: int, reps: int,
+                     compile: bool = False) -> tuple[float, list[list[int]]]:
     prompts = prompts_for(batch, prompt_len, model.cfg.vocab_size)
     sc = SamplingConfig(max_new_tokens=new, temperature=0.0)
     got: list = []
 
     def once():
         got.clear()
-        for nxt in generate_ids(model, prompts, sc, use_cache=use_cache):
+        for nxt in generate_ids(model, prompts, sc, use_cache=use_cache, compile=compile):
             got.append(nxt)
 
     s = time_runs(once, warmup, reps)
@@ -234,7 +235,7 @@ def build_run(folder: Path, mcfg: ModelConfig) -> Path:
     return run_dir
 
 
-def bench_hf(mcfg: ModelConfig, prompt_len: int, new: int, batches: list[int], warmup: int, reps: int) -> dict:
+def bench_hf(mcfg: ModelConfig, prompt_len: int, new: int, batches: list[int], warmup: int, reps: int, compile: bool = False) -> dict:
     import transformers
     from transformers import LlamaForCausalLM
 
@@ -285,6 +286,14 @@ def bench_hf(mcfg: ModelConfig, prompt_len: int, new: int, batches: list[int], w
                 row[f"greedy_agreement_b{b}"] = round(agree, 4)
                 log(f"  {name} batch {b}: worldloom {wl_tps:9.1f} tok/s, HF generate {hf_tps:9.1f} tok/s, "
                     f"ratio {wl_tps / hf_tps:5.2f}, greedy tokens agreeing {agree:.1%}")
+                if compile:  # the first (warm-up) call pays the compilation
+                    c_tps, c_tokens = worldloom_decode(wl, b, prompt_len, new, True, max(warmup, 1), reps, compile=True)
+                    c_agree = sum(x == y for rw, rh in zip(c_tokens, hf_tokens) for x, y in zip(rw, rh)) / (b * new)
+                    row[f"worldloom_compiled_b{b}_tokens_per_s"] = round(c_tps, 1)
+                    row[f"ratio_compiled_b{b}"] = round(c_tps / hf_tps, 3)
+                    row[f"greedy_agreement_compiled_b{b}"] = round(c_agree, 4)
+                    log(f"  {name} batch {b}: worldloom compiled {c_tps:9.1f} tok/s, ratio {c_tps / hf_tps:5.2f}, "
+                        f"greedy tokens agreeing {c_agree:.1%}")
             out[name] = row
     return out
 
@@ -327,6 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "foundation.json")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the Hugging Face comparison")
+    ap.add_argument("--no-compile", action="store_true", help="leave out worldloom's torch.compile decode (default: on, off with --quick)")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -380,7 +390,8 @@ def main(argv=None) -> int:
 
     if not args.skip_hf:
         log(f"\n4. worldloom vs Hugging Face generate (exported copy), prompt {prompt_len}, {new} new tokens")
-        res["hf"] = {"prompt_len": prompt_len, "new_tokens": new, **bench_hf(mcfg, prompt_len, new, batches, warmup, reps)}
+        res["hf"] = {"prompt_len": prompt_len, "new_tokens": new, **bench_hf(mcfg, prompt_len, new, batches, warmup, reps,
+                                                                                 compile=not (args.quick or args.no_compile))}
 
     res["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     res["wall_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -314,3 +314,33 @@ def test_prompt_longer_than_context(loaded):
 def test_zero_new_tokens(loaded):
     sc = SamplingConfig(max_new_tokens=0, **GREEDY)
     assert generate(loaded.model, loaded.tokenizer, ["The", "A"], sc) == ["", ""]
+
+
+# ---------------------------------------------------------------- fixed-shape step (for torch.compile)
+
+
+@pytest.mark.parametrize("n_kv_head", [0, 2])
+@pytest.mark.parametrize("pad", [None, [0, 3]])
+def test_decode_step_equals_incremental_forward(n_kv_head, pad):
+    """decode_step (whole cache under a mask, slot as a tensor) gives forward()'s logits."""
+    model = random_model(n_kv_head)
+    x = torch.randint(0, 40, (2, 10))
+    pad_t = None if pad is None else torch.tensor(pad)
+    with torch.inference_mode():
+        ref_cache, step_cache = model.new_cache(2, 16, pad_t), model.new_cache(2, 16, pad_t)
+        model(x[:, :4], ref_cache)
+        model(x[:, :4], step_cache)
+        for t in range(4, 10):
+            want = model(x[:, t : t + 1], ref_cache)[0][:, -1]
+            got = model.decode_step(x[:, t : t + 1], step_cache, torch.tensor(step_cache.length))
+            step_cache.length += 1
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_generation_equals_eager():
+    model = random_model(context=24)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]  # left padding and rollover (24 -> 12) both happen
+    sc = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    eager = torch.stack(list(generate_ids(model, prompts, sc)), 1)
+    compiled = torch.stack(list(generate_ids(model, prompts, sc, compile=True)), 1)
+    assert torch.equal(eager, compiled)

@@ -44,6 +44,11 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.vocab_size must be at least 300 for bpe (256 bytes + merges), got {self.vocab_size}")
 
 
+MIXERS = ("attn", "mamba", "retnet")  # what model.layers may name
+BACKBONE_KIND = {"transformer": "attn", "mamba": "mamba", "retnet": "retnet"}  # single-mixer backbones
+FFNS = ("swiglu", "moe", "none")
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "transformer"  # a name in worldloom.backbones.BACKBONES
@@ -58,6 +63,17 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     vocab_size: int = 0  # set from the tokenizer when a run starts
+    layers: str = ""  # per-layer mixers, comma-separated (attn, mamba, retnet); "" = all of the backbone's kind
+    ffn: str = "swiglu"  # feed-forward after each mixer: swiglu | moe | none
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    moe_capacity: float = 0.0  # capacity factor per expert; 0 = no limit
+    moe_balance_coef: float = 0.01  # load-balancing auxiliary loss weight
+    moe_z_coef: float = 0.001  # router z-loss weight
+    mamba_d_state: int = 16
+    mamba_expand: int = 2
+    mamba_d_conv: int = 4
+    chunk: int = 64  # time steps per chunk of the Mamba scan / chunkwise retention (any value, same result)
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "d_model", "context"):
@@ -71,6 +87,40 @@ class ModelConfig:
             raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv", "chunk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.ffn not in FFNS:
+            raise ConfigError(f"model.ffn must be one of {', '.join(FFNS)}; got {self.ffn!r}")
+        if self.moe_top_k > self.moe_experts:
+            raise ConfigError(f"model.moe_top_k ({self.moe_top_k}) must be at most model.moe_experts ({self.moe_experts})")
+        for name in ("moe_capacity", "moe_balance_coef", "moe_z_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        kinds = self.layer_kinds  # validates model.layers
+        own = BACKBONE_KIND.get(self.backbone)
+        if self.backbone == "hybrid" and not self.layers.strip():
+            raise ConfigError(f"model.backbone=hybrid needs model.layers: {self.n_layer} comma-separated mixers "
+                              f"from {', '.join(MIXERS)} (e.g. model.layers={','.join(['mamba'] * (self.n_layer - 1) + ['attn'])})")
+        if own is not None and any(k != own for k in kinds):
+            raise ConfigError(f"model.backbone={self.backbone} has only '{own}' layers, got model.layers={self.layers}; "
+                              f"use model.backbone=hybrid to mix mixers")
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """The mixer of every layer: model.layers parsed, or n_layer times the backbone's own kind."""
+        if not self.layers.strip():
+            own = BACKBONE_KIND.get(self.backbone)
+            return [own] * self.n_layer if own else []
+        kinds = [k.strip() for k in self.layers.split(",")]
+        for k in kinds:
+            if k not in MIXERS:
+                close = difflib.get_close_matches(k, MIXERS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"model.layers: unknown mixer {k!r}{hint}; choose from {', '.join(MIXERS)}")
+        if len(kinds) != self.n_layer:
+            raise ConfigError(f"model.layers names {len(kinds)} mixers but model.n_layer is {self.n_layer}; give one per layer")
+        return kinds
 
     @property
     def kv_heads(self) -> int:

@@ -65,8 +65,14 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 
 @torch.inference_mode()
-def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache: bool = True, autocast_ctx=None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), max_new_tokens times."""
+def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache: bool = True, autocast_ctx=None,
+                 compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), max_new_tokens times.
+
+    ``compile=True`` runs each one-token step through ``torch.compile`` of the model's
+    fixed-shape ``decode_step`` (one graph per batch shape, compiled on first use and kept
+    on the model): slower to start (~20 s on CPU), faster per token.
+    """
     ctx_len = model.cfg.context
     gen = torch.Generator().manual_seed(sc.seed) if sc.seed is not None else None
     device = next(model.parameters()).device
@@ -87,6 +93,18 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
         cache = model.new_cache(B, ctx_len, window_pad)
         return cache, run(window, cache)
 
+    step = _compiled_step(model) if compile and use_cache else None
+
+    def run_step(tok, cache):
+        slot = torch.tensor(cache.length, device=device)
+        if autocast_ctx is None:
+            logits = step(tok, cache, slot)
+        else:
+            with autocast_ctx():
+                logits = step(tok, cache, slot)
+        cache.length += 1
+        return logits
+
     cache, logits = prefill(min(seq.shape[1], ctx_len))
     for _ in range(sc.max_new_tokens):
         nxt = sample_next(logits, sc.temperature, sc.top_k, sc.top_p, gen)
@@ -96,19 +114,34 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
             cache, logits = prefill(min(seq.shape[1], ctx_len))
         elif cache.length >= ctx_len:
             cache, logits = prefill(max(1, ctx_len // 2))
+        elif step is not None:
+            logits = run_step(nxt[:, None], cache)
         else:
             logits = run(nxt[:, None], cache)
 
 
-def generate(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None) -> list[str]:
+def _compiled_step(model):
+    """torch.compile of model.decode_step, made once per model."""
+    if not getattr(model, "supports_decode_step", False):
+        raise ValueError(f"compiled decoding needs a fixed-shape decode_step, which this model's backbone "
+                         f"({getattr(model.cfg, 'backbone', type(model).__name__)}, ffn {getattr(model.cfg, 'ffn', '?')}) "
+                         f"does not have (attention-only stacks without MoE do); use compile=False")
+    if getattr(model, "_compiled_decode_step", None) is None:
+        model._compiled_decode_step = torch.compile(model.decode_step, dynamic=False)
+    return model._compiled_decode_step
+
+
+def generate(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None,
+             compile: bool = False) -> list[str]:
     """Completions (without the prompt) for a batch of text prompts."""
     outs = [""] * len(prompts)
-    for i, text in stream_batch(model, tokenizer, prompts, sc, stop, autocast_ctx):
+    for i, text in stream_batch(model, tokenizer, prompts, sc, stop, autocast_ctx, compile):
         outs[i] += text
     return outs
 
 
-def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None) -> Iterator[tuple[int, str]]:
+def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None,
+                 compile: bool = False) -> Iterator[tuple[int, str]]:
     """Yield (row, new text) as tokens arrive; a row ends at its first stop string (excluded)."""
     stop = [s for s in (stop or []) if s]
     ids = [tokenizer.encode(p).tolist() for p in prompts]
@@ -116,7 +149,7 @@ def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop:
     emitted = [""] * len(prompts)
     done = [False] * len(prompts)
     hold = max((len(s) for s in stop), default=1) - 1  # text that may yet become a stop string
-    for nxt in generate_ids(model, ids, sc, autocast_ctx=autocast_ctx):
+    for nxt in generate_ids(model, ids, sc, autocast_ctx=autocast_ctx, compile=compile):
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
                 continue

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .backbones import build_backbone
+from .backbones.moe import MoEFeedForward
 from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
 from .losses import LossOutput, next_token_loss
@@ -26,7 +27,7 @@ class LWM(nn.Module):
         self.backbone = build_backbone(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.n_layer)
+        init_weights(self, cfg.n_layer)  # also restores Mamba's own init of Δ, A and D
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
 
@@ -44,7 +45,34 @@ class LWM(nn.Module):
         h, cache = self.backbone(self.drop(self.embed(idx)), cache)
         return self.head(self.norm(h)), cache
 
+    @property
+    def supports_decode_step(self) -> bool:
+        """Whether the backbone has a fixed-shape decode_step (for generate_ids(compile=True))."""
+        return bool(getattr(self.backbone, "supports_decode_step", False))
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def decode_step(self, idx: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
+        """idx (B, 1) at cache slot `slot` -> next-token logits (B, V); fixed shapes (see backbone)."""
+        h = self.backbone.decode_step(self.embed(idx), cache, slot)
+        return self.head(self.norm(h))[:, -1]
+
     def compute_loss(self, batch: dict) -> LossOutput:
+        """Next-token cross-entropy, plus every MoE layer's auxiliary (balance + z) loss.
+
+        parts: ``loss`` (the cross-entropy) and, with MoE, ``moe_aux`` (the sum added to the
+        total), ``moe_load_max`` / ``moe_load_min`` (per-expert share of tokens averaged over
+        layers; k/E each when balanced) and ``moe_dropped`` (share dropped by capacity).
+        """
         logits, _ = self(batch["input"])
         loss = next_token_loss(logits, batch["target"], batch.get("weight"))
-        return LossOutput(loss, {"loss": loss.detach().item()})
+        parts = {"loss": loss.detach().item()}
+        moe = self.moe_layers()
+        if not moe:
+            return LossOutput(loss, parts)
+        aux = torch.stack([m.aux_loss for m in moe]).sum()
+        load = torch.stack([m.last_load for m in moe]).mean(0)  # (E,)
+        parts.update(moe_aux=aux.detach().item(), moe_load_max=load.max().item(), moe_load_min=load.min().item(),
+                     moe_dropped=sum(m.last_dropped for m in moe) / len(moe))
+        return LossOutput(loss + aux, parts)

@@ -2,8 +2,12 @@
 
 A backbone maps embeddings to hidden states: ``forward(x, cache=None) -> (h, cache)`` with
 ``x`` of shape (B, T, C). ``new_cache(batch, max_len, pad=None)`` returns the state it
-needs for incremental decoding (a KV cache for attention). A new backbone is one module
-plus one ``@register("name")`` line; configs name it with ``model.backbone=<name>``.
+needs for incremental decoding (an object with ``length``, ``max_len`` and ``pad``: keys and
+values for attention, recurrent states for the others). A backbone may offer
+``decode_step(x, cache, slot)`` for compiled decoding and says so with
+``supports_decode_step``. A new backbone is one module plus one ``@register("name")`` line;
+configs name it with ``model.backbone=<name>``. The built-in ones (``transformer``,
+``mamba``, ``retnet``, ``hybrid``) are all the layer stack of ``stack.py``.
 """
 
 from __future__ import annotations
@@ -34,4 +38,4 @@ def build_backbone(cfg) -> nn.Module:
     return BACKBONES[cfg.backbone](cfg)
 
 
-from . import transformer  # noqa: E402,F401  (registers "transformer")
+from . import stack  # noqa: E402,F401  (registers "transformer", "mamba", "retnet", "hybrid")

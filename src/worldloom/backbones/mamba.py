@@ -198,17 +198,26 @@ class MambaMixer(nn.Module):
         dt, Bm, C = self.x_proj(xc).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
         return F.softplus(_fp32(self.dt_proj(dt))), _fp32(Bm), _fp32(C)
 
-    def forward(self, x: torch.Tensor, state: MambaState | None = None,
-                return_state: bool = False) -> tuple[torch.Tensor, MambaState | None]:
-        """x (B, T, d_model) -> y (B, T, d_model); continues from `state` and returns the new one if asked."""
+    def forward(self, x: torch.Tensor, state: MambaState | None = None, return_state: bool = False,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState | None]:
+        """x (B, T, d_model) -> y (B, T, d_model); continues from `state` and returns the new one if asked.
+
+        ``valid`` (B, T) bool, if given, marks the real tokens: at the others (left padding) the
+        conv input is zeroed and Δ = 0 (so exp(Δ A) = 1 and no input enters), so the state after
+        a pad prefix is exactly the state before it. Their outputs are meaningless.
+        """
         B, T, _ = x.shape
         xb, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, D) x2
+        if valid is not None:
+            xb = xb * valid.unsqueeze(-1).to(xb.dtype)
         xb = xb.transpose(1, 2)  # (B, D, T)
         K = self.d_conv - 1
         past = state.conv.to(xb.dtype) if state is not None else xb.new_zeros(B, self.d_inner, K)
         xp = torch.cat((past, xb), dim=-1)  # (B, D, K + T): causal padding is the carried inputs
         xc = F.silu(F.conv1d(xp, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)  # (B, T, D)
         dt, Bm, C = self._ssm_inputs(xc)
+        if valid is not None:
+            dt = dt * valid.unsqueeze(-1).to(dt.dtype)
         A = -torch.exp(_fp32(self.A_log))  # (D, N)
         y, h = selective_scan(xc, dt, A, Bm, C, state.ssm if state is not None else None, self.chunk)
         y = (y + _fp32(xc) * self.D).to(x.dtype) * F.silu(z)  # (B, T, D)

@@ -83,8 +83,15 @@ class MultiScaleRetention(nn.Module):
         dtype = dtype or torch.float32
         return RetentionState(torch.zeros(batch, self.n_head, self.dk, self.dv, device=device, dtype=dtype), 0)
 
-    def forward(self, x, state: RetentionState | None = None, mode: str = "auto", return_state: bool = False):
-        """x (B, T, C) -> (y (B, T, C), final state or None). ``state`` is never modified in place."""
+    def forward(self, x, state: RetentionState | None = None, mode: str = "auto", return_state: bool = False,
+                valid: torch.Tensor | None = None):
+        """x (B, T, C) -> (y (B, T, C), final state or None). ``state`` is never modified in place.
+
+        ``valid`` (B, T) bool, if given, marks the real tokens: keys are zeroed elsewhere (left
+        padding), so those positions add nothing to S or to any output. Rotary positions and
+        decays only enter through differences of positions, so a row shifted right by its
+        padding computes what it computes alone. Outputs at invalid positions are meaningless.
+        """
         if mode not in self.MODES:
             raise ValueError(f"unknown retention mode '{mode}'; choose one of {', '.join(self.MODES)}")
         B, T, _ = x.shape
@@ -103,6 +110,8 @@ class MultiScaleRetention(nn.Module):
             cos, sin = rope_at(dk, start, T, self.theta, x.device)  # (T, dk)
             q = apply_rope(q.float(), cos, sin)
             k = apply_rope(k.float(), cos, sin) * dk**-0.5  # the 1/sqrt(d_k) lives in the keys (and so in S)
+            if valid is not None:
+                k = k * valid[:, None, :, None].to(k.dtype)
             v = v.float()
             if S0 is not None:
                 S0 = S0.float()

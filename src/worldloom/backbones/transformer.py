@@ -1,4 +1,7 @@
-"""A Llama-family decoder: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
+"""Llama-family parts: RMSNorm, rotary positions, SwiGLU, grouped-query attention, the cache.
+
+The layer stack that puts them together (and that the ``transformer`` backbone is) lives in
+``stack.py``.
 
 Attention runs through `torch.nn.functional.scaled_dot_product_attention`, which picks a
 flash / memory-efficient kernel where the device has one. The layout of the weights
@@ -42,10 +45,13 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Pre-allocated keys and values per layer, plus left-padding of each row.
+    """The decoding state of a layer stack: pre-allocated keys and values for attention
+    layers, a recurrent state (``states[i]``: MambaState, RetentionState) for the others,
+    plus left-padding of each row.
 
-    ``pad[b]`` tokens at the left of row b are padding: they are masked as keys, and the
-    first real token of every row sits at rotary position 0.
+    ``pad[b]`` tokens at the left of row b are padding: they are masked as keys, the first
+    real token of every row sits at rotary position 0, and recurrent layers leave their
+    state untouched at pad positions.
     """
 
     def __init__(self, n_layer: int, batch: int, max_len: int, pad: torch.Tensor | None = None):
@@ -55,6 +61,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled
         self.pad = pad if pad is not None and bool(pad.any()) else None
+        self.pad_max = int(self.pad.max()) if self.pad is not None else 0  # slots before this may hold padding
+        self.states: list = [None] * n_layer  # recurrent layers' states (None until their first token)
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, KV, T, D) after the filled slots; return all keys/values so far."""
@@ -92,6 +100,23 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
+    def step(self, x, cos, sin, cache: KVCache, layer: int, slot: torch.Tensor, mask):
+        """One new token per row, written at cache slot `slot` (a 0-d tensor); attends over the
+        whole pre-allocated cache under `mask`. Every shape is fixed, so torch.compile traces
+        one graph for the whole generation."""
+        B = x.shape[0]
+        H, KV = self.n_head, self.n_kv
+        qkv = self.qkv(x).view(B, 1, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, 1, D)
+        qk = apply_rope(qkv[:, : H + KV], cos, sin)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
+        kb, vb = cache.k[layer], cache.v[layer]  # (B, KV, S, D)
+        kb.index_copy_(2, slot.view(1), k)
+        vb.index_copy_(2, slot.view(1), v)
+        if KV != H:
+            kb, vb = kb.repeat_interleave(H // KV, dim=1), vb.repeat_interleave(H // KV, dim=1)
+        y = F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask)  # (B, H, 1, D)
+        return self.proj(y.transpose(1, 2).reshape(B, 1, H * self.hd))
+
 
 class SwiGLU(nn.Module):
     def __init__(self, cfg):
@@ -105,89 +130,19 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, cache, layer, mask, causal):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask, causal))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
-
-
-class Transformer(nn.Module):
-    """Stack of pre-norm blocks. The final norm and the head belong to the model."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        cos, sin = rope_table(cfg.head_dim, cfg.context, cfg.rope_theta)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def residual_projections(self):
-        """Output projections of each residual branch (scaled down at init, GPT-2 style)."""
-        for b in self.blocks:
-            yield b.attn.proj.weight
-            yield b.mlp.down.weight
-
-    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
-        if max_len > self.cfg.context:
-            raise ValueError(f"cache of {max_len} positions exceeds the model context {self.cfg.context}")
-        return KVCache(self.cfg.n_layer, batch, max_len, pad)
-
-    def forward(self, x, cache: KVCache | None = None):
-        B, T, _ = x.shape  # (B, T, C)
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.context:
-            raise ValueError(f"sequence of {start + T} positions exceeds the model context {self.cfg.context}")
-        pad = cache.pad if cache is not None else None
-        mask, causal = None, False
-        if pad is None:
-            cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, D)
-            if T > 1:
-                if start == 0:
-                    causal = True
-                else:  # several new tokens after a filled cache: mask by absolute slot
-                    mask = _slot_mask(start, T, x.device)[None, None]
-        else:
-            slots = torch.arange(start, start + T, device=x.device)
-            pos = (slots[None] - pad[:, None]).clamp(min=0)  # (B, T)
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, D)
-            mask = _slot_mask(start, T, x.device)[None] & (
-                (torch.arange(start + T, device=x.device)[None, None] >= pad[:, None, None])
-                | (slots[None, :, None] == torch.arange(start + T, device=x.device)[None, None])
-            )  # (B, T, S): causal, real keys only (a pad query sees itself so no row is empty)
-            mask = mask[:, None]  # (B, 1, T, S)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if cos.dtype != dt:  # rotate in the compute dtype so no op silently runs in fp32
-            cos, sin = cos.to(dt), sin.to(dt)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, mask, causal)
-        if cache is not None:
-            cache.length += T
-        return x, cache
-
-
-def _slot_mask(start: int, T: int, device) -> torch.Tensor:
+def slot_mask(start: int, T: int, device) -> torch.Tensor:
     """(T, start+T) bool: query at slot start+i sees keys at slots <= start+i."""
     q = torch.arange(start, start + T, device=device)[:, None]
     k = torch.arange(start + T, device=device)[None]
     return k <= q
 
 
-@register("transformer")
-def build_transformer(cfg) -> Transformer:
-    return Transformer(cfg)
-
-
 def init_weights(module: nn.Module, n_layer: int) -> None:
-    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer).
+
+    Modules with their own init (Mamba's Δ, A and D) get it back afterwards through their
+    ``reset_ssm_parameters()``; Conv1d and GroupNorm keep PyTorch's default init.
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
@@ -198,3 +153,6 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
     for m in module.modules():
         for p in getattr(m, "residual_projections", lambda: [])():
             nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
+    for m in module.modules():
+        if hasattr(m, "reset_ssm_parameters"):
+            m.reset_ssm_parameters()

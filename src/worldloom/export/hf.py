@@ -37,6 +37,8 @@ def export_hf(run: LoadedRun, out: Path) -> Path:
     mc = run.cfg.model
     if mc.backbone != "transformer":
         raise ExportError(f"only the 'transformer' backbone can be exported to hf, this run uses '{mc.backbone}'")
+    if mc.ffn != "swiglu":
+        raise ExportError(f"only the SwiGLU feed-forward can be exported to hf (Llama), this run uses model.ffn={mc.ffn}")
     _check_out(out)
     tensors = hf_state_dict(run.model)
     dtype = next(iter(tensors.values())).dtype

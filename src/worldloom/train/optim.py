@@ -9,13 +9,15 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices; none on norms, biases and embeddings (tied or not)."""
+    """Weight decay on weight matrices; none on norms, biases, embeddings (tied or not) and
+    parameters tagged ``_no_weight_decay`` (Mamba's A_log and D)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # shared (tied) parameters are listed once
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+        wants = p.ndim >= 2 and id(p) not in embedding_ids and not getattr(p, "_no_weight_decay", False)
+        (decay if wants else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

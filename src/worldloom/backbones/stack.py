@@ -1,0 +1,225 @@
+"""One pre-norm layer stack for every backbone: attention, Mamba and retention layers, mixed freely.
+
+Each layer is ``x + mixer(norm(x))`` then, unless ``model.ffn=none``, ``x + ffn(norm(x))``
+with a SwiGLU MLP or a mixture of experts. The mixer of layer i is ``cfg.layer_kinds[i]``:
+
+    attn     grouped-query attention with rotary positions (transformer.py)
+    mamba    selective state-space layer (mamba.py)
+    retnet   multi-scale retention (retnet.py)
+
+Registry entries: ``transformer`` (all attn), ``mamba``, ``retnet`` (all of that kind) and
+``hybrid`` (``model.layers`` names each layer). Parameter names are
+``blocks.{i}.{kind}_norm``, ``blocks.{i}.{kind}``, ``blocks.{i}.mlp_norm``, ``blocks.{i}.mlp``,
+so an all-attention stack has exactly the names (and the Llama layout) of the transformer
+checkpoints that came before the stack.
+
+One cache (``KVCache``) serves every stack: keys/values for attention layers, a recurrent state
+for the others, one ``length`` and one left padding for all. Under left padding the recurrent
+layers get a ``valid`` mask for the slots that may hold pads, so their state after a row's pad
+prefix is exactly the empty state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register
+from .mamba import MambaMixer
+from .moe import MoEFeedForward
+from .retnet import MultiScaleRetention
+from .transformer import Attention, KVCache, RMSNorm, SwiGLU, rope_table, slot_mask
+
+
+def _mixer(kind: str, cfg) -> nn.Module:
+    if kind == "attn":
+        return Attention(cfg)
+    if kind == "mamba":
+        return MambaMixer(cfg.d_model, d_state=cfg.mamba_d_state, d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand,
+                          chunk=cfg.chunk)
+    if kind == "retnet":
+        return MultiScaleRetention(cfg.d_model, cfg.n_head, chunk=cfg.chunk, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
+    raise ValueError(f"unknown mixer {kind!r}")  # the config has validated the names
+
+
+def _ffn(cfg) -> nn.Module | None:
+    if cfg.ffn == "swiglu":
+        return SwiGLU(cfg)
+    if cfg.ffn == "moe":
+        return MoEFeedForward(cfg.d_model, cfg.ff_dim, cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity,
+                              cfg.moe_balance_coef, cfg.moe_z_coef)
+    return None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.add_module(f"{kind}_norm", RMSNorm(cfg.d_model, cfg.norm_eps))
+        self.add_module(kind, _mixer(kind, cfg))
+        ffn = _ffn(cfg)
+        if ffn is not None:
+            self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp = ffn
+        else:
+            self.mlp = None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self._modules[self.kind]
+
+    @property
+    def mixer_norm(self) -> nn.Module:
+        return self._modules[f"{self.kind}_norm"]
+
+    def out_projection(self) -> torch.Tensor:
+        """The weight writing the mixer's output into the residual stream."""
+        m = self.mixer
+        return m.out_proj.weight if self.kind == "mamba" else m.proj.weight
+
+    def forward(self, x, i: int, cache: KVCache | None, cos, sin, mask, causal, valid):
+        h = self.mixer_norm(x)
+        if self.kind == "attn":
+            y = self.mixer(h, cos, sin, cache, i, mask, causal)
+        else:
+            state = cache.states[i] if cache is not None else None
+            if self.kind == "mamba" and state is not None and valid is None and x.shape[1] == 1:
+                y, state = self.mixer.step(h, state)  # O(1) decoding step
+            else:
+                y, state = self.mixer(h, state, return_state=cache is not None, valid=valid)
+            if cache is not None:
+                cache.states[i] = state
+        x = x + self.drop(y)
+        if self.mlp is None:
+            return x
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+    def step(self, x, cos, sin, cache, i, slot, mask):
+        """The fixed-shape one-token step of an attention layer (see Stack.decode_step)."""
+        x = x + self.mixer.step(self.mixer_norm(x), cos, sin, cache, i, slot, mask)
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+
+
+class Stack(nn.Module):
+    """Pre-norm blocks with one mixer kind per layer. The final norm and the head belong to the model."""
+
+    def __init__(self, cfg, kinds: list[str]):
+        super().__init__()
+        if len(kinds) != cfg.n_layer:
+            raise ValueError(f"{len(kinds)} layer kinds for {cfg.n_layer} layers")
+        self.cfg = cfg
+        self.kinds = list(kinds)
+        self.blocks = nn.ModuleList(Block(cfg, k) for k in kinds)
+        self.has_attn = "attn" in kinds
+        self.has_recurrent = any(k != "attn" for k in kinds)
+        if self.has_attn:
+            cos, sin = rope_table(cfg.head_dim, cfg.context, cfg.rope_theta)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def supports_decode_step(self) -> bool:
+        """Whether decode_step (the fixed-shape, compilable one-token step) exists for this stack."""
+        return not self.has_recurrent and self.cfg.ffn != "moe"
+
+    def residual_projections(self):
+        """Output projections of each residual branch (scaled down at init, GPT-2 style).
+
+        MoE experts' projections are listed by MoEFeedForward itself.
+        """
+        for b in self.blocks:
+            yield b.out_projection()
+            if isinstance(b.mlp, SwiGLU):
+                yield b.mlp.down.weight
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        if max_len > self.cfg.context:
+            raise ValueError(f"cache of {max_len} positions exceeds the model context {self.cfg.context}")
+        return KVCache(self.cfg.n_layer, batch, max_len, pad)
+
+    def forward(self, x, cache: KVCache | None = None):
+        B, T, _ = x.shape  # (B, T, C)
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.context:
+            raise ValueError(f"sequence of {start + T} positions exceeds the model context {self.cfg.context}")
+        pad = cache.pad if cache is not None else None
+        cos = sin = mask = valid = None
+        causal = False
+        if self.has_attn:
+            cos, sin, mask, causal = self._attention_inputs(x, start, T, pad)
+        if self.has_recurrent and pad is not None and start < cache.pad_max:
+            valid = torch.arange(start, start + T, device=x.device)[None] >= pad[:, None]  # (B, T)
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, cache, cos, sin, mask, causal, valid)
+        if cache is not None:
+            cache.length += T
+        return x, cache
+
+    def _attention_inputs(self, x, start: int, T: int, pad):
+        """Rotary tables and the attention mask for slots start .. start+T-1."""
+        mask, causal = None, False
+        if pad is None:
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, D)
+            if T > 1:
+                if start == 0:
+                    causal = True
+                else:  # several new tokens after a filled cache: mask by absolute slot
+                    mask = slot_mask(start, T, x.device)[None, None]
+        else:
+            slots = torch.arange(start, start + T, device=x.device)
+            pos = (slots[None] - pad[:, None]).clamp(min=0)  # (B, T)
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, D)
+            keys = torch.arange(start + T, device=x.device)
+            mask = slot_mask(start, T, x.device)[None] & (
+                (keys[None, None] >= pad[:, None, None]) | (slots[None, :, None] == keys[None, None])
+            )  # (B, T, S): causal, real keys only (a pad query sees itself so no row is empty)
+            mask = mask[:, None]  # (B, 1, T, S)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if cos.dtype != dt:  # rotate in the compute dtype so no op silently runs in fp32
+            cos, sin = cos.to(dt), sin.to(dt)
+        return cos, sin, mask, causal
+
+    def decode_step(self, x, cache: KVCache, slot: torch.Tensor):
+        """x (B, 1, C) at cache slot `slot` (0-d long tensor, = cache.length) -> h (B, 1, C).
+
+        The fixed-shape twin of forward() for one token after a prefill; the caller advances
+        cache.length. Used by generate_ids(compile=True); attention-only stacks without MoE.
+        """
+        if not self.supports_decode_step:
+            raise ValueError("decode_step (compiled decoding) needs an attention-only stack without MoE; "
+                             f"this one has layers {','.join(self.kinds)} and ffn {self.cfg.ffn}")
+        B = x.shape[0]
+        keys = torch.arange(cache.max_len, device=x.device)
+        if cache.pad is None:
+            pos = slot.view(1)  # (1,)
+            mask = (keys <= slot).view(1, 1, 1, -1)
+        else:
+            pos = slot - cache.pad  # (B,)
+            mask = ((keys[None] <= slot) & (keys[None] >= cache.pad[:, None])).view(B, 1, 1, -1)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos = self.cos[pos].to(dt).view(-1, 1, 1, self.cfg.head_dim)  # (B or 1, 1, 1, D)
+        sin = self.sin[pos].to(dt).view(-1, 1, 1, self.cfg.head_dim)
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cos, sin, cache, i, slot, mask)
+        return x
+
+
+@register("transformer")
+def build_transformer(cfg) -> Stack:
+    return Stack(cfg, ["attn"] * cfg.n_layer)
+
+
+@register("mamba")
+def build_mamba(cfg) -> Stack:
+    return Stack(cfg, ["mamba"] * cfg.n_layer)
+
+
+@register("retnet")
+def build_retnet(cfg) -> Stack:
+    return Stack(cfg, ["retnet"] * cfg.n_layer)
+
+
+@register("hybrid")
+def build_hybrid(cfg) -> Stack:
+    return Stack(cfg, cfg.layer_kinds)
