@@ -87,6 +87,10 @@ def _cmd_generate(args) -> int:
         raise WorldloomError(f"--num-samples must be at least 1, got {args.num_samples}")
     set_threads(0)
     run = load_run(Path(args.run))
+    if args.compile and not run.model.supports_decode_step:
+        mc = run.cfg.model
+        raise WorldloomError(f"--compile needs an attention-only model without MoE; this run has model.backbone={mc.backbone}"
+                             f"{f' (layers {mc.layers})' if mc.layers else ''}, model.ffn={mc.ffn}; drop --compile")
     sc = _sampling(args)
     precision = resolve_precision(args.precision, torch.device("cpu"))
     ctx = (lambda: autocast(precision, torch.device("cpu"))) if precision != "fp32" else None
