@@ -3,6 +3,8 @@ behind one protocol: cached == uncached, left padding exact, gradients, checkpoi
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -278,7 +280,7 @@ def test_export_hf_refuses_other_backbones(case, needle):
 
 CLI_TINY = ["model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.context=24", "model.chunk=8",
             "model.mamba_d_state=4", "train.max_steps=3", "train.eval_interval=3", "train.eval_batches=1",
-            "train.batch_size=2", "train.precision=fp32", "train.threads=1", "train.warmup_steps=1"]
+            "train.batch_size=2", "train.precision=fp32", "train.threads=1", "train.warmup_steps=1", "train.log_interval=1"]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -293,6 +295,11 @@ def test_cli_train_then_generate(tmp_path, corpus_file, capsys, overrides):
     run = load_run(tmp_path / "x")
     assert run.cfg.model.backbone == overrides[0].split("=")[1]
     assert any(isinstance(m, MoEFeedForward) for m in run.model.modules()) == ("model.ffn=moe" in overrides)
+    rows = [json.loads(line) for line in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert len(logged) == 3
+    # MoE runs log the router's aux loss beside the cross-entropy, not inside it
+    assert all(("moe_aux" in r) == ("model.ffn=moe" in overrides) for r in logged)
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "x"), "The cat", "--max-new-tokens", "5", "--temperature", "0"]) == 0
     out = capsys.readouterr().out

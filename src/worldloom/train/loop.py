@@ -152,13 +152,16 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
             lr = lr_at(step, fraction(), tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, extra = 0.0, {}
             for _ in range(tc.grad_accum):
                 batch = {k: v.to(device) for k, v in data.batch("train", tc.batch_size, cfg.model.context, gen).items()}
                 with autocast(precision, device):
                     out = model.compute_loss(batch)
                 (out.total / tc.grad_accum).backward()
-                loss_sum += out.total.item()
+                loss_sum += out.parts.get("loss", out.total.item())  # the cross-entropy, comparable to held-out loss
+                for k, v in out.parts.items():  # other parts (e.g. moe_aux) are logged as their micro-batch mean
+                    if k != "loss" and isinstance(v, (int, float)):
+                        extra[k] = extra.get(k, 0.0) + v / tc.grad_accum
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -170,7 +173,7 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
                 now = time.perf_counter()
                 tps = tokens_since / (now - t_log)
                 t_log, tokens_since = now, 0
-                _append(run_dir / METRICS, {"step": step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed": round(elapsed(), 2)})
+                _append(run_dir / METRICS, {"step": step, "loss": loss, **extra, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed": round(elapsed(), 2)})
                 bar.update(fraction(), step=step, loss=f"{loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-", tok_s=f"{tps:,.0f}")
             if step % tc.eval_interval == 0:
                 val_loss = evaluate()
