@@ -80,27 +80,7 @@ def rss_mb() -> float:
 # ---------------------------------------------------------------- machine
 
 
-def machine_info() -> dict:
-    import torch
-
-    model_name = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "model name":
-                model_name = val.strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": model_name,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+from bench_foundation import machine_info  # noqa: E402  (one description of the machine for every benchmark)
 
 
 # ---------------------------------------------------------------- sizing (parent)
