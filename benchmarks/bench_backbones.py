@@ -77,12 +77,6 @@ def rss_mb() -> float:
     return round(kb / 1024 if sys.platform != "darwin" else kb / 2**20, 1)
 
 
-# ---------------------------------------------------------------- machine
-
-
-from bench_foundation import machine_info  # noqa: E402  (one description of the machine for every benchmark)
-
-
 # ---------------------------------------------------------------- sizing (parent)
 
 
@@ -161,9 +155,9 @@ def run_case(spec: dict) -> None:
     baseline = rss_mb()
     import torch
 
-    from worldloom.config import ModelConfig, TrainConfig
+    from bench_foundation import time_train_steps  # after the baseline: it imports torch and worldloom
+    from worldloom.config import ModelConfig
     from worldloom.model import LWM
-    from worldloom.train.optim import make_optimizer
 
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
@@ -203,24 +197,8 @@ def run_case(spec: dict) -> None:
 
     # train: fp32 AdamW steps on ~train_tokens tokens
     if "train" in spec["phases"]:
-        model.train()
         batch = max(1, round(spec["train_tokens"] / ctx))
-        tc = TrainConfig(batch_size=batch)
-        opt = make_optimizer(model, tc)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randint(cfg.vocab_size, (batch, ctx + 1), generator=g)
-        data = {"input": x[:, :-1].contiguous(), "target": x[:, 1:].contiguous()}
-        times = []
-        for i in range(spec["train_warmup"] + spec["train_steps"]):
-            t = time.perf_counter()
-            out = model.compute_loss(data)
-            out.total.backward()
-            out.total.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i >= spec["train_warmup"]:
-                times.append(time.perf_counter() - t)
+        times = time_train_steps(model, batch, ctx, "fp32", spec["train_warmup"], spec["train_steps"])
         step_s = statistics.median(times)
         emit({"phase": "train", "batch": batch, "tokens_per_step": batch * ctx, "warmup_steps": spec["train_warmup"],
               "timed_steps": spec["train_steps"], "step_s_median": round(step_s, 4),
@@ -390,6 +368,8 @@ def main(argv=None) -> int:
         train_warmup, train_steps = 1, 3
         threads = args.threads or 0
         train_tokens = args.train_tokens or 4096
+
+    from bench_foundation import machine_info  # the parent only: a child imports nothing before its baseline
 
     t_start = time.perf_counter()
     res: dict = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -133,13 +133,13 @@ def flops_per_token(model: LWM) -> int:
     return 6 * flop_params(model) + 12 * c.n_layer * c.d_model * c.context
 
 
-def bench_train(mcfg: ModelConfig, batch: int, precision: str, warmup: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = LWM(mcfg).train()
+def time_train_steps(model: LWM, batch: int, context: int, precision: str, warmup: int, steps: int) -> list[float]:
+    """Seconds of each timed full training step (forward, backward, clip, AdamW) on fixed random tokens."""
+    model.train()
     tc = TrainConfig(batch_size=batch)
     opt = make_optimizer(model, tc)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(mcfg.vocab_size, (batch, mcfg.context + 1), generator=g)
+    x = torch.randint(model.cfg.vocab_size, (batch, context + 1), generator=g)
     data = {"input": x[:, :-1].contiguous(), "target": x[:, 1:].contiguous()}
     times = []
     for i in range(warmup + steps):
@@ -153,6 +153,12 @@ def bench_train(mcfg: ModelConfig, batch: int, precision: str, warmup: int, step
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_train(mcfg: ModelConfig, batch: int, precision: str, warmup: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    times = time_train_steps(LWM(mcfg), batch, mcfg.context, precision, warmup, steps)
     step_s = statistics.median(times)
     tokens = batch * mcfg.context
     return {"step_s_median": round(step_s, 4), "step_s_all": [round(s, 4) for s in times],
