@@ -8,6 +8,7 @@ last half-context of tokens (one prefill every context/2 tokens) and decoding go
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -80,10 +81,10 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
     seq, pad = seq.to(device), pad.to(device)
     B = seq.shape[0]
 
+    amp = autocast_ctx or contextlib.nullcontext
+
     def run(ids, cache):
-        if autocast_ctx is None:
-            return model(ids, cache)[0][:, -1]
-        with autocast_ctx():
+        with amp():
             return model(ids, cache)[0][:, -1]
 
     def prefill(keep: int):
@@ -96,12 +97,8 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
     step = _compiled_step(model) if compile and use_cache else None
 
     def run_step(tok, cache):
-        slot = torch.tensor(cache.length, device=device)
-        if autocast_ctx is None:
-            logits = step(tok, cache, slot)
-        else:
-            with autocast_ctx():
-                logits = step(tok, cache, slot)
+        with amp():
+            logits = step(tok, cache, torch.tensor(cache.length, device=device))
         cache.length += 1
         return logits
 
