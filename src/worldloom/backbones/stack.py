@@ -31,6 +31,11 @@ from .retnet import MultiScaleRetention
 from .transformer import Attention, KVCache, RMSNorm, SwiGLU, rope_table, slot_mask
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's where it is on, else the input's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def _mixer(kind: str, cfg) -> nn.Module:
     if kind == "attn":
         return Attention(cfg)
@@ -175,7 +180,7 @@ class Stack(nn.Module):
                 (keys[None, None] >= pad[:, None, None]) | (slots[None, :, None] == keys[None, None])
             )  # (B, T, S): causal, real keys only (a pad query sees itself so no row is empty)
             mask = mask[:, None]  # (B, 1, T, S)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = _compute_dtype(x)
         if cos.dtype != dt:  # rotate in the compute dtype so no op silently runs in fp32
             cos, sin = cos.to(dt), sin.to(dt)
         return cos, sin, mask, causal
@@ -197,7 +202,7 @@ class Stack(nn.Module):
         else:
             pos = slot - cache.pad  # (B,)
             mask = ((keys[None] <= slot) & (keys[None] >= cache.pad[:, None])).view(B, 1, 1, -1)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = _compute_dtype(x)
         cos = self.cos[pos].to(dt).view(-1, 1, 1, self.cfg.head_dim)  # (B or 1, 1, 1, D)
         sin = self.sin[pos].to(dt).view(-1, 1, 1, self.cfg.head_dim)
         for i, block in enumerate(self.blocks):

@@ -84,14 +84,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.hd, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask, causal: bool):
+    def _qkv(self, x, cos, sin):
+        """Queries (B, H, T, D), rotated keys and values (B, KV, T, D)."""
         B, T, _ = x.shape
         H, KV = self.n_head, self.n_kv
         qkv = self.qkv(x).view(B, T, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, T, D)
         qk = apply_rope(qkv[:, : H + KV], cos, sin)  # rotate queries and keys in one pass
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]  # (B, H, T, D), (B, KV, T, D) x2
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, KV, S, D)
+        return qk[:, :H], qk[:, H:], qkv[:, H + KV :]
+
+    def _attend(self, q, k, v, mask, causal: bool):
+        """Attention of q (B, H, T, D) over k, v (B, KV, S, D), projected back to (B, T, C)."""
+        B, _, T, _ = q.shape
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -100,22 +103,21 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask, causal: bool):
+        q, k, v = self._qkv(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, KV, S, D)
+        return self._attend(q, k, v, mask, causal)
+
     def step(self, x, cos, sin, cache: KVCache, layer: int, slot: torch.Tensor, mask):
         """One new token per row, written at cache slot `slot` (a 0-d tensor); attends over the
         whole pre-allocated cache under `mask`. Every shape is fixed, so torch.compile traces
         one graph for the whole generation."""
-        B = x.shape[0]
-        H, KV = self.n_head, self.n_kv
-        qkv = self.qkv(x).view(B, 1, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, 1, D)
-        qk = apply_rope(qkv[:, : H + KV], cos, sin)
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
+        q, k, v = self._qkv(x, cos, sin)  # T = 1
         kb, vb = cache.k[layer], cache.v[layer]  # (B, KV, S, D)
         kb.index_copy_(2, slot.view(1), k)
         vb.index_copy_(2, slot.view(1), v)
-        if KV != H:
-            kb, vb = kb.repeat_interleave(H // KV, dim=1), vb.repeat_interleave(H // KV, dim=1)
-        y = F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask)  # (B, H, 1, D)
-        return self.proj(y.transpose(1, 2).reshape(B, 1, H * self.hd))
+        return self._attend(q, kb, vb, mask, False)
 
 
 class SwiGLU(nn.Module):
