@@ -43,19 +43,16 @@ def _cmd_train(args) -> int:
     from .config import build_config
     from .train import train
 
+    preset = args.preset
+    if preset and "=" in preset:  # `worldloom train key=value ...`: the first word is an override
+        args.overrides.insert(0, preset)
+        preset = None
     if args.resume:
-        if args.preset and "=" in args.preset:
-            args.overrides.insert(0, args.preset)
-        elif args.preset:
+        if preset:
             raise WorldloomError("give either a preset or --resume RUN, not both")
         train(resume=Path(args.resume), overrides=args.overrides, progress=not args.no_progress)
         return 0
-    preset = args.preset
-    if preset and "=" in preset:  # `worldloom train key=value ...` without a preset
-        args.overrides.insert(0, preset)
-        preset = None
-    if preset is None:
-        preset = "shakespeare-char"
+    preset = preset or "shakespeare-char"
     cfg = build_config(preset, args.overrides)
     train(cfg, progress=not args.no_progress)
     return 0

@@ -130,7 +130,11 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
         f = step / tc.max_steps
         return max(f, elapsed() / budget) if budget else f
 
+    saved_step = step if ckpt else None  # the step of the newest checkpoint on disk
+
     def checkpoint(val_loss: float | None):
+        nonlocal saved_step
+        saved_step = step
         save_checkpoint(run_dir, model, optimizer, {
             "step": step, "elapsed": elapsed(), "precision": precision, "val_loss": val_loss,
             "data_rng": rng_to_json(gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state()),
@@ -185,7 +189,7 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
         last = latest_checkpoint(run_dir)
         raise CheckpointError(f"interrupted at step {step}; last checkpoint: {last or 'none'} (continue with --resume {run_dir})") from None
     bar.close()
-    if not (run_dir / "checkpoints" / f"step-{step:08d}").exists():
+    if saved_step != step:
         val_loss = evaluate()
         checkpoint(val_loss)
     summary = {"run_dir": str(run_dir), "step": step, "val_loss": val_loss, "minutes": round(elapsed() / 60, 2),
