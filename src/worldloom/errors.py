@@ -20,3 +20,7 @@ class DataError(WorldloomError):
 
 class CheckpointError(WorldloomError):
     """A run folder or checkpoint is missing, corrupt, or of another architecture."""
+
+
+class EnvError(WorldloomError):
+    """An environment id is unknown, or an environment package is missing."""

@@ -1,0 +1,420 @@
+"""Collect episode datasets by playing BabyAI levels with minigrid's ``BabyAIBot``.
+
+Seeds. Episode i of a split is played on environment seed ``split_seed(split, base_seed, i)``:
+
+    train: base_seed + 0         + i   (TRAIN_SEED_BASE)
+    val:   base_seed + 1_000_000 + i   (VAL_SEED_BASE)
+    eval:  base_seed + 2_000_000 + i   (EVAL_SEED_BASE, reserved for evaluating in the real env)
+
+so the three splits never share a level layout (a split holds fewer than 1,000,000 seeds).
+
+Perturbation. Each episode has its own random stream, ``np.random.default_rng([base_seed,
+env_seed])``. It decides whether the episode is perturbed (probability ``perturbed_fraction``)
+and, in a perturbed episode, replaces the bot's action at each step with probability
+``epsilon`` by a uniformly random action (``random_action=True``); the bot is told the action
+actually taken and re-plans from there. The same seeds therefore give the same data whatever
+the number of workers or the order in which they finish.
+
+Dropped episodes. On a few seeds the bot loops forever inside ``replan()`` or raises (e.g. an
+assertion after a random action, or ``DisappearedBoxError`` after a random toggle opened a
+box). Every ``replan()`` is bounded by ``bot_timeout`` seconds (SIGALRM, in the main thread of
+each worker); such episodes are dropped and counted, and collection goes on with the next
+seeds. Seeds are tried in order and the split keeps the first ``n`` seeds that were not
+dropped, so the result is again independent of the worker count (a bot that is merely slow,
+near ``bot_timeout``, on a loaded machine is the one source of non-determinism).
+
+Parallelism. ``workers > 1`` runs chunks of seeds in a ``ProcessPoolExecutor`` with the
+"spawn" start method (scripts that call ``collect_dataset`` need the usual
+``if __name__ == "__main__":`` guard); every worker reuses one environment. Shards are
+written as soon as their episodes are known, and ``meta.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import DataError, EnvError
+from ..io import write_json
+from .envs import EnvAdapter, make_adapter
+from .episodes import META_FILE, SCHEMA_VERSION, Episode, shard_name, write_shard
+
+try:
+    from minigrid.utils.baby_ai_bot import BabyAIBot
+except ImportError:  # make_adapter raises the actionable EnvError
+    BabyAIBot = None
+
+TRAIN_SEED_BASE = 0
+VAL_SEED_BASE = 1_000_000
+EVAL_SEED_BASE = 2_000_000
+SEED_BASES = {"train": TRAIN_SEED_BASE, "val": VAL_SEED_BASE, "eval": EVAL_SEED_BASE}
+SEEDS_PER_SPLIT = 1_000_000
+
+
+def split_seed(split: str, base_seed: int, i: int) -> int:
+    """The environment seed of episode i of a split ("train", "val" or "eval")."""
+    if split not in SEED_BASES:
+        raise ValueError(f"unknown split {split!r}; one of {', '.join(SEED_BASES)}")
+    if not 0 <= i < SEEDS_PER_SPLIT:
+        raise ValueError(f"episode index {i} outside 0..{SEEDS_PER_SPLIT - 1}")
+    return base_seed + SEED_BASES[split] + i
+
+
+# ------------------------------------------------------------------------ one episode
+
+
+class _BotTimeout(BaseException):
+    """Raised by the SIGALRM handler when one replan() takes longer than bot_timeout.
+
+    A BaseException, so that no ``except Exception`` inside the bot can swallow it.
+    """
+
+
+def _on_alarm(signum, frame):
+    raise _BotTimeout()
+
+
+@contextmanager
+def _alarm_handler(enabled: bool):
+    """Install the SIGALRM handler for the block (main thread only), restoring the old one."""
+    if not enabled:
+        yield False
+        return
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@dataclass
+class _Dropped:
+    seed: int
+    reason: str  # "timeout" or the exception's class name
+
+
+@dataclass
+class _Settings:
+    env_id: str
+    base_seed: int
+    perturbed_fraction: float
+    epsilon: float
+    bot_timeout: float
+
+
+class _Collector:
+    """Plays episodes with the bot on one reused environment."""
+
+    def __init__(self, settings: _Settings):
+        self.settings = settings
+        self.adapter: EnvAdapter = make_adapter(settings.env_id)
+        self.env = self.adapter.make()
+        self.can_time = (
+            settings.bot_timeout > 0
+            and hasattr(signal, "setitimer")
+            and threading.current_thread() is threading.main_thread()
+        )
+
+    def run(self, seeds: list[int]) -> list[Episode | _Dropped]:
+        with _alarm_handler(self.can_time) as timed:
+            return [self.episode(s, timed) for s in seeds]
+
+    def episode(self, env_seed: int, timed: bool) -> Episode | _Dropped:
+        """One episode, or _Dropped if the bot timed out or raised."""
+        try:
+            return self._play(env_seed, timed)
+        except _BotTimeout:  # also when the alarm lands just as _play handles another error
+            return _Dropped(env_seed, "timeout")
+
+    def _play(self, env_seed: int, timed: bool) -> Episode | _Dropped:
+        st, adapter, env = self.settings, self.adapter, self.env
+        rng = np.random.default_rng([st.base_seed, env_seed])
+        perturbed = bool(rng.random() < st.perturbed_fraction) and st.epsilon > 0
+        epsilon = st.epsilon if perturbed else 0.0
+        timeout = st.bot_timeout
+
+        obs, _ = env.reset(seed=env_seed)
+        mission = adapter.mission(obs)
+        frames = [adapter.observe(obs)]
+        actions, rewards, randoms = [], [], []
+        terminated = truncated = False
+        told = None  # what the bot is told about the previous step: None = "your suggestion"
+        try:
+            bot = BabyAIBot(env.unwrapped)
+            while not (terminated or truncated):
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                suggested = int(bot.replan(told))
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                if perturbed and rng.random() < epsilon:
+                    action, is_random = int(rng.integers(adapter.n_actions)), True
+                else:
+                    action, is_random = suggested, False
+                told = None if action == suggested else action
+                obs, reward, terminated, truncated, _ = env.step(action)
+                frames.append(adapter.observe(obs))
+                actions.append(action)
+                rewards.append(reward)
+                randoms.append(is_random)
+        except Exception as e:  # the bot's assertions, DisappearedBoxError, ...
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            return _Dropped(env_seed, type(e).__name__)
+        return Episode(
+            seed=env_seed,
+            mission=mission,
+            obs={k: np.stack([f[k] for f in frames]) for k in adapter.obs_fields},
+            action=np.array(actions, dtype=np.int64),
+            reward=np.array(rewards, dtype=np.float32),
+            terminated=terminated,
+            truncated=truncated,
+            random_action=np.array(randoms, dtype=bool),
+            epsilon=epsilon,
+        )
+
+
+# A worker process's collector, built once by the pool initializer.
+_WORKER: _Collector | None = None
+
+
+def _init_worker(settings: _Settings) -> None:
+    global _WORKER
+    _WORKER = _Collector(settings)
+
+
+def _run_chunk(seeds: list[int]) -> list[Episode | _Dropped]:
+    return _WORKER.run(seeds)
+
+
+class _InlineExecutor:
+    """The executor interface, running each chunk at submit time (workers == 1)."""
+
+    def __init__(self, settings: _Settings):
+        self.collector = _Collector(settings)
+
+    def submit(self, fn, seeds):
+        fut: Future = Future()
+        fut.set_result(self.collector.run(seeds))
+        return fut
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+# ----------------------------------------------------------------------------- a split
+
+
+@dataclass
+class _SplitStats:
+    episodes: int = 0
+    steps: int = 0
+    successes: int = 0
+    perturbed: int = 0
+    random_actions: int = 0
+    seeds_tried: int = 0
+
+    def add(self, ep: Episode) -> None:
+        self.episodes += 1
+        self.steps += ep.length
+        self.successes += ep.success
+        self.perturbed += ep.perturbed
+        self.random_actions += int(ep.random_action.sum())
+
+
+def _collect_split(executor, split: str, n: int, base_seed: int, chunk: int, max_pending: int,
+                   out_dir: Path, shard_size: int, progress: bool) -> dict:
+    """Play seeds of `split` in order until n episodes were kept; write their shards."""
+    t0 = time.perf_counter()
+    stats = _SplitStats()
+    dropped: list[_Dropped] = []
+    shards: list[str] = []
+    buffer: list[Episode] = []
+    results: dict[int, Episode | _Dropped] = {}  # finished, not yet consumed in seed order
+    pending: dict[Future, int] = {}  # future -> number of seeds in it
+    next_i = 0  # index of the next seed to submit
+    emit_i = 0  # index of the next seed to consume in order
+    kept = 0  # episodes (not dropped) among finished seeds
+    in_flight = 0  # seeds submitted and not finished
+    n_dropped = 0
+
+    def flush(final: bool = False) -> None:
+        while len(buffer) >= shard_size or (final and buffer):
+            rel = shard_name(split, len(shards))
+            write_shard(out_dir / rel, buffer[:shard_size])
+            shards.append(rel)
+            del buffer[:shard_size]
+
+    bar = tqdm(total=n, desc=f"collect {split}", unit="ep", disable=not progress, dynamic_ncols=True)
+    try:
+        while True:
+            # Submit just enough seeds to reach n episodes if none of them is dropped.
+            while len(pending) < max_pending and kept + in_flight < n:
+                count = min(chunk, n - kept - in_flight)
+                if next_i + count > SEEDS_PER_SPLIT:
+                    raise DataError(
+                        f"split {split} ran out of seeds ({len(dropped)} dropped episodes); "
+                        "collect fewer episodes or raise --bot-timeout"
+                    )
+                seeds = [split_seed(split, base_seed, next_i + k) for k in range(count)]
+                pending[executor.submit(_run_chunk, seeds)] = count
+                next_i += count
+                in_flight += count
+            if not pending:
+                break
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                in_flight -= pending.pop(fut)
+                for r in fut.result():
+                    results[r.seed] = r
+                    if isinstance(r, Episode):
+                        kept += 1
+                        bar.update(1)
+                    else:
+                        n_dropped += 1
+                        bar.set_postfix(dropped=n_dropped)
+            # Consume finished results in seed order.
+            while emit_i < next_i and split_seed(split, base_seed, emit_i) in results:
+                r = results.pop(split_seed(split, base_seed, emit_i))
+                emit_i += 1
+                if isinstance(r, Episode):
+                    stats.add(r)
+                    buffer.append(r)
+                else:
+                    dropped.append(r)
+            flush()
+        flush(final=True)
+    finally:
+        bar.close()
+    assert stats.episodes == n and not results, "collection bookkeeping is off"
+    stats.seeds_tried = next_i
+    first = split_seed(split, base_seed, 0)
+    return {
+        "episodes": stats.episodes,
+        "steps": stats.steps,
+        "shards": shards,
+        "seeds": {"first": first, "last": first + next_i - 1, "tried": next_i} if next_i else
+                 {"first": first, "last": None, "tried": 0},
+        "dropped": len(dropped),
+        "dropped_seeds": [{"seed": d.seed, "reason": d.reason} for d in dropped],
+        "successes": stats.successes,
+        "perturbed": stats.perturbed,
+        "random_actions": stats.random_actions,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+# ------------------------------------------------------------------------------ public
+
+
+def _check_args(train_episodes, val_episodes, seed, perturbed_fraction, epsilon, workers, bot_timeout, shard_size):
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise DataError(msg)
+
+    need(isinstance(train_episodes, int) and 1 <= train_episodes < SEEDS_PER_SPLIT,
+         f"train episodes must be an integer in 1..{SEEDS_PER_SPLIT - 1}, got {train_episodes!r}")
+    need(isinstance(val_episodes, int) and 0 <= val_episodes < SEEDS_PER_SPLIT,
+         f"val episodes must be an integer in 0..{SEEDS_PER_SPLIT - 1}, got {val_episodes!r}")
+    need(isinstance(seed, int) and seed >= 0, f"seed must be a non-negative integer, got {seed!r}")
+    need(0.0 <= perturbed_fraction <= 1.0, f"perturbed fraction must be in [0, 1], got {perturbed_fraction!r}")
+    need(0.0 <= epsilon <= 1.0, f"epsilon must be in [0, 1], got {epsilon!r}")
+    need(isinstance(workers, int) and workers >= 1, f"workers must be an integer >= 1, got {workers!r}")
+    need(bot_timeout > 0, f"bot timeout must be > 0 seconds, got {bot_timeout!r}")
+    need(isinstance(shard_size, int) and shard_size >= 1, f"shard size must be an integer >= 1, got {shard_size!r}")
+
+
+def collect_dataset(
+    out_dir: str | Path,
+    env_id: str,
+    train_episodes: int,
+    val_episodes: int,
+    seed: int = 0,
+    perturbed_fraction: float = 0.5,
+    epsilon: float = 0.2,
+    workers: int = 2,
+    bot_timeout: float = 2.0,
+    shard_size: int = 1000,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Collect train and val episodes of a BabyAI level into `out_dir`; returns the meta dict.
+
+    See the module docstring for seeds, perturbation and dropped episodes, and
+    ``docs/episodes.md`` for the folder layout and meta.json.
+    """
+    out_dir = Path(out_dir)
+    _check_args(train_episodes, val_episodes, seed, perturbed_fraction, epsilon, workers, bot_timeout, shard_size)
+    if (out_dir / META_FILE).exists():
+        raise DataError(f"{out_dir} already holds a collected dataset; pick another --out or delete it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output path {out_dir} is a file; pick another --out")
+
+    adapter = make_adapter(env_id)
+    probe = adapter.make()
+    try:
+        probe.reset(seed=seed)
+        if not hasattr(probe.unwrapped, "instrs"):
+            raise EnvError(f"the BabyAI bot plays BabyAI-* levels only; {env_id!r} has no BabyAI instructions")
+    finally:
+        probe.close()
+
+    # Shards of an earlier, interrupted collection (no meta.json) would be stale: remove them.
+    for split in ("train", "val"):
+        for stale in sorted((out_dir / split).glob("shard-*.npz")):
+            stale.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    settings = _Settings(env_id, seed, float(perturbed_fraction), float(epsilon), float(bot_timeout))
+    t0 = time.perf_counter()
+    if workers > 1:
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(settings,))
+    else:
+        executor = _InlineExecutor(settings)
+    splits = {}
+    try:
+        for split, n in (("train", train_episodes), ("val", val_episodes)):
+            chunk = max(1, min(64, math.ceil(n / (workers * 8))))
+            splits[split] = _collect_split(executor, split, n, seed, chunk, 2 * workers,
+                                           out_dir, shard_size, progress)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - t0
+
+    meta = {
+        "schema": SCHEMA_VERSION,
+        **adapter.describe(),
+        "collection": {
+            "policy": "minigrid.utils.baby_ai_bot.BabyAIBot",
+            "seed": seed,
+            "seed_bases": dict(SEED_BASES),
+            "perturbed_fraction": settings.perturbed_fraction,
+            "epsilon": settings.epsilon,
+            "bot_timeout": settings.bot_timeout,
+            "shard_size": shard_size,
+            "seconds": round(seconds, 3),
+        },
+        "splits": splits,
+    }
+    write_json(out_dir / META_FILE, meta)
+
+    tot = {k: sum(s[k] for s in splits.values()) for k in ("episodes", "steps", "successes", "perturbed", "dropped")}
+    log(
+        f"collected {splits['train']['episodes']} train + {splits['val']['episodes']} val episodes of {env_id} "
+        f"({tot['steps']} steps, {tot['successes']} successes, {tot['perturbed']} perturbed, "
+        f"{tot['dropped']} dropped) in {seconds:.1f} s ({tot['episodes'] / max(seconds, 1e-9):.0f} episodes/s) -> {out_dir}"
+    )
+    return meta
