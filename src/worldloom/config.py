@@ -24,12 +24,78 @@ from .errors import ConfigError
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a UTF-8 text file
-    val_fraction: float = 0.1  # the last fraction of the file is held out
+    path: str = ""  # text recipe: a UTF-8 text file. world recipe: a collected episode folder ("" = collect into the run folder)
+    val_fraction: float = 0.1  # text: the last fraction of the file is held out
+    episodes: int = 5000  # world: training episodes to collect (validation ones come from other seeds)
+    val_episodes: int = 300  # world: held-out episodes for world-model accuracy and validation loss
+    perturbed: float = 0.5  # world: fraction of episodes in which random actions are injected
+    epsilon: float = 0.2  # world: probability of a random action at each step of a perturbed episode
+    workers: int = 2  # world: parallel collection processes
+    bot_timeout: float = 2.0  # world: seconds allowed per bot replan() call; slower episodes are dropped
+    seed: int = 0  # world: base environment seed of the collection
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        for name in ("episodes", "val_episodes", "workers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        for name in ("perturbed", "epsilon"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.bot_timeout <= 0:
+            raise ConfigError(f"data.bot_timeout must be positive, got {self.bot_timeout}")
+        if self.seed < 0:
+            raise ConfigError(f"data.seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class EnvConfig:
+    id: str = "BabyAI-GoToLocal-v0"  # any MiniGrid-* or BabyAI-* gymnasium id
+
+
+@dataclass
+class StreamConfig:
+    """How episodes become one token stream, and how much each modality counts in the loss."""
+
+    reward_bins: int = 16  # rewards in (0, 1] fall in this many bins; 0 has a token of its own
+    parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head)
+    step_skip: bool = True  # each position also sees the token at its target's place one step earlier
+    weight_obs: float = 1.0
+    weight_first_obs: float = 0.0  # the first observation after the mission (a new level: not a transition)
+    weight_action: float = 1.0
+    weight_reward: float = 1.0
+    weight_done: float = 1.0
+    weight_mission: float = 0.0  # predicting the mission text itself (0: only condition on it)
+    weight_frame: float = 1.0  # the frame head's loss (with parallel_obs)
+
+    def __post_init__(self):
+        if self.reward_bins < 1:
+            raise ConfigError(f"stream.reward_bins must be at least 1, got {self.reward_bins}")
+        for name in ("weight_obs", "weight_first_obs", "weight_action", "weight_reward", "weight_done", "weight_mission", "weight_frame"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"stream.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig:
+    """World-model runs: what `worldloom eval` (and the end of `worldloom train`) measures."""
+
+    episodes: int = 500  # real-environment episodes on seeds never used in training or validation
+    envs: int = 100  # environments stepped together (one batch)
+    greedy: bool = True  # act with the likeliest action (false: sample)
+    plan_episodes: int = 100  # episodes for planning in imagination (0 = skip)
+    plan_horizon: int = 4  # imagined steps per candidate
+    transitions: int = 2000  # held-out transitions scored for next-observation accuracy (per kind)
+    open_loop: int = 200  # held-out episodes imagined open-loop for accuracy after 1/5/10 steps
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("episodes", "envs", "transitions", "open_loop", "plan_horizon"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"eval.{name} must be positive, got {getattr(self, name)}")
+        if self.plan_episodes < 0:
+            raise ConfigError(f"eval.plan_episodes must be >= 0, got {self.plan_episodes}")
 
 
 @dataclass
@@ -74,6 +140,9 @@ class ModelConfig:
     mamba_expand: int = 2
     mamba_d_conv: int = 4
     chunk: int = 64  # time steps per chunk of the Mamba scan / chunkwise retention (any value, same result)
+    slots: int = 0  # learned slot embeddings (position within a world step); set from the stream layout
+    period: int = 0  # step-skip input: each position also embeds the token one period (a world step) before its target; set from the stream
+    frame_tokens: int = 0  # frame head: tokens of the next observation predicted in one pass (0 = off); set from the stream
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "d_model", "context"):
@@ -87,6 +156,8 @@ class ModelConfig:
             raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.slots < 0 or self.frame_tokens < 0 or self.period < 0:
+            raise ConfigError("model.slots, model.period and model.frame_tokens must be >= 0")
         for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv", "chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -171,14 +242,25 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
 
+RECIPES = ("text", "world")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
+    recipe: str = "text"  # text: a language model on a text file. world: collect episodes, train a world model + policy
     data: DataConfig = field(default_factory=DataConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
 
     @property
     def run_dir(self) -> Path:

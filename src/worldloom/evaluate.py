@@ -12,8 +12,12 @@ from .runtime import autocast
 
 
 @torch.no_grad()
-def sampled_loss(model, data: TextData, context: int, batch_size: int, n_batches: int, precision: str, device, seed: int = 0) -> float:
-    """Mean held-out loss over a fixed set of random windows (the same set every call)."""
+def sampled_loss(model, data, context: int, batch_size: int, n_batches: int, precision: str, device, seed: int = 0) -> float:
+    """Mean held-out loss over a fixed set of random batches (the same set every call).
+
+    ``data`` is anything with ``batch("val", batch_size, context, generator)`` (TextData,
+    EpisodeData); the loss is compute_loss's ``loss`` part (the weighted next-token cross-entropy).
+    """
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -21,8 +25,7 @@ def sampled_loss(model, data: TextData, context: int, batch_size: int, n_batches
     for _ in range(n_batches):
         batch = {k: v.to(device) for k, v in data.batch("val", batch_size, context, gen).items()}
         with autocast(precision, device):
-            logits, _ = model(batch["input"])
-        total += next_token_loss(logits, batch["target"]).item()
+            total += model.compute_loss(batch).parts["loss"]
     model.train(was_training)
     return total / n_batches
 

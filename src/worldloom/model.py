@@ -1,12 +1,26 @@
 """LWM: token embeddings + a backbone from the registry + final norm + output head.
 
 One network for every modality: which tokens mean text, observations or actions is the
-stream layout's business; the model only sees ids in one joint vocabulary.
+stream layout's business; the model only sees ids in one joint vocabulary. Two optional
+parts serve world-model streams:
+
+* slot embeddings (``model.slots``): a learned vector per position within a world step
+  (which cell of the view, the action, the reward...), added to the token embedding;
+* a step-skip input (``model.period``, the step length): position i also embeds the token
+  at i + 1 - period, the value its target had one world step earlier (the same cell of the
+  previous view, the previous direction, the previous action), through a learned projection;
+  it is causal (that token is already in the past) and gives the model a direct path to the
+  previous step instead of having to learn to find it by attention;
+* a frame head (``model.frame_tokens``): from the hidden state at one position, all tokens
+  of the next observation at once (parallel observation prediction, as REM and M3 do):
+  ``logits[k] = head(norm(h + mlp(h + query_k)))`` for k < frame_tokens, through the same
+  output head as next-token prediction.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backbones import build_backbone
@@ -27,6 +41,9 @@ class LWM(nn.Module):
         self.backbone = build_backbone(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.slot_embed = nn.Embedding(cfg.slots, cfg.d_model) if cfg.slots else None
+        self.skip_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.period else None
+        self.frame = FrameHead(cfg.d_model, cfg.frame_tokens, cfg.ff_dim) if cfg.frame_tokens else None
         init_weights(self, cfg.n_layer)  # also restores Mamba's own init of Δ, A and D
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
@@ -40,10 +57,32 @@ class LWM(nn.Module):
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None):
         return self.backbone.new_cache(batch, max_len, pad)
 
-    def forward(self, idx: torch.Tensor, cache=None):
+    def hidden(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None):
+        """idx (B, T) [, slots (B, T), skip (B, T)] -> the backbone's last hidden states (B, T, C), cache.
+
+        ``skip`` holds, for a model with a step-skip input, the id one period before each
+        position's target (0 = none)."""
+        x = self.embed(idx)
+        if self.slot_embed is not None:
+            if slots is None:
+                raise ValueError("this model embeds slots (a world-model stream); pass slots=")
+            x = x + self.slot_embed(slots)
+        if self.skip_proj is not None:
+            if skip is None:
+                raise ValueError("this model has a step-skip input (a world-model stream); pass skip=")
+            x = x + self.skip_proj(self.embed(skip) * (skip != 0).unsqueeze(-1))
+        return self.backbone(self.drop(x), cache)
+
+    def forward(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, V), cache."""
-        h, cache = self.backbone(self.drop(self.embed(idx)), cache)
+        h, cache = self.hidden(idx, cache, slots, skip)
         return self.head(self.norm(h)), cache
+
+    def frame_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (N, C) -> logits (N, frame_tokens, V) of the next observation's tokens."""
+        if self.frame is None:
+            raise ValueError("this model has no frame head (train with stream.parallel_obs=true)")
+        return self.head(self.norm(self.frame(h)))
 
     @property
     def supports_decode_step(self) -> bool:
@@ -59,20 +98,54 @@ class LWM(nn.Module):
         return self.head(self.norm(h))[:, -1]
 
     def compute_loss(self, batch: dict) -> LossOutput:
-        """Next-token cross-entropy, plus every MoE layer's auxiliary (balance + z) loss.
+        """Next-token cross-entropy (weighted by ``batch["weight"]``), plus the frame head's
+        cross-entropy (world streams with a frame head), plus every MoE layer's auxiliary loss.
 
-        parts: ``loss`` (the cross-entropy) and, with MoE, ``moe_aux`` (the sum added to the
+        parts: ``loss`` (the weighted next-token cross-entropy), ``loss_<part>`` for each
+        ``part_<name>`` mask in the batch (e.g. obs, action), ``loss_frame``, and, with MoE, ``moe_aux`` (the sum added to the
         total), ``moe_load_max`` / ``moe_load_min`` (per-expert share of tokens averaged over
         layers; k/E each when balanced) and ``moe_dropped`` (share dropped by capacity).
         """
-        logits, _ = self(batch["input"])
-        loss = next_token_loss(logits, batch["target"], batch.get("weight"))
+        h, _ = self.hidden(batch["input"], slots=batch.get("slots"), skip=batch.get("skip"))
+        logits = self.head(self.norm(h))
+        target, weight = batch["target"], batch.get("weight")
+        loss = next_token_loss(logits, target, weight)
         parts = {"loss": loss.detach().item()}
+        total = loss
+        part_keys = [k for k in batch if k.startswith("part_")]
+        if part_keys:  # per-modality cross-entropy, for the log (a world-model stream)
+            with torch.no_grad():
+                nll = F.cross_entropy(logits.detach().float().flatten(0, 1), target.flatten(), reduction="none")
+                for k in part_keys:
+                    m = batch[k].flatten()
+                    if m.any():
+                        parts["loss_" + k[5:]] = nll[m].mean().item()
+        if self.frame is not None and "frame_index" in batch and len(batch["frame_index"]):
+            hf = h.flatten(0, 1)[batch["frame_index"]]  # (N, C) at the positions before each next observation
+            fl = self.frame_logits(hf)  # (N, F, V)
+            frame = F.cross_entropy(fl.float().flatten(0, 1), batch["frame_target"].flatten())
+            parts["loss_frame"] = frame.detach().item()
+            total = total + batch.get("frame_weight", 1.0) * frame
         moe = self.moe_layers()
         if not moe:
-            return LossOutput(loss, parts)
+            return LossOutput(total, parts)
         aux = torch.stack([m.aux_loss for m in moe]).sum()
         load = torch.stack([m.last_load for m in moe]).mean(0)  # (E,)
         parts.update(moe_aux=aux.detach().item(), moe_load_max=load.max().item(), moe_load_min=load.min().item(),
                      moe_dropped=sum(m.last_dropped for m in moe) / len(moe))
-        return LossOutput(loss + aux, parts)
+        return LossOutput(total + aux, parts)
+
+
+class FrameHead(nn.Module):
+    """h (..., C) -> (..., n, C): one query per token of the next observation, each refined by a SwiGLU MLP."""
+
+    def __init__(self, d_model: int, n: int, hidden: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n, d_model) * 0.02)
+        self.up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.unsqueeze(-2) + self.query  # (..., n, C)
+        g, u = self.up(x).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * u)

@@ -3,6 +3,7 @@
 ``encode(x) -> LongTensor``, ``decode(ids) -> x``, ``vocab_size``, ``save(dir)``, ``load(dir)``.
 """
 
+from .grid import GridTokenizer, ScalarBins
 from .text import TextTokenizer
 
-__all__ = ["TextTokenizer"]
+__all__ = ["GridTokenizer", "ScalarBins", "TextTokenizer"]

@@ -4,6 +4,8 @@
   (``<0x00>`` … ``<0xFF>``) as a fallback, so any Unicode string round-trips exactly, even
   characters never seen in training (they become their UTF-8 bytes).
 * ``bpe``: byte-level BPE learned on the training text (GPT-2 style), exact for any string.
+* ``word``: one token per whitespace-separated word seen in training, plus ``[UNK]``; for
+  the small closed vocabularies of environment missions ("go to the red ball").
 
 Both save one ``tokenizer.json`` that `transformers.PreTrainedTokenizerFast` also loads.
 """
@@ -37,6 +39,8 @@ class TextTokenizer:
             return cls(_char_tokenizer(text), "char")
         if kind == "bpe":
             return cls(_bpe_tokenizer(text, vocab_size), "bpe")
+        if kind == "word":
+            return cls(_word_tokenizer(text), "word")
         raise ValueError(f"unknown text tokenizer kind {kind!r}")
 
     # -- protocol
@@ -86,6 +90,14 @@ def _char_tokenizer(text: str) -> Tokenizer:
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return tok
+
+
+def _word_tokenizer(text: str) -> Tokenizer:
+    words = sorted(set(text.split()))
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tok
 
 

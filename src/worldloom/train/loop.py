@@ -1,6 +1,10 @@
-"""The training recipe for a text language model, read top to bottom.
+"""The training loop for every recipe, read top to bottom.
 
-    config -> corpus -> tokenizer -> model -> AdamW -> steps (eval + checkpoint) -> plot
+    config -> task (data + tokenizers) -> model -> AdamW -> steps (eval + checkpoint) -> plot
+
+A *task* owns what differs between recipes: the text task reads a corpus and learns a text
+tokenizer; the world task (worldloom.world.task) reads collected episodes and builds the
+stream layout. Both give batches for ``LWM.compute_loss`` and a held-out loss.
 
 Resuming reloads the resolved config, the tokenizer, the weights, the optimizer moments
 and every RNG state, so that a resumed run continues the exact sequence of the
@@ -38,6 +42,37 @@ def prepare_text(cfg: RunConfig, tokenizer: TextTokenizer | None = None) -> tupl
     data = TextData(tokenizer.encode(train_text), tokenizer.encode(val_text), len(val_text))
     data.check_context(cfg.model.context, cfg.data.path)
     return data, tokenizer
+
+
+class TextTask:
+    """A text file as a language-modelling task: random windows, held-out loss on the file's tail."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resuming: bool):
+        self.cfg = cfg
+        tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR) if resuming else None
+        self.data, self.tokenizer = prepare_text(cfg, tokenizer)
+        cfg.model.vocab_size = self.tokenizer.vocab_size
+
+    def save(self, run_dir: Path) -> None:
+        self.tokenizer.save(run_dir / TOKENIZER_DIR)
+
+    def describe(self) -> str:
+        return f"vocab {self.tokenizer.vocab_size}, {len(self.data.train):,} training tokens, {len(self.data.val):,} held-out"
+
+    def batch(self, batch_size: int, gen: torch.Generator) -> dict:
+        return self.data.batch("train", batch_size, self.cfg.model.context, gen)
+
+    def val_loss(self, model, precision: str, device) -> float:
+        tc = self.cfg.train
+        return sampled_loss(model, self.data, self.cfg.model.context, tc.batch_size, tc.eval_batches, precision, device, seed=tc.seed + 1)
+
+
+def make_task(cfg: RunConfig, run_dir: Path, resuming: bool):
+    if cfg.recipe == "world":
+        from ..world.task import WorldTask
+
+        return WorldTask(cfg, run_dir, resuming)
+    return TextTask(cfg, run_dir, resuming)
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -90,10 +125,8 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     state = read_state(ckpt) if ckpt else {}
     precision = state.get("precision") or resolve_precision(tc.precision, device)
 
-    # ---- data and tokenizer (the tokenizer is learned once, from the training part only)
-    tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR) if ckpt else None
-    data, tokenizer = prepare_text(cfg, tokenizer)
-    cfg.model.vocab_size = tokenizer.vocab_size
+    # ---- data and tokenizers (learned once, from the training part only)
+    task = make_task(cfg, run_dir, resuming=ckpt is not None)
 
     # ---- model and optimizer
     torch.manual_seed(tc.seed)
@@ -111,14 +144,13 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / METRICS).unlink(missing_ok=True)
-        tokenizer.save(run_dir / TOKENIZER_DIR)
+        task.save(run_dir)
     save_yaml(to_dict(cfg), run_dir / CONFIG)
     if tc.compile:
         model.compile()  # in place: compute_loss and evaluation use the compiled forward
 
     n_params = model.num_params()
-    log(f"run {run_dir}: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, {len(data.train):,} training tokens, "
-        f"{len(data.val):,} held-out, {device} {precision}" + (f", resuming at step {step}" if ckpt else ""))
+    log(f"run {run_dir}: {n_params / 1e6:.2f}M parameters, {task.describe()}, {device} {precision}" + (f", resuming at step {step}" if ckpt else ""))
 
     budget = tc.max_minutes * 60.0
     t_start = time.perf_counter() - elapsed_before
@@ -141,13 +173,12 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
         })
 
     def evaluate() -> float:
-        val = sampled_loss(model, data, cfg.model.context, tc.batch_size, tc.eval_batches, precision, device, seed=tc.seed + 1)
+        val = task.val_loss(model, precision, device)
         _append(run_dir / METRICS, {"step": step, "val_loss": val, "elapsed": round(elapsed(), 2)})
         plot_loss(run_dir / METRICS, run_dir / "loss.png", title=f"{cfg.name}: {n_params / 1e6:.1f}M params")
         return val
 
     bar = _Progress(progress, fraction())
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context
     val_loss = state.get("val_loss")
     model.train()
     t_log, tokens_since = time.perf_counter(), 0
@@ -158,7 +189,8 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
                 group["lr"] = lr
             loss_sum, extra = 0.0, {}
             for _ in range(tc.grad_accum):
-                batch = {k: v.to(device) for k, v in data.batch("train", tc.batch_size, cfg.model.context, gen).items()}
+                batch = {k: v.to(device) for k, v in task.batch(tc.batch_size, gen).items()}
+                tokens_since += batch["input"].numel()
                 with autocast(precision, device):
                     out = model.compute_loss(batch)
                 (out.total / tc.grad_accum).backward()
@@ -171,7 +203,6 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_since += tokens_per_step
             loss = loss_sum / tc.grad_accum
             if step % tc.log_interval == 0:
                 now = time.perf_counter()

@@ -1,0 +1,178 @@
+"""The stream layout: how one episode becomes one sequence of tokens, and back.
+
+An episode of T steps is laid out as
+
+    <bos> mission words <sep> | obs_0 a_0 r_0 d_0 | obs_1 a_1 r_1 d_1 | ... | obs_{T-1} a_{T-1} r_{T-1} d_{T-1}
+
+where ``obs_t`` is the observation tokenizer's tokens (50 for a MiniGrid view: 49 cells and
+the direction), ``a_t`` the action, ``r_t`` the reward (binned) and ``d_t`` whether the step
+ended the episode (continue / terminated / truncated). One step is ``step_len`` tokens.
+
+Reading the stream left to right, the same next-token prediction makes the model
+
+* a **policy** at the last token of ``obs_t`` (the next token is the action ``a_t``), and
+* a **world model** after ``a_t`` (the next tokens are ``r_t``, ``d_t`` and then ``obs_{t+1}``).
+
+Every modality owns a slice of the joint vocabulary (``offset[kind]``); nothing outside this
+module knows the offsets. Each position also has a *slot* (0 for mission tokens, then 1 ..
+step_len for the positions of a step), which the model embeds so that it knows which cell
+it is reading or predicting, and a *kind*, which selects its loss weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import StreamConfig
+from ..errors import CheckpointError
+from ..io import read_json, write_json
+from ..tokenize import GridTokenizer, ScalarBins, TextTokenizer
+
+PAD, BOS, SEP = 0, 1, 2  # special tokens
+N_SPECIAL = 3
+KINDS = ("pad", "mission", "obs", "action", "reward", "done")
+K_PAD, K_MISSION, K_OBS, K_ACTION, K_REWARD, K_DONE = range(len(KINDS))
+DONE_CONTINUE, DONE_TERMINATED, DONE_TRUNCATED = range(3)
+
+
+@dataclass
+class EpisodeTokens:
+    """One episode, tokenized once: the mission prefix and a (T, step_len) block of steps."""
+
+    prefix: np.ndarray  # (P,) int64: <bos> mission <sep>
+    steps: np.ndarray  # (T, step_len) int64
+    policy_target: np.ndarray  # (T,) bool: the action at step t was the expert's (a target for the policy)
+
+    @property
+    def length(self) -> int:
+        return len(self.steps)
+
+
+class StreamLayout:
+    def __init__(self, mission: TextTokenizer, obs: GridTokenizer, n_actions: int, reward: ScalarBins):
+        self.mission, self.obs, self.n_actions, self.reward = mission, obs, n_actions, reward
+        sizes = {"mission": mission.vocab_size, "obs": obs.vocab_size, "action": n_actions,
+                 "reward": reward.vocab_size, "done": 3}
+        self.offset, start = {}, N_SPECIAL
+        for name, n in sizes.items():
+            self.offset[name] = start
+            start += n
+        self.size = sizes
+        self.vocab_size = start
+        self.obs_len = obs.n_tokens
+        self.step_len = self.obs_len + 3
+        self.n_slots = self.step_len + 1  # slot 0 = mission and specials
+
+        # per position within a step: kind, slot, and the [lo, hi) ids it may hold
+        self.step_kinds = np.array([K_OBS] * self.obs_len + [K_ACTION, K_REWARD, K_DONE], dtype=np.int64)
+        self.step_slots = np.arange(1, self.step_len + 1, dtype=np.int64)
+        o = self.offset
+        ranges = [(lo + o["obs"], hi + o["obs"]) for lo, hi in obs.token_ranges()]
+        ranges += [(o["action"], o["action"] + n_actions), (o["reward"], o["reward"] + reward.vocab_size), (o["done"], o["done"] + 3)]
+        self.step_ranges = np.array(ranges, dtype=np.int64)  # (step_len, 2)
+
+    @classmethod
+    def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, view: int = 7) -> "StreamLayout":
+        """A layout for a new run: the mission vocabulary is learned from the training missions."""
+        return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), GridTokenizer(view), n_actions,
+                   ScalarBins(cfg.reward_bins))
+
+    # -- encoding
+    def prefix(self, mission: str) -> np.ndarray:
+        words = self.mission.encode(mission).numpy() + self.offset["mission"] if mission.strip() else np.zeros(0, np.int64)
+        return np.concatenate([[BOS], words, [SEP]]).astype(np.int64)
+
+    def obs_ids(self, image: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        """(N, W, H, 3), (N,) -> (N, obs_len) stream ids."""
+        return self.obs.encode_batch(image, direction) + self.offset["obs"]
+
+    def encode_obs(self, fields: dict) -> np.ndarray:
+        """Batched observation fields (as the env adapter names them, leading axis N) -> (N, obs_len) ids."""
+        return self.obs_ids(fields["image"], fields["direction"])
+
+    def action_ids(self, action) -> np.ndarray:
+        return np.asarray(action, dtype=np.int64) + self.offset["action"]
+
+    def reward_ids(self, reward) -> np.ndarray:
+        return self.reward.encode_batch(reward) + self.offset["reward"]
+
+    def done_ids(self, terminated, truncated) -> np.ndarray:
+        terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
+        code = np.where(terminated, DONE_TERMINATED, np.where(truncated, DONE_TRUNCATED, DONE_CONTINUE))
+        return code.astype(np.int64) + self.offset["done"]
+
+    def episode(self, ep) -> EpisodeTokens:
+        """An Episode (worldloom.world.episodes) -> its tokens. The final observation o_T is not in
+        the stream: after the last ``done`` token the episode is over."""
+        T = ep.length
+        obs = self.obs_ids(ep.obs["image"][:T], ep.obs["direction"][:T])  # (T, obs_len)
+        term = np.zeros(T, bool)
+        trunc = np.zeros(T, bool)
+        if T:
+            term[-1], trunc[-1] = ep.terminated, ep.truncated and not ep.terminated
+        steps = np.concatenate([obs, self.action_ids(ep.action)[:, None], self.reward_ids(ep.reward)[:, None],
+                                self.done_ids(term, trunc)[:, None]], axis=1)
+        return EpisodeTokens(self.prefix(ep.mission), steps, ~np.asarray(ep.random_action, bool))
+
+    def step_ids(self, image, direction, action, reward, terminated, truncated) -> np.ndarray:
+        """One step for a batch of N streams -> (N, step_len)."""
+        N = len(image)
+        return np.concatenate([self.obs_ids(image, direction), self.action_ids(action).reshape(N, 1),
+                               self.reward_ids(reward).reshape(N, 1), self.done_ids(terminated, truncated).reshape(N, 1)], axis=1)
+
+    # -- decoding
+    def decode_obs(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.obs.decode_batch(np.asarray(ids) - self.offset["obs"])
+
+    def decode_action(self, ids) -> np.ndarray:
+        return np.clip(np.asarray(ids) - self.offset["action"], 0, self.n_actions - 1)
+
+    def decode_reward(self, ids) -> np.ndarray:
+        return self.reward.decode_batch(np.asarray(ids) - self.offset["reward"])
+
+    def decode_done(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        code = np.asarray(ids) - self.offset["done"]
+        return code == DONE_TERMINATED, code == DONE_TRUNCATED
+
+    def kinds_of(self, ids: np.ndarray) -> np.ndarray:
+        """The kind (K_*) of every stream id, from its vocabulary slice."""
+        ids = np.asarray(ids)
+        kinds = np.full(ids.shape, K_PAD, dtype=np.int64)
+        kinds[(ids == BOS) | (ids == SEP)] = K_MISSION
+        for name, k in (("mission", K_MISSION), ("obs", K_OBS), ("action", K_ACTION), ("reward", K_REWARD), ("done", K_DONE)):
+            lo = self.offset[name]
+            kinds[(ids >= lo) & (ids < lo + self.size[name])] = k
+        return kinds
+
+    # -- persistence (the run folder's stream/ directory)
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.mission.save(folder / "mission")
+        self.obs.save(folder)
+        write_json(folder / "stream.json", {"n_actions": self.n_actions, "reward_bins": self.reward.n_bins,
+                                            "reward_hi": self.reward.hi, "vocab_size": self.vocab_size})
+
+    @classmethod
+    def load(cls, folder: Path) -> "StreamLayout":
+        folder = Path(folder)
+        meta = read_json(folder / "stream.json", "stream layout")
+        try:
+            layout = cls(TextTokenizer.load(folder / "mission"), GridTokenizer.load(folder), int(meta["n_actions"]),
+                         ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"])))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"stream layout {folder / 'stream.json'} is incomplete; the run folder is damaged") from None
+        if layout.vocab_size != meta.get("vocab_size"):
+            raise CheckpointError(f"stream layout in {folder} gives {layout.vocab_size} tokens, but it recorded {meta.get('vocab_size')}")
+        return layout
+
+
+def slot_ids(ids: np.ndarray, layout: StreamLayout, prefix_len: int) -> np.ndarray:
+    """Slots of a sequence that starts with a prefix of `prefix_len` tokens followed by whole or partial steps."""
+    n = len(ids) - prefix_len
+    slots = np.zeros(len(ids), dtype=np.int64)
+    if n > 0:
+        slots[prefix_len:] = 1 + np.arange(n) % layout.step_len
+    return slots

@@ -1,0 +1,66 @@
+"""The world recipe's task for the training loop: collected episodes -> stream -> batches.
+
+The dataset comes from ``data.path`` (a folder written by `worldloom collect`) or, when that
+is empty, from ``<run>/data`` (where `worldloom train` collects it). The stream layout (mission
+vocabulary, codebook, offsets) is built from the training episodes once and saved in
+``<run>/stream/``; the model's vocabulary, slot count and frame head follow from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..errors import DataError
+from ..evaluate import sampled_loss
+from .data import EpisodeData
+from .episodes import load_dataset
+from .stream import StreamLayout
+
+STREAM_DIR = "stream"
+DATA_DIR = "data"
+
+
+def dataset_dir(cfg: RunConfig, run_dir: Path) -> Path:
+    return Path(cfg.data.path) if cfg.data.path else Path(run_dir) / DATA_DIR
+
+
+class WorldTask:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resuming: bool):
+        self.cfg = cfg
+        ds = load_dataset(dataset_dir(cfg, run_dir))
+        if ds.meta.get("env_id") != cfg.env.id:
+            raise DataError(f"the episodes in {dataset_dir(cfg, run_dir)} come from {ds.meta.get('env_id')}, "
+                            f"but env.id is {cfg.env.id}; set env.id={ds.meta.get('env_id')} or collect again")
+        train_eps, val_eps = ds.episodes("train"), ds.episodes("val")
+        if resuming:
+            self.layout = StreamLayout.load(Path(run_dir) / STREAM_DIR)
+        else:
+            self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream,
+                                             view=int(ds.meta["obs_fields"]["image"]["shape"][0]))
+        lay = self.layout
+        self.data = EpisodeData(lay, [lay.episode(e) for e in train_eps], [lay.episode(e) for e in val_eps], cfg.stream,
+                                frame_head=cfg.stream.parallel_obs, step_skip=cfg.stream.step_skip)
+        self.n_train, self.n_val = len(train_eps), len(val_eps)
+        self.n_train_steps = sum(e.length for e in train_eps)
+        mc = cfg.model
+        mc.vocab_size, mc.slots = lay.vocab_size, lay.n_slots
+        mc.frame_tokens = lay.obs_len if cfg.stream.parallel_obs else 0
+        mc.period = lay.step_len if cfg.stream.step_skip else 0
+        self.data.check_context(mc.context)
+
+    def save(self, run_dir: Path) -> None:
+        self.layout.save(Path(run_dir) / STREAM_DIR)
+
+    def describe(self) -> str:
+        return (f"{self.cfg.env.id}: {self.n_train:,} training episodes ({self.n_train_steps:,} steps, "
+                f"{self.data.tokens('train'):,} tokens), {self.n_val:,} validation episodes, vocab {self.layout.vocab_size}")
+
+    def batch(self, batch_size: int, gen: torch.Generator) -> dict:
+        return self.data.batch("train", batch_size, self.cfg.model.context, gen)
+
+    def val_loss(self, model, precision: str, device) -> float:
+        tc = self.cfg.train
+        return sampled_loss(model, self.data, self.cfg.model.context, tc.batch_size, tc.eval_batches, precision, device, seed=tc.seed + 1)
