@@ -1,6 +1,7 @@
 """A run folder: its resolved config, tokenizer, checkpoints, metrics and plots.
 
-``load_run`` is how every verb after `train` (generate, eval, export) gets a model back.
+``load_run`` is how every verb after `train` (generate, eval, export, imagine) gets a model
+back: a text run comes with its text tokenizer, a world run with its stream layout.
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ METRICS = "metrics.jsonl"
 class LoadedRun:
     cfg: RunConfig
     model: LWM
-    tokenizer: TextTokenizer
+    tokenizer: TextTokenizer | None  # text runs
     state: dict
     checkpoint: Path
+    layout: object = None  # world runs: their StreamLayout
+    run_dir: Path | None = None
+
+    @property
+    def is_world(self) -> bool:
+        return self.layout is not None
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -49,12 +56,28 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
     if ckpt is None:
         raise CheckpointError(f"run folder {run_dir} holds no checkpoint yet (train it first)")
     state = read_state(ckpt)
-    tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise CheckpointError(
-            f"tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model config says {cfg.model.vocab_size}"
-        )
+    tokenizer = layout = None
+    if cfg.recipe == "world":
+        from .world.stream import StreamLayout
+        from .world.task import STREAM_DIR
+
+        layout = StreamLayout.load(run_dir / STREAM_DIR)
+        vocab = layout.vocab_size
+    else:
+        tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR)
+        vocab = tokenizer.vocab_size
+    if vocab != cfg.model.vocab_size:
+        raise CheckpointError(f"tokenizer in {run_dir} has {vocab} tokens but the model config says {cfg.model.vocab_size}")
     model = LWM(cfg.model)
     load_model_weights(model, ckpt)
     model.to(device).eval()
-    return LoadedRun(cfg, model, tokenizer, state, ckpt)
+    return LoadedRun(cfg, model, tokenizer, state, ckpt, layout, run_dir)
+
+
+def load_world_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """load_run, for verbs that need a world model (eval of a world run, imagine)."""
+    run = load_run(run_dir, device)
+    if not run.is_world:
+        raise CheckpointError(f"{run_dir} holds a text model (recipe {run.cfg.recipe}), not a world model; "
+                              "train one with `worldloom train babyai`")
+    return run

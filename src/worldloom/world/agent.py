@@ -1,0 +1,91 @@
+"""Acting: the model as a policy in real environments, batched across environments.
+
+`run_episodes` steps `envs` real environments at once. Each row of the stream receives what
+really happened (reward, end, next observation), and the model's next token after an
+observation — restricted to action ids — is the action (greedy, or sampled). A planner
+(worldloom.world.plan) can replace the plain policy: it gets the runner and picks actions
+by imagining ahead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .envs import make_adapter
+from .runner import StreamRunner, pick
+from .stream import StreamLayout
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    ret: float
+    length: int
+
+
+def _stack(obs_list: list[dict], adapter) -> dict:
+    fields = [adapter.observe(o) for o in obs_list]
+    return {k: np.stack([f[k] for f in fields]) for k in fields[0]}
+
+
+def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], envs: int = 64, greedy: bool = True,
+                 precision: str = "fp32", seed: int = 0, planner=None, progress: bool = False, desc: str = "act") -> list[EpisodeResult]:
+    """Play one episode per seed in the real environment with the model's actions."""
+    adapter = make_adapter(env_id)
+    gen = torch.Generator().manual_seed(seed)
+    runner = StreamRunner(model, layout, precision)
+    results: list[EpisodeResult] = []
+    bar = tqdm(total=len(seeds), desc=desc, disable=not progress or None, leave=False, dynamic_ncols=True)
+    todo = list(seeds)
+    pool = [adapter.make() for _ in range(min(envs, len(seeds)))]
+    while todo:
+        wave, todo = todo[: len(pool)], todo[len(pool):]
+        active = pool[: len(wave)]
+        obs = [env.reset(seed=s)[0] for env, s in zip(active, wave)]
+        prefixes = [layout.prefix(adapter.mission(o)) for o in obs]
+        h = runner.reset(prefixes, layout.encode_obs(_stack(obs, adapter)))
+        alive = np.arange(len(wave))  # wave indices of the rows still in the runner
+        ret = np.zeros(len(wave))
+        length = np.zeros(len(wave), dtype=np.int64)
+        done = np.zeros(len(wave), dtype=bool)
+        while len(alive):
+            if planner is not None:
+                actions = planner.choose(runner, h)
+            else:
+                actions = layout.decode_action(pick(runner.logits(h), greedy, gen))
+            nxt, rew, term, trunc = [], np.zeros(len(alive)), np.zeros(len(alive), bool), np.zeros(len(alive), bool)
+            for j, w in enumerate(alive):
+                if done[w]:  # finished, still in the batch until the next compaction: dummy outcome
+                    nxt.append(obs[w])
+                    continue
+                o, r, te, tr, _ = active[w].step(int(actions[j]))
+                obs[w] = o
+                nxt.append(o)
+                rew[j], term[j], trunc[j] = r, te, tr
+                ret[w] += r
+                length[w] += 1
+                if te or tr:
+                    done[w] = True
+                    bar.update(1)
+            outcome = np.stack([layout.action_ids(actions), layout.reward_ids(rew), layout.done_ids(term, trunc)], axis=1)
+            tail = np.concatenate([outcome, layout.encode_obs(_stack(nxt, adapter))], axis=1)  # a r d obs'
+            still = ~done[alive]
+            if not still.any():
+                break
+            if still.sum() <= 0.75 * len(alive):  # drop finished rows (one re-prefill) once enough have ended
+                rows = np.flatnonzero(still)
+                h = runner.keep(rows, append=tail[rows])
+                alive = alive[rows]
+            else:
+                h = runner.feed(tail)[:, -1]
+        for w, s in enumerate(wave):
+            results.append(EpisodeResult(int(s), bool(ret[w] > 0), float(ret[w]), int(length[w])))
+    bar.close()
+    for env in pool:
+        env.close()
+    return results

@@ -1,0 +1,126 @@
+"""World-model accuracy on held-out episodes, teacher-forced (one forward pass per batch).
+
+For every held-out transition (o_t, a_t) -> (r_t, d_t, o_{t+1}) the model's likeliest token at
+each position — restricted to the ids that position may hold — is compared with the truth,
+given the true history. Because a greedy token-by-token decode of o_{t+1} only ever sees
+correct tokens while it stays correct, "all 50 teacher-forced argmaxes right" is exactly
+"the greedily imagined next frame is exactly right": the exact-frame accuracy reported
+here is the one-step accuracy of greedy imagination.
+
+Reported separately for expert episodes, perturbed episodes, and the transitions right after
+an injected random action (the hardest: off the expert's path). The policy's accuracy on
+held-out expert actions and, with a frame head, the parallel (one-pass) frame accuracy are
+reported too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..runtime import autocast
+from .data import EpisodeData
+from .stream import K_ACTION, K_DONE, K_OBS, K_REWARD, SEP, EpisodeTokens, StreamLayout
+
+
+def _target_ranges(layout: StreamLayout, inp: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of the ids allowed at each target position, from the (structural) slots of the inputs."""
+    tslot = np.where(slots == layout.step_len, 1, slots + 1)
+    tslot = np.where(slots == 0, np.where(inp == SEP, 1, 0), tslot)  # inside the prefix: not a step position
+    rng = np.concatenate([[[0, layout.vocab_size]], layout.step_ranges])  # slot 0: anything
+    return rng[tslot, 0], rng[tslot, 1]
+
+
+class _Tally:
+    def __init__(self):
+        self.n = {}
+        self.k = {}
+
+    def add(self, name: str, correct: np.ndarray):
+        correct = np.asarray(correct, bool).reshape(-1)
+        self.n[name] = self.n.get(name, 0) + correct.size
+        self.k[name] = self.k.get(name, 0) + int(correct.sum())
+
+    def result(self) -> dict:
+        return {name: {"accuracy": self.k[name] / self.n[name] if self.n[name] else None, "n": self.n[name]} for name in self.n}
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeTokens], perturbed: list[bool],
+                            after_random: list[np.ndarray], context: int, batch_size: int = 16, precision: str = "fp32") -> dict:
+    """Accuracy of next-observation frames and tokens, rewards, ends and expert actions.
+
+    ``perturbed[i]`` marks episode i as perturbed; ``after_random[i]`` (T,) marks the steps whose
+    action was injected at random. Only each episode's first window (context) is scored.
+    """
+    model.eval()
+    data = EpisodeData(layout, episodes, episodes, _weights_all(), frame_head=model.frame is not None,
+                       step_skip=model.skip_proj is not None)
+    tally = _Tally()
+    L, S = layout.obs_len, layout.step_len
+    i0 = 0
+    for batch in data.windows("val", context, batch_size):
+        B = batch["input"].shape[0]
+        with autocast(precision, torch.device("cpu")):
+            h, _ = model.hidden(batch["input"], slots=batch["slots"], skip=batch.get("skip"))
+            logits = model.head(model.norm(h)).float()
+        inp, slots, tgt = batch["input"].numpy(), batch["slots"].numpy(), batch["target"].numpy()
+        lo, hi = _target_ranges(layout, inp, slots)
+        ids = torch.arange(logits.shape[-1])
+        allowed = (ids >= torch.from_numpy(lo)[..., None]) & (ids < torch.from_numpy(hi)[..., None])
+        pred = logits.masked_fill(~allowed, float("-inf")).argmax(-1).numpy()
+        right = pred == tgt
+        if model.frame is not None:
+            fl = model.frame_logits(h.flatten(0, 1)[batch["frame_index"]].float()) if len(batch["frame_index"]) else None
+        for b in range(B):
+            e = i0 + b
+            ep = episodes[e]
+            P = len(ep.prefix)
+            m = min(ep.length, (context + 1 - P) // S)  # steps in this window
+            group = "perturbed" if perturbed[e] else "expert"
+            for t in range(m):
+                base = P + t * S - 1  # input index whose target is the first token of o_t
+                if t > 0:  # o_t for t >= 1 is a transition's outcome (o_0 is given at reset)
+                    frame = right[b, base : base + L]
+                    tally.add(f"{group}/frame", frame.all())
+                    tally.add(f"{group}/token", frame)
+                    if group == "perturbed" and after_random[e][t - 1]:
+                        tally.add("after_random/frame", frame.all())
+                        tally.add("after_random/token", frame)
+                a, r, d = base + L, base + L + 1, base + L + 2
+                if not after_random[e][t]:
+                    tally.add(f"{group}/action", right[b, a])
+                tally.add(f"{group}/reward", right[b, r])
+                tally.add(f"{group}/done", right[b, d])
+        if model.frame is not None and fl is not None:  # parallel frames, in the order collate listed them
+            fi = batch["frame_index"].numpy()
+            frame_ok = (_constrain_frame(layout, fl).argmax(-1) == batch["frame_target"]).numpy()
+            for k, flat in enumerate(fi):
+                b = flat // inp.shape[1]
+                tally.add(f"{'perturbed' if perturbed[i0 + b] else 'expert'}/frame_parallel", frame_ok[k].all())
+        i0 += B
+    res = tally.result()
+    out = {}
+    for key, v in res.items():
+        group, what = key.split("/")
+        out.setdefault(group, {})[what] = v["accuracy"]
+        out[group][f"{what}_n"] = v["n"]
+    return out
+
+
+def _constrain_frame(layout: StreamLayout, logits: torch.Tensor) -> torch.Tensor:
+    ranges = torch.from_numpy(layout.step_ranges[: layout.obs_len])
+    ids = torch.arange(logits.shape[-1])
+    allowed = (ids[None] >= ranges[:, :1]) & (ids[None] < ranges[:, 1:])
+    return logits.masked_fill(~allowed[None], float("-inf"))
+
+
+def _weights_all():
+    from ..config import StreamConfig
+
+    return StreamConfig()
+
+
+def episode_flags(episodes) -> tuple[list[bool], list[np.ndarray]]:
+    """(perturbed flag, after-random-action mask) of each Episode."""
+    return [bool(e.perturbed) for e in episodes], [np.asarray(e.random_action, bool) for e in episodes]

@@ -1,0 +1,168 @@
+"""Continue a batch of world streams with the model: the one place that feeds tokens at run time.
+
+`StreamRunner` keeps, for B streams in lockstep, the mission prefix of each row and the
+step tokens fed so far, a cache (any backbone: KV for attention, states for Mamba/RetNet),
+and the position within the current step (so every fed token gets its slot). The acting
+agent, the imagined environment and the planner all drive the model through it:
+
+    runner.reset(prefixes, first_obs)          # prefill: <bos> mission <sep> obs_0
+    a = runner.choose(logits, ...)             # the policy's action (constrained to action ids)
+    h = runner.feed(action_ids)                # then reward, done, next observation ...
+
+When a stream would outgrow the model's context, the cache is rebuilt from the mission
+prefix and the most recent whole steps (about half the context), like the training windows.
+The moment of that rebuild depends on the longest prefix in the batch, so a stream gives
+exactly the same predictions batched and alone until its first rebuild, not necessarily after.
+`keep(rows)` drops finished streams (re-prefilling the survivors), so a batch of
+environments costs only as much as the ones still running.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..runtime import autocast
+from .stream import PAD, StreamLayout
+
+
+class StreamRunner:
+    def __init__(self, model, layout: StreamLayout, precision: str = "fp32", device: str | torch.device = "cpu"):
+        self.model, self.layout = model, layout
+        self.precision, self.device = precision, torch.device(device)
+        self.context = model.cfg.context
+        self.prefixes: list[np.ndarray] = []
+        self.steps = np.zeros((0, 0), np.int64)  # (B, n) step tokens fed so far, all rows aligned
+        self.cache = None
+        self.rebuilds = 0
+
+    @property
+    def batch(self) -> int:
+        return len(self.prefixes)
+
+    @property
+    def pos(self) -> int:
+        """Position within the current step of the next token to feed (0 = first observation token)."""
+        return self.steps.shape[1] % self.layout.step_len
+
+    # -- feeding
+    @torch.no_grad()
+    def _forward(self, ids: np.ndarray, slots: np.ndarray, skip: np.ndarray) -> torch.Tensor:
+        dev = self.device
+        skip_t = torch.from_numpy(np.ascontiguousarray(skip)).to(dev) if self.model.skip_proj is not None else None
+        with autocast(self.precision, dev):
+            h, self.cache = self.model.hidden(torch.from_numpy(ids).to(dev), self.cache, torch.from_numpy(slots).to(dev), skip_t)
+        return h
+
+    def _skip(self, start: int, n: int) -> np.ndarray:
+        """Step-skip ids (B, n) of step positions start .. start+n-1 (see LWM.hidden)."""
+        src = np.arange(start, start + n) + 1 - self.layout.step_len
+        out = np.zeros((self.batch, n), np.int64)
+        ok = src >= 0
+        out[:, ok] = self.steps[:, src[ok]]
+        return out
+
+    def _prefill(self, keep_steps: int | None = None) -> torch.Tensor:
+        """Rebuild the cache from every row's prefix and its last `keep_steps` whole steps (all if None)."""
+        lay = self.layout
+        n = self.steps.shape[1]
+        if keep_steps is not None:
+            whole = (n // lay.step_len) * lay.step_len
+            start = max(0, whole - keep_steps * lay.step_len)
+            self.steps = self.steps[:, start:]
+        P = max(len(p) for p in self.prefixes)
+        L = P + self.steps.shape[1]
+        ids = np.full((self.batch, L), PAD, np.int64)
+        slots = np.zeros((self.batch, L), np.int64)
+        pad = np.zeros(self.batch, np.int64)
+        for b, p in enumerate(self.prefixes):
+            pad[b] = P - len(p)
+            ids[b, pad[b] : P] = p
+        ids[:, P:] = self.steps
+        slots[:, P:] = np.tile(lay.step_slots, -(-self.steps.shape[1] // lay.step_len) or 1)[: self.steps.shape[1]]
+        skip = np.zeros((self.batch, L), np.int64)
+        skip[:, P:] = self._skip(0, self.steps.shape[1])
+        self.cache = self.model.new_cache(self.batch, self.context, torch.from_numpy(pad).to(self.device))
+        return self._forward(ids, slots, skip)
+
+    def reset(self, prefixes: list[np.ndarray], first_obs: np.ndarray) -> torch.Tensor:
+        """Start B streams: mission prefixes and first observation ids (B, obs_len). Returns the
+        hidden state of the last position (B, C): the policy's input for the first action."""
+        self.prefixes = [np.asarray(p, np.int64) for p in prefixes]
+        self.steps = np.asarray(first_obs, np.int64).reshape(len(prefixes), -1)
+        return self._prefill()[:, -1]
+
+    def feed(self, ids: np.ndarray) -> torch.Tensor:
+        """Append ids (B, n) to every stream; returns the hidden states of the new positions (B, n, C)."""
+        ids = np.asarray(ids, np.int64).reshape(self.batch, -1)
+        n = ids.shape[1]
+        lay = self.layout
+        P = max(len(p) for p in self.prefixes)
+        if P + self.steps.shape[1] + n > self.context:  # full: keep the prefix and the latest steps
+            self.rebuilds += 1
+            self.steps = np.concatenate([self.steps, ids], axis=1)
+            return self._prefill(self._steps_to_keep())[:, -n:]
+        slots = lay.step_slots[(self.pos + np.arange(n)) % lay.step_len]
+        start = self.steps.shape[1]
+        self.steps = np.concatenate([self.steps, ids], axis=1)
+        return self._forward(ids, np.broadcast_to(slots, ids.shape).copy(), self._skip(start, n))
+
+    def keep(self, rows, append: np.ndarray | None = None) -> torch.Tensor | None:
+        """Continue only the given rows (e.g. the environments still running), optionally appending
+        ids (len(rows), n) to them first; one re-prefill. Returns the last hidden states (B', C)."""
+        rows = np.asarray(rows, np.int64)
+        self.prefixes = [self.prefixes[r] for r in rows]
+        self.steps = self.steps[rows]
+        if append is not None:
+            self.steps = np.concatenate([self.steps, np.asarray(append, np.int64).reshape(len(rows), -1)], axis=1)
+        if not len(rows):
+            self.cache = None
+            return None
+        P = max(len(p) for p in self.prefixes)
+        over = P + self.steps.shape[1] > self.context
+        return self._prefill(self._steps_to_keep() if over else None)[:, -1]
+
+    def _steps_to_keep(self) -> int:
+        """Whole steps to keep behind the prefix when rebuilding: about half the context, and never
+        more than fit with the current partial step (which is always kept)."""
+        lay = self.layout
+        P = max(len(p) for p in self.prefixes)
+        partial = self.steps.shape[1] % lay.step_len
+        fit = (self.context - P - partial) // lay.step_len
+        if fit < 0:
+            raise ValueError(f"the mission prefix ({P} tokens) and one step ({lay.step_len}) do not fit in the model "
+                             f"context {self.context}")
+        return min(fit, max(1, (self.context // 2) // lay.step_len))
+
+    # -- reading the model's predictions
+    @torch.no_grad()
+    def logits(self, h: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+        """Next-token logits (B, V) from hidden states (B, C), restricted to the ids allowed at step position
+        `pos` (default: the next position to feed); every other id gets -inf."""
+        pos = self.pos if pos is None else pos
+        with autocast(self.precision, self.device):
+            logits = self.model.head(self.model.norm(h)).float()
+        lo, hi = self.layout.step_ranges[pos]
+        out = torch.full_like(logits, float("-inf"))
+        out[:, lo:hi] = logits[:, lo:hi]
+        return out
+
+    @torch.no_grad()
+    def frame(self, h: torch.Tensor) -> torch.Tensor:
+        """The frame head's logits (B, obs_len, V) for the whole next observation, each position
+        restricted to its own ids."""
+        with autocast(self.precision, self.device):
+            logits = self.model.frame_logits(h).float()
+        ranges = self.layout.step_ranges[: self.layout.obs_len]
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        allowed = (ids[None] >= torch.from_numpy(ranges[:, :1]).to(logits.device)) & (ids[None] < torch.from_numpy(ranges[:, 1:]).to(logits.device))
+        return logits.masked_fill(~allowed[None], float("-inf"))
+
+
+def pick(logits: torch.Tensor, greedy: bool = True, generator: torch.Generator | None = None) -> np.ndarray:
+    """Token ids from logits (..., V): argmax, or a sample from the softmax."""
+    if greedy:
+        return logits.argmax(-1).cpu().numpy()
+    probs = logits.softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1]).cpu().numpy()
