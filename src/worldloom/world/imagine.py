@@ -1,0 +1,481 @@
+"""Imagination: the world model as an environment.
+
+`BatchedWorldModelEnv` runs B imagined environments in lockstep whose dynamics are the model.
+Each starts from a REAL first observation and mission; then every ``step(actions)`` feeds the
+action tokens and lets the model predict the reward, the end of the episode and the next
+observation, feeding its own predictions back (the cache lives in a `StreamRunner`):
+
+    a_t (given) -> r_t, d_t (predicted, one token each) -> o_{t+1} (predicted)
+
+The next observation is predicted either token by token (``mode="tokens"``: one single-token
+forward per token, so 53 forwards per step: a, r, d and the 50 observation tokens), or with
+the frame head (``mode="parallel"``: r and d token by token, then all 50 observation tokens in
+one frame-head pass, fed back as one chunk of 50: 4 forwards per step). Every predicted token
+is restricted to the ids its position may hold, and chosen greedily (argmax) or sampled
+(from a seeded ``torch.Generator``).
+
+Imagined streams never stop by themselves: a stream that imagined an end (or reached the step
+limit) keeps stepping on whatever actions it gets, harmlessly; callers ignore its outputs
+(``done`` tells which rows have ended) or drop it with ``keep(rows)``.
+
+`WorldModelEnv` is the single-environment ``gymnasium.Env`` on top (MiniGrid's observation
+and action spaces; ``reset(seed=s)`` imagines from the real start of seed s). The rest are
+evaluations and pictures: `open_loop_accuracy` (imagine whole held-out episodes from their
+first observation under their real actions, never corrected), `imagined_vs_real` +
+`write_rollout_gif` (a side-by-side GIF), `imagination_throughput` (imagined steps per second),
+and `render_obs` (an egocentric view drawn by MiniGrid's own renderer).
+"""
+
+from __future__ import annotations
+
+import io
+import string
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from ..io import atomic_write_bytes
+from .envs import make_adapter
+from .runner import StreamRunner, pick
+from .stream import StreamLayout
+
+MODES = ("tokens", "parallel")
+
+
+def _check_mode(model, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "parallel" and getattr(model, "frame", None) is None:
+        raise ValueError("mode='parallel' needs a model with a frame head (train with stream.parallel_obs=true); "
+                         "use mode='tokens' for this model")
+
+
+def env_max_steps(env_id: str) -> int:
+    """The real environment's own step limit (after one reset, as MiniGrid sets it there)."""
+    adapter = make_adapter(env_id)
+    env = adapter.make()
+    try:
+        env.reset(seed=0)
+        return adapter.max_steps(env)
+    finally:
+        env.close()
+
+
+# ------------------------------------------------------------------------------ batched env
+
+
+class BatchedWorldModelEnv:
+    """B imagined environments stepped together by the model.
+
+    model, layout: a world model (`LWM`) and its `StreamLayout`.
+    mode: "tokens" (token-by-token observations) or "parallel" (the frame head; ValueError
+        if the model has none).
+    greedy: argmax tokens (deterministic) or samples from the softmax (seeded by ``seed``).
+    max_steps: imagined episodes are truncated after this many steps (None: ``env_id``'s own
+        limit when an env id is given, otherwise no limit besides the model's own predictions).
+
+    After ``reset`` and after every ``step``, ``h`` (B, C) is the hidden state after the latest
+    observation (the policy's input: ``policy_logits()``), ``t`` (B,) the steps taken and
+    ``done`` (B,) whether each row has imagined an end (terminated or truncated).
+    """
+
+    def __init__(self, model, layout: StreamLayout, mode: str = "tokens", greedy: bool = True, seed: int = 0,
+                 max_steps: int | None = None, env_id: str | None = None, precision: str = "fp32",
+                 device: str | torch.device = "cpu"):
+        _check_mode(model, mode)
+        if max_steps is None and env_id is not None:
+            max_steps = env_max_steps(env_id)
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        self.model, self.layout, self.mode, self.greedy = model, layout, mode, bool(greedy)
+        self.max_steps = max_steps
+        self.runner = StreamRunner(model, layout, precision, device)
+        self.generator = torch.Generator(device=self.runner.device)
+        self.reseed(seed)
+        self.h: torch.Tensor | None = None
+        self.t = np.zeros(0, np.int64)
+        self.done = np.zeros(0, bool)
+
+    @property
+    def batch(self) -> int:
+        return self.runner.batch
+
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling generator (only sampling uses it; greedy mode is deterministic)."""
+        self.generator.manual_seed(int(seed))
+
+    def reset(self, missions: list[str], first_obs: dict) -> dict:
+        """Start B streams from real first observations: missions (B strings) and batched fields
+        ``image`` (B, 7, 7, 3), ``direction`` (B,). Returns a copy of the first observations."""
+        lay = self.layout
+        image = np.asarray(first_obs["image"], np.uint8)
+        direction = np.asarray(first_obs["direction"]).reshape(-1)
+        if image.ndim != 4 or len(image) != len(missions) or len(direction) != len(missions):
+            raise ValueError(f"reset needs one first observation per mission: {len(missions)} missions, "
+                             f"images {image.shape}, directions {direction.shape}")
+        if not len(missions):
+            raise ValueError("reset needs at least one mission")
+        self.h = self.runner.reset([lay.prefix(m) for m in missions], lay.obs_ids(image, direction))
+        self.t = np.zeros(len(missions), np.int64)
+        self.done = np.zeros(len(missions), bool)
+        return {"image": image.copy(), "direction": direction.astype(np.uint8)}
+
+    def policy_logits(self) -> torch.Tensor:
+        """The model's policy (B, V) after the latest observation (restricted to action ids)."""
+        if self.h is None:
+            raise RuntimeError("call reset() first")
+        return self.runner.logits(self.h, self.layout.obs_len)
+
+    def _pick(self, logits: torch.Tensor) -> np.ndarray:
+        return pick(logits, self.greedy, self.generator)
+
+    def step(self, actions) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+        """Imagine one step for every row: actions (B,) env action indices ->
+        (obs fields {"image": (B,7,7,3) uint8, "direction": (B,) uint8}, reward (B,) float32,
+        terminated (B,) bool, truncated (B,) bool). Rows that already ended step on harmlessly."""
+        if self.h is None:
+            raise RuntimeError("call reset() first")
+        lay, run = self.layout, self.runner
+        B = run.batch
+        actions = np.asarray(actions, np.int64).reshape(-1)
+        if len(actions) != B:
+            raise ValueError(f"step needs {B} actions (one per stream), got {len(actions)}")
+        if actions.min() < 0 or actions.max() >= lay.n_actions:
+            raise ValueError(f"actions must be in [0, {lay.n_actions}), got {actions.tolist()}")
+        h = run.feed(lay.action_ids(actions)[:, None])[:, -1]
+        r_id = self._pick(run.logits(h))
+        h = run.feed(r_id[:, None])[:, -1]
+        d_id = self._pick(run.logits(h))
+        h = run.feed(d_id[:, None])[:, -1]
+        if self.mode == "parallel":
+            obs = self._pick(run.frame(h)).reshape(B, lay.obs_len)  # the whole next observation at once
+            h = run.feed(obs)[:, -1]
+        else:
+            obs = np.empty((B, lay.obs_len), np.int64)
+            for i in range(lay.obs_len):
+                obs[:, i] = self._pick(run.logits(h))
+                h = run.feed(obs[:, i : i + 1])[:, -1]
+        self.h = h
+        self.t = self.t + 1
+        image, direction = lay.decode_obs(obs)
+        reward = lay.decode_reward(r_id).astype(np.float32)
+        terminated, truncated = lay.decode_done(d_id)
+        if self.max_steps is not None:
+            truncated = truncated | (self.t >= self.max_steps)
+        truncated = truncated & ~terminated
+        self.done = self.done | terminated | truncated
+        return {"image": image, "direction": direction.astype(np.uint8)}, reward, terminated, truncated
+
+    def keep(self, rows) -> None:
+        """Continue only the given rows (e.g. those whose outputs still matter): one re-prefill."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if not len(rows):
+            raise ValueError("keep needs at least one row (reset to start new streams)")
+        self.h = self.runner.keep(rows)
+        self.t, self.done = self.t[rows], self.done[rows]
+
+
+# ------------------------------------------------------------------------------- rendering
+
+
+def render_obs(image: np.ndarray, tile_size: int = 16) -> np.ndarray:
+    """An egocentric MiniGrid view (V, V, 3) -> RGB (V*tile, V*tile, 3) uint8, drawn by MiniGrid's
+    own renderer the way ``MiniGridEnv.get_pov_render`` draws the agent's view: the agent sits at
+    (V//2, V-1) facing up, visible cells highlighted."""
+    from minigrid.core.grid import Grid
+
+    image = np.asarray(image, np.uint8)
+    if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3:
+        raise ValueError(f"expected an egocentric view of shape (V, V, 3), got {image.shape}")
+    view = image.shape[0]
+    grid, vis_mask = Grid.decode(image)
+    return grid.render(tile_size, agent_pos=(view // 2, view - 1), agent_dir=3, highlight_mask=vis_mask)
+
+
+# ---------------------------------------------------------------------------- gymnasium env
+
+
+class WorldModelEnv(gym.Env):
+    """One imagined MiniGrid environment as a ``gymnasium.Env``.
+
+    Build it from a world run (a folder or a `LoadedRun`; the env id defaults to the run's
+    ``env.id``), or from ``model=``, ``layout=`` and ``env_id=``. ``reset(seed=s)`` resets the
+    REAL environment with seed s for the first observation and mission (without a seed, one is
+    drawn from the env's own generator), then every ``step`` is imagined by the model.
+    Greedy decoding is deterministic; sampling is seeded from ``reset``'s seed too.
+    Episodes are truncated at the real environment's step limit (or ``max_steps``).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, run=None, *, model=None, layout: StreamLayout | None = None, env_id: str | None = None,
+                 mode: str = "tokens", greedy: bool = True, render_mode: str | None = None, tile_size: int = 16,
+                 precision: str = "fp32", device: str | torch.device = "cpu", max_steps: int | None = None):
+        if run is not None:
+            if isinstance(run, (str, Path)):
+                from ..run import load_world_run
+
+                run = load_world_run(Path(run), device)
+            model, layout = run.model, run.layout
+            env_id = env_id or run.cfg.env.id
+        if model is None or layout is None or env_id is None:
+            raise ValueError("WorldModelEnv needs a world run, or model=, layout= and env_id=")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.adapter = make_adapter(env_id)
+        if self.adapter.n_actions != layout.n_actions:
+            raise ValueError(f"{env_id} has {self.adapter.n_actions} actions but the model's stream has {layout.n_actions}")
+        self.env_id, self.render_mode, self.tile_size, self._max_steps = env_id, render_mode, int(tile_size), max_steps
+        self._real = self.adapter.make()
+        self._sim = BatchedWorldModelEnv(model, layout, mode, greedy, max_steps=max_steps, precision=precision, device=device)
+        view = layout.obs.view
+        self.observation_space = spaces.Dict({
+            "image": spaces.Box(low=0, high=255, shape=(view, view, 3), dtype=np.uint8),
+            "direction": spaces.Discrete(4),
+            "mission": spaces.Text(max_length=1024, min_length=0, charset=string.printable),
+        })
+        self.action_space = spaces.Discrete(layout.n_actions)
+        self._image: np.ndarray | None = None
+        self._mission = ""
+        self.real_seed: int | None = None
+
+    def _obs(self, image: np.ndarray, direction) -> dict:
+        self._image = np.array(image, np.uint8, copy=True)
+        return {"image": self._image.copy(), "direction": int(direction), "mission": self._mission}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        real_seed = int(seed) if seed is not None else int(self.np_random.integers(2**31 - 1))
+        self._sim.reseed(int(self.np_random.integers(2**62)))
+        raw, _ = self._real.reset(seed=real_seed)
+        fields = self.adapter.observe(raw)
+        self._mission = self.adapter.mission(raw)
+        if self._max_steps is None:
+            self._sim.max_steps = self.adapter.max_steps(self._real)
+        self._sim.reset([self._mission], {k: v[None] for k, v in fields.items()})
+        self.real_seed = real_seed
+        return self._obs(fields["image"], fields["direction"]), {"real_seed": real_seed}
+
+    def step(self, action):
+        if self._image is None:
+            raise RuntimeError("call reset() before step()")
+        if not self.action_space.contains(action):
+            raise ValueError(f"invalid action {action!r}; actions are 0..{self.action_space.n - 1}")
+        obs, reward, terminated, truncated = self._sim.step(np.array([int(action)]))
+        out = self._obs(obs["image"][0], obs["direction"][0])
+        return out, float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("WorldModelEnv.render() was called without a render_mode (use render_mode='rgb_array')")
+            return None
+        if self._image is None:
+            raise RuntimeError("call reset() before render()")
+        return render_obs(self._image, self.tile_size)
+
+    def close(self):
+        if self._real is not None:
+            self._real.close()
+            self._real = None
+
+
+# ---------------------------------------------------------------------- open-loop accuracy
+
+
+@torch.no_grad()
+def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1, 5, 10), mode: str = "tokens",
+                       batch: int = 64, precision: str = "fp32", device: str | torch.device = "cpu") -> dict:
+    """Greedy open-loop imagination of held-out episodes under their real actions.
+
+    Each episode starts from its real o_0 and mission; the model imagines every observation from
+    its own predictions (never corrected by the truth). For each horizon k, over the episodes of
+    length >= k: ``frame`` = the fraction whose imagined o_k equals the real o_k exactly (every
+    cell and the direction), ``cell`` = the fraction of the view's cells (object, color, state)
+    right, ``direction`` = the fraction of directions right, and ``n``. Returns::
+
+        {"mode": ..., "episodes": N,
+         "horizons": {"1": {"frame", "cell", "direction", "n"}, "5": {...}, ...},   # str keys (JSON)
+         "curve": {"k": [1..K], "frame": [...], "cell": [...], "direction": [...], "n": [...]}}
+
+    where K = max(horizons) and accuracies are None where n is 0.
+    """
+    horizons = sorted({int(k) for k in horizons})
+    if not horizons or horizons[0] < 1:
+        raise ValueError(f"horizons must be positive step counts, got {horizons}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    model.eval()
+    K = horizons[-1]
+    frame_ok, cell_ok, dir_ok, n = (np.zeros(K, np.int64) for _ in range(4))
+    n_cells = layout.obs.n_cells
+    sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
+    for i0 in range(0, len(episodes), batch):
+        chunk = [ep for ep in episodes[i0 : i0 + batch] if ep.length > 0]
+        if not chunk:
+            continue
+        lengths = np.array([ep.length for ep in chunk])
+        last = min(K, int(lengths.max()))
+        sim.reset([ep.mission for ep in chunk], {"image": np.stack([ep.obs["image"][0] for ep in chunk]),
+                                                  "direction": np.stack([ep.obs["direction"][0] for ep in chunk])})
+        rows = np.arange(len(chunk))  # chunk index of each stream still in the simulator
+        for k in range(1, last + 1):
+            acts = np.array([chunk[e].action[k - 1] if lengths[e] >= k else 0 for e in rows], np.int64)
+            obs, *_ = sim.step(acts)
+            live = lengths[rows] >= k
+            if live.any():
+                real_img = np.stack([chunk[e].obs["image"][k] for e in rows[live]])
+                real_dir = np.array([chunk[e].obs["direction"][k] for e in rows[live]], np.int64)
+                cells = (obs["image"][live] == real_img).all(-1).reshape(len(real_img), -1)  # (n, cells)
+                dirs = obs["direction"][live].astype(np.int64) == real_dir
+                frame_ok[k - 1] += int((cells.all(1) & dirs).sum())
+                cell_ok[k - 1] += int(cells.sum())
+                dir_ok[k - 1] += int(dirs.sum())
+                n[k - 1] += len(real_img)
+            still = lengths[rows] > k  # these need another step
+            if k < last and still.sum() <= 0.75 * len(rows):  # drop finished episodes (one re-prefill)
+                keep = np.flatnonzero(still)
+                sim.keep(keep)
+                rows = rows[keep]
+
+    def ratio(a, b):
+        return float(a) / float(b) if b else None
+
+    curve = {"k": list(range(1, K + 1)),
+             "frame": [ratio(frame_ok[i], n[i]) for i in range(K)],
+             "cell": [ratio(cell_ok[i], n[i] * n_cells) for i in range(K)],
+             "direction": [ratio(dir_ok[i], n[i]) for i in range(K)],
+             "n": [int(x) for x in n]}
+    at = {str(k): {"frame": curve["frame"][k - 1], "cell": curve["cell"][k - 1],
+                   "direction": curve["direction"][k - 1], "n": curve["n"][k - 1]} for k in horizons}
+    return {"mode": mode, "episodes": len(episodes), "horizons": at, "curve": curve}
+
+
+# ------------------------------------------------------------------------ pictures of a rollout
+
+
+class RolloutFrame(NamedTuple):
+    """One GIF frame: the real and the imagined view (RGB), the action that led to them (None for
+    the first, shared observation) and whether the imagined observation is exactly the real one
+    (every cell and the direction)."""
+
+    real: np.ndarray
+    imagined: np.ndarray
+    action: int | None
+    exact: bool
+
+
+@torch.no_grad()
+def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int = 20, greedy: bool = True,
+                     mode: str = "tokens", tile_size: int = 16, precision: str = "fp32") -> list[RolloutFrame]:
+    """Play the real env with the model's own policy (its action from the REAL stream: greedy, or
+    sampled with ``seed``) and imagine the same actions from the same start in the world model.
+
+    Returns 1 + (steps taken) `RolloutFrame`s (real_rgb, imagined_rgb, action, exact): the shared
+    first observation, then the observations after each action (the real episode may end sooner)."""
+    model, layout = run.model, run.layout
+    env_id = env_id or run.cfg.env.id
+    adapter = make_adapter(env_id)
+    env = adapter.make()
+    try:
+        raw, _ = env.reset(seed=int(seed))
+        fields = {k: v[None] for k, v in adapter.observe(raw).items()}
+        mission = adapter.mission(raw)
+        policy = StreamRunner(model, layout, precision)
+        h = policy.reset([layout.prefix(mission)], layout.encode_obs(fields))
+        sim = BatchedWorldModelEnv(model, layout, mode, greedy, seed=seed, precision=precision)
+        sim.reset([mission], fields)
+        gen = torch.Generator().manual_seed(int(seed))
+        first = render_obs(fields["image"][0], tile_size)
+        frames = [RolloutFrame(first, first.copy(), None, True)]
+        for _ in range(steps):
+            action = int(layout.decode_action(pick(policy.logits(h, layout.obs_len), greedy, gen))[0])
+            raw, reward, term, trunc, _ = env.step(action)
+            real = {k: v[None] for k, v in adapter.observe(raw).items()}
+            imag, *_ = sim.step(np.array([action]))
+            exact = bool(np.array_equal(imag["image"][0], real["image"][0])
+                         and int(imag["direction"][0]) == int(real["direction"][0]))
+            frames.append(RolloutFrame(render_obs(real["image"][0], tile_size), render_obs(imag["image"][0], tile_size),
+                                       action, exact))
+            if term or trunc:
+                break
+            tail = np.concatenate([layout.action_ids([action]), layout.reward_ids([reward]),
+                                   layout.done_ids([term], [trunc]), layout.encode_obs(real)[0]])
+            h = policy.feed(tail[None])[:, -1]
+    finally:
+        env.close()
+    return frames
+
+
+def _action_names() -> tuple[str, ...]:
+    try:
+        from minigrid.core.actions import Actions
+
+        return tuple(a.name for a in Actions)
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...] | None = None) -> Path:
+    """Frames (`RolloutFrame`s, or (real_rgb, imagined_rgb, action[, exact]) tuples) -> an animated
+    GIF: real | imagined side by side over a one-line caption (step, action, whether the imagined
+    frame is exactly right; from the pixels when a tuple has no ``exact``). Written atomically."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not len(frames):
+        raise ValueError("write_rollout_gif needs at least one frame")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    names = tuple(action_names) if action_names is not None else _action_names()
+    font = ImageFont.load_default()
+    gap, caption_h = 4, 14
+    images = []
+    for t, f in enumerate(frames):
+        real, imag, action = np.asarray(f[0], np.uint8), np.asarray(f[1], np.uint8), f[2]
+        exact = bool(f[3]) if len(f) > 3 else bool(np.array_equal(real, imag))
+        h = max(real.shape[0], imag.shape[0])
+        canvas = np.full((h + caption_h, real.shape[1] + gap + imag.shape[1], 3), 255, np.uint8)
+        canvas[: real.shape[0], : real.shape[1]] = real
+        canvas[: imag.shape[0], real.shape[1] + gap :] = imag
+        img = Image.fromarray(canvas)
+        if action is None:
+            text = f"step {t}: start (real | imagined)"
+        else:
+            name = names[int(action)] if 0 <= int(action) < len(names) else str(action)
+            text = f"step {t}: {name}, {'exact' if exact else 'wrong'}"
+        ImageDraw.Draw(img).text((2, h + 1), text, fill=(0, 0, 0), font=font)
+        images.append(img)
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ------------------------------------------------------------------------------- throughput
+
+
+@torch.no_grad()
+def imagination_throughput(model, layout: StreamLayout, first_obs: dict, missions: list[str], batch: int = 64,
+                           steps: int = 20, mode: str = "tokens", precision: str = "fp32",
+                           device: str | torch.device = "cpu", seed: int = 0) -> float:
+    """Imagined environment steps per second of `BatchedWorldModelEnv` with ``batch`` streams
+    (the given first observations and missions repeated to fill the batch), uniformly random
+    actions, greedy decoding. The reset (prefill) is not timed; context rebuilds are."""
+    if batch < 1 or steps < 1:
+        raise ValueError("batch and steps must be at least 1")
+    idx = np.arange(batch) % len(missions)
+    sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
+    sim.reset([missions[i] for i in idx], {"image": np.asarray(first_obs["image"])[idx],
+                                           "direction": np.asarray(first_obs["direction"])[idx]})
+    rng = np.random.default_rng(seed)
+    actions = rng.integers(layout.n_actions, size=(steps, batch))
+    start = time.perf_counter()
+    for t in range(steps):
+        sim.step(actions[t])
+    elapsed = time.perf_counter() - start
+    return batch * steps / max(elapsed, 1e-9)
