@@ -1,0 +1,298 @@
+"""A world-model run's report: ``report.md`` with the headline figures and PNG plots next to it.
+
+`write_report(run_dir, result, gif=None)` reads the training log (``metrics.jsonl``) and the
+evaluation result (a dict, as the evaluation produces it) and writes, in the run folder:
+
+* ``learning_curves.png`` — training loss per modality and the held-out loss against step;
+* ``open_loop.png`` — exact-frame and per-cell accuracy against the imagination horizon;
+* ``success.png`` — real-environment success of the plain policy and of planning;
+* ``report.md`` — a table of the headline figures, the plots, the GIF (if given) and how
+  everything was measured.
+
+Every figure is optional: a missing entry of ``result`` prints "—" and a plot without data is
+left out, so a partial evaluation still gets a report. All files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+from ..io import atomic_write_bytes, atomic_write_text
+from ..train.plots import read_metrics
+
+DASH = "—"
+REPORT = "report.md"
+PLOTS = {"curves": "learning_curves.png", "open_loop": "open_loop.png", "success": "success.png"}
+LOSS_PARTS = ("loss_obs", "loss_action", "loss_reward", "loss_done", "loss_frame")
+
+
+# -- reading the result dict (never raises on missing or malformed entries)
+def _get(d, *keys):
+    for k in keys:
+        if isinstance(d, dict) and k in d:
+            d = d[k]
+        elif isinstance(d, dict) and str(k) in d:
+            d = d[str(k)]
+        else:
+            return None
+    return d
+
+
+def _num(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _pct(x) -> str:
+    x = _num(x)
+    return DASH if x is None else f"{100 * x:.1f}%"
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    x = _num(x)
+    return DASH if x is None else format(x, spec)
+
+
+def _int(x) -> str:
+    x = _num(x)
+    return DASH if x is None else f"{int(x):,}"
+
+
+def _params(x) -> str:
+    x = _num(x)
+    if x is None:
+        return DASH
+    return f"{x / 1e6:.2f}M ({int(x):,})" if x >= 1e5 else f"{int(x):,}"
+
+
+def _seeds(real) -> str:
+    seeds = _get(real, "seeds")
+    if isinstance(seeds, (list, tuple)) and len(seeds) == 2 and all(_num(s) is not None for s in seeds):
+        return f"{int(seeds[0]):,}–{int(seeds[1]):,}"
+    return DASH
+
+
+def _open_loop(result, k: int):
+    """Open-loop accuracy after k steps: from ``horizons`` or else from the curve."""
+    h = _get(result, "open_loop", "horizons", str(k))
+    if isinstance(h, dict):
+        return h
+    curve = _get(result, "open_loop", "curve")
+    if isinstance(curve, list):
+        for row in curve:
+            if isinstance(row, dict) and _num(row.get("k")) == k:
+                return row
+    return None
+
+
+# -- plots
+def _figure(w: float = 7, h: float = 4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless, no pyplot global state
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in rows
+           if _num(r.get("step")) is not None and _num(r.get(key)) is not None and r[key] > 0]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_learning_curves(rows: list[dict], path: Path, title: str = "") -> bool:
+    lines = [(k, k.removeprefix("loss_") + " (train)", "-") for k in LOSS_PARTS]
+    lines.append(("val_loss", "held-out loss", "o-"))
+    series = [(label, style, *_series(rows, key)) for key, label, style in lines]
+    series = [s for s in series if s[2]]
+    if not series:
+        return False
+    fig, ax = _figure()
+    for label, style, x, y in series:
+        ax.plot(x, y, style, label=label, lw=1.5 if style != "-" else 1, ms=3, alpha=0.9)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or "learning curves")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_open_loop(curve, path: Path, title: str = "") -> bool:
+    if not isinstance(curve, list):
+        return False
+    pts = sorted(((_num(r.get("k")), _num(r.get("frame")), _num(r.get("cell"))) for r in curve
+                  if isinstance(r, dict) and _num(r.get("k")) is not None), key=lambda p: p[0])
+    exact = [(k, 100 * e) for k, e, _ in pts if e is not None]
+    cell = [(k, 100 * c) for k, _, c in pts if c is not None]
+    if not exact and not cell:
+        return False
+    fig, ax = _figure()
+    if exact:
+        ax.plot(*zip(*exact), "o-", label="exact frame", ms=3)
+    if cell:
+        ax.plot(*zip(*cell), "s-", label="per cell", ms=3)
+    ax.set_xlabel("imagined steps k (open loop, the real actions fed)")
+    ax.set_ylabel("accuracy of the k-th imagined frame (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(title or "accuracy against imagination horizon")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def plot_success(result, path: Path, title: str = "") -> bool:
+    bars = [(name, _num(_get(result, key, "success"))) for name, key in (("plain policy", "real"), ("planning", "plan"))]
+    bars = [(name, 100 * v) for name, v in bars if v is not None]
+    if not bars:
+        return False
+    fig, ax = _figure(4.5, 4)
+    names, values = zip(*bars)
+    rects = ax.bar(names, values, color=["tab:blue", "tab:orange"][: len(bars)], width=0.6)
+    for r, v in zip(rects, values):
+        ax.annotate(f"{v:.1f}%", (r.get_x() + r.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("success on held-out seeds (%)")
+    ax.set_title(title or "real-environment success")
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return True
+
+
+# -- the report
+def _table(result) -> list[str]:
+    real, plan, wm = _get(result, "real"), _get(result, "plan"), _get(result, "world_model")
+    n_real = _int(_get(real, "episodes"))
+    plan_note = []
+    if _num(_get(plan, "episodes")) is not None:
+        plan_note.append(f"{_int(_get(plan, 'episodes'))} episodes")
+    if _num(_get(plan, "horizon")) is not None:
+        plan_note.append(f"horizon {_int(_get(plan, 'horizon'))}")
+
+    def groups(what: str, names=("expert", "perturbed", "after_random")) -> str:
+        return " / ".join(_pct(_get(wm, g, what)) for g in names)
+
+    ol = [_open_loop(result, k) for k in (1, 5, 10)]
+    minutes = _num(_get(result, "minutes"))
+    timing = _get(result, "timing")
+    rows = [
+        (f"Success, plain policy ({n_real} held-out seeds, {_seeds(real)})", _pct(_get(real, "success"))),
+        ("Mean return, plain policy", _fmt(_get(real, "mean_return"))),
+        ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
+        (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", _pct(_get(plan, "success"))),
+        ("Mean return, planning", _fmt(_get(plan, "mean_return"))),
+        ("Next observation, exact frame: expert / perturbed / after random action", groups("frame")),
+        ("Next observation, exact frame in one pass (frame head): expert / perturbed", groups("frame_parallel", ("expert", "perturbed"))),
+        ("Next observation, per-token accuracy: expert / perturbed / after random action", groups("token")),
+        ("Reward accuracy: expert / perturbed", groups("reward", ("expert", "perturbed"))),
+        ("Done accuracy: expert / perturbed", groups("done", ("expert", "perturbed"))),
+        ("Expert action accuracy (held-out episodes)", _pct(_get(wm, "expert", "action"))),
+        ("Open loop, exact frame after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "frame")) for o in ol)),
+        ("Open loop, per-cell accuracy after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "cell")) for o in ol)),
+        ("Training steps", _int(_get(result, "step"))),
+        ("Training time (minutes)", DASH if minutes is None else f"{minutes:.1f}"),
+        ("Parameters", _params(_get(result, "params"))),
+        ("Machine", str(_get(result, "machine")) if _get(result, "machine") not in (None, "") else DASH),
+    ]
+    if isinstance(timing, dict):
+        parts = [f"{name} {_fmt(timing.get(key), '.0f')} s" for name, key in
+                 (("collect", "collect_s"), ("train", "train_s"), ("eval", "eval_s")) if _num(timing.get(key)) is not None]
+        if parts:
+            rows.append(("Wall time", ", ".join(parts)))
+    return ["| Figure | Value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
+
+
+def _how_measured(result) -> list[str]:
+    real, plan, wm = _get(result, "real"), _get(result, "plan"), _get(result, "world_model")
+    n = [f"{g.replace('_', ' ')} {_int(_get(wm, g, 'frame_n'))}" for g in ("expert", "perturbed", "after_random")
+         if _num(_get(wm, g, "frame_n")) is not None]
+    ol_n = _get(_open_loop(result, 1), "n")
+    lines = [
+        "## How measured",
+        "",
+        f"- **Success** is the share of real-environment episodes with a positive return, one episode per seed, on "
+        f"seeds {_seeds(real)} — never used for training or validation data. The model acts from its own stream "
+        "(observation tokens in, an action token out: the likeliest one unless eval.greedy is off) and receives the real rewards, ends and "
+        "next observations.",
+        f"- **Planning** (worldloom.world.plan) tries every first action inside the world model, follows the "
+        f"model's own policy for the rest of a horizon of {_int(_get(plan, 'horizon'))} imagined steps, and takes the "
+        "first action with the highest predicted return (ties go to the policy's own choice), on held-out seeds "
+        f"as well ({_int(_get(plan, 'episodes'))} episodes).",
+        "- **Next-observation accuracy** is teacher-forced on held-out episodes: given the true history and action, "
+        "the likeliest token at each of the next observation's positions is compared with the truth. A frame counts "
+        "as exact when all its tokens are right, which is exactly when a greedy token-by-token one-step imagination "
+        "reproduces it. *Expert* episodes follow the bot; *perturbed* ones had random actions injected; *after "
+        "random action* scores only the transitions right after an injected action (off the expert's path)"
+        + (f". Frames scored: {', '.join(n)}." if n else "."),
+        "- **Frame head** accuracy is the same exact-frame test when the whole next observation is predicted in "
+        "one pass from the hidden state after the done token.",
+        "- **Reward / done / action accuracy**: the likeliest reward bin, end code and (on expert steps) action, "
+        "teacher-forced, against the truth.",
+        "- **Open loop**: from the start of a held-out episode the model imagines every observation itself, fed "
+        "only the real actions; the k-th imagined frame is compared with the real one (exact frame, and share of "
+        "correct cells)" + (f" over {_int(ol_n)} episodes." if _num(ol_n) is not None else "."),
+        "- **Losses** are per-modality cross-entropies of the training batches (nats per token); the held-out loss "
+        "is the weighted next-token loss on the validation episodes.",
+    ]
+    return lines
+
+
+def write_report(run_dir, result: dict, gif: Path | None = None) -> Path:
+    """Write ``<run_dir>/report.md`` and its plots (only those with data); returns the report's path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = result if isinstance(result, dict) else {}
+    run = _get(result, "run") or run_dir.name
+    env_id = _get(result, "env_id")
+    title = f"{env_id}: {run}" if env_id else str(run)
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r, dict)]
+    made = {}
+    for key, draw in (("curves", lambda p: plot_learning_curves(rows, p, f"{title}: learning curves")),
+                      ("open_loop", lambda p: plot_open_loop(_get(result, "open_loop", "curve"), p, f"{title}: open-loop imagination")),
+                      ("success", lambda p: plot_success(result, p, f"{title}: success"))):
+        path = run_dir / PLOTS[key]
+        try:
+            made[key] = draw(path)
+        except Exception:  # a plot is never worth losing the report over
+            made[key] = False
+        if not made[key]:
+            path.unlink(missing_ok=True)  # no stale plot from an earlier report
+
+    md = [f"# World model report — {env_id or DASH}, run `{run}`", "", *_table(result), ""]
+    captions = {"curves": ("Learning curves", "training loss per modality and held-out loss (log scale)"),
+                "open_loop": ("Accuracy against imagination horizon", "exact-frame and per-cell accuracy of the k-th imagined frame"),
+                "success": ("Success", "plain policy against planning in imagination, real environment")}
+    if any(made.values()):
+        md += ["## Plots", ""]
+        for key, ok in made.items():
+            if ok:
+                head, cap = captions[key]
+                md += [f"### {head}", "", f"![{cap}]({PLOTS[key]})", ""]
+    if gif is not None:
+        gif = Path(gif)
+        try:
+            rel = Path(os.path.relpath(gif.resolve(), run_dir.resolve())).as_posix()
+        except ValueError:  # another drive (Windows)
+            rel = gif.as_posix()
+        md += ["## An episode", "", f"![an episode: real frames and the model's imagination]({rel})", ""]
+    md += [*_how_measured(result), ""]
+    path = run_dir / REPORT
+    atomic_write_text(path, "\n".join(md))
+    return path
