@@ -108,3 +108,37 @@ def loaded(trained_run):
     from worldloom.run import load_run
 
     return load_run(trained_run)
+
+
+# ---------------------------------------------------------------- world model (BabyAI)
+
+WORLD_ENV = "BabyAI-GoToLocal-v0"
+TINY_WORLD = [
+    "recipe=world", f"env.id={WORLD_ENV}", "data.episodes=40", "data.val_episodes=12", "data.workers=1",
+    "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=256",
+    "train.batch_size=4", "train.max_steps=6", "train.eval_interval=3", "train.eval_batches=1",
+    "train.log_interval=1", "train.warmup_steps=2", "train.precision=fp32", "train.device=cpu", "train.threads=1",
+    "eval.episodes=6", "eval.envs=3", "eval.plan_episodes=2", "eval.transitions=50", "eval.open_loop=4",
+]
+
+
+@pytest.fixture(scope="session")
+def world_dataset(tmp_path_factory) -> Path:
+    """40 training + 12 validation GoToLocal episodes collected by the bot (about a second)."""
+    from worldloom.world.collect import collect_dataset
+
+    out = tmp_path_factory.mktemp("world") / "episodes"
+    collect_dataset(out, WORLD_ENV, 40, 12, seed=0, workers=1, progress=False, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world_run(tmp_path_factory, world_dataset) -> Path:
+    """A tiny world model + policy (with a frame head) trained for a few steps on `world_dataset`."""
+    from worldloom.train import train
+
+    out = tmp_path_factory.mktemp("worldrun")
+    cfg = build_config(None, [*TINY_WORLD, f"data.path={world_dataset}", f"out_dir={out}", "name=world",
+                              "stream.parallel_obs=true"])
+    train(cfg, progress=False, log=lambda *a: None)
+    return cfg.run_dir

@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, generate, eval, export.
+"""The `worldloom` command: presets, train, collect, generate, eval, imagine, export.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -15,14 +15,17 @@ from .errors import WorldloomError
 
 EPILOG_TRAIN = """\
 examples:
+  worldloom train                                   # preset babyai: collect, train, evaluate, report (~15 min)
+  worldloom train babyai env.id=BabyAI-PickupLoc-v0 data.episodes=20000
+  worldloom train babyai data.path=data/goto        # train on episodes from `worldloom collect`
   worldloom train shakespeare-char data.path=input.txt
   worldloom train text-bpe data.path=corpus.txt tokenizer.vocab_size=4096 model.n_layer=4
   worldloom train shakespeare-char data.path=input.txt train.max_minutes=5 name=quick
   worldloom train --resume runs/shakespeare-char            # continue after a kill
   worldloom train --resume runs/quick train.max_steps=8000  # extend a finished run
 
-Any config field can be set as group.key=value (groups: data, tokenizer, model, train;
-top-level: name, out_dir). `worldloom presets --show NAME` prints a preset's fields.
+Any config field can be set as group.key=value (groups: data, env, stream, tokenizer,
+model, train, eval; top-level: name, out_dir, recipe). `worldloom presets --show NAME` prints a preset's fields.
 """
 
 
@@ -50,11 +53,55 @@ def _cmd_train(args) -> int:
     if args.resume:
         if preset:
             raise WorldloomError("give either a preset or --resume RUN, not both")
+        from .run import read_run_config
+
+        if read_run_config(Path(args.resume)).recipe == "world":
+            from .world.pipeline import resume_world
+
+            resume_world(Path(args.resume), args.overrides, progress=not args.no_progress)
+            return 0
         train(resume=Path(args.resume), overrides=args.overrides, progress=not args.no_progress)
         return 0
-    preset = preset or "shakespeare-char"
+    preset = preset or "babyai"
     cfg = build_config(preset, args.overrides)
+    if cfg.recipe == "world":
+        from .world.pipeline import run_world
+
+        run_world(cfg, progress=not args.no_progress)
+        return 0
     train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_collect(args) -> int:
+    from .config import build_config
+    from .world.pipeline import collect_for
+
+    preset = args.preset
+    if preset and "=" in preset:
+        args.overrides.insert(0, preset)
+        preset = None
+    cfg = build_config(preset or "babyai", args.overrides)
+    out = Path(args.out) if args.out else Path("data") / cfg.env.id
+    collect_for(cfg, out, progress=not args.no_progress)
+    print(f"train on it with: worldloom train {preset or 'babyai'} env.id={cfg.env.id} data.path={out}")
+    return 0
+
+
+def _cmd_imagine(args) -> int:
+    from .run import load_world_run
+    from .runtime import set_threads
+    from .world.imagine import imagined_vs_real, write_rollout_gif
+
+    if args.steps < 1:
+        raise WorldloomError(f"--steps must be at least 1, got {args.steps}")
+    set_threads(0)
+    run = load_world_run(Path(args.run))
+    frames = imagined_vs_real(run, run.cfg.env.id, args.seed, args.steps)
+    write_rollout_gif(frames, Path(args.out))
+    exact = sum(1 for f in frames[1:] if f[3]) if frames and len(frames[0]) > 3 else None
+    print(f"wrote {args.out}: {len(frames)} frames of {run.cfg.env.id} seed {args.seed}, real (left) beside imagined (right)"
+          + (f"; {exact}/{len(frames) - 1} imagined frames exactly right" if exact is not None else ""))
     return 0
 
 
@@ -84,6 +131,8 @@ def _cmd_generate(args) -> int:
         raise WorldloomError(f"--num-samples must be at least 1, got {args.num_samples}")
     set_threads(0)
     run = load_run(Path(args.run))
+    if run.is_world:
+        raise WorldloomError(f"{args.run} is a world model; use `worldloom imagine {args.run}` or `worldloom eval {args.run}`")
     if args.compile and not run.model.supports_decode_step:
         mc = run.cfg.model
         raise WorldloomError(f"--compile needs an attention-only model without MoE; this run has model.backbone={mc.backbone}"
@@ -120,6 +169,8 @@ def _cmd_eval(args) -> int:
         raise WorldloomError(f"--batch-size must be at least 1, got {args.batch_size}")
     set_threads(0)
     run = load_run(Path(args.run))
+    if run.is_world:
+        return _eval_world(args, run)
     if args.data:
         run.cfg.data.path = args.data
     data, _ = prepare_text(run.cfg, run.tokenizer)
@@ -138,11 +189,26 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _eval_world(args, run) -> int:
+    from .world.pipeline import evaluate_world, write_outputs
+
+    quiet = (lambda *a: None) if args.json else print
+    result = evaluate_world(run, progress=not args.json, log=quiet, episodes=args.episodes, plan_episodes=args.plan_episodes)
+    report = write_outputs(run, result, log=quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"report: {report}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from .export.hf import export_hf
     from .run import load_run
 
     run = load_run(Path(args.run))
+    if run.is_world:
+        raise WorldloomError(f"{args.run} is a world model (slot embeddings, stream layout); `export hf` takes text models only")
     out = export_hf(run, Path(args.out))
     print(f"wrote {out} (load with transformers.LlamaForCausalLM.from_pretrained('{out}'))")
     return 0
@@ -158,11 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a model from a preset (or resume a run)", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("preset", nargs="?", help="preset name (see `worldloom presets`); default shakespeare-char")
+    s.add_argument("preset", nargs="?", help="preset name (see `worldloom presets`); default babyai")
     s.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     s.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a progress bar")
     s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("collect", help="collect bot demonstrations of a BabyAI/MiniGrid level into episode shards",
+                       epilog="examples:\n  worldloom collect babyai env.id=BabyAI-GoTo-v0 data.episodes=5000 --out data/goto\n"
+                              "  worldloom collect data.episodes=1000 data.perturbed=0 --out data/expert-only\n\n"
+                              "Training seeds are data.seed+i, validation data.seed+1000000+i; data.seed+2000000+i are kept for evaluation.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("preset", nargs="?", help="preset name; default babyai")
+    s.add_argument("overrides", nargs="*", help="config overrides (env.id, data.episodes, data.val_episodes, data.perturbed, data.epsilon, data.workers, ...)")
+    s.add_argument("--out", help="output folder (default data/<env id>)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=_cmd_collect)
 
     def sampling_args(s):
         s.add_argument("--max-new-tokens", type=int, default=200)
@@ -181,13 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile the one-token step: ~20 s to start, then ~1.3x faster")
     s.set_defaults(fn=_cmd_generate)
 
-    s = sub.add_parser("eval", help="held-out loss, perplexity and bits per character of a run")
+    s = sub.add_parser("eval", help="evaluate a run: held-out loss (text) or success and world-model accuracy (world)")
     s.add_argument("run", help="run folder")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    s.add_argument("--episodes", type=int, default=None, help="world runs: real-environment episodes on held-out seeds (default eval.episodes)")
+    s.add_argument("--plan-episodes", type=int, default=None, help="world runs: episodes acted by planning in imagination (0 = skip)")
     s.add_argument("--data", help="evaluate on the held-out part of another text file")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("imagine", help="a GIF of the world model imagining an episode beside the real one")
+    s.add_argument("run", help="world run folder, e.g. runs/babyai")
+    s.add_argument("--seed", type=int, default=0, help="environment seed of the real episode (its first frame starts the imagination)")
+    s.add_argument("--steps", type=int, default=20, help="steps to imagine (the real episode may end sooner)")
+    s.add_argument("--out", default="rollout.gif", help="GIF to write")
+    s.set_defaults(fn=_cmd_imagine)
 
     s = sub.add_parser("export", help="export a run to another format")
     s.add_argument("format", choices=["hf"], help="hf: a transformers LlamaForCausalLM folder")
@@ -201,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
-        if getattr(args, "verb", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "verb", None) in ("train", "collect") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

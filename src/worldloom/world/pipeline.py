@@ -1,0 +1,187 @@
+"""The world recipe end to end: collect -> train -> evaluate -> report.
+
+    worldloom train                  # preset babyai: BabyAI-GoToLocal-v0
+    worldloom train babyai env.id=BabyAI-PickupLoc-v0 data.episodes=20000
+
+``run_world`` collects bot demonstrations into ``<run>/data`` (unless ``data.path`` names an
+existing collection, or the run already has its data), trains the one model that is both
+world model and policy, evaluates it (``evaluate_world``) and writes ``eval.json``,
+``report.md``, plots and a GIF of imagined beside real frames into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..io import write_json
+from ..runtime import set_threads
+from .task import dataset_dir
+
+EVAL_JSON = "eval.json"
+HORIZONS = (1, 5, 10)
+
+
+def collect_for(cfg: RunConfig, out_dir: Path, progress: bool = True, log=print) -> dict:
+    from .collect import collect_dataset
+
+    d = cfg.data
+    return collect_dataset(out_dir, cfg.env.id, d.episodes, d.val_episodes, seed=d.seed, perturbed_fraction=d.perturbed,
+                           epsilon=d.epsilon, workers=d.workers, bot_timeout=d.bot_timeout, progress=progress, log=log)
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def evaluate_world(run, progress: bool = True, log=print, episodes: int | None = None, plan_episodes: int | None = None,
+                   precision: str = "fp32") -> dict:
+    """Every figure of a world run (see the module docs of metrics, agent, imagine, plan)."""
+    from .agent import run_episodes
+    from .collect import split_seed
+    from .episodes import load_dataset
+    from .imagine import open_loop_accuracy
+    from .metrics import episode_flags, teacher_forced_accuracy
+    from .plan import ImaginationPlanner
+
+    cfg, model, layout = run.cfg, run.model, run.layout
+    ec = cfg.eval
+    n_real = episodes if episodes is not None else ec.episodes
+    n_plan = plan_episodes if plan_episodes is not None else ec.plan_episodes
+    result = {"run": str(run.run_dir), "env_id": cfg.env.id, "step": run.state.get("step"),
+              "minutes": round(run.state.get("elapsed", 0.0) / 60, 2), "params": model.num_params(), "machine": machine()}
+    t0 = time.perf_counter()
+
+    # held-out transitions (validation seeds): teacher-forced accuracy = greedy one-step imagination
+    val = load_dataset(dataset_dir(cfg, run.run_dir)).episodes("val")
+    perturbed, after_random = episode_flags(val)
+    wm = teacher_forced_accuracy(model, layout, [layout.episode(e) for e in val], perturbed, after_random,
+                                 cfg.model.context, precision=precision)
+    result["world_model"] = wm
+    log(f"world model (held-out, {len(val)} episodes): next-frame exact {_pct(wm, 'expert', 'frame')} expert, "
+        f"{_pct(wm, 'perturbed', 'frame')} perturbed, {_pct(wm, 'after_random', 'frame')} after a random action")
+
+    # open-loop imagination from the real first observation, fed the episode's real actions
+    ol_eps = sorted(val, key=lambda e: -e.length)[: ec.open_loop]
+    mode = "parallel" if model.frame is not None else "tokens"
+    ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode=mode, precision=precision)
+    result["open_loop"] = ol
+    result["open_loop"]["mode"] = mode
+    log("open-loop imagination, exact frames: " + ", ".join(
+        f"{k} steps {ol['horizons'][str(k)]['frame']:.1%} (n={ol['horizons'][str(k)]['n']})" for k in HORIZONS
+        if ol["horizons"].get(str(k), {}).get("n")))
+
+    # the policy in the real environment, on seeds never used for training or validation
+    seeds = [split_seed("eval", cfg.data.seed, i) for i in range(n_real)]
+    t = time.perf_counter()
+    res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision,
+                       seed=ec.seed, progress=progress, desc="eval episodes")
+    result["real"] = _summary(res, seeds, time.perf_counter() - t)
+    log(f"policy in {cfg.env.id}: success {result['real']['success']:.1%} on {n_real} held-out seeds "
+        f"(mean return {result['real']['mean_return']:.3f}, mean length {result['real']['mean_length']:.1f})")
+
+    if n_plan > 0:
+        plan_seeds = seeds[:n_plan]
+        planner = ImaginationPlanner(horizon=ec.plan_horizon)
+        t = time.perf_counter()
+        pres = run_episodes(model, layout, cfg.env.id, plan_seeds, envs=ec.envs, greedy=True, precision=precision,
+                            seed=ec.seed, planner=planner, progress=progress, desc="plan episodes")
+        result["plan"] = _summary(pres, plan_seeds, time.perf_counter() - t)
+        result["plan"]["horizon"] = ec.plan_horizon
+        same = res[:n_plan]
+        result["plan"]["policy_success_same_seeds"] = float(np.mean([r.success for r in same]))
+        log(f"planning in imagination (horizon {ec.plan_horizon}): success {result['plan']['success']:.1%} on {n_plan} seeds "
+            f"(plain policy on the same seeds {result['plan']['policy_success_same_seeds']:.1%})")
+    result.setdefault("timing", {})["eval_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _summary(results, seeds, seconds: float) -> dict:
+    return {"episodes": len(results), "success": float(np.mean([r.success for r in results])),
+            "mean_return": float(np.mean([r.ret for r in results])), "mean_length": float(np.mean([r.length for r in results])),
+            "seeds": [int(seeds[0]), int(seeds[-1])], "seconds": round(seconds, 1)}
+
+
+def _pct(wm: dict, group: str, what: str) -> str:
+    v = wm.get(group, {}).get(what)
+    return "—" if v is None else f"{v:.1%}"
+
+
+def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif_steps: int = 20) -> Path:
+    """eval.json, the GIF of imagined beside real frames, and report.md in the run folder."""
+    from .collect import split_seed
+    from .imagine import imagined_vs_real, write_rollout_gif
+    from .report import write_report
+
+    run_dir = Path(run.run_dir)
+    write_json(run_dir / EVAL_JSON, result)
+    seed = gif_seed if gif_seed is not None else split_seed("eval", run.cfg.data.seed, 0)
+    frames = imagined_vs_real(run, run.cfg.env.id, seed, gif_steps)
+    gif = run_dir / "imagined.gif"
+    write_rollout_gif(frames, gif)
+    return write_report(run_dir, result, gif)
+
+
+def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
+    """collect (if needed) -> train -> evaluate -> report; returns the evaluation result."""
+    from ..run import load_world_run
+    from ..train import train
+
+    if cfg.recipe != "world":
+        raise ConfigError(f"run_world needs recipe=world, got {cfg.recipe}")
+    set_threads(cfg.train.threads)
+    timing = {}
+    data = dataset_dir(cfg, cfg.run_dir)
+    t = time.perf_counter()
+    if not (data / "meta.json").is_file():
+        if cfg.data.path:
+            from .episodes import load_dataset
+
+            load_dataset(data)  # the user named a folder: report what is wrong with it
+        collect_for(cfg, data, progress, log)
+    timing["collect_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    summary = train(cfg, progress=progress, log=log)
+    timing["train_s"] = round(time.perf_counter() - t, 1)
+    run = load_world_run(cfg.run_dir)
+    result = evaluate_world(run, progress=progress, log=log)
+    result["timing"] = {**timing, **result.get("timing", {})}
+    result["train"] = {k: summary[k] for k in ("step", "val_loss", "minutes", "params", "precision")}
+    report = write_outputs(run, result, log)
+    log(f"report: {report}")
+    return result
+
+
+def resume_world(run_dir: Path, overrides: list[str], progress: bool = True, log=print) -> dict:
+    """Finish an interrupted world run: train from its last checkpoint, then evaluate and report."""
+    from ..run import load_world_run
+    from ..train import train
+
+    train(resume=run_dir, overrides=overrides, progress=progress, log=log)
+    run = load_world_run(run_dir)
+    result = evaluate_world(run, progress=progress, log=log)
+    report = write_outputs(run, result, log)
+    log(f"report: {report}")
+    return result
+
+
+def read_eval(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / EVAL_JSON
+    return json.loads(p.read_text()) if p.is_file() else None

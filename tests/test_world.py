@@ -1,0 +1,215 @@
+"""The world recipe: observation tokenizer, stream layout, batches, training, metrics and acting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worldloom.config import StreamConfig, build_config
+from worldloom.tokenize import GridTokenizer, ScalarBins
+from worldloom.world.data import EpisodeData
+from worldloom.world.episodes import load_dataset
+from worldloom.world.stream import K_ACTION, K_OBS, StreamLayout
+
+from conftest import TINY_WORLD
+
+
+@pytest.fixture(scope="module")
+def episodes(world_dataset):
+    ds = load_dataset(world_dataset)
+    return ds.episodes("train"), ds.episodes("val")
+
+
+@pytest.fixture(scope="module")
+def layout(episodes):
+    return StreamLayout.build([e.mission for e in episodes[0]], 7, StreamConfig())
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+grid = GridTokenizer()
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_grid_tokenizer_round_trip_any_cell(seed):
+    rng = np.random.default_rng(seed)
+    image = np.stack([rng.integers(0, grid.n_objects, (7, 7)), rng.integers(0, grid.n_colors, (7, 7)),
+                      rng.integers(0, grid.n_states, (7, 7))], axis=-1).astype(np.uint8)
+    obs = {"image": image, "direction": int(rng.integers(4))}
+    ids = grid.encode(obs)
+    assert ids.shape == (50,) and ids.min() >= 0 and ids.max() < grid.vocab_size
+    back = grid.decode(ids)
+    assert np.array_equal(back["image"], image) and back["direction"] == obs["direction"]
+
+
+def test_grid_tokenizer_round_trips_real_observations(episodes):
+    for ep in episodes[0][:10]:
+        ids = grid.encode_batch(ep.obs["image"], ep.obs["direction"])
+        image, direction = grid.decode_batch(ids)
+        assert np.array_equal(image, ep.obs["image"]) and np.array_equal(direction, ep.obs["direction"])
+
+
+def test_grid_tokenizer_rejects_cells_outside_the_codebook():
+    bad = np.zeros((1, 7, 7, 3), np.uint8)
+    bad[0, 0, 0, 0] = grid.n_objects
+    with pytest.raises(ValueError, match="codebook"):
+        grid.encode_batch(bad, np.zeros(1))
+
+
+def test_grid_tokenizer_reads_the_far_row_first():
+    image = np.zeros((1, 7, 7, 3), np.uint8)
+    image[0, 3, 6] = (10, 0, 0)  # the agent's own cell [x=3, y=6] (object 10 = agent)
+    ids = grid.encode_batch(image, np.zeros(1))
+    assert ids[0, 6 * 7 + 3] == 10 * grid.n_colors * grid.n_states
+
+
+def test_reward_bins():
+    bins = ScalarBins(10)
+    ids = bins.encode_batch([0.0, 0.05, 0.1, 0.11, 1.0, 1.5, -1])
+    assert ids.tolist() == [0, 1, 1, 2, 10, 10, 0]
+    assert np.allclose(bins.decode_batch(ids), [0, 0.05, 0.05, 0.15, 0.95, 0.95, 0])
+
+
+# ---------------------------------------------------------------- stream layout
+
+
+def test_layout_round_trips_an_episode(layout, episodes):
+    ep = episodes[0][0]
+    tok = layout.episode(ep)
+    assert tok.steps.shape == (ep.length, layout.step_len)
+    assert layout.mission.decode(tok.prefix[1:-1] - layout.offset["mission"]) == ep.mission
+    image, direction = layout.decode_obs(tok.steps[:, : layout.obs_len])
+    assert np.array_equal(image, ep.obs["image"][: ep.length]) and np.array_equal(direction, ep.obs["direction"][: ep.length])
+    assert np.array_equal(layout.decode_action(tok.steps[:, layout.obs_len]), ep.action)
+    term, trunc = layout.decode_done(tok.steps[:, -1])
+    assert term[-1] == ep.terminated and not term[:-1].any() and not trunc.any()
+    assert np.allclose(layout.decode_reward(tok.steps[:, -2]), ep.reward, atol=0.5 / layout.reward.n_bins)
+    for pos in range(layout.step_len):  # every token sits in its position's vocabulary slice
+        lo, hi = layout.step_ranges[pos]
+        assert ((tok.steps[:, pos] >= lo) & (tok.steps[:, pos] < hi)).all()
+
+
+def test_layout_slices_do_not_overlap(layout):
+    spans = sorted((layout.offset[k], layout.offset[k] + layout.size[k]) for k in layout.offset)
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        assert a1 <= b0
+    assert spans[-1][1] == layout.vocab_size
+
+
+def test_layout_save_load(layout, tmp_path):
+    layout.save(tmp_path / "stream")
+    back = StreamLayout.load(tmp_path / "stream")
+    assert back.vocab_size == layout.vocab_size and back.offset == layout.offset
+    assert np.array_equal(back.prefix("go to the red ball"), layout.prefix("go to the red ball"))
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_batches_pack_rows_and_weight_targets_by_kind(layout, episodes):
+    train = [layout.episode(e) for e in episodes[0]]
+    cfg = StreamConfig(weight_obs=0.5, weight_action=2.0)
+    data = EpisodeData(layout, train, train, cfg, frame_head=True)
+    b = data.batch("train", 3, 255, torch.Generator().manual_seed(0))
+    assert b["input"].shape == (3, 255) and torch.equal(b["input"][:, 1:], b["target"][:, :-1])
+    w = b["weight"]
+    assert set(w[b["part_obs"]].unique().tolist()) == {0.5}
+    assert set(w[b["part_action"]].unique().tolist()) == {2.0}
+    # the frame targets are the tokens that follow each done token
+    flat_t = b["target"].flatten()
+    for k, idx in enumerate(b["frame_index"].tolist()):
+        assert torch.equal(b["frame_target"][k], flat_t[idx : idx + layout.obs_len])
+
+
+def test_random_actions_are_not_policy_targets(layout, episodes):
+    eps = [e for e in episodes[0] if e.random_action.any()]
+    assert eps, "the fixture should hold perturbed episodes with random actions"
+    ep = eps[0]
+    data = EpisodeData(layout, [layout.episode(ep)], [layout.episode(ep)], StreamConfig())
+    b = next(data.windows("train", 1024, 1))
+    kinds = layout.kinds_of(b["target"][0].numpy())
+    act_w = b["weight"][0].numpy()[kinds == K_ACTION]
+    assert np.array_equal(act_w == 0, ep.random_action[: len(act_w)])
+    obs_w = b["weight"][0].numpy()[kinds == K_OBS]
+    assert (obs_w[:50] == 0).all() and (obs_w[50:] == 1).all()  # o_0 (a new level) is not a transition target
+
+
+def test_context_too_small_for_one_step(layout, episodes):
+    from worldloom.errors import DataError
+
+    data = EpisodeData(layout, [layout.episode(e) for e in episodes[0]], [layout.episode(episodes[1][0])], StreamConfig())
+    with pytest.raises(DataError, match="model.context"):
+        data.check_context(32)
+
+
+# ---------------------------------------------------------------- the trained tiny run
+
+
+def test_world_run_learns(world_run):
+    from worldloom.train.plots import read_metrics
+
+    rows = [r for r in read_metrics(world_run / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert {"loss_obs", "loss_action", "loss_frame"} <= set(rows[0])
+
+
+def test_teacher_forced_accuracy_is_consistent(world_run, episodes):
+    from worldloom.run import load_world_run
+    from worldloom.world.metrics import episode_flags, teacher_forced_accuracy
+
+    run = load_world_run(world_run)
+    val = episodes[1]
+    p, ar = episode_flags(val)
+    acc = teacher_forced_accuracy(run.model, run.layout, [run.layout.episode(e) for e in val], p, ar, run.cfg.model.context)
+    for group in ("expert", "perturbed"):
+        g = acc[group]
+        assert 0 <= g["frame"] <= g["token"] <= 1  # a right frame needs all its tokens right
+        assert g["frame_n"] > 0 and g["token_n"] == 50 * g["frame_n"]
+        assert 0 <= g["frame_parallel"] <= 1
+
+
+def test_agent_acts_in_the_real_env(world_run):
+    from worldloom.run import load_world_run
+    from worldloom.world.agent import run_episodes
+
+    run = load_world_run(world_run)
+    seeds = [2_000_000 + i for i in range(5)]
+    res = run_episodes(run.model, run.layout, run.cfg.env.id, seeds, envs=2)
+    assert [r.seed for r in res] == seeds
+    for r in res:
+        assert 1 <= r.length <= 64 and (r.ret > 0) == r.success
+    again = run_episodes(run.model, run.layout, run.cfg.env.id, seeds, envs=5)  # batch size does not change greedy acting
+    assert [(r.success, r.length) for r in again] == [(r.success, r.length) for r in res]
+
+
+def test_runner_rolls_over_the_context(world_run):
+    """Past the context the runner keeps the mission and the latest steps, and goes on."""
+    from worldloom.run import load_world_run
+    from worldloom.world.runner import StreamRunner
+
+    run = load_world_run(world_run)
+    lay = run.layout
+    runner = StreamRunner(run.model, lay)
+    obs = lay.obs_ids(np.zeros((2, 7, 7, 3), np.uint8), np.zeros(2))
+    runner.reset([lay.prefix("go to the red ball"), lay.prefix("go to a key")], obs)
+    for _ in range(8):  # 8 steps of 53 tokens > context 256
+        h = runner.feed(np.concatenate([np.stack([lay.action_ids([2, 2]), lay.reward_ids([0, 0]), lay.done_ids([0, 0], [0, 0])], 1), obs], 1))
+        assert h.shape[:2] == (2, lay.step_len)
+    assert runner.rebuilds > 0 and runner.pos == lay.obs_len
+    assert np.isfinite(runner.logits(h[:, -1]).max(-1).values.numpy()).all()
+
+
+def test_world_config_errors():
+    from worldloom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recipe"):
+        build_config(None, ["recipe=dream"])
+    with pytest.raises(ConfigError, match="data.perturbed"):
+        build_config("babyai", ["data.perturbed=2"])
+    with pytest.raises(ConfigError, match="did you mean 'env.id'"):
+        build_config("babyai", ["env.idd=x"])
+    assert build_config(None, TINY_WORLD).recipe == "world"
