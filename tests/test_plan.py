@@ -103,7 +103,7 @@ def test_best_imagined_return_wins_and_ties_go_to_the_policy(world, monkeypatch)
     preferred = policy_action(runner, h)
 
     # no reward foreseen anywhere (all scores tie): the plain policy's action
-    monkeypatch.setattr(lay, "decode_reward", lambda ids: np.zeros(len(ids)))
+    monkeypatch.setattr(ImaginationPlanner, "expected_reward", staticmethod(lambda layout, logits: np.zeros(len(logits))))
     assert np.array_equal(planner.choose(runner, h), preferred)
 
     # one first action (not the policy's) foresees reward 1 on its first imagined step
@@ -111,16 +111,32 @@ def test_best_imagined_return_wins_and_ties_go_to_the_policy(world, monkeypatch)
     target = int((preferred[0] + 3) % K)
     calls = []
 
-    def stub(ids):
-        out = np.zeros(len(ids))
+    def stub(layout, logits):
+        out = np.zeros(len(logits))
         if not calls:  # the first imagined step: rows are b*K + k
-            out[np.arange(len(ids)) % K == target] = 1.0
+            out[np.arange(len(logits)) % K == target] = 1.0
         calls.append(1)
         return out
 
-    monkeypatch.setattr(lay, "decode_reward", stub)
+    monkeypatch.setattr(ImaginationPlanner, "expected_reward", staticmethod(stub))
     assert np.array_equal(planner.choose(runner, h), [target, target])
     assert planner.last_scores[:, target].tolist() == [1.0, 1.0]
+    # a gain smaller than the margin does not override the policy
+    calls.clear()
+    planner.margin = 2.0
+    assert np.array_equal(planner.choose(runner, h), preferred)
+
+
+def test_expected_reward_is_the_mean_of_the_bins(world):
+    lay = world.layout
+    logits = torch.full((2, lay.vocab_size), -1e9)
+    lo = lay.offset["reward"]
+    logits[0, lo] = 0.0  # all mass on "exactly zero"
+    logits[1, lo + lay.reward.n_bins] = 0.0  # all mass on the top bin
+    logits[1, lo + 1] = 0.0  # and as much on the lowest non-zero bin
+    exp = ImaginationPlanner.expected_reward(lay, logits)
+    top, low = lay.decode_reward([lo + lay.reward.n_bins, lo + 1])
+    np.testing.assert_allclose(exp, [0.0, (top + low) / 2], rtol=1e-6)
 
 
 def test_choose_with_wrapped_imagination(world, monkeypatch):

@@ -83,7 +83,7 @@ class EvalConfig:
 
     episodes: int = 500  # real-environment episodes on seeds never used in training or validation
     envs: int = 100  # environments stepped together (one batch)
-    greedy: bool = True  # act with the likeliest action (false: sample)
+    greedy: bool = False  # act with the likeliest action (false: sample from the policy; the greedy policy is reported too)
     plan_episodes: int = 100  # episodes for planning in imagination (0 = skip)
     plan_horizon: int = 4  # imagined steps per candidate
     transitions: int = 2000  # held-out transitions scored for next-observation accuracy (per kind)

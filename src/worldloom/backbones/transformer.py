@@ -11,6 +11,7 @@ so `worldloom export hf` is a renaming of tensors, not a conversion.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -44,6 +45,14 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _select_rows(state, rows: torch.Tensor):
+    """Rows of a recurrent layer's state: every tensor field is indexed on its batch axis (0)."""
+    if state is None:
+        return None
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return type(state)(**{k: v.index_select(0, rows) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
+
+
 class KVCache:
     """The decoding state of a layer stack: pre-allocated keys and values for attention
     layers, a recurrent state (``states[i]``: MambaState, RetentionState) for the others,
@@ -63,6 +72,18 @@ class KVCache:
         self.pad = pad if pad is not None and bool(pad.any()) else None
         self.pad_max = int(self.pad.max()) if self.pad is not None else 0  # slots before this may hold padding
         self.states: list = [None] * n_layer  # recurrent layers' states (None until their first token)
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `rows` (B',) of this one (repeats allowed), e.g. to branch
+        several continuations from one prefix without prefilling again."""
+        out = KVCache(len(self.k), len(rows), self.max_len)
+        out.k = [None if t is None else t.index_select(0, rows) for t in self.k]
+        out.v = [None if t is None else t.index_select(0, rows) for t in self.v]
+        out.length = self.length
+        out.pad = None if self.pad is None else self.pad.index_select(0, rows)
+        out.pad_max = self.pad_max
+        out.states = [_select_rows(st, rows) for st in self.states]
+        return out
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, KV, T, D) after the filled slots; return all keys/values so far."""

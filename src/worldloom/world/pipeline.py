@@ -94,17 +94,25 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision,
                        seed=ec.seed, progress=progress, desc="eval episodes")
     result["real"] = _summary(res, seeds, time.perf_counter() - t)
-    log(f"policy in {cfg.env.id}: success {result['real']['success']:.1%} on {n_real} held-out seeds "
+    result["real"]["policy"] = "greedy" if ec.greedy else "sampled"
+    log(f"policy ({result['real']['policy']}) in {cfg.env.id}: success {result['real']['success']:.1%} on {n_real} held-out seeds "
         f"(mean return {result['real']['mean_return']:.3f}, mean length {result['real']['mean_length']:.1f})")
+    if not ec.greedy:  # the greedy policy too, on the same seeds
+        t = time.perf_counter()
+        gres = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=True, precision=precision,
+                            progress=progress, desc="eval episodes (greedy)")
+        result["real_greedy"] = _summary(gres, seeds, time.perf_counter() - t)
+        log(f"greedy policy: success {result['real_greedy']['success']:.1%} on the same seeds")
 
     if n_plan > 0:
         plan_seeds = seeds[:n_plan]
-        planner = ImaginationPlanner(horizon=ec.plan_horizon)
+        planner = ImaginationPlanner(horizon=ec.plan_horizon, greedy=ec.greedy, seed=ec.seed)
         t = time.perf_counter()
-        pres = run_episodes(model, layout, cfg.env.id, plan_seeds, envs=ec.envs, greedy=True, precision=precision,
+        pres = run_episodes(model, layout, cfg.env.id, plan_seeds, envs=ec.envs, greedy=ec.greedy, precision=precision,
                             seed=ec.seed, planner=planner, progress=progress, desc="plan episodes")
         result["plan"] = _summary(pres, plan_seeds, time.perf_counter() - t)
         result["plan"]["horizon"] = ec.plan_horizon
+        result["plan"]["mode"] = "parallel" if model.frame is not None else "tokens"
         same = res[:n_plan]
         result["plan"]["policy_success_same_seeds"] = float(np.mean([r.success for r in same]))
         log(f"planning in imagination (horizon {ec.plan_horizon}): success {result['plan']['success']:.1%} on {n_plan} seeds "

@@ -6,23 +6,24 @@ the model alone:
 
     a (candidate) -> r, d predicted -> o' predicted -> a' (the model's policy) -> r', d' -> ...
 
-for ``horizon`` imagined steps, and scores the candidate by the predicted rewards (decoded from
-the reward tokens, discounted, nothing counted after a predicted end). The next observation is
+for ``horizon`` imagined steps, and scores the candidate by the predicted rewards (the expected
+value of the reward-token distribution, discounted, nothing counted after a predicted end;
+the likeliest reward token is what the imagined stream continues with). The next observation is
 predicted token by token (greedy, each token restricted to the ids its position may hold), or,
-with a frame head, in one pass (``mode``). The best-scoring first action is taken; ties — e.g.
-when no reward is predicted anywhere — go to the candidate the policy itself prefers (highest
-policy logit), so a planner that foresees nothing acts exactly like the plain greedy policy.
+with a frame head, in one pass (``mode``). The best-scoring first action is taken when its score beats the score of the policy's own
+action by more than ``margin``; otherwise the policy's action is taken (its argmax, or a sample
+with ``greedy=False``), so a planner that foresees nothing acts exactly like the plain policy.
 
 Batched: a scratch `StreamRunner` of B*K rows (row ``b*K + k`` = real stream b, candidate k)
-copies the real runner's prefixes and step tokens, is prefilled once, and then all B*K
+is forked from the real runner (its cache rows copied, not recomputed), and then all B*K
 imagined streams step together. The real runner is only read, never changed.
 
-Cost per real step: one prefill of B*K rows (each as long as its real stream: mission prefix
-plus the steps kept in the real cache), then per imagined step three single-token forwards
+Cost per real step: a copy of B*K cache rows, then per imagined step three single-token forwards
 (action, reward, done) and the next observation — ``obs_len`` single-token forwards
 ("tokens") or one frame-head pass plus one ``obs_len``-token forward ("parallel"); the last
 imagined step skips the observation. With token-by-token frames and horizon 4 that is about
-1 prefill + 3*4 + 3*50 = 162 batched forwards of B*K rows per real action.
+3*4 + 3*50 = 162 batched one-token forwards of B*K rows per real action; with the frame head,
+3*4 + 3*2 = 18 forwards (the observation chunks are 50 tokens each).
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ class ImaginationPlanner:
     candidates: env action indices to try first (None: every action of the layout).
     greedy_rollout: after the first action, follow the policy's likeliest action (False: sample).
     discount: weight ``discount**t`` of the reward predicted t steps ahead.
+    margin: how much better (in predicted return) a candidate must be than the policy's action to override it.
+    greedy: the policy's own action is its argmax (False: a sample from it).
     mode: how imagined observations are predicted — "tokens" (token by token), "parallel"
         (the frame head, one pass; the model must have one) or "auto" (parallel when the
         model has a frame head).
     """
 
     def __init__(self, horizon: int = 4, candidates=None, greedy_rollout: bool = True, discount: float = 1.0,
-                 mode: str = "auto", seed: int = 0):
+                 mode: str = "auto", seed: int = 0, margin: float = 0.05, greedy: bool = True):
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if mode not in MODES:
@@ -68,6 +71,7 @@ class ImaginationPlanner:
         if not 0.0 <= discount <= 1.0:
             raise ValueError(f"discount must be in [0, 1], got {discount}")
         self.horizon, self.greedy_rollout, self.discount, self.mode = int(horizon), bool(greedy_rollout), float(discount), mode
+        self.margin, self.greedy = float(margin), bool(greedy)
         self.candidates = None if candidates is None else np.asarray(list(candidates), np.int64).reshape(-1)
         if self.candidates is not None and not len(self.candidates):
             raise ValueError("candidates must not be empty")
@@ -100,8 +104,8 @@ class ImaginationPlanner:
     # -- imagination
     @torch.no_grad()
     def imagine(self, runner: StreamRunner, h: torch.Tensor | None = None) -> Imagined:
-        """Roll every (stream, candidate) pair ``horizon`` steps forward in the model (h is unused:
-        the scratch runner recomputes it in its prefill)."""
+        """Roll every (stream, candidate) pair ``horizon`` steps forward in the model; h (B, C) is the
+        real runner's last hidden state (recomputed by a prefill when not given)."""
         lay, model = runner.layout, runner.model
         if runner.pos != lay.obs_len:
             raise ValueError(f"the planner acts right after an observation (stream position {lay.obs_len}), "
@@ -110,11 +114,13 @@ class ImaginationPlanner:
         B, K, H = runner.batch, len(cand), self.horizon
         parallel = self._parallel(model)
 
-        scratch = StreamRunner(model, lay, runner.precision, runner.device)
-        scratch.context = runner.context
-        # row b*K + k: real stream b with candidate k (copies: the real runner's arrays stay untouched)
-        h = scratch.reset([np.array(p, copy=True) for p in runner.prefixes for _ in range(K)],
-                          np.repeat(runner.steps, K, axis=0))
+        # row b*K + k: real stream b with candidate k; the fork copies the cache rows (no prefill)
+        # and shares nothing mutable with the real runner
+        scratch = runner.fork(np.repeat(np.arange(B), K))
+        if h is None:
+            h = scratch.keep(np.arange(B * K))  # one prefill recomputes the last hidden states
+        else:
+            h = h.repeat_interleave(K, dim=0)
 
         rewards = np.zeros((B * K, H))
         ends = np.zeros((B * K, H), bool)
@@ -126,11 +132,12 @@ class ImaginationPlanner:
                 act = lay.decode_action(pick(scratch.logits(h), self.greedy_rollout, self.generator))
             actions[:, t] = act
             h = scratch.feed(lay.action_ids(act)[:, None])[:, -1]
-            r_id = pick(scratch.logits(h))
+            r_logits = scratch.logits(h)
+            r_id = pick(r_logits)
+            rewards[:, t] = self.expected_reward(lay, r_logits)
             h = scratch.feed(r_id[:, None])[:, -1]
             d_id = pick(scratch.logits(h))
             h = scratch.feed(d_id[:, None])[:, -1]
-            rewards[:, t] = lay.decode_reward(r_id)
             term, trunc = lay.decode_done(d_id)
             ends[:, t] = term | trunc
             if t == H - 1 or ends[:, : t + 1].any(axis=1).all():
@@ -144,18 +151,27 @@ class ImaginationPlanner:
                     h = scratch.feed(tok[:, None])[:, -1]
         return Imagined(cand, rewards.reshape(B, K, H), ends.reshape(B, K, H), actions.reshape(B, K, H))
 
+    @staticmethod
+    def expected_reward(layout, logits: torch.Tensor) -> np.ndarray:
+        """(N,) expected reward under the reward-token distribution of logits (N, V)."""
+        lo = layout.offset["reward"]
+        ids = np.arange(lo, lo + layout.reward.vocab_size)
+        probs = logits[:, lo : lo + len(ids)].float().softmax(-1).cpu().numpy()
+        return probs @ np.asarray(layout.decode_reward(ids), np.float64)
+
     def choose(self, runner: StreamRunner, h: torch.Tensor) -> np.ndarray:
-        """The env action (B,) for every real stream: the candidate with the best imagined return;
-        ties go to the candidate the policy prefers at h."""
+        """The env action (B,) for every real stream: the candidate with the best imagined return
+        if it beats the policy's own action by more than ``margin``, else the policy's action."""
         lay = runner.layout
-        policy = runner.logits(h, lay.obs_len).float().cpu().numpy()  # (B, V), action ids only
+        logits = runner.logits(h, lay.obs_len)  # (B, V), action ids only
         imagined = self.imagine(runner, h)
         cand = imagined.candidates
         scores = self.score(imagined)  # (B, K)
-        pref = policy[:, lay.action_ids(cand)]  # (B, K) the policy's logit for each candidate
-        best = scores.max(axis=1, keepdims=True)
-        tied = np.isclose(scores, best, rtol=0.0, atol=1e-6)
-        choice = np.where(tied, pref, -np.inf).argmax(axis=1)
+        pref = logits[:, torch.from_numpy(lay.action_ids(cand))]  # (B, K) the policy over the candidates
+        own = pick(pref, self.greedy, self.generator)  # (B,) index into cand
+        best = scores.argmax(axis=1)
+        rows = np.arange(scores.shape[0])
+        choice = np.where(scores[rows, best] > scores[rows, own] + self.margin, best, own)
         self.last_scores, self.last_imagined = scores, imagined
         self.calls += 1
         return cand[choice].astype(np.int64)

@@ -134,6 +134,18 @@ class StreamRunner:
                              f"context {self.context}")
         return min(fit, max(1, (self.context // 2) // lay.step_len))
 
+    def fork(self, rows) -> "StreamRunner":
+        """A new runner whose streams are copies of rows `rows` of this one (repeats allowed),
+        sharing nothing mutable with it: the cache rows are copied, not recomputed."""
+        rows = np.asarray(rows, np.int64)
+        out = StreamRunner(self.model, self.layout, self.precision, self.device)
+        out.context = self.context
+        out.prefixes = [self.prefixes[r] for r in rows]
+        out.steps = self.steps[rows].copy()
+        out.cache = self.cache.select(torch.from_numpy(rows).to(self.device)) if self.cache is not None else None
+        out.rebuilds = self.rebuilds
+        return out
+
     # -- reading the model's predictions
     @torch.no_grad()
     def logits(self, h: torch.Tensor, pos: int | None = None) -> torch.Tensor:
