@@ -81,7 +81,7 @@ def test_choose_does_not_change_the_real_runner(world):
         twin.feed(tail)
     steps, prefixes, cache = runner.steps.copy(), [p.copy() for p in runner.prefixes], runner.cache
     before = runner.logits(h).clone()
-    ImaginationPlanner(horizon=2, mode="tokens").choose(runner, h)
+    ImaginationPlanner(horizon=1, mode="tokens").choose(runner, h)  # the horizon fits: no make_room roll-over
     assert np.array_equal(runner.steps, steps) and runner.cache is cache
     assert all(np.array_equal(a, b) for a, b in zip(runner.prefixes, prefixes))
     assert torch.equal(runner.logits(h), before)
@@ -99,7 +99,7 @@ def test_planner_drives_real_episodes(world):
 def test_best_imagined_return_wins_and_ties_go_to_the_policy(world, monkeypatch):
     runner, h, _, _ = start(world, steps=1)
     lay = world.layout
-    planner = ImaginationPlanner(horizon=2, mode="parallel")
+    planner = ImaginationPlanner(horizon=2, mode="parallel", top_k=None)
     preferred = policy_action(runner, h)
 
     # no reward foreseen anywhere (all scores tie): the plain policy's action
@@ -125,6 +125,10 @@ def test_best_imagined_return_wins_and_ties_go_to_the_policy(world, monkeypatch)
     calls.clear()
     planner.margin = 2.0
     assert np.array_equal(planner.choose(runner, h), preferred)
+    # nor does a candidate outside the policy's top-k
+    calls.clear()
+    planner.margin, planner.top_k = 0.05, 1
+    assert np.array_equal(planner.choose(runner, h), preferred)
 
 
 def test_expected_reward_is_the_mean_of_the_bins(world):
@@ -142,7 +146,7 @@ def test_expected_reward_is_the_mean_of_the_bins(world):
 def test_choose_with_wrapped_imagination(world, monkeypatch):
     """The same through the Imagined result: reward later in the rollout counts, after a predicted end it does not."""
     runner, h, _, _ = start(world)
-    planner = ImaginationPlanner(horizon=3, mode="parallel")
+    planner = ImaginationPlanner(horizon=3, mode="parallel", top_k=None)
     real_imagine = planner.imagine
     preferred = policy_action(runner, h)
     K = world.layout.n_actions

@@ -73,12 +73,24 @@ class KVCache:
         self.pad_max = int(self.pad.max()) if self.pad is not None else 0  # slots before this may hold padding
         self.states: list = [None] * n_layer  # recurrent layers' states (None until their first token)
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
+    def select(self, rows: torch.Tensor, max_len: int | None = None) -> "KVCache":
         """A new cache holding rows `rows` (B',) of this one (repeats allowed), e.g. to branch
-        several continuations from one prefix without prefilling again."""
-        out = KVCache(len(self.k), len(rows), self.max_len)
-        out.k = [None if t is None else t.index_select(0, rows) for t in self.k]
-        out.v = [None if t is None else t.index_select(0, rows) for t in self.v]
+        several continuations from one prefix without prefilling again. Only the filled slots are
+        copied; `max_len` (>= length) sizes the new cache (default: this one's)."""
+        max_len = self.max_len if max_len is None else max_len
+        if max_len < self.length:
+            raise ValueError(f"max_len {max_len} is shorter than the {self.length} filled slots")
+        out = KVCache(len(self.k), len(rows), max_len)
+
+        def take(t):
+            if t is None:
+                return None
+            new = t.new_zeros(len(rows), t.shape[1], max_len, t.shape[3])
+            new[:, :, : self.length] = t[:, :, : self.length].index_select(0, rows)
+            return new
+
+        out.k = [take(t) for t in self.k]
+        out.v = [take(t) for t in self.v]
         out.length = self.length
         out.pad = None if self.pad is None else self.pad.index_select(0, rows)
         out.pad_max = self.pad_max

@@ -14,9 +14,13 @@ with a frame head, in one pass (``mode``). The best-scoring first action is take
 action by more than ``margin``; otherwise the policy's action is taken (its argmax, or a sample
 with ``greedy=False``), so a planner that foresees nothing acts exactly like the plain policy.
 
+Before imagining, the real runner makes room for the horizon (``make_room``: one roll-over of
+its B rows, the same one it would do by itself a little later) so that the imagined streams
+never need one. Otherwise the real runner is only read.
+
 Batched: a scratch `StreamRunner` of B*K rows (row ``b*K + k`` = real stream b, candidate k)
 is forked from the real runner (its cache rows copied, not recomputed), and then all B*K
-imagined streams step together. The real runner is only read, never changed.
+imagined streams step together.
 
 Cost per real step: a copy of B*K cache rows, then per imagined step three single-token forwards
 (action, reward, done) and the next observation — ``obs_len`` single-token forwards
@@ -57,13 +61,16 @@ class ImaginationPlanner:
     discount: weight ``discount**t`` of the reward predicted t steps ahead.
     margin: how much better (in predicted return) a candidate must be than the policy's action to override it.
     greedy: the policy's own action is its argmax (False: a sample from it).
+    top_k: only the policy's k likeliest candidates may override its action (None: any). The
+        world model has rarely or never seen the consequences of actions the expert does not
+        take, and its reward predictions for them are not to be trusted.
     mode: how imagined observations are predicted — "tokens" (token by token), "parallel"
         (the frame head, one pass; the model must have one) or "auto" (parallel when the
         model has a frame head).
     """
 
     def __init__(self, horizon: int = 4, candidates=None, greedy_rollout: bool = True, discount: float = 1.0,
-                 mode: str = "auto", seed: int = 0, margin: float = 0.05, greedy: bool = True):
+                 mode: str = "auto", seed: int = 0, margin: float = 0.05, greedy: bool = True, top_k: int | None = 3):
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if mode not in MODES:
@@ -72,6 +79,9 @@ class ImaginationPlanner:
             raise ValueError(f"discount must be in [0, 1], got {discount}")
         self.horizon, self.greedy_rollout, self.discount, self.mode = int(horizon), bool(greedy_rollout), float(discount), mode
         self.margin, self.greedy = float(margin), bool(greedy)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or None), got {top_k}")
+        self.top_k = top_k
         self.candidates = None if candidates is None else np.asarray(list(candidates), np.int64).reshape(-1)
         if self.candidates is not None and not len(self.candidates):
             raise ValueError("candidates must not be empty")
@@ -114,9 +124,14 @@ class ImaginationPlanner:
         B, K, H = runner.batch, len(cand), self.horizon
         parallel = self._parallel(model)
 
+        # room for the whole imagined horizon: at most one rebuild of the B real rows now, instead
+        # of rebuilds of all B*K imagined rows inside the horizon
+        rebuilt = runner.make_room(H * lay.step_len)
+        if rebuilt is not None:
+            h = rebuilt
         # row b*K + k: real stream b with candidate k; the fork copies the cache rows (no prefill)
         # and shares nothing mutable with the real runner
-        scratch = runner.fork(np.repeat(np.arange(B), K))
+        scratch = runner.fork(np.repeat(np.arange(B), K), room=H * lay.step_len)
         if h is None:
             h = scratch.keep(np.arange(B * K))  # one prefill recomputes the last hidden states
         else:
@@ -163,15 +178,22 @@ class ImaginationPlanner:
         """The env action (B,) for every real stream: the candidate with the best imagined return
         if it beats the policy's own action by more than ``margin``, else the policy's action."""
         lay = runner.layout
+        rebuilt = runner.make_room(self.horizon * lay.step_len)  # see imagine()
+        if rebuilt is not None:
+            h = rebuilt
         logits = runner.logits(h, lay.obs_len)  # (B, V), action ids only
         imagined = self.imagine(runner, h)
         cand = imagined.candidates
         scores = self.score(imagined)  # (B, K)
         pref = logits[:, torch.from_numpy(lay.action_ids(cand))]  # (B, K) the policy over the candidates
         own = pick(pref, self.greedy, self.generator)  # (B,) index into cand
-        best = scores.argmax(axis=1)
+        eligible = scores.copy()
+        if self.top_k is not None and self.top_k < len(cand):
+            rank = (-pref).argsort(dim=1).argsort(dim=1).cpu().numpy()  # 0 = the policy's favourite
+            eligible[rank >= self.top_k] = -np.inf
+        best = eligible.argmax(axis=1)
         rows = np.arange(scores.shape[0])
-        choice = np.where(scores[rows, best] > scores[rows, own] + self.margin, best, own)
+        choice = np.where(eligible[rows, best] > scores[rows, own] + self.margin, best, own)
         self.last_scores, self.last_imagined = scores, imagined
         self.calls += 1
         return cand[choice].astype(np.int64)

@@ -192,7 +192,9 @@ def _table(result) -> list[str]:
     minutes = _num(_get(result, "minutes"))
     timing = _get(result, "timing")
     rows = [
-        (f"Success, plain policy ({n_real} held-out seeds, {_seeds(real)})", _pct(_get(real, "success"))),
+        (f"Success, plain policy{' (' + str(_get(real, 'policy')) + ')' if _get(real, 'policy') else ''} "
+         f"({n_real} held-out seeds, {_seeds(real)})", _pct(_get(real, "success"))),
+        ("Success, greedy policy (same seeds)", _pct(_get(result, "real_greedy", "success"))),
         ("Mean return, plain policy", _fmt(_get(real, "mean_return"))),
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", _pct(_get(plan, "success"))),
@@ -205,6 +207,8 @@ def _table(result) -> list[str]:
         ("Expert action accuracy (held-out episodes)", _pct(_get(wm, "expert", "action"))),
         ("Open loop, exact frame after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "frame")) for o in ol)),
         ("Open loop, per-cell accuracy after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "cell")) for o in ol)),
+        ("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
+         " / ".join(_pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10))),
         ("Training steps", _int(_get(result, "step"))),
         ("Training time (minutes)", DASH if minutes is None else f"{minutes:.1f}"),
         ("Parameters", _params(_get(result, "params"))),

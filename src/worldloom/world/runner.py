@@ -98,7 +98,8 @@ class StreamRunner:
         n = ids.shape[1]
         lay = self.layout
         P = max(len(p) for p in self.prefixes)
-        if P + self.steps.shape[1] + n > self.context:  # full: keep the prefix and the latest steps
+        capacity = self.context if self.cache is None else min(self.context, self.cache.max_len)
+        if P + self.steps.shape[1] + n > capacity:  # full: keep the prefix and the latest steps
             self.rebuilds += 1
             self.steps = np.concatenate([self.steps, ids], axis=1)
             return self._prefill(self._steps_to_keep())[:, -n:]
@@ -122,27 +123,40 @@ class StreamRunner:
         over = P + self.steps.shape[1] > self.context
         return self._prefill(self._steps_to_keep() if over else None)[:, -1]
 
-    def _steps_to_keep(self) -> int:
+    def _steps_to_keep(self, room: int = 0) -> int:
         """Whole steps to keep behind the prefix when rebuilding: about half the context, and never
-        more than fit with the current partial step (which is always kept)."""
+        more than fit with the current partial step (which is always kept) and `room` more tokens."""
         lay = self.layout
         P = max(len(p) for p in self.prefixes)
         partial = self.steps.shape[1] % lay.step_len
-        fit = (self.context - P - partial) // lay.step_len
+        fit = (self.context - P - partial - room) // lay.step_len
         if fit < 0:
-            raise ValueError(f"the mission prefix ({P} tokens) and one step ({lay.step_len}) do not fit in the model "
-                             f"context {self.context}")
+            raise ValueError(f"the mission prefix ({P} tokens), the current step and {room} more tokens do not fit "
+                             f"in the model context {self.context}")
         return min(fit, max(1, (self.context // 2) // lay.step_len))
 
-    def fork(self, rows) -> "StreamRunner":
+    def make_room(self, n: int) -> torch.Tensor | None:
+        """Make sure `n` more tokens fit without a rebuild (rebuilding now, once, if they would not).
+        Returns the new last hidden states (B, C) after a rebuild, else None."""
+        P = max(len(p) for p in self.prefixes)
+        if P + self.steps.shape[1] + n <= self.context:
+            return None
+        self.rebuilds += 1
+        return self._prefill(self._steps_to_keep(room=n))[:, -1]
+
+    def fork(self, rows, room: int | None = None) -> "StreamRunner":
         """A new runner whose streams are copies of rows `rows` of this one (repeats allowed),
-        sharing nothing mutable with it: the cache rows are copied, not recomputed."""
+        sharing nothing mutable with it: the cache rows are copied, not recomputed. With `room`,
+        its cache holds only that many more tokens (less to allocate; feeding more than that
+        makes it roll over like any runner)."""
         rows = np.asarray(rows, np.int64)
         out = StreamRunner(self.model, self.layout, self.precision, self.device)
         out.context = self.context
         out.prefixes = [self.prefixes[r] for r in rows]
         out.steps = self.steps[rows].copy()
-        out.cache = self.cache.select(torch.from_numpy(rows).to(self.device)) if self.cache is not None else None
+        if self.cache is not None:
+            max_len = None if room is None else min(self.cache.max_len, self.cache.length + room)
+            out.cache = self.cache.select(torch.from_numpy(rows).to(self.device), max_len)
         out.rebuilds = self.rebuilds
         return out
 
