@@ -31,7 +31,7 @@ def pipeline_run(tmp_path_factory):
 def test_train_runs_the_whole_pipeline(pipeline_run):
     run = pipeline_run
     for name in ("data/meta.json", "stream/stream.json", "config.yaml", "metrics.jsonl", "eval.json", "report.md",
-                 "imagined.gif", "learning_curves.png"):
+                 "imagined.gif", "learning_curves.png", "open_loop.png", "success.png"):
         assert (run / name).is_file(), name
     res = json.loads((run / "eval.json").read_text())
     assert res["real"]["episodes"] == 6 and 0 <= res["real"]["success"] <= 1

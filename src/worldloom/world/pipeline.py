@@ -82,6 +82,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     # token by token (the accurate way); with a frame head, also in one pass per frame
     ol_eps = sorted(val, key=lambda e: -e.length)[: ec.open_loop]
     ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision)
+    ol["curve"] = curve_rows(ol["curve"])
     result["open_loop"] = ol
     if model.frame is not None:
         olp = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="parallel", precision=precision)
@@ -121,6 +122,12 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
             f"(plain policy on the same seeds {result['plan']['policy_success_same_seeds']:.1%})")
     result.setdefault("timing", {})["eval_s"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def curve_rows(curve: dict) -> list[dict]:
+    """{"k": [...], "frame": [...], ...} -> [{"k": 1, "frame": ..., ...}, ...] (one row per horizon)."""
+    keys = list(curve)
+    return [dict(zip(keys, vals)) for vals in zip(*(curve[k] for k in keys))]
 
 
 def _summary(results, seeds, seconds: float) -> dict:
