@@ -49,7 +49,7 @@ def cli_error(capsys, argv) -> str:
 
 
 def cli_train_args(data, out_dir, name="x"):
-    return ["train", *TINY, f"data.path={data}", f"out_dir={out_dir}", f"name={name}", "--no-progress"]
+    return ["train", "shakespeare-char", *TINY, f"data.path={data}", f"out_dir={out_dir}", f"name={name}", "--no-progress"]
 
 
 # ---------------------------------------------------------------- data
@@ -63,7 +63,7 @@ def test_missing_data_file(tiny_cfg, tmp_path, capsys):
 
 
 def test_no_data_path(tmp_path, capsys):
-    assert "data.path" in cli_error(capsys, ["train", *TINY, f"out_dir={tmp_path}", "--no-progress"])
+    assert "data.path" in cli_error(capsys, ["train", "shakespeare-char", *TINY, f"out_dir={tmp_path}", "--no-progress"])
 
 
 @pytest.mark.parametrize("content", ["", "  \n\n\t "])

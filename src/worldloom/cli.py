@@ -42,14 +42,19 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _preset(args) -> str | None:
+    """The preset word of `train` / `collect`, or None when the first word is an override (`key=value`)."""
+    if args.preset and "=" in args.preset:
+        args.overrides.insert(0, args.preset)
+        args.preset = None
+    return args.preset
+
+
 def _cmd_train(args) -> int:
     from .config import build_config
     from .train import train
 
-    preset = args.preset
-    if preset and "=" in preset:  # `worldloom train key=value ...`: the first word is an override
-        args.overrides.insert(0, preset)
-        preset = None
+    preset = _preset(args)
     if args.resume:
         if preset:
             raise WorldloomError("give either a preset or --resume RUN, not both")
@@ -77,10 +82,7 @@ def _cmd_collect(args) -> int:
     from .config import build_config
     from .world.pipeline import collect_for
 
-    preset = args.preset
-    if preset and "=" in preset:
-        args.overrides.insert(0, preset)
-        preset = None
+    preset = _preset(args)
     cfg = build_config(preset or "babyai", args.overrides)
     out = Path(args.out) if args.out else Path("data") / cfg.env.id
     collect_for(cfg, out, progress=not args.no_progress)

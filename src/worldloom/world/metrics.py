@@ -94,7 +94,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
                 tally.add(f"{group}/done", right[b, d])
         if model.frame is not None and fl is not None:  # parallel frames, in the order collate listed them
             fi = batch["frame_index"].numpy()
-            frame_ok = (_constrain_frame(layout, fl).argmax(-1) == batch["frame_target"]).numpy()
+            frame_ok = (layout.mask_frame(fl).argmax(-1) == batch["frame_target"]).numpy()
             for k, flat in enumerate(fi):
                 b = flat // inp.shape[1]
                 tally.add(f"{'perturbed' if perturbed[i0 + b] else 'expert'}/frame_parallel", frame_ok[k].all())
@@ -106,13 +106,6 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
         out.setdefault(group, {})[what] = v["accuracy"]
         out[group][f"{what}_n"] = v["n"]
     return out
-
-
-def _constrain_frame(layout: StreamLayout, logits: torch.Tensor) -> torch.Tensor:
-    ranges = torch.from_numpy(layout.step_ranges[: layout.obs_len])
-    ids = torch.arange(logits.shape[-1])
-    allowed = (ids[None] >= ranges[:, :1]) & (ids[None] < ranges[:, 1:])
-    return logits.masked_fill(~allowed[None], float("-inf"))
 
 
 def _weights_all():

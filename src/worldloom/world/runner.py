@@ -179,10 +179,7 @@ class StreamRunner:
         restricted to its own ids."""
         with autocast(self.precision, self.device):
             logits = self.model.frame_logits(h).float()
-        ranges = self.layout.step_ranges[: self.layout.obs_len]
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        allowed = (ids[None] >= torch.from_numpy(ranges[:, :1]).to(logits.device)) & (ids[None] < torch.from_numpy(ranges[:, 1:]).to(logits.device))
-        return logits.masked_fill(~allowed[None], float("-inf"))
+        return self.layout.mask_frame(logits)
 
 
 def pick(logits: torch.Tensor, greedy: bool = True, generator: torch.Generator | None = None) -> np.ndarray:
