@@ -117,12 +117,6 @@ class StreamLayout:
                                 self.done_ids(term, trunc)[:, None]], axis=1)
         return EpisodeTokens(self.prefix(ep.mission), steps, ~np.asarray(ep.random_action, bool))
 
-    def step_ids(self, image, direction, action, reward, terminated, truncated) -> np.ndarray:
-        """One step for a batch of N streams -> (N, step_len)."""
-        N = len(image)
-        return np.concatenate([self.obs_ids(image, direction), self.action_ids(action).reshape(N, 1),
-                               self.reward_ids(reward).reshape(N, 1), self.done_ids(terminated, truncated).reshape(N, 1)], axis=1)
-
     # -- decoding
     def decode_obs(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.obs.decode_batch(np.asarray(ids) - self.offset["obs"])
@@ -177,11 +171,3 @@ class StreamLayout:
             raise CheckpointError(f"stream layout in {folder} gives {layout.vocab_size} tokens, but it recorded {meta.get('vocab_size')}")
         return layout
 
-
-def slot_ids(ids: np.ndarray, layout: StreamLayout, prefix_len: int) -> np.ndarray:
-    """Slots of a sequence that starts with a prefix of `prefix_len` tokens followed by whole or partial steps."""
-    n = len(ids) - prefix_len
-    slots = np.zeros(len(ids), dtype=np.int64)
-    if n > 0:
-        slots[prefix_len:] = 1 + np.arange(n) % layout.step_len
-    return slots
