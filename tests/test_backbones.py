@@ -316,7 +316,7 @@ def test_cli_train_then_generate(tmp_path, corpus_file, capsys, overrides):
     (["model.backbone=mamba", "model.n_layer=2", "model.layers=mamba,attn"], "backbone=hybrid"),
     (["model.ffn=moa"], "model.ffn"),
     (["model.ffn=moe", "model.moe_experts=2", "model.moe_top_k=3"], "moe_top_k"),
-    (["model.chunk=0"], "model.chunk"),
+    (["model.chunk=-1"], "model.chunk"),
     (["model.moe_capacity=-1"], "moe_capacity"),
     (["model.backbone=mambo"], "did you mean 'mamba'"),
 ])

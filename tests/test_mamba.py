@@ -79,6 +79,17 @@ def test_forward_matches_reference_mixer():
     torch.testing.assert_close(y, reference_mixer(m, x), atol=ATOL, rtol=1e-5)
 
 
+def test_automatic_chunk_depends_on_batch_and_matches_the_reference():
+    m = mixer(chunk=0)
+    m.CHUNK_NUMBERS = 2 * m.d_inner * m.d_state * 4  # small budget so the choice changes within tiny batches
+    assert m.chunk_for(1) == 8 and m.chunk_for(2) == 4 and m.chunk_for(64) == 4  # power of two, at least 4
+    for B in (1, 3):
+        x = torch.randn(B, 21, 16)  # 21 steps: several chunks and a short last one
+        torch.testing.assert_close(m(x)[0], reference_mixer(m, x), atol=ATOL, rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk"):
+        MambaMixer(16, chunk=-1)
+
+
 def test_steps_match_forward_and_final_state():
     m = mixer(chunk=4)
     x = torch.randn(2, 11, 16)

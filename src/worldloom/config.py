@@ -139,7 +139,7 @@ class ModelConfig:
     mamba_d_state: int = 16
     mamba_expand: int = 2
     mamba_d_conv: int = 4
-    chunk: int = 64  # time steps per chunk of the Mamba scan / chunkwise retention (any value, same result)
+    chunk: int = 0  # time steps per chunk of the Mamba scan / chunkwise retention (any value, same result); 0 = automatic (Mamba: by batch size, RetNet: 64)
     slots: int = 0  # learned slot embeddings (position within a world step); set from the stream layout
     period: int = 0  # step-skip input: each position also embeds the token one period (a world step) before its target; set from the stream
     frame_tokens: int = 0  # frame head: tokens of the next observation predicted in one pass (0 = off); set from the stream
@@ -158,9 +158,11 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.slots < 0 or self.frame_tokens < 0 or self.period < 0:
             raise ConfigError("model.slots, model.period and model.frame_tokens must be >= 0")
-        for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv", "chunk"):
+        for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.chunk < 0:
+            raise ConfigError(f"model.chunk must be >= 0 (0 = automatic), got {self.chunk}")
         if self.ffn not in FFNS:
             raise ConfigError(f"model.ffn must be one of {', '.join(FFNS)}; got {self.ffn!r}")
         if self.moe_top_k > self.moe_experts:

@@ -150,18 +150,25 @@ class MambaMixer(nn.Module):
     """in_proj -> causal depthwise conv -> SiLU -> selective SSM (+ D skip) -> gate silu(z) -> out_proj.
 
     `chunk` is the number of time steps per chunk of the training scan; any value gives the same
-    result. On CPU the scan is fastest when B * chunk * d_inner * d_state is around 1-3 million
-    (chunk 8-16 at B=16, d_model=384; 32-64 at B=1).
+    result. 0 (the default) picks it per call from the batch size: the scan is memory-bound, and
+    on a CPU it runs fastest when one chunk's (B, chunk, d_inner, d_state) tensors hold about
+    0.5-1 million numbers (they then stay in the L2 cache). Measured on the 2-core Xeon, forward +
+    backward of the scan per 4,096 tokens at d_inner 512, d_state 16: B=16 chunk 8 0.31 s vs
+    chunk 64 0.80 s; B=1 chunk 128 0.30 s vs chunk 16 0.46 s.
     """
+
+    CHUNK_NUMBERS = 1 << 20  # target size of one chunk's state tensor when chunk = 0
 
     dt_min, dt_max = 1e-3, 1e-1  # range of Δ at init (the paper's)
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0,
-                 chunk: int = 64):
+                 chunk: int = 0):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        if chunk < 0:
+            raise ValueError("chunk must be >= 0 (0 = automatic)")
         self.chunk = chunk
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=True)
@@ -186,6 +193,13 @@ class MambaMixer(nn.Module):
         # S4D-real: A[:, n] = -(n + 1) for every channel
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         self.D.fill_(1.0)
+
+    def chunk_for(self, batch: int) -> int:
+        """Time steps per scan chunk for this batch size: `chunk`, or the automatic choice (a power of two in [4, 256])."""
+        if self.chunk:
+            return self.chunk
+        fit = self.CHUNK_NUMBERS // max(1, batch * self.d_inner * self.d_state)
+        return min(256, max(4, 1 << max(0, fit.bit_length() - 1)))
 
     def init_state(self, batch: int, device=None, dtype=None) -> MambaState:
         device = device if device is not None else self.A_log.device
@@ -219,7 +233,7 @@ class MambaMixer(nn.Module):
         if valid is not None:
             dt = dt * valid.unsqueeze(-1).to(dt.dtype)
         A = -torch.exp(_fp32(self.A_log))  # (D, N)
-        y, h = selective_scan(xc, dt, A, Bm, C, state.ssm if state is not None else None, self.chunk)
+        y, h = selective_scan(xc, dt, A, Bm, C, state.ssm if state is not None else None, self.chunk_for(B))
         y = (y + _fp32(xc) * self.D).to(x.dtype) * F.silu(z)  # (B, T, D)
         out = self.out_proj(y)
         if state is None and not return_state:
@@ -248,7 +262,7 @@ if __name__ == "__main__":  # forward+backward timings on this CPU, one thread
     m = MambaMixer(384)
     for B, T in ((16, 256), (1, 4096)):
         x = torch.randn(B, T, 384, requires_grad=True)
-        for m.chunk in (16, 64):
+        for m.chunk in (0, 16, 64):
             for _ in range(2):  # the first run warms up
                 t0 = time.perf_counter()
                 y, _ = m(x)

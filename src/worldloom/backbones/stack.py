@@ -43,7 +43,7 @@ def _mixer(kind: str, cfg) -> nn.Module:
         return MambaMixer(cfg.d_model, d_state=cfg.mamba_d_state, d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand,
                           chunk=cfg.chunk)
     if kind == "retnet":
-        return MultiScaleRetention(cfg.d_model, cfg.n_head, chunk=cfg.chunk, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
+        return MultiScaleRetention(cfg.d_model, cfg.n_head, chunk=cfg.chunk or 64, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
     raise ValueError(f"unknown mixer {kind!r}")  # the config has validated the names
 
 
