@@ -159,6 +159,7 @@ def run_case(spec: dict) -> None:
     from worldloom.config import ModelConfig
     from worldloom.model import LWM
 
+    torch.set_flush_denormal(True)  # as the CLI does, before the first parallel op (see runtime.flush_denormals)
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     emit({"phase": "start", "baseline_rss_mb": rss_mb(), "rss_before_import_mb": baseline,

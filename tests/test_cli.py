@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from worldloom.cli import main
@@ -217,3 +218,11 @@ def test_console_script_is_installed():
     assert proc.returncode == 0, proc.stderr
     for verb in ("presets", "train", "generate", "eval", "export"):
         assert verb in proc.stdout
+
+
+def test_denormals_are_flushed_after_startup():
+    from worldloom.runtime import flush_denormals
+
+    flush_denormals()
+    tiny = torch.tensor([3e-39, 1e-30])  # the first is below fp32's smallest normal number (1.2e-38)
+    assert (tiny * 1.0).tolist()[0] == 0.0 and (tiny * 1.0).tolist()[1] > 0.0

@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import flush_denormals
+
+    flush_denormals()  # before torch starts its worker threads: they inherit the mode
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
