@@ -1,4 +1,4 @@
-"""Every backbone of the layer stack (transformer, mamba, retnet, hybrid; SwiGLU or MoE feed-forward)
+"""Every backbone of the layer stack (transformer, mamba, mamba2, retnet, hybrid; SwiGLU or MoE feed-forward)
 behind one protocol: cached == uncached, left padding exact, gradients, checkpoints, the CLI."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from worldloom.backbones.mamba import MambaMixer
+from worldloom.backbones.mamba2 import Mamba2Mixer
 from worldloom.backbones.moe import MoEFeedForward
 from worldloom.backbones.retnet import MultiScaleRetention
 from worldloom.checkpoint import save_checkpoint
@@ -27,14 +28,16 @@ from worldloom.train.optim import param_groups
 V, CTX = 37, 24
 ATOL = 1e-5
 SMALL = dict(n_layer=3, n_head=2, d_model=16, context=CTX, vocab_size=V, chunk=5, mamba_d_state=4,
-             moe_experts=4, moe_top_k=2)
+             mamba2_d_state=4, mamba2_head_dim=8, moe_experts=4, moe_top_k=2)
 
 CASES = {
     "transformer": dict(backbone="transformer"),
     "mamba": dict(backbone="mamba"),
+    "mamba2": dict(backbone="mamba2"),
     "retnet": dict(backbone="retnet"),
     "hybrid": dict(backbone="hybrid", layers="mamba,attn,retnet"),
     "hybrid-moe": dict(backbone="hybrid", layers="retnet,mamba,attn", ffn="moe"),
+    "hybrid-mamba2": dict(backbone="hybrid", layers="mamba2,attn,mamba"),
     "mamba-noffn": dict(backbone="mamba", n_layer=2, ffn="none"),
 }
 
@@ -48,6 +51,8 @@ def make_model(case: str, seed: int = 0, **kw) -> LWM:
         for m in model.modules():
             if isinstance(m, MambaMixer):
                 m.dt_proj.bias.add_(1.0)
+            if isinstance(m, Mamba2Mixer):
+                m.dt_bias.add_(1.0)
     return model.eval()
 
 
@@ -132,7 +137,8 @@ def test_recurrent_mixers_ignore_masked_prefix():
     torch.manual_seed(0)
     x, more = torch.randn(2, 9, 16), torch.randn(2, 4, 16)
     valid = torch.arange(9)[None] >= torch.tensor([3, 0])[:, None]
-    for mixer in (MambaMixer(16, d_state=4, chunk=4), MultiScaleRetention(16, 2, chunk=4)):
+    for mixer in (MambaMixer(16, d_state=4, chunk=4), Mamba2Mixer(16, d_state=4, head_dim=8, chunk=4),
+                  MultiScaleRetention(16, 2, chunk=4)):
         with torch.no_grad():
             y, st = mixer(x, return_state=True, valid=valid)
             y0, st0 = mixer(x[:1, 3:], return_state=True)
@@ -140,7 +146,7 @@ def test_recurrent_mixers_ignore_masked_prefix():
             y02, _ = mixer(more[:1], st0)
         torch.testing.assert_close(y[:1, 3:], y0, atol=1e-6, rtol=0)
         torch.testing.assert_close(y2[:1], y02, atol=1e-6, rtol=0)
-        if isinstance(mixer, MambaMixer):
+        if isinstance(mixer, (MambaMixer, Mamba2Mixer)):
             torch.testing.assert_close(st.ssm[:1], st0.ssm, atol=1e-6, rtol=0)
             torch.testing.assert_close(st.conv[:1], st0.conv, atol=1e-6, rtol=0)
 
@@ -229,7 +235,7 @@ def make_run(run_dir, case: str):
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("case", ["mamba", "retnet", "hybrid-moe"])
+@pytest.mark.parametrize("case", ["mamba", "mamba2", "retnet", "hybrid-moe"])
 def test_checkpoint_round_trip(tmp_path, case):
     model, tok = make_run(tmp_path / "run", case)
     run = load_run(tmp_path / "run")
@@ -319,6 +325,8 @@ def test_cli_train_then_generate(tmp_path, corpus_file, capsys, overrides):
     (["model.chunk=-1"], "model.chunk"),
     (["model.moe_capacity=-1"], "moe_capacity"),
     (["model.backbone=mambo"], "did you mean 'mamba'"),
+    (["model.backbone=mamba2", "model.d_model=48", "model.n_head=2", "model.mamba2_head_dim=64"], "mamba2_head_dim"),
+    (["model.backbone=hybrid", "model.n_layer=2", "model.layers=attn,mamba2", "model.mamba2_head_dim=0"], "mamba2_head_dim"),
 ])
 def test_config_errors_are_one_line(overrides, needle):
     with pytest.raises(ConfigError) as e:

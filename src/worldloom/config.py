@@ -110,8 +110,8 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.vocab_size must be at least 300 for bpe (256 bytes + merges), got {self.vocab_size}")
 
 
-MIXERS = ("attn", "mamba", "retnet")  # what model.layers may name
-BACKBONE_KIND = {"transformer": "attn", "mamba": "mamba", "retnet": "retnet"}  # single-mixer backbones
+MIXERS = ("attn", "mamba", "mamba2", "retnet")  # what model.layers may name
+BACKBONE_KIND = {"transformer": "attn", "mamba": "mamba", "mamba2": "mamba2", "retnet": "retnet"}  # single-mixer backbones
 FFNS = ("swiglu", "moe", "none")
 
 
@@ -129,7 +129,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     vocab_size: int = 0  # set from the tokenizer when a run starts
-    layers: str = ""  # per-layer mixers, comma-separated (attn, mamba, retnet); "" = all of the backbone's kind
+    layers: str = ""  # per-layer mixers, comma-separated (attn, mamba, mamba2, retnet); "" = all of the backbone's kind
     ffn: str = "swiglu"  # feed-forward after each mixer: swiglu | moe | none
     moe_experts: int = 8
     moe_top_k: int = 2
@@ -139,7 +139,9 @@ class ModelConfig:
     mamba_d_state: int = 16
     mamba_expand: int = 2
     mamba_d_conv: int = 4
-    chunk: int = 0  # time steps per chunk of the Mamba scan / chunkwise retention (any value, same result); 0 = automatic (Mamba: by batch size, RetNet: 64)
+    mamba2_d_state: int = 64  # Mamba-2 (SSD) state size N; mamba_expand and mamba_d_conv are shared with Mamba
+    mamba2_head_dim: int = 64  # Mamba-2 channels per head; d_model * mamba_expand must be a multiple
+    chunk: int = 0  # time steps per chunk of the Mamba scan / SSD / chunkwise retention (any value, same result); 0 = automatic (Mamba: by batch size, Mamba-2 and RetNet: 64)
     slots: int = 0  # learned slot embeddings (position within a world step); set from the stream layout
     period: int = 0  # step-skip input: each position also embeds the token one period (a world step) before its target; set from the stream
     frame_tokens: int = 0  # frame head: tokens of the next observation predicted in one pass (0 = off); set from the stream
@@ -158,7 +160,8 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.slots < 0 or self.frame_tokens < 0 or self.period < 0:
             raise ConfigError("model.slots, model.period and model.frame_tokens must be >= 0")
-        for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv"):
+        for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv", "mamba2_d_state",
+                     "mamba2_head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.chunk < 0:
@@ -178,6 +181,9 @@ class ModelConfig:
         if own is not None and any(k != own for k in kinds):
             raise ConfigError(f"model.backbone={self.backbone} has only '{own}' layers, got model.layers={self.layers}; "
                               f"use model.backbone=hybrid to mix mixers")
+        if "mamba2" in kinds and (self.d_model * self.mamba_expand) % self.mamba2_head_dim:
+            raise ConfigError(f"model.d_model * model.mamba_expand = {self.d_model * self.mamba_expand} must be divisible "
+                              f"by model.mamba2_head_dim ({self.mamba2_head_dim}) for mamba2 layers")
 
     @property
     def layer_kinds(self) -> list[str]:

@@ -7,7 +7,7 @@ values for attention, recurrent states for the others). A backbone may offer
 ``decode_step(x, cache, slot)`` for compiled decoding and says so with
 ``supports_decode_step``. A new backbone is one module plus one ``@register("name")`` line;
 configs name it with ``model.backbone=<name>``. The built-in ones (``transformer``,
-``mamba``, ``retnet``, ``hybrid``) are all the layer stack of ``stack.py``.
+``mamba``, ``mamba2``, ``retnet``, ``hybrid``) are all the layer stack of ``stack.py``.
 """
 
 from __future__ import annotations
@@ -38,4 +38,4 @@ def build_backbone(cfg) -> nn.Module:
     return BACKBONES[cfg.backbone](cfg)
 
 
-from . import stack  # noqa: E402,F401  (registers "transformer", "mamba", "retnet", "hybrid")
+from . import stack  # noqa: E402,F401  (registers "transformer", "mamba", "mamba2", "retnet", "hybrid")

@@ -1,13 +1,14 @@
-"""One pre-norm layer stack for every backbone: attention, Mamba and retention layers, mixed freely.
+"""One pre-norm layer stack for every backbone: attention, Mamba, Mamba-2 and retention layers, mixed freely.
 
 Each layer is ``x + mixer(norm(x))`` then, unless ``model.ffn=none``, ``x + ffn(norm(x))``
 with a SwiGLU MLP or a mixture of experts. The mixer of layer i is ``cfg.layer_kinds[i]``:
 
     attn     grouped-query attention with rotary positions (transformer.py)
     mamba    selective state-space layer (mamba.py)
+    mamba2   Mamba-2: selective state space in its matmul (SSD) form (mamba2.py)
     retnet   multi-scale retention (retnet.py)
 
-Registry entries: ``transformer`` (all attn), ``mamba``, ``retnet`` (all of that kind) and
+Registry entries: ``transformer`` (all attn), ``mamba``, ``mamba2``, ``retnet`` (all of that kind) and
 ``hybrid`` (``model.layers`` names each layer). Parameter names are
 ``blocks.{i}.{kind}_norm``, ``blocks.{i}.{kind}``, ``blocks.{i}.mlp_norm``, ``blocks.{i}.mlp``,
 so an all-attention stack has exactly the names (and the Llama layout) of the transformer
@@ -26,6 +27,7 @@ from torch import nn
 
 from . import register
 from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer
 from .moe import MoEFeedForward
 from .retnet import MultiScaleRetention
 from .transformer import Attention, KVCache, RMSNorm, SwiGLU, rope_table, slot_mask
@@ -42,6 +44,9 @@ def _mixer(kind: str, cfg) -> nn.Module:
     if kind == "mamba":
         return MambaMixer(cfg.d_model, d_state=cfg.mamba_d_state, d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand,
                           chunk=cfg.chunk)
+    if kind == "mamba2":
+        return Mamba2Mixer(cfg.d_model, d_state=cfg.mamba2_d_state, d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand,
+                           head_dim=cfg.mamba2_head_dim, chunk=cfg.chunk or 64, norm_eps=cfg.norm_eps)
     if kind == "retnet":
         return MultiScaleRetention(cfg.d_model, cfg.n_head, chunk=cfg.chunk or 64, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
     raise ValueError(f"unknown mixer {kind!r}")  # the config has validated the names
@@ -81,7 +86,7 @@ class Block(nn.Module):
     def out_projection(self) -> torch.Tensor:
         """The weight writing the mixer's output into the residual stream."""
         m = self.mixer
-        return m.out_proj.weight if self.kind == "mamba" else m.proj.weight
+        return m.out_proj.weight if self.kind in ("mamba", "mamba2") else m.proj.weight
 
     def forward(self, x, i: int, cache: KVCache | None, cos, sin, mask, causal, valid):
         h = self.mixer_norm(x)
@@ -89,7 +94,7 @@ class Block(nn.Module):
             y = self.mixer(h, cos, sin, cache, i, mask, causal)
         else:
             state = cache.states[i] if cache is not None else None
-            if self.kind == "mamba" and state is not None and valid is None and x.shape[1] == 1:
+            if self.kind in ("mamba", "mamba2") and state is not None and valid is None and x.shape[1] == 1:
                 y, state = self.mixer.step(h, state)  # O(1) decoding step
             else:
                 y, state = self.mixer(h, state, return_state=cache is not None, valid=valid)
@@ -218,6 +223,11 @@ def build_transformer(cfg) -> Stack:
 @register("mamba")
 def build_mamba(cfg) -> Stack:
     return Stack(cfg, ["mamba"] * cfg.n_layer)
+
+
+@register("mamba2")
+def build_mamba2(cfg) -> Stack:
+    return Stack(cfg, ["mamba2"] * cfg.n_layer)
 
 
 @register("retnet")
