@@ -11,7 +11,7 @@ All figures come from one run on one machine (printed with the results). Run::
 
 Sizing (same width for all, depth chosen per backbone): every model has d_model 256, 4 heads
 (head size 64), a SwiGLU feed-forward of the config's default width after every mixer, the
-vocabulary (4096, tied embedding/head) and the mixers' default settings (Mamba d_state 16,
+vocabulary (4096, tied embedding/head) and the mixers' default settings (Mamba d_state 16 (Mamba-2: 64, head size 64),
 expand 2, d_conv 4; RetNet 4 heads). For each backbone n_layer is the multiple of its layer
 pattern's length (1; 3 for the hybrid ``mamba,mamba,attn``) whose total parameter count is
 closest to the target (--target-params, 10M). The MoE model is the dense transformer's
@@ -61,8 +61,8 @@ import time
 from pathlib import Path
 
 RESULT_TAG = "@@BENCH_RESULT "
-ALL_BACKBONES = ("transformer", "mamba", "retnet", "hybrid", "moe")
-LABELS = {"transformer": "transformer", "mamba": "mamba", "retnet": "retnet", "hybrid": "hybrid",
+ALL_BACKBONES = ("transformer", "mamba", "mamba2", "retnet", "hybrid", "moe")
+LABELS = {"transformer": "transformer", "mamba": "mamba", "mamba2": "mamba2", "retnet": "retnet", "hybrid": "hybrid",
           "moe": "transformer+MoE"}
 DECODE_STEPS = 32
 

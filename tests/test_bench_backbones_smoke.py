@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_backbones.py"
-BACKBONES = ("transformer", "mamba", "retnet", "hybrid", "moe")
+BACKBONES = ("transformer", "mamba", "mamba2", "retnet", "hybrid", "moe")
 
 
 def _positive(x) -> bool:
