@@ -63,6 +63,35 @@ def test_check_env_passes_with_a_spec_and_rendering(world_run):
         gym.registry.pop(env_id, None)
 
 
+@pytest.mark.parametrize("backbone", ["mamba", "mamba2", "retnet", "hybrid"])
+def test_every_backbone_drives_the_same_world_model_env(run, backbone):
+    """The same WorldModelEnv (cache inside) over an (untrained) model of another backbone: observations
+    stay in the observation space and the same seed replays the same imagined frames (reset clears
+    the recurrent states). gymnasium's checker needs a trained model (an untrained one may predict
+    "truncated" at step 1, which the checker rejects); that cached states give the cache-free result
+    is test_world's fork-vs-fresh-prefill test."""
+    from worldloom.model import LWM
+
+    mc = copy.deepcopy(run.cfg.model)
+    mc.backbone = backbone
+    mc.layers = ",".join((["mamba2", "attn"] * mc.n_layer)[: mc.n_layer]) if backbone == "hybrid" else ""
+    mc.__post_init__()
+    torch.manual_seed(0)
+    env = WorldModelEnv(model=LWM(mc).eval(), layout=run.layout, env_id=run.cfg.env.id)
+    rollouts = []
+    for _ in range(2):
+        obs, _ = env.reset(seed=5)
+        frames = [obs["image"].copy()]
+        for a in (2, 0, 2, 1, 2):
+            obs, reward, terminated, truncated, _ = env.step(a)
+            assert env.observation_space.contains(obs)
+            frames.append(obs["image"].copy())
+            if terminated or truncated:
+                break
+        rollouts.append(np.stack(frames))
+    np.testing.assert_array_equal(rollouts[0], rollouts[1])
+
+
 def test_reset_is_deterministic_and_imagines_from_the_real_start(run):
     env = WorldModelEnv(run, render_mode="rgb_array")
     real = env.adapter.make()

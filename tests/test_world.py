@@ -215,7 +215,7 @@ def test_world_config_errors():
     assert build_config(None, TINY_WORLD).recipe == "world"
 
 
-@pytest.mark.parametrize("backbone", ["transformer", "mamba", "hybrid"])
+@pytest.mark.parametrize("backbone", ["transformer", "mamba", "mamba2", "retnet", "hybrid"])
 def test_forked_runner_equals_a_fresh_prefill(layout, episodes, backbone):
     """fork() copies cache rows (KV and recurrent states); continuing a fork = continuing a runner
     prefilled from scratch with the same streams. Also proves every backbone drives the stream."""
