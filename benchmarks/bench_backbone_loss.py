@@ -13,7 +13,7 @@ after the other in fresh processes through the real CLI::
 
 Run (nothing else on the machine: the budget is wall-clock)::
 
-    python benchmarks/bench_backbone_loss.py                         # 5 backbones x 5 min on tinyshakespeare (~30 min)
+    python benchmarks/bench_backbone_loss.py                         # 6 backbones x 5 min on tinyshakespeare (~40 min)
     python benchmarks/bench_backbone_loss.py --minutes 10 --backbones transformer,moe
     python benchmarks/bench_backbone_loss.py --quick                 # tiny models, a few seconds each: a smoke test
 

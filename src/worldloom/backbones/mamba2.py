@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mamba import _fp32
+
 
 @dataclass
 class Mamba2State:
@@ -59,11 +61,6 @@ class Mamba2State:
 
     conv: torch.Tensor  # (B, conv_dim, d_conv - 1) last inputs of the causal depthwise conv (x, B, C)
     ssm: torch.Tensor  # (B, H, P, N), fp32
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32: bf16/fp16 go up, fp64 stays (for gradient checks)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
