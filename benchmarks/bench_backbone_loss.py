@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -161,13 +162,16 @@ def main(argv=None) -> int:
             s = sizing[bb]
             log(f"  {LABELS[bb]:16s} n_layer {s['n_layer']:3d}, {s['params']['total']:,} params "
                 f"({s['params']['active']:,} active): training {minutes:g} min ...")
-            r = train_one(bb, s["config"], args.data, minutes, out_dir, extra, timeout=minutes * 60 * 3 + 600)
+            try:
+                r = train_one(bb, s["config"], args.data, minutes, out_dir, extra, timeout=minutes * 60 * 3 + 600)
+            except subprocess.TimeoutExpired:
+                r = {"status": "timeout", "stderr_tail": f"killed after {minutes * 60 * 3 + 600:.0f} s"}
             res["results"][bb] = r
             if r["status"] == "ok":
                 log(f"    held-out loss {r['heldout']['loss']:.4f} nats/char after {r['steps']} steps")
             else:
                 log(f"    failed: {r['stderr_tail'].strip().splitlines()[-1] if r['stderr_tail'].strip() else '?'}")
-    res["machine"]["loadavg_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    res["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     res["plot"] = png.name
