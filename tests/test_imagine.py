@@ -264,6 +264,18 @@ def test_open_loop_accuracy(run, val_episodes):
     assert one["horizons"]["1"] == res["horizons"]["1"]
     par = open_loop_accuracy(run.model, run.layout, eps[:2], horizons=(2,), mode="parallel")
     assert par["mode"] == "parallel" and par["horizons"]["2"]["n"] == int((lengths[:2] >= 2).sum())
+    # known-only frames: nothing new anywhere = every frame; the 2nd step of episode 0 reveals something
+    # = episode 0 leaves the count from k = 2 on; an episode the adapter cannot tell (None) is never counted
+    novel = [np.zeros(ep.length, np.int64) for ep in eps]
+    clean = open_loop_accuracy(run.model, run.layout, eps, horizons=(1, 3, 8), batch=4, novel=novel)
+    for k, v in clean["horizons"].items():
+        assert v["n_known"] == v["n"] and v["frame_known"] == v["frame"]
+    novel[0][1] = 2
+    novel[1] = None
+    some = open_loop_accuracy(run.model, run.layout, eps, horizons=(1, 3, 8), batch=4, novel=novel)
+    for k, v in some["horizons"].items():
+        k = int(k)
+        assert v["n_known"] == sum(1 for i, L in enumerate(lengths) if L >= k and i != 1 and not (i == 0 and k >= 2))
 
 
 def test_rollout_gif(run, tmp_path):

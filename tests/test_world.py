@@ -172,6 +172,59 @@ def test_teacher_forced_accuracy_is_consistent(world_run, episodes):
         assert 0 <= g["frame_parallel"] <= 1
 
 
+def test_novel_objects_counts_only_first_sightings(episodes):
+    """Turning on the spot: the first full turn may reveal objects, the second (same four views) never does."""
+    from worldloom.world.envs import make_adapter
+    from worldloom.world.episodes import Episode
+
+    adapter = make_adapter("BabyAI-GoToLocal-v0")
+    env = adapter.make()
+    found = 0
+    for seed in range(6):
+        obs, _ = env.reset(seed=seed)
+        images, dirs = [obs["image"]], [obs["direction"]]
+        for _ in range(8):  # left x 8
+            obs, *_ = env.step(0)
+            images.append(obs["image"])
+            dirs.append(obs["direction"])
+        ep = Episode(seed=seed, mission=obs["mission"], obs={"image": np.stack(images), "direction": np.array(dirs, np.uint8)},
+                     action=np.zeros(8, np.int64), reward=np.zeros(8, np.float32), terminated=False, truncated=False,
+                     random_action=np.zeros(8, bool))
+        counts = adapter.novel_objects([ep])[0]
+        assert counts is not None and counts.shape == (8,) and (counts >= 0).all()
+        assert counts[3] == 0 and (counts[4:] == 0).all()  # back at the first view, then views seen before
+        found += int(counts[:3].sum())
+        ep.obs["image"][5, 3, 3, 0] = 7  # a box the environment never showed: the replay no longer matches
+        assert adapter.novel_objects([ep])[0] is None
+    env.close()
+    assert found > 0  # a full turn in a room of 9 objects shows some object the first view did not
+
+
+def test_frame_accuracy_splits_by_novelty(world_run, episodes):
+    from worldloom.run import load_world_run
+    from worldloom.world.envs import make_adapter
+    from worldloom.world.metrics import episode_flags, teacher_forced_accuracy
+
+    run = load_world_run(world_run)
+    val = episodes[1]
+    p, ar = episode_flags(val)
+    novel = make_adapter(run.cfg.env.id).novel_objects(val)
+    assert all(n is not None and n.shape == (e.length,) for n, e in zip(novel, val))
+    toks = [run.layout.episode(e) for e in val]
+    acc = teacher_forced_accuracy(run.model, run.layout, toks, p, ar, run.cfg.model.context, novel=novel)
+    everything_new = teacher_forced_accuracy(run.model, run.layout, toks, p, ar, run.cfg.model.context,
+                                             novel=[np.ones_like(n) for n in novel])
+    S, ctx = run.layout.step_len, run.cfg.model.context
+    for group in ("expert", "perturbed"):
+        g = acc[group]
+        # o_t (t >= 1) of each episode's first window is scored; novel[t - 1] says whether it reveals something
+        n_new = sum(int((n[: min(e.length, (ctx + 1 - len(tk.prefix)) // S) - 1] > 0).sum())
+                    for n, e, tk in zip(novel, val, toks) if bool(e.perturbed) == (group == "perturbed"))
+        assert g["novel_n"] == g["frame_n"] and round(g["novel"] * g["novel_n"]) == n_new  # o_1.. are scored
+        assert g["frame_known_n"] == g["frame_n"] - n_new
+        assert "frame_known" not in everything_new[group] and everything_new[group]["novel"] == 1.0
+
+
 def test_agent_acts_in_the_real_env(world_run):
     from worldloom.run import load_world_run
     from worldloom.world.agent import run_episodes
@@ -238,3 +291,29 @@ def test_forked_runner_equals_a_fresh_prefill(layout, episodes, backbone):
     ids = np.stack([layout.action_ids(np.array([2, 1, 0, 2])), layout.reward_ids(np.zeros(4)), layout.done_ids(np.zeros(4), np.zeros(4))], 1)
     torch.testing.assert_close(fork.feed(ids), fresh.feed(ids), rtol=1e-4, atol=1e-4)
     assert runner.steps.shape[1] == layout.obs_len  # the original is untouched
+
+
+def test_grid_positions_embed_row_and_column():
+    """model.slot_grid: cells (slots 1..g*g, row-major) add a row and a column vector; other slots add nothing."""
+    import torch
+
+    from worldloom.config import ConfigError, ModelConfig
+    from worldloom.model import LWM
+
+    cfg = ModelConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, context=32, slots=12, slot_grid=3)
+    model = LWM(cfg)
+    assert model.slot_row.tolist() == [0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0]
+    assert model.slot_col.tolist() == [0, 4, 5, 6, 4, 5, 6, 4, 5, 6, 0, 0]
+    ids = torch.tensor([[3, 4, 5, 6]])
+    outside, row2 = torch.tensor([[1, 2, 10, 11]]), torch.tensor([[1, 5, 10, 11]])
+    base, _ = model.hidden(ids, slots=outside)
+    before, _ = model.hidden(ids, slots=row2)
+    with torch.no_grad():
+        model.grid_embed.weight[2].add_(1.0)  # row 2: slots 4..6 only
+    same, _ = model.hidden(ids, slots=outside)
+    after, _ = model.hidden(ids, slots=row2)
+    assert torch.allclose(base, same)  # no slot of row 2 in the input: nothing changes
+    assert torch.allclose(after[0, 0], before[0, 0])  # causal: the position before the row-2 cell is unchanged
+    assert not torch.allclose(after[0, 1], before[0, 1])  # the row-2 cell (slot 5) reads its row vector
+    with pytest.raises(ConfigError, match="slot_grid"):
+        ModelConfig(vocab_size=20, slots=9, slot_grid=3)

@@ -39,8 +39,11 @@ def test_train_runs_the_whole_pipeline(pipeline_run):
     assert res["plan"]["episodes"] == 2
     assert set(res["open_loop"]["horizons"]) == {"1", "5", "10"}
     assert 0 <= res["world_model"]["expert"]["frame"] <= 1
+    wm = res["world_model"]["expert"]  # frames that reveal never-seen objects are counted apart
+    assert 0 <= wm["novel"] <= 1 and wm["frame_known_n"] == round(wm["frame_n"] * (1 - wm["novel"]))
+    assert all("n_known" in h for h in res["open_loop"]["horizons"].values())
     report = (run / "report.md").read_text()
-    assert "BabyAI-GoToLocal-v0" in report and "imagined.gif" in report
+    assert "BabyAI-GoToLocal-v0" in report and "imagined.gif" in report and "never-seen object" in report
     with Image.open(run / "imagined.gif") as gif:
         assert gif.n_frames >= 2
 

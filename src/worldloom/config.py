@@ -61,6 +61,7 @@ class StreamConfig:
     reward_bins: int = 16  # rewards in (0, 1] fall in this many bins; 0 has a token of its own
     parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head)
     step_skip: bool = True  # each position also sees the token at its target's place one step earlier
+    grid_pos: bool = False  # observation cells also embed their row and column in the view (2-D position)
     weight_obs: float = 1.0
     weight_first_obs: float = 0.0  # the first observation after the mission (a new level: not a transition)
     weight_action: float = 1.0
@@ -145,6 +146,7 @@ class ModelConfig:
     slots: int = 0  # learned slot embeddings (position within a world step); set from the stream layout
     period: int = 0  # step-skip input: each position also embeds the token one period (a world step) before its target; set from the stream
     frame_tokens: int = 0  # frame head: tokens of the next observation predicted in one pass (0 = off); set from the stream
+    slot_grid: int = 0  # slots 1..slot_grid**2 are the cells of a square grid (row-major): each also embeds its row and column; set from the stream
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "d_model", "context"):
@@ -158,8 +160,10 @@ class ModelConfig:
             raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.slots < 0 or self.frame_tokens < 0 or self.period < 0:
-            raise ConfigError("model.slots, model.period and model.frame_tokens must be >= 0")
+        if self.slots < 0 or self.frame_tokens < 0 or self.period < 0 or self.slot_grid < 0:
+            raise ConfigError("model.slots, model.period, model.frame_tokens and model.slot_grid must be >= 0")
+        if self.slot_grid and self.slot_grid**2 >= max(self.slots, 1):
+            raise ConfigError(f"model.slot_grid={self.slot_grid} needs more than {self.slot_grid**2} slots, got model.slots={self.slots}")
         for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv", "mamba2_d_state",
                      "mamba2_head_dim"):
             if getattr(self, name) <= 0:

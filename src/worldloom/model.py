@@ -11,6 +11,10 @@ parts serve world-model streams:
   previous view, the previous direction, the previous action), through a learned projection;
   it is causal (that token is already in the past) and gives the model a direct path to the
   previous step instead of having to learn to find it by attention;
+* 2-D cell positions (``model.slot_grid``): when a step starts with the cells of a square
+  grid read row by row, each such position also embeds its row and its column (a factorised
+  2-D position, as ViT-style models do for patches), so that "the cell one row nearer" or
+  "the same column" is the same relation everywhere in the view;
 * a frame head (``model.frame_tokens``): from the hidden state at one position, all tokens
   of the next observation at once (parallel observation prediction, as REM and M3 do):
   ``logits[k] = head(norm(h + mlp(h + query_k)))`` for k < frame_tokens, through the same
@@ -43,8 +47,19 @@ class LWM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.slot_embed = nn.Embedding(cfg.slots, cfg.d_model) if cfg.slots else None
         self.skip_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.period else None
+        self.grid_embed = None
+        if cfg.slot_grid:  # row and column (1..g; 0 = not a grid cell) of every slot, one table for both
+            g = cfg.slot_grid
+            cells = torch.arange(cfg.slots) - 1
+            is_cell = (cells >= 0) & (cells < g * g)
+            self.register_buffer("slot_row", torch.where(is_cell, cells // g + 1, 0), persistent=False)
+            self.register_buffer("slot_col", torch.where(is_cell, cells % g + 1 + g, 0), persistent=False)
+            self.grid_embed = nn.Embedding(2 * g + 1, cfg.d_model, padding_idx=0)
         self.frame = FrameHead(cfg.d_model, cfg.frame_tokens, cfg.ff_dim) if cfg.frame_tokens else None
         init_weights(self, cfg.n_layer)  # also restores Mamba's own init of Δ, A and D
+        if self.grid_embed is not None:
+            with torch.no_grad():
+                self.grid_embed.weight[0].zero_()  # "not a grid cell" adds nothing (padding_idx: never trained)
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
 
@@ -67,6 +82,8 @@ class LWM(nn.Module):
             if slots is None:
                 raise ValueError("this model embeds slots (a world-model stream); pass slots=")
             x = x + self.slot_embed(slots)
+            if self.grid_embed is not None:
+                x = x + self.grid_embed(self.slot_row[slots]) + self.grid_embed(self.slot_col[slots])
         if self.skip_proj is not None:
             if skip is None:
                 raise ValueError("this model has a step-skip input (a world-model stream); pass skip=")

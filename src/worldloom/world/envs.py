@@ -70,6 +70,15 @@ class EnvAdapter:
     def max_steps(self, env: gym.Env) -> int:
         raise NotImplementedError
 
+    def novel_objects(self, episodes: list) -> list[np.ndarray | None]:
+        """For each Episode, (T,) counts of the objects that o_{t+1} shows at places no earlier
+        observation of the episode showed (None where this environment cannot tell).
+
+        A next observation that reveals such an object cannot be predicted exactly from the
+        history by any model: the evaluation reports exact-frame accuracy with and without them.
+        """
+        return [None for _ in episodes]
+
     def describe(self) -> dict:
         """The adapter as JSON-able metadata (for meta.json)."""
         return {
@@ -132,6 +141,49 @@ class MiniGridAdapter(EnvAdapter):
 
     def max_steps(self, env: gym.Env) -> int:
         return int(env.unwrapped.max_steps)
+
+    def novel_objects(self, episodes: list) -> list[np.ndarray | None]:
+        """Replays each episode from its seed and actions and maps every visible view cell to its
+        place in the grid (minigrid's ``relative_coords``); an object is any cell that is neither
+        empty nor wall. An episode whose replay does not reproduce its stored observations gets None."""
+        env = self.make()
+        out = []
+        try:
+            for ep in episodes:
+                out.append(self._novel(env, ep))
+        finally:
+            env.close()
+        return out
+
+    @staticmethod
+    def _novel(env: gym.Env, ep) -> np.ndarray | None:
+        from minigrid.core.constants import OBJECT_TO_IDX
+
+        plain = (OBJECT_TO_IDX["unseen"], OBJECT_TO_IDX["empty"], OBJECT_TO_IDX["wall"])
+        obs, _ = env.reset(seed=int(ep.seed))
+        u = env.unwrapped
+        cells = [(x, y) for x in range(u.grid.width) for y in range(u.grid.height)]
+
+        def visible(img) -> dict:
+            vis = {}
+            for x, y in cells:
+                rc = u.relative_coords(x, y)
+                if rc is not None and img[rc[0], rc[1], 0] != plain[0]:
+                    vis[(x, y)] = int(img[rc[0], rc[1], 0])
+            return vis
+
+        if not np.array_equal(obs["image"], ep.obs["image"][0]):
+            return None
+        seen = set(visible(obs["image"]))
+        counts = np.zeros(ep.length, np.int64)
+        for t, a in enumerate(ep.action):
+            obs, *_ = env.step(int(a))
+            if not np.array_equal(obs["image"], ep.obs["image"][t + 1]):
+                return None
+            vis = visible(obs["image"])
+            counts[t] = sum(1 for k, v in vis.items() if k not in seen and v not in plain)
+            seen.update(vis)
+        return counts
 
 
 ADAPTERS: tuple[type[EnvAdapter], ...] = (MiniGridAdapter,)

@@ -289,7 +289,8 @@ class WorldModelEnv(gym.Env):
 
 @torch.no_grad()
 def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1, 5, 10), mode: str = "tokens",
-                       batch: int = 64, precision: str = "fp32", device: str | torch.device = "cpu") -> dict:
+                       batch: int = 64, precision: str = "fp32", device: str | torch.device = "cpu",
+                       novel: list[np.ndarray | None] | None = None) -> dict:
     """Greedy open-loop imagination of held-out episodes under their real actions.
 
     Each episode starts from its real o_0 and mission; the model imagines every observation from
@@ -302,7 +303,10 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
          "horizons": {"1": {"frame", "cell", "direction", "n"}, "5": {...}, ...},   # str keys (JSON)
          "curve": {"k": [1..K], "frame": [...], "cell": [...], "direction": [...], "n": [...]}}
 
-    where K = max(horizons) and accuracies are None where n is 0.
+    where K = max(horizons) and accuracies are None where n is 0. With ``novel`` (per episode, the
+    counts of never-seen objects each o_{t+1} reveals, as ``EnvAdapter.novel_objects`` gives them),
+    each horizon also gets ``frame_known`` and ``n_known``: exact frames among the episodes whose
+    o_1..o_k reveal nothing that o_0 did not show (the frames a perfect model could imagine).
     """
     horizons = sorted({int(k) for k in horizons})
     if not horizons or horizons[0] < 1:
@@ -311,7 +315,9 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
         raise ValueError(f"batch must be at least 1, got {batch}")
     model.eval()
     K = horizons[-1]
-    frame_ok, cell_ok, dir_ok, n = (np.zeros(K, np.int64) for _ in range(4))
+    frame_ok, cell_ok, dir_ok, n, known_ok, n_known = (np.zeros(K, np.int64) for _ in range(6))
+    if novel is not None:  # per episode, per k: has nothing new been revealed in o_1..o_k?
+        novel = {id(ep): (None if v is None else np.cumsum(np.asarray(v) > 0) == 0) for ep, v in zip(episodes, novel)}
     n_cells = layout.obs.n_cells
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
     for i0 in range(0, len(episodes), batch):
@@ -336,6 +342,12 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
                 cell_ok[k - 1] += int(cells.sum())
                 dir_ok[k - 1] += int(dirs.sum())
                 n[k - 1] += len(real_img)
+                if novel is not None:
+                    for j, e in enumerate(rows[live]):
+                        clean = novel[id(chunk[e])]
+                        if clean is not None and clean[k - 1]:
+                            n_known[k - 1] += 1
+                            known_ok[k - 1] += int(cells[j].all() and dirs[j])
             still = lengths[rows] > k  # these need another step
             if k < last and still.sum() <= 0.75 * len(rows):  # drop finished episodes (one re-prefill)
                 keep = np.flatnonzero(still)
@@ -352,6 +364,11 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
              "n": [int(x) for x in n]}
     at = {str(k): {"frame": curve["frame"][k - 1], "cell": curve["cell"][k - 1],
                    "direction": curve["direction"][k - 1], "n": curve["n"][k - 1]} for k in horizons}
+    if novel is not None:
+        curve["frame_known"] = [ratio(known_ok[i], n_known[i]) for i in range(K)]
+        curve["n_known"] = [int(x) for x in n_known]
+        for k in horizons:
+            at[str(k)].update(frame_known=curve["frame_known"][k - 1], n_known=curve["n_known"][k - 1])
     return {"mode": mode, "episodes": len(episodes), "horizons": at, "curve": curve}
 
 

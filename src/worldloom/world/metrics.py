@@ -8,7 +8,11 @@ correct tokens while it stays correct, "all 50 teacher-forced argmaxes right" is
 here is the one-step accuracy of greedy imagination.
 
 Reported separately for expert episodes, perturbed episodes, and the transitions right after
-an injected random action (the hardest: off the expert's path). The policy's accuracy on
+an injected random action (the hardest: off the expert's path). Where the environment adapter
+can tell (``novel``), frames are also scored apart by whether they reveal an object that no
+earlier observation of the episode showed: such a frame cannot be predicted exactly by any
+model, so ``frame_known`` (exact frames among the others) is the accuracy a perfect world model
+would bring to 100%, and ``novel`` the share of transitions that reveal something new. The policy's accuracy on
 held-out expert actions and, with a frame head, the parallel (one-pass) frame accuracy are
 reported too.
 """
@@ -47,11 +51,14 @@ class _Tally:
 
 @torch.no_grad()
 def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeTokens], perturbed: list[bool],
-                            after_random: list[np.ndarray], context: int, batch_size: int = 16, precision: str = "fp32") -> dict:
+                            after_random: list[np.ndarray], context: int, batch_size: int = 16, precision: str = "fp32",
+                            novel: list[np.ndarray | None] | None = None) -> dict:
     """Accuracy of next-observation frames and tokens, rewards, ends and expert actions.
 
     ``perturbed[i]`` marks episode i as perturbed; ``after_random[i]`` (T,) marks the steps whose
-    action was injected at random. Only each episode's first window (context) is scored.
+    action was injected at random; ``novel[i]`` (T,) (optional, None for an episode the adapter
+    cannot tell) counts the never-seen objects that o_{t+1} reveals. Only each episode's first
+    window (context) is scored.
     """
     model.eval()
     data = EpisodeData(layout, episodes, episodes, _weights_all(), frame_head=model.frame is not None,
@@ -84,6 +91,11 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
                     frame = right[b, base : base + L]
                     tally.add(f"{group}/frame", frame.all())
                     tally.add(f"{group}/token", frame)
+                    if novel is not None and novel[e] is not None:
+                        new = bool(novel[e][t - 1] > 0)
+                        tally.add(f"{group}/novel", new)
+                        if not new:
+                            tally.add(f"{group}/frame_known", frame.all())
                     if group == "perturbed" and after_random[e][t - 1]:
                         tally.add("after_random/frame", frame.all())
                         tally.add("after_random/token", frame)

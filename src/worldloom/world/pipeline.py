@@ -56,6 +56,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     """Every figure of a world run (see the module docs of metrics, agent, imagine, plan)."""
     from .agent import run_episodes
     from .collect import split_seed
+    from .envs import make_adapter
     from .episodes import load_dataset
     from .imagine import open_loop_accuracy
     from .metrics import episode_flags, teacher_forced_accuracy
@@ -72,16 +73,22 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     # held-out transitions (validation seeds): teacher-forced accuracy = greedy one-step imagination
     val = load_dataset(dataset_dir(cfg, run.run_dir)).episodes("val")
     perturbed, after_random = episode_flags(val)
+    novel = make_adapter(cfg.env.id).novel_objects(val)  # never-seen objects each next frame reveals (or None)
     wm = teacher_forced_accuracy(model, layout, [layout.episode(e) for e in val], perturbed, after_random,
-                                 cfg.model.context, precision=precision)
+                                 cfg.model.context, precision=precision, novel=novel)
     result["world_model"] = wm
     log(f"world model (held-out, {len(val)} episodes): next-frame exact {_pct(wm, 'expert', 'frame')} expert, "
         f"{_pct(wm, 'perturbed', 'frame')} perturbed, {_pct(wm, 'after_random', 'frame')} after a random action")
+    if "novel" in wm.get("expert", {}):
+        log(f"  {_pct(wm, 'expert', 'novel')} of expert / {_pct(wm, 'perturbed', 'novel')} of perturbed next frames reveal an "
+            f"object never seen before in the episode (no model can predict those exactly); on the others: "
+            f"{_pct(wm, 'expert', 'frame_known')} expert, {_pct(wm, 'perturbed', 'frame_known')} perturbed")
 
     # open-loop imagination from the real first observation, fed the episode's real actions:
     # token by token (the accurate way); with a frame head, also in one pass per frame
-    ol_eps = sorted(val, key=lambda e: -e.length)[: ec.open_loop]
-    ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision)
+    order = sorted(range(len(val)), key=lambda i: -val[i].length)[: ec.open_loop]
+    ol_eps, ol_novel = [val[i] for i in order], [novel[i] for i in order]
+    ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision, novel=ol_novel)
     ol["curve"] = curve_rows(ol["curve"])
     result["open_loop"] = ol
     if model.frame is not None:
@@ -90,6 +97,10 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     log("open-loop imagination, exact frames: " + ", ".join(
         f"{k} steps {ol['horizons'][str(k)]['frame']:.1%} (n={ol['horizons'][str(k)]['n']})" for k in HORIZONS
         if ol["horizons"].get(str(k), {}).get("n")))
+    if any(ol["horizons"].get(str(k), {}).get("n_known") for k in HORIZONS):
+        log("  on the episodes that reveal nothing new by then: " + ", ".join(
+            f"{k} steps {_pct(ol['horizons'], str(k), 'frame_known')} (n={ol['horizons'][str(k)]['n_known']})" for k in HORIZONS
+            if ol["horizons"].get(str(k), {}).get("n")))
 
     # the policy in the real environment, on seeds never used for training or validation
     seeds = [split_seed("eval", cfg.data.seed, i) for i in range(n_real)]

@@ -136,15 +136,18 @@ def plot_learning_curves(rows: list[dict], path: Path, title: str = "") -> bool:
 def plot_open_loop(curve, path: Path, title: str = "") -> bool:
     if not isinstance(curve, list):
         return False
-    pts = sorted(((_num(r.get("k")), _num(r.get("frame")), _num(r.get("cell"))) for r in curve
+    pts = sorted(((_num(r.get("k")), _num(r.get("frame")), _num(r.get("cell")), _num(r.get("frame_known"))) for r in curve
                   if isinstance(r, dict) and _num(r.get("k")) is not None), key=lambda p: p[0])
-    exact = [(k, 100 * e) for k, e, _ in pts if e is not None]
-    cell = [(k, 100 * c) for k, _, c in pts if c is not None]
+    exact = [(k, 100 * e) for k, e, _, _ in pts if e is not None]
+    cell = [(k, 100 * c) for k, _, c, _ in pts if c is not None]
+    known = [(k, 100 * e) for k, _, _, e in pts if e is not None]
     if not exact and not cell:
         return False
     fig, ax = _figure()
     if exact:
         ax.plot(*zip(*exact), "o-", label="exact frame", ms=3)
+    if known:
+        ax.plot(*zip(*known), "^--", label="exact frame, episodes that revealed nothing new", ms=3)
     if cell:
         ax.plot(*zip(*cell), "s-", label="per cell", ms=3)
     ax.set_xlabel("imagined steps k (open loop, the real actions fed)")
@@ -200,12 +203,16 @@ def _table(result) -> list[str]:
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", _pct(_get(plan, "success"))),
         ("Mean return, planning", _fmt(_get(plan, "mean_return"))),
         ("Next observation, exact frame: expert / perturbed / after random action", groups("frame")),
+        ("Next observations that reveal a never-seen object (unpredictable): expert / perturbed", groups("novel", ("expert", "perturbed"))),
+        ("Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed", groups("frame_known", ("expert", "perturbed"))),
         ("Next observation, exact frame in one pass (frame head): expert / perturbed", groups("frame_parallel", ("expert", "perturbed"))),
         ("Next observation, per-token accuracy: expert / perturbed / after random action", groups("token")),
         ("Reward accuracy: expert / perturbed", groups("reward", ("expert", "perturbed"))),
         ("Done accuracy: expert / perturbed", groups("done", ("expert", "perturbed"))),
         ("Expert action accuracy (held-out episodes)", _pct(_get(wm, "expert", "action"))),
         ("Open loop, exact frame after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "frame")) for o in ol)),
+        ("Open loop, exact frame after 1 / 5 / 10 steps on episodes that revealed nothing new by then",
+         " / ".join(f"{_pct(_get(o, 'frame_known'))} (n={_int(_get(o, 'n_known'))})" for o in ol)),
         ("Open loop, per-cell accuracy after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "cell")) for o in ol)),
         ("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
          " / ".join(_pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10))),
@@ -243,7 +250,10 @@ def _how_measured(result) -> list[str]:
         "as exact when all its tokens are right, which is exactly when a greedy token-by-token one-step imagination "
         "reproduces it. *Expert* episodes follow the bot; *perturbed* ones had random actions injected; *after "
         "random action* scores only the transitions right after an injected action (off the expert's path)"
-        + (f". Frames scored: {', '.join(n)}." if n else "."),
+        + (f". Frames scored: {', '.join(n)}." if n else ".")
+        + " A next frame that shows an object at a place no earlier observation of the episode showed (found by "
+        "replaying the episode in the environment) cannot be predicted exactly by any model; the *unpredictable* row "
+        "gives their share and the row after it the exact-frame accuracy on the rest.",
         "- **Frame head** accuracy is the same exact-frame test when the whole next observation is predicted in "
         "one pass from the hidden state after the done token.",
         "- **Reward / done / action accuracy**: the likeliest reward bin, end code and (on expert steps) action, "

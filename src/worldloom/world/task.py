@@ -49,6 +49,7 @@ class WorldTask:
         mc.vocab_size, mc.slots = lay.vocab_size, lay.n_slots
         mc.frame_tokens = lay.obs_len if cfg.stream.parallel_obs else 0
         mc.period = lay.step_len if cfg.stream.step_skip else 0
+        mc.slot_grid = lay.obs.view if cfg.stream.grid_pos else 0  # the view's cells are the first slots of a step
         self.data.check_context(mc.context)
 
     def save(self, run_dir: Path) -> None:
