@@ -162,11 +162,12 @@ class MiniGridAdapter(EnvAdapter):
         plain = (OBJECT_TO_IDX["unseen"], OBJECT_TO_IDX["empty"], OBJECT_TO_IDX["wall"])
         obs, _ = env.reset(seed=int(ep.seed))
         u = env.unwrapped
-        cells = [(x, y) for x in range(u.grid.width) for y in range(u.grid.height)]
+        W, H = u.grid.width, u.grid.height
 
         def visible(img) -> dict:
             vis = {}
-            for x, y in cells:
+            x0, y0, x1, y1 = u.get_view_exts()  # the square of grid cells the view can cover
+            for x, y in ((x, y) for x in range(max(x0, 0), min(x1, W)) for y in range(max(y0, 0), min(y1, H))):
                 rc = u.relative_coords(x, y)
                 if rc is not None and img[rc[0], rc[1], 0] != plain[0]:
                     vis[(x, y)] = int(img[rc[0], rc[1], 0])
