@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import BACKBONE_KIND
 from . import register
 from .mamba import MambaMixer
 from .mamba2 import Mamba2Mixer
@@ -86,7 +87,7 @@ class Block(nn.Module):
     def out_projection(self) -> torch.Tensor:
         """The weight writing the mixer's output into the residual stream."""
         m = self.mixer
-        return m.out_proj.weight if self.kind in ("mamba", "mamba2") else m.proj.weight
+        return m.out_proj.weight if hasattr(m, "out_proj") else m.proj.weight  # SSMs: out_proj; attention, retention: proj
 
     def forward(self, x, i: int, cache: KVCache | None, cos, sin, mask, causal, valid):
         h = self.mixer_norm(x)
@@ -94,8 +95,8 @@ class Block(nn.Module):
             y = self.mixer(h, cos, sin, cache, i, mask, causal)
         else:
             state = cache.states[i] if cache is not None else None
-            if self.kind in ("mamba", "mamba2") and state is not None and valid is None and x.shape[1] == 1:
-                y, state = self.mixer.step(h, state)  # O(1) decoding step
+            if hasattr(self.mixer, "step") and state is not None and valid is None and x.shape[1] == 1:
+                y, state = self.mixer.step(h, state)  # a mixer with an O(1) decoding step (the SSMs)
             else:
                 y, state = self.mixer(h, state, return_state=cache is not None, valid=valid)
             if cache is not None:
@@ -215,24 +216,16 @@ class Stack(nn.Module):
         return x
 
 
-@register("transformer")
-def build_transformer(cfg) -> Stack:
-    return Stack(cfg, ["attn"] * cfg.n_layer)
+def _single_kind(kind: str):
+    def build(cfg) -> Stack:
+        return Stack(cfg, [kind] * cfg.n_layer)
+
+    build.__name__ = f"build_{kind}"
+    return build
 
 
-@register("mamba")
-def build_mamba(cfg) -> Stack:
-    return Stack(cfg, ["mamba"] * cfg.n_layer)
-
-
-@register("mamba2")
-def build_mamba2(cfg) -> Stack:
-    return Stack(cfg, ["mamba2"] * cfg.n_layer)
-
-
-@register("retnet")
-def build_retnet(cfg) -> Stack:
-    return Stack(cfg, ["retnet"] * cfg.n_layer)
+for _name, _kind in BACKBONE_KIND.items():  # transformer (all attn), mamba, mamba2, retnet
+    register(_name)(_single_kind(_kind))
 
 
 @register("hybrid")
