@@ -61,11 +61,10 @@ class EpisodeData:
     def segment(self, seq: np.ndarray, P: int, policy: np.ndarray):
         """One episode's tokens -> ids, slots, kinds and weights of each position (as a target)."""
         lay = self.layout
-        n_steps = -(-(len(seq) - P) // lay.step_len)
         slots = np.zeros(len(seq), np.int64)
         kinds = np.full(len(seq), K_MISSION, np.int64)
-        slots[P:] = np.tile(lay.step_slots, n_steps)[: len(seq) - P]
-        kinds[P:] = np.tile(lay.step_kinds, n_steps)[: len(seq) - P]
+        slots[P:] = lay.slots_at(0, len(seq) - P)
+        kinds[P:] = lay.kinds_at(0, len(seq) - P)
         kinds[0] = K_PAD  # <bos> is never a target: nothing before it predicts it
         weight = self.kind_weight[kinds]
         weight[P : P + lay.obs_len] *= self.cfg.weight_first_obs / self.cfg.weight_obs if self.cfg.weight_obs else 0.0

@@ -79,7 +79,7 @@ class StreamRunner:
             pad[b] = P - len(p)
             ids[b, pad[b] : P] = p
         ids[:, P:] = self.steps
-        slots[:, P:] = np.tile(lay.step_slots, -(-self.steps.shape[1] // lay.step_len) or 1)[: self.steps.shape[1]]
+        slots[:, P:] = lay.slots_at(0, self.steps.shape[1])
         skip = np.zeros((self.batch, L), np.int64)
         skip[:, P:] = self._skip(0, self.steps.shape[1])
         self.cache = self.model.new_cache(self.batch, self.context, torch.from_numpy(pad).to(self.device))
@@ -103,7 +103,7 @@ class StreamRunner:
             self.rebuilds += 1
             self.steps = np.concatenate([self.steps, ids], axis=1)
             return self._prefill(self._steps_to_keep())[:, -n:]
-        slots = lay.step_slots[(self.pos + np.arange(n)) % lay.step_len]
+        slots = lay.slots_at(self.pos, n)
         start = self.steps.shape[1]
         self.steps = np.concatenate([self.steps, ids], axis=1)
         return self._forward(ids, np.broadcast_to(slots, ids.shape).copy(), self._skip(start, n))

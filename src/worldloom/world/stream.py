@@ -74,6 +74,14 @@ class StreamLayout:
         ranges += [(o["action"], o["action"] + n_actions), (o["reward"], o["reward"] + reward.vocab_size), (o["done"], o["done"] + 3)]
         self.step_ranges = np.array(ranges, dtype=np.int64)  # (step_len, 2)
 
+    def slots_at(self, start: int, n: int) -> np.ndarray:
+        """The slots of n consecutive step positions, the first at position ``start`` of the steps."""
+        return self.step_slots[(start + np.arange(n)) % self.step_len]
+
+    def kinds_at(self, start: int, n: int) -> np.ndarray:
+        """The kinds (K_*) of n consecutive step positions, the first at position ``start`` of the steps."""
+        return self.step_kinds[(start + np.arange(n)) % self.step_len]
+
     @classmethod
     def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, view: int = 7) -> "StreamLayout":
         """A layout for a new run: the mission vocabulary is learned from the training missions."""
