@@ -117,3 +117,23 @@ def test_report_from_a_trained_run(world_run, tmp_path):
     md = write_report(run, {"run": "world", "env_id": "BabyAI-GoToLocal-v0"}).read_text()
     assert PLOTS["curves"] in linked_images(md)
     assert (run / PLOTS["curves"]).stat().st_size > 1000
+
+
+def test_novelty_and_frame_head_rows_only_when_measured(tmp_path):
+    """The unpredictable-frame rows appear when the adapter could replay, the frame-head rows with a frame head."""
+    import copy
+
+    res = copy.deepcopy(FULL)
+    res["world_model"]["expert"].update(novel=0.266, frame_known=0.84)
+    res["world_model"]["perturbed"].update(novel=0.233, frame_known=0.769)
+    for k, h in res["open_loop"]["horizons"].items():
+        h.update(frame_known=0.5, n_known=7)
+    md = write_report(tmp_path / "a", res).read_text()
+    assert "| Next observations that reveal a never-seen object (unpredictable): expert / perturbed | 26.6% / 23.3% |" in md
+    assert "| Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed | 84.0% / 76.9% |" in md
+    assert "50.0% (n=7) / 50.0% (n=7) / 50.0% (n=7)" in md and "frame head" in md
+    plain = copy.deepcopy(FULL)
+    del plain["world_model"]["expert"]["frame_parallel"]
+    md = write_report(tmp_path / "b", plain).read_text()
+    assert "never-seen object (unpredictable)" not in md and "revealed nothing new" not in md
+    assert "exact frame in one pass" not in md
