@@ -150,3 +150,17 @@ def test_long_sequence_stays_finite_and_exact():
 def test_bad_mode():
     with pytest.raises(ValueError, match="unknown retention mode"):
         make()(torch.randn(1, 2, 16), mode="fast")
+
+
+def test_step_is_one_token_of_forward():
+    """The decoding step (recurrent form) gives the chunkwise form's output and state for one token."""
+    torch.manual_seed(0)
+    m = MultiScaleRetention(32, 4, chunk=8).eval()
+    with torch.no_grad():
+        _, state = m(torch.randn(2, 13, 32), return_state=True)
+        x = torch.randn(2, 1, 32)
+        y, s = m.step(x, state)
+        y_ref, s_ref = m(x, state, return_state=True)
+    assert s.n == s_ref.n == 14
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(s.S, s_ref.S, atol=1e-5)
+    assert state.n == 13  # the given state is left as it was

@@ -96,7 +96,7 @@ class Block(nn.Module):
         else:
             state = cache.states[i] if cache is not None else None
             if hasattr(self.mixer, "step") and state is not None and valid is None and x.shape[1] == 1:
-                y, state = self.mixer.step(h, state)  # a mixer with an O(1) decoding step (the SSMs)
+                y, state = self.mixer.step(h, state)  # the recurrent mixers' O(1) decoding step
             else:
                 y, state = self.mixer(h, state, return_state=cache is not None, valid=valid)
             if cache is not None:
