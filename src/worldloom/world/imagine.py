@@ -316,8 +316,9 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
     model.eval()
     K = horizons[-1]
     frame_ok, cell_ok, dir_ok, n, known_ok, n_known = (np.zeros(K, np.int64) for _ in range(6))
-    if novel is not None:  # per episode, per k: has nothing new been revealed in o_1..o_k?
-        novel = {id(ep): (None if v is None else np.cumsum(np.asarray(v) > 0) == 0) for ep, v in zip(episodes, novel)}
+    clean = None  # id(episode) -> (T,) bool: o_1..o_k revealed nothing new (None: the adapter cannot tell)
+    if novel is not None:
+        clean = {id(ep): (None if v is None else np.cumsum(np.asarray(v) > 0) == 0) for ep, v in zip(episodes, novel)}
     n_cells = layout.obs.n_cells
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
     for i0 in range(0, len(episodes), batch):
@@ -342,10 +343,10 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
                 cell_ok[k - 1] += int(cells.sum())
                 dir_ok[k - 1] += int(dirs.sum())
                 n[k - 1] += len(real_img)
-                if novel is not None:
+                if clean is not None:
                     for j, e in enumerate(rows[live]):
-                        clean = novel[id(chunk[e])]
-                        if clean is not None and clean[k - 1]:
+                        upto = clean[id(chunk[e])]
+                        if upto is not None and upto[k - 1]:
                             n_known[k - 1] += 1
                             known_ok[k - 1] += int(cells[j].all() and dirs[j])
             still = lengths[rows] > k  # these need another step
