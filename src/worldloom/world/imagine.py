@@ -316,13 +316,14 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
     model.eval()
     K = horizons[-1]
     frame_ok, cell_ok, dir_ok, n, known_ok, n_known = (np.zeros(K, np.int64) for _ in range(6))
-    clean = None  # id(episode) -> (T,) bool: o_1..o_k revealed nothing new (None: the adapter cannot tell)
+    clean = None  # per episode, (T,) bool: o_1..o_k revealed nothing new (None: the adapter cannot tell)
     if novel is not None:
-        clean = {id(ep): (None if v is None else np.cumsum(np.asarray(v) > 0) == 0) for ep, v in zip(episodes, novel)}
+        clean = [None if v is None else np.cumsum(np.asarray(v) > 0) == 0 for v in novel]
     n_cells = layout.obs.n_cells
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
     for i0 in range(0, len(episodes), batch):
-        chunk = [ep for ep in episodes[i0 : i0 + batch] if ep.length > 0]
+        index = [i for i in range(i0, min(i0 + batch, len(episodes))) if episodes[i].length > 0]
+        chunk = [episodes[i] for i in index]
         if not chunk:
             continue
         lengths = np.array([ep.length for ep in chunk])
@@ -345,7 +346,7 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
                 n[k - 1] += len(real_img)
                 if clean is not None:
                     for j, e in enumerate(rows[live]):
-                        upto = clean[id(chunk[e])]
+                        upto = clean[index[e]]
                         if upto is not None and upto[k - 1]:
                             n_known[k - 1] += 1
                             known_ok[k - 1] += int(cells[j].all() and dirs[j])

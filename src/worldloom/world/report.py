@@ -194,6 +194,9 @@ def _table(result) -> list[str]:
     ol = [_open_loop(result, k) for k in (1, 5, 10)]
     minutes = _num(_get(result, "minutes"))
     timing = _get(result, "timing")
+    replayed = any(_num(_get(wm, g, "novel")) is not None for g in ("expert", "perturbed"))  # the adapter could replay
+    has_frame_head = _get(result, "open_loop_parallel") is not None or any(
+        _num(_get(wm, g, "frame_parallel")) is not None for g in ("expert", "perturbed"))
     rows = [
         (f"Success, plain policy{' (' + str(_get(real, 'policy')) + ')' if _get(real, 'policy') else ''} "
          f"({n_real} held-out seeds, {_seeds(real)})", _pct(_get(real, "success"))),
@@ -203,30 +206,22 @@ def _table(result) -> list[str]:
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", _pct(_get(plan, "success"))),
         ("Mean return, planning", _fmt(_get(plan, "mean_return"))),
         ("Next observation, exact frame: expert / perturbed / after random action", groups("frame")),
+        *([("Next observations that reveal a never-seen object (unpredictable): expert / perturbed", groups("novel", ("expert", "perturbed"))),
+           ("Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed", groups("frame_known", ("expert", "perturbed")))]
+          if replayed else []),
+        *([("Next observation, exact frame in one pass (frame head): expert / perturbed", groups("frame_parallel", ("expert", "perturbed")))]
+          if has_frame_head else []),
         ("Next observation, per-token accuracy: expert / perturbed / after random action", groups("token")),
         ("Reward accuracy: expert / perturbed", groups("reward", ("expert", "perturbed"))),
         ("Done accuracy: expert / perturbed", groups("done", ("expert", "perturbed"))),
         ("Expert action accuracy (held-out episodes)", _pct(_get(wm, "expert", "action"))),
         ("Open loop, exact frame after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "frame")) for o in ol)),
+        *([("Open loop, exact frame after 1 / 5 / 10 steps on episodes that revealed nothing new by then",
+            " / ".join(f"{_pct(_get(o, 'frame_known'))} (n={_int(_get(o, 'n_known'))})" for o in ol))] if replayed else []),
         ("Open loop, per-cell accuracy after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "cell")) for o in ol)),
-    ]
-    if any(_num(_get(wm, g, "novel")) is not None for g in ("expert", "perturbed")):  # the adapter could replay
-        at = next(i for i, (name, _) in enumerate(rows) if name.startswith("Next observation, per-token"))
-        rows[at:at] = [
-            ("Next observations that reveal a never-seen object (unpredictable): expert / perturbed", groups("novel", ("expert", "perturbed"))),
-            ("Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed", groups("frame_known", ("expert", "perturbed")))]
-        at = next(i for i, (name, _) in enumerate(rows) if name.startswith("Open loop, per-cell"))
-        rows.insert(at, ("Open loop, exact frame after 1 / 5 / 10 steps on episodes that revealed nothing new by then",
-                         " / ".join(f"{_pct(_get(o, 'frame_known'))} (n={_int(_get(o, 'n_known'))})" for o in ol)))
-    has_frame_head = _get(result, "open_loop_parallel") is not None or any(
-        _num(_get(wm, g, "frame_parallel")) is not None for g in ("expert", "perturbed"))
-    if has_frame_head:  # a model without a frame head has nothing to show in these rows
-        at = next(i for i, (name, _) in enumerate(rows) if name.startswith("Next observation, per-token"))
-        rows.insert(at, ("Next observation, exact frame in one pass (frame head): expert / perturbed",
-                         groups("frame_parallel", ("expert", "perturbed"))))
-        rows.append(("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
-                     " / ".join(_pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10))))
-    rows += [
+        *([("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
+            " / ".join(_pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10)))]
+          if has_frame_head else []),
         ("Training steps", _int(_get(result, "step"))),
         ("Training time (minutes)", DASH if minutes is None else f"{minutes:.1f}"),
         ("Parameters", _params(_get(result, "params"))),
