@@ -316,3 +316,19 @@ def test_stale_temporary_checkpoint_folders_are_removed(run_copy):
     new = save_checkpoint(run_copy, run.model, None, {"step": TRAINED_STEPS + 1})
     assert not stale.exists()
     assert [p.name for p in (run_copy / "checkpoints").iterdir()] == [new.name]
+
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a 0600 temp file; the final file has the mode open() would give it."""
+    import os
+
+    from worldloom.io import atomic_write_bytes
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_bytes(tmp_path / "a.json", b"{}")
+    with open(tmp_path / "b.json", "wb") as f:
+        f.write(b"{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "a.json").read_bytes() == b"{}"
