@@ -98,7 +98,9 @@ def test_train_options_between_overrides(tmp_path, corpus_file, capsys):
         with pytest.raises(SystemExit) as e:
             main(["train", "shakespeare-char", "--no-progress", extra])
         assert e.value.code == 2
-        assert "unrecognized arguments" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and err.count("\n") == 1  # one line, no usage block
+        assert err.startswith("worldloom: error:") and "--help" in err
 
 
 def test_train_resume(cli_run, tmp_path, capsys):

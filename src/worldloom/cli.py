@@ -216,8 +216,15 @@ def _cmd_export(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (no usage block before them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="worldloom", description="Train, sample, evaluate and export large world models on a CPU.")
+    p = _Parser(prog="worldloom", description="Train, sample, evaluate and export large world models on a CPU.")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
     s = sub.add_parser("presets", help="list the shipped presets")

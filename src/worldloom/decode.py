@@ -39,7 +39,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:  # tokens tied with the k-th are kept too, as transformers' TopKLogitsWarper does
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
