@@ -33,6 +33,8 @@ class DataConfig:
     workers: int = 2  # world: parallel collection processes
     bot_timeout: float = 2.0  # world: seconds allowed per bot replan() call; slower episodes are dropped
     seed: int = 0  # world: base environment seed of the collection
+    onpolicy_episodes: int = 0  # world: DAgger: the model plays this many training seeds, labelled by the bot (0 = off)
+    onpolicy_at: float = 0.5  # world: ... after this fraction of the training budget; training goes on with them
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
@@ -47,6 +49,10 @@ class DataConfig:
             raise ConfigError(f"data.bot_timeout must be positive, got {self.bot_timeout}")
         if self.seed < 0:
             raise ConfigError(f"data.seed must be >= 0, got {self.seed}")
+        if self.onpolicy_episodes < 0:
+            raise ConfigError(f"data.onpolicy_episodes must be >= 0, got {self.onpolicy_episodes}")
+        if not 0.0 < self.onpolicy_at < 1.0:
+            raise ConfigError(f"data.onpolicy_at must be between 0 and 1, got {self.onpolicy_at}")
 
 
 @dataclass

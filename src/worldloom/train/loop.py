@@ -105,8 +105,12 @@ class _Progress:
         self.bar.close()
 
 
-def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: list[str] = (), progress: bool = True, log=print) -> dict:
-    """Train (or resume) a run and return its summary. Exactly one of cfg / resume is given."""
+def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: list[str] = (), progress: bool = True, log=print,
+          stop_at: float = 1.0) -> dict:
+    """Train (or resume) a run and return its summary. Exactly one of cfg / resume is given.
+
+    ``stop_at`` < 1 pauses the run (checkpoint saved) once that fraction of its budget is used;
+    resuming it continues the same learning-rate schedule."""
     # ---- config and run folder
     if resume is not None:
         run_dir = Path(resume)
@@ -183,7 +187,7 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     model.train()
     t_log, tokens_since = time.perf_counter(), 0
     try:
-        while step < tc.max_steps and not (budget and elapsed() >= budget):
+        while step < tc.max_steps and not (budget and elapsed() >= budget) and fraction() < stop_at:
             lr = lr_at(step, fraction(), tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -225,8 +229,11 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
         checkpoint(val_loss)
     summary = {"run_dir": str(run_dir), "step": step, "val_loss": val_loss, "minutes": round(elapsed() / 60, 2),
                "params": n_params, "precision": precision}
-    log(f"done: step {step}, held-out loss {val_loss:.4f} (sampled windows), {elapsed() / 60:.1f} min; "
-        f"run folder {run_dir} (loss curve: {run_dir / 'loss.png'})")
+    if stop_at < 1.0 and fraction() >= stop_at and step < tc.max_steps and not (budget and elapsed() >= budget):
+        log(f"paused at step {step} ({fraction():.0%} of the budget), held-out loss {val_loss:.4f}, {elapsed() / 60:.1f} min")
+    else:
+        log(f"done: step {step}, held-out loss {val_loss:.4f} (sampled windows), {elapsed() / 60:.1f} min; "
+            f"run folder {run_dir} (loss curve: {run_dir / 'loss.png'})")
     return summary
 
 

@@ -5,6 +5,11 @@ really happened (reward, end, next observation), and the model's next token afte
 observation — restricted to action ids — is the action (greedy, or sampled). A planner
 (worldloom.world.plan) can replace the plain policy: it gets the runner and picks actions
 by imagining ahead.
+
+With ``record=True`` every episode is also returned as an ``Episode`` (the schema of
+worldloom.world.episodes), and a ``teacher`` (e.g. ``collect.BotTeacher``) labels each state
+with the expert's action before the model's action is taken: on-policy data for DAgger
+(worldloom.world.onpolicy).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .envs import make_adapter
+from .episodes import Episode
 from .runner import StreamRunner, pick
 from .stream import StreamLayout
 
@@ -26,6 +32,33 @@ class EpisodeResult:
     success: bool
     ret: float
     length: int
+    episode: Episode | None = None  # with record=True
+
+
+class _Recording:
+    """One episode being played: its frames, actions, rewards and labels."""
+
+    def __init__(self, adapter, seed: int, obs):
+        self.adapter, self.seed = adapter, seed
+        self.mission = adapter.mission(obs)
+        self.frames = [adapter.observe(obs)]
+        self.actions, self.rewards, self.labels = [], [], []
+        self.terminated = self.truncated = False
+
+    def add(self, action: int, reward: float, obs, terminated: bool, truncated: bool, label: int) -> None:
+        self.actions.append(action)
+        self.rewards.append(reward)
+        self.labels.append(label)
+        self.frames.append(self.adapter.observe(obs))
+        self.terminated, self.truncated = bool(terminated), bool(truncated)
+
+    def episode(self, labelled: bool) -> Episode:
+        T = len(self.actions)
+        return Episode(seed=self.seed, mission=self.mission,
+                       obs={k: np.stack([f[k] for f in self.frames]) for k in self.adapter.obs_fields},
+                       action=np.array(self.actions, np.int64), reward=np.array(self.rewards, np.float32),
+                       terminated=self.terminated, truncated=self.truncated, random_action=np.zeros(T, bool),
+                       label=np.array(self.labels, np.int64) if labelled else None)
 
 
 def _stack(obs_list: list[dict], adapter) -> dict:
@@ -34,8 +67,13 @@ def _stack(obs_list: list[dict], adapter) -> dict:
 
 
 def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], envs: int = 64, greedy: bool = True,
-                 precision: str = "fp32", seed: int = 0, planner=None, progress: bool = False, desc: str = "act") -> list[EpisodeResult]:
-    """Play one episode per seed in the real environment with the model's actions."""
+                 precision: str = "fp32", seed: int = 0, planner=None, progress: bool = False, desc: str = "act",
+                 record: bool = False, teacher=None) -> list[EpisodeResult]:
+    """Play one episode per seed in the real environment with the model's actions.
+
+    ``teacher(env)``, called after each reset, returns a labeller whose ``label()`` gives the
+    expert's action in the current state (-1: none) and whose ``taken(action)`` is told the action
+    the model then took."""
     adapter = make_adapter(env_id)
     gen = torch.Generator().manual_seed(seed)
     runner = StreamRunner(model, layout, precision)
@@ -48,6 +86,8 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
         active = pool[: len(wave)]
         obs = [env.reset(seed=s)[0] for env, s in zip(active, wave)]
         prefixes = [layout.prefix(adapter.mission(o)) for o in obs]
+        recs = [_Recording(adapter, s, o) for s, o in zip(wave, obs)] if record else None
+        teachers = [teacher(env) for env in active] if teacher is not None else None
         h = runner.reset(prefixes, layout.encode_obs(_stack(obs, adapter)))
         alive = np.arange(len(wave))  # wave indices of the rows still in the runner
         ret = np.zeros(len(wave))
@@ -63,7 +103,13 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
                 if done[w]:  # finished, still in the batch until the next compaction: dummy outcome
                     nxt.append(obs[w])
                     continue
-                o, r, te, tr, _ = active[w].step(int(actions[j]))
+                a = int(actions[j])
+                label = teachers[w].label() if teachers is not None else -1
+                o, r, te, tr, _ = active[w].step(a)
+                if teachers is not None:
+                    teachers[w].taken(a)
+                if recs is not None:
+                    recs[w].add(a, r, o, te, tr, label)
                 obs[w] = o
                 nxt.append(o)
                 rew[j], term[j], trunc[j] = r, te, tr
@@ -84,7 +130,8 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
             else:
                 h = runner.feed(tail)[:, -1]
         for w, s in enumerate(wave):
-            results.append(EpisodeResult(int(s), bool(ret[w] > 0), float(ret[w]), int(length[w])))
+            results.append(EpisodeResult(int(s), bool(ret[w] > 0), float(ret[w]), int(length[w]),
+                                         recs[w].episode(teachers is not None) if recs is not None else None))
     bar.close()
     for env in pool:
         env.close()

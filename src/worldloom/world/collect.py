@@ -186,6 +186,48 @@ class _Collector:
         )
 
 
+class BotTeacher:
+    """The BabyAI bot as the labeller of another policy's steps (DAgger), on one environment.
+
+    Build it right after ``env.reset``; ``label()`` is the bot's action in the current state,
+    ``taken(action)`` tells it what was done instead, so that it re-plans from there (as in
+    perturbed collection). A ``replan()`` that raises or exceeds ``timeout`` seconds (bounded
+    with SIGALRM in the main thread) ends the labels of the episode: -1 from then on.
+    """
+
+    def __init__(self, env, timeout: float = 2.0):
+        if BabyAIBot is None:
+            raise EnvError("the BabyAI bot needs minigrid: pip install minigrid")
+        self.bot = BabyAIBot(env.unwrapped)
+        self.timeout = timeout
+        self.can_time = timeout > 0 and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        self.suggested: int | None = None
+        self.told: int | None = None
+        self.failed: str | None = None  # why the labels ended (timeout / the exception's class name)
+
+    def label(self) -> int:
+        if self.failed:
+            return -1
+        with _alarm_handler(self.can_time) as timed:
+            try:
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, self.timeout)
+                self.suggested = int(self.bot.replan(self.told))
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except _BotTimeout:
+                self.failed = "timeout"
+            except Exception as e:  # the bot's assertions, DisappearedBoxError, ...
+                self.failed = type(e).__name__
+        if self.failed:
+            self.suggested = None
+            return -1
+        return self.suggested
+
+    def taken(self, action: int) -> None:
+        self.told = None if action == self.suggested else int(action)
+
+
 # A worker process's collector, built once by the pool initializer.
 _WORKER: _Collector | None = None
 

@@ -4,9 +4,11 @@ A training row packs whole episodes one after the other up to the context (the l
 where the row ends), each behind its own mission prefix ``<bos> mission <sep>``, so no
 position is wasted on padding; an episode longer than the context contributes a window of
 whole steps from a random start. ``windows`` gives one episode per row, padded on the right
-with weight 0. Each target position is weighted by its kind (``stream.weight_*``); actions the
-collector injected at random are never policy targets (weight 0) but their consequences are
-still world-model targets.
+with weight 0. Each target position is weighted by its kind (``stream.weight_*``). The policy
+target at an action position is the episode's policy label (``Episode.policy_label``): the
+expert's action, which in on-policy episodes may differ from the action taken (the input keeps
+the action taken, so the world model still learns its consequences); actions the collector
+injected at random have no label and are not policy targets (weight 0).
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ class EpisodeData:
             start = 0
         steps = ep.steps[start : start + m]
         seq = np.concatenate([ep.prefix, steps.reshape(-1)])
-        policy = ep.policy_target[start : start + m]
+        policy = ep.policy[start : start + m]
         return seq, len(ep.prefix), policy
 
     def segment(self, seq: np.ndarray, P: int, policy: np.ndarray):
-        """One episode's tokens -> ids, slots, kinds and weights of each position (as a target)."""
+        """One episode's tokens -> ids, slots, kinds, weights and target ids of each position (as a
+        target): the target ids are the ids, except at action positions, which hold the policy label."""
         lay = self.layout
         slots = np.zeros(len(seq), np.int64)
         kinds = np.full(len(seq), K_MISSION, np.int64)
@@ -69,8 +72,11 @@ class EpisodeData:
         weight = self.kind_weight[kinds]
         weight[P : P + lay.obs_len] *= self.cfg.weight_first_obs / self.cfg.weight_obs if self.cfg.weight_obs else 0.0
         act = np.flatnonzero(kinds == K_ACTION)
-        weight[act] *= policy[: len(act)].astype(np.float32)  # injected random actions are not policy targets
-        return seq, slots, kinds, weight, skip_ids(seq, P, lay.step_len)
+        label = policy[: len(act)]
+        weight[act] *= (label >= 0).astype(np.float32)  # steps without a label are not policy targets
+        target = seq.copy()
+        target[act] = np.where(label >= 0, label, seq[act])
+        return seq, slots, kinds, weight, skip_ids(seq, P, lay.step_len), target
 
     def collate(self, rows: list[list[tuple[np.ndarray, int, np.ndarray]]], length: int | None = None) -> dict:
         """Rows of one or more episode segments (each from `row`) -> a padded batch.
@@ -82,7 +88,7 @@ class EpisodeData:
         built = []
         for segments in rows:
             parts = [self.segment(*seg) for seg in segments]
-            ids, slots, kinds, weight, skip = (np.concatenate([p[i] for p in parts]) for i in range(5))
+            ids, slots, kinds, weight, skip, target = (np.concatenate([p[i] for p in parts]) for i in range(6))
             frames = []
             if self.frame_head:  # each done token followed by a whole observation predicts that observation
                 off = 0
@@ -91,9 +97,9 @@ class EpisodeData:
                     frames += [off + P + t * lay.step_len + lay.step_len - 1 for t in range(n_steps - 1)]
                     off += len(seq)
             if length is not None:
-                ids, slots, kinds, weight, skip = ids[:length], slots[:length], kinds[:length], weight[:length], skip[:length]
+                ids, slots, kinds, weight, skip, target = (a[:length] for a in (ids, slots, kinds, weight, skip, target))
             frames = [p for p in frames if p + lay.obs_len < len(ids)]
-            built.append((ids, slots, kinds, weight, skip, frames))
+            built.append((ids, slots, kinds, weight, skip, target, frames))
         T = max(len(b[0]) for b in built) - 1
         B = len(built)
         inp = np.full((B, T), PAD, np.int64)
@@ -103,9 +109,9 @@ class EpisodeData:
         weight = np.zeros((B, T), np.float32)
         skip = np.zeros((B, T), np.int64)
         frame_index, frame_target = [], []
-        for b, (ids, sl, kd, w, sk, frames) in enumerate(built):
+        for b, (ids, sl, kd, w, sk, tg, frames) in enumerate(built):
             n = len(ids) - 1
-            inp[b, :n], tgt[b, :n], slots[b, :n], skip[b, :n] = ids[:-1], ids[1:], sl[:-1], sk[:-1]
+            inp[b, :n], tgt[b, :n], slots[b, :n], skip[b, :n] = ids[:-1], tg[1:], sl[:-1], sk[:-1]
             kind[b, :n], weight[b, :n] = kd[1:], w[1:]
             for p in frames:
                 frame_index.append(b * T + p)

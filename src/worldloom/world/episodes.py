@@ -1,7 +1,8 @@
 """The on-disk episode schema (version 1): ``Episode`` records, npz shards and dataset folders.
 
 An episode of T actions holds T+1 observations o_0..o_T (the last one is the observation after
-the last action), T actions, T rewards and T ``random_action`` flags. A shard is one compressed
+the last action), T actions, T rewards, T ``random_action`` flags and, optionally, T expert
+``label`` actions (what the expert would have done where someone else acted: on-policy data). A shard is one compressed
 npz holding many episodes concatenated along the time axis, with per-episode offsets; every
 array is numeric or fixed-width unicode, so shards are read with ``allow_pickle=False``.
 
@@ -38,7 +39,7 @@ _EPISODE_KEYS = ("seed", "mission", "terminated", "truncated", "epsilon")
 _STEP_KEYS = ("action", "reward", "random_action")
 # numpy dtype kinds each array may have (b bool, i/u integer, f float, U unicode).
 _KINDS = {
-    "schema": "iu", "obs_offset": "iu", "step_offset": "iu", "seed": "iu", "mission": "U",
+    "label": "i", "schema": "iu", "obs_offset": "iu", "step_offset": "iu", "seed": "iu", "mission": "U",
     "terminated": "b", "truncated": "b", "epsilon": "f", "action": "iu", "reward": "f", "random_action": "b",
 }
 
@@ -50,7 +51,9 @@ class Episode:
     ``terminated`` / ``truncated`` say how the last step ended the episode (both False if it was
     cut for another reason). ``random_action[t]`` is True where action t was drawn at random
     instead of taken from the expert; ``epsilon`` is the per-step probability of that draw in
-    this episode (0.0 = a pure expert episode). ``epsilon`` is rounded to float32, as stored.
+    this episode (0.0 = a pure expert episode). ``epsilon`` is rounded to float32, as stored. ``label`` (optional) holds the expert's
+    action at each step where another policy acted (-1 where the expert gave none); an episode
+    with labels is learned from its labels, not from its actions.
     """
 
     seed: int
@@ -62,6 +65,7 @@ class Episode:
     truncated: bool
     random_action: np.ndarray  # (T,) bool
     epsilon: float = 0.0
+    label: np.ndarray | None = None  # (T,) int64: the expert's action at step t, -1 = none; None = no labels
 
     def __post_init__(self):
         self.seed = int(self.seed)
@@ -72,6 +76,16 @@ class Episode:
         self.terminated = bool(self.terminated)
         self.truncated = bool(self.truncated)
         self.epsilon = float(np.float32(self.epsilon))
+        if self.label is not None:
+            self.label = np.asarray(self.label, dtype=np.int64)
+
+    @property
+    def policy_label(self) -> np.ndarray:
+        """(T,) the action the policy should learn at each step, -1 where there is none: the
+        ``label`` if the episode has labels, else the action taken where it was not random."""
+        if self.label is not None:
+            return self.label
+        return np.where(self.random_action, -1, self.action)
 
     @property
     def length(self) -> int:
@@ -91,6 +105,8 @@ class Episode:
         T = self.length
         if self.action.shape != (T,) or self.reward.shape != (T,) or self.random_action.shape != (T,):
             raise ValueError(f"episode {self.seed}: action/reward/random_action must all have shape ({T},)")
+        if self.label is not None and self.label.shape != (T,):
+            raise ValueError(f"episode {self.seed}: label must have shape ({T},)")
         if not self.obs:
             raise ValueError(f"episode {self.seed}: no observation fields")
         for name, arr in self.obs.items():
@@ -104,10 +120,12 @@ class Episode:
             other.seed, other.mission, other.terminated, other.truncated, other.epsilon
         ):
             return False
-        if self.obs.keys() != other.obs.keys():
+        if self.obs.keys() != other.obs.keys() or (self.label is None) != (other.label is None):
             return False
         pairs = [(self.obs[k], other.obs[k]) for k in self.obs]
         pairs += [(self.action, other.action), (self.reward, other.reward), (self.random_action, other.random_action)]
+        if self.label is not None:
+            pairs.append((self.label, other.label))
         return all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b) for a, b in pairs)
 
     __hash__ = None
@@ -134,6 +152,8 @@ def write_shard(path: str | Path, episodes: list[Episode]) -> None:
             raise ValueError(f"episode {ep.seed} has observation fields {list(ep.obs)}, expected {fields}")
         if len(ep.action) and (ep.action.min() < 0 or ep.action.max() > 255):
             raise ValueError(f"episode {ep.seed}: actions must be in 0..255 to be stored as uint8")
+        if ep.label is not None and len(ep.label) and (ep.label.min() < -1 or ep.label.max() > 255):
+            raise ValueError(f"episode {ep.seed}: labels must be in -1..255")
     lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
     arrays = {f"obs_{k}": np.concatenate([ep.obs[k] for ep in episodes]) for k in fields}
     arrays.update(
@@ -149,6 +169,8 @@ def write_shard(path: str | Path, episodes: list[Episode]) -> None:
         epsilon=np.array([ep.epsilon for ep in episodes], dtype=np.float32),
         schema=np.array(SCHEMA_VERSION, dtype=np.int64),
     )
+    if any(ep.label is not None for ep in episodes):  # optional key: the policy labels of every episode
+        arrays["label"] = np.concatenate([ep.policy_label for ep in episodes]).astype(np.int16)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(Path(path), buf.getvalue())
@@ -189,6 +211,8 @@ def _episodes_from_arrays(data: dict[str, np.ndarray]) -> list[Episode]:
     if missing or not fields:
         raise _Corrupt(f"missing {', '.join(missing) or 'observation fields'}")
     for k, kinds in {**_KINDS, **{f"obs_{f}": "biuf" for f in fields}}.items():
+        if k == "label" and k not in data:  # optional
+            continue
         if data[k].dtype.kind not in kinds:
             raise _Corrupt(f"{k} has dtype {data[k].dtype}")
         if k != "schema" and data[k].ndim == 0:
@@ -200,8 +224,8 @@ def _episodes_from_arrays(data: dict[str, np.ndarray]) -> list[Episode]:
         if data[k].shape != (E,):
             raise _Corrupt(f"{k} has shape {data[k].shape}, expected ({E},)")
     steps = len(data["action"])
-    for k in _STEP_KEYS:
-        if data[k].shape != (steps,):
+    for k in (*_STEP_KEYS, "label"):
+        if k in data and data[k].shape != (steps,):
             raise _Corrupt(f"{k} has shape {data[k].shape}, expected ({steps},)")
     n_obs = len(data[f"obs_{fields[0]}"])
     if any(len(data[f"obs_{k}"]) != n_obs for k in fields):
@@ -213,6 +237,7 @@ def _episodes_from_arrays(data: dict[str, np.ndarray]) -> list[Episode]:
         raise _Corrupt("obs_offset and step_offset disagree")
 
     action = data["action"].astype(np.int64)
+    label = data["label"].astype(np.int64) if "label" in data else None
     episodes = []
     for e in range(E):
         o0, o1, s0, s1 = obs_off[e], obs_off[e + 1], step_off[e], step_off[e + 1]
@@ -227,6 +252,7 @@ def _episodes_from_arrays(data: dict[str, np.ndarray]) -> list[Episode]:
                 truncated=bool(data["truncated"][e]),
                 random_action=data["random_action"][s0:s1],
                 epsilon=float(data["epsilon"][e]),
+                label=None if label is None else label[s0:s1],
             )
         )
     return episodes

@@ -100,7 +100,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
                         tally.add("after_random/frame", frame.all())
                         tally.add("after_random/token", frame)
                 a, r, d = base + L, base + L + 1, base + L + 2
-                if not after_random[e][t]:
+                if ep.policy[t] >= 0:  # the step has an expert label
                     tally.add(f"{group}/action", right[b, a])
                 tally.add(f"{group}/reward", right[b, r])
                 tally.add(f"{group}/done", right[b, d])

@@ -7,6 +7,11 @@
 existing collection, or the run already has its data), trains the one model that is both
 world model and policy, evaluates it (``evaluate_world``) and writes ``eval.json``,
 ``report.md``, plots and a GIF of imagined beside real frames into the run folder.
+
+With ``data.onpolicy_episodes`` > 0 (DAgger, worldloom.world.onpolicy) training pauses at
+``data.onpolicy_at`` of its budget, the model plays that many training seeds with the bot
+labelling every state, and training resumes on demonstrations + on-policy episodes for the
+rest of the same budget and learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -169,9 +174,6 @@ def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif
 
 def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
     """collect (if needed) -> train -> evaluate -> report; returns the evaluation result."""
-    from ..run import load_world_run
-    from ..train import train
-
     if cfg.recipe != "world":
         raise ConfigError(f"run_world needs recipe=world, got {cfg.recipe}")
     set_threads(cfg.train.threads)
@@ -185,26 +187,52 @@ def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
             load_dataset(data)  # the user named a folder: report what is wrong with it
         collect_for(cfg, data, progress, log)
     timing["collect_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    summary = train(cfg, progress=progress, log=log)
-    timing["train_s"] = round(time.perf_counter() - t, 1)
-    run = load_world_run(cfg.run_dir)
-    result = evaluate_world(run, progress=progress, log=log)
-    result["timing"] = {**timing, **result.get("timing", {})}
-    result["train"] = {k: summary[k] for k in ("step", "val_loss", "minutes", "params", "precision")}
-    report = write_outputs(run, result, log)
-    log(f"report: {report}")
-    return result
+    return _train_and_report(cfg, Path(cfg.run_dir), [], False, timing, progress, log)
 
 
 def resume_world(run_dir: Path, overrides: list[str], progress: bool = True, log=print) -> dict:
-    """Finish an interrupted world run: train from its last checkpoint, then evaluate and report."""
+    """Finish an interrupted world run: train from its last checkpoint (collecting on-policy
+    episodes first if the run asks for them and has reached that point), then evaluate and report."""
+    from ..train.loop import resume_config
+
+    cfg = resume_config(Path(run_dir), list(overrides))
+    return _train_and_report(cfg, Path(run_dir), list(overrides), True, {}, progress, log)
+
+
+def _train_and_report(cfg: RunConfig, run_dir: Path, overrides: list[str], resuming: bool, timing: dict,
+                      progress: bool, log) -> dict:
+    """Train (pausing for on-policy collection if asked), evaluate, write the report."""
     from ..run import load_world_run
     from ..train import train
+    from .onpolicy import ONPOLICY_DIR, collect_onpolicy
 
-    train(resume=run_dir, overrides=overrides, progress=progress, log=log)
+    def train_until(stop_at: float) -> dict:
+        if resuming:
+            return train(resume=run_dir, overrides=overrides, progress=progress, log=log, stop_at=stop_at)
+        return train(cfg, progress=progress, log=log, stop_at=stop_at)
+
+    t = time.perf_counter()
+    d = cfg.data
+    onpolicy = run_dir / ONPOLICY_DIR
+    if d.onpolicy_episodes and not (onpolicy / "meta.json").is_file():
+        train_until(d.onpolicy_at)
+        resuming = True
+        t1 = time.perf_counter()
+        run = load_world_run(run_dir)
+        collect_onpolicy(run, onpolicy, d.onpolicy_episodes, envs=cfg.eval.envs, bot_timeout=d.bot_timeout,
+                         seed=cfg.train.seed, progress=progress, log=log)
+        timing["onpolicy_s"] = round(time.perf_counter() - t1, 1)
+    summary = train_until(1.0)
+    timing["train_s"] = round(time.perf_counter() - t - timing.get("onpolicy_s", 0.0), 1)
     run = load_world_run(run_dir)
     result = evaluate_world(run, progress=progress, log=log)
+    result["timing"] = {**timing, **result.get("timing", {})}
+    result["train"] = {k: summary[k] for k in ("step", "val_loss", "minutes", "params", "precision")}
+    if (onpolicy / "meta.json").is_file():
+        from .episodes import load_dataset
+
+        result["onpolicy"] = {k: v for k, v in load_dataset(onpolicy).meta["splits"]["train"].items()
+                              if k in ("episodes", "steps", "successes", "labelled_steps", "agreement", "seconds")}
     report = write_outputs(run, result, log)
     log(f"report: {report}")
     return result

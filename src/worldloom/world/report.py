@@ -192,6 +192,9 @@ def _table(result) -> list[str]:
         return " / ".join(_pct(_get(wm, g, what)) for g in names)
 
     ol = [_open_loop(result, k) for k in (1, 5, 10)]
+    op = _get(result, "onpolicy")
+    op_n, op_ok = _num(_get(op, "episodes")), _num(_get(op, "successes"))
+    op_success = op_ok / op_n if op_n and op_ok is not None else None
     minutes = _num(_get(result, "minutes"))
     timing = _get(result, "timing")
     replayed = any(_num(_get(wm, g, "novel")) is not None for g in ("expert", "perturbed"))  # the adapter could replay
@@ -222,6 +225,8 @@ def _table(result) -> list[str]:
         *([("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
             " / ".join(_pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10)))]
           if has_frame_head else []),
+        *([("On-policy episodes (DAgger): played by the model mid-training / its success / bot labels it agreed with",
+            f"{_int(_get(op, 'episodes'))} / {_pct(op_success)} / {_pct(_get(op, 'agreement'))}")] if op is not None else []),
         ("Training steps", _int(_get(result, "step"))),
         ("Training time (minutes)", DASH if minutes is None else f"{minutes:.1f}"),
         ("Parameters", _params(_get(result, "params"))),
@@ -229,7 +234,7 @@ def _table(result) -> list[str]:
     ]
     if isinstance(timing, dict):
         parts = [f"{name} {_fmt(timing.get(key), '.0f')} s" for name, key in
-                 (("collect", "collect_s"), ("train", "train_s"), ("eval", "eval_s")) if _num(timing.get(key)) is not None]
+                 (("collect", "collect_s"), ("train", "train_s"), ("on-policy collection", "onpolicy_s"), ("eval", "eval_s")) if _num(timing.get(key)) is not None]
         if parts:
             rows.append(("Wall time", ", ".join(parts)))
     return ["| Figure | Value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]

@@ -44,7 +44,7 @@ class EpisodeTokens:
 
     prefix: np.ndarray  # (P,) int64: <bos> mission <sep>
     steps: np.ndarray  # (T, step_len) int64
-    policy_target: np.ndarray  # (T,) bool: the action at step t was the expert's (a target for the policy)
+    policy: np.ndarray  # (T,) int64: the stream id of the action the policy should learn at step t, -1 = none
 
     @property
     def length(self) -> int:
@@ -123,7 +123,9 @@ class StreamLayout:
             term[-1], trunc[-1] = ep.terminated, ep.truncated and not ep.terminated
         steps = np.concatenate([obs, self.action_ids(ep.action)[:, None], self.reward_ids(ep.reward)[:, None],
                                 self.done_ids(term, trunc)[:, None]], axis=1)
-        return EpisodeTokens(self.prefix(ep.mission), steps, ~np.asarray(ep.random_action, bool))
+        label = ep.policy_label
+        policy = np.where(label >= 0, self.action_ids(np.maximum(label, 0)), -1)
+        return EpisodeTokens(self.prefix(ep.mission), steps, policy)
 
     # -- decoding
     def decode_obs(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

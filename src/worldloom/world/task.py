@@ -3,7 +3,8 @@
 The dataset comes from ``data.path`` (a folder written by `worldloom collect`) or, when that
 is empty, from ``<run>/data`` (where `worldloom train` collects it). The stream layout (mission
 vocabulary, codebook, offsets) is built from the training episodes once and saved in
-``<run>/stream/``; the model's vocabulary, slot count and frame head follow from it.
+``<run>/stream/``; the model's vocabulary, slot count and frame head follow from it. Episodes
+the run collected on-policy (``<run>/onpolicy``, worldloom.world.onpolicy) join the training set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..errors import DataError
 from ..evaluate import sampled_loss
 from .data import EpisodeData
 from .episodes import load_dataset
+from .onpolicy import ONPOLICY_DIR
 from .stream import StreamLayout
 
 STREAM_DIR = "stream"
@@ -35,6 +37,10 @@ class WorldTask:
             raise DataError(f"the episodes in {dataset_dir(cfg, run_dir)} come from {ds.meta.get('env_id')}, "
                             f"but env.id is {cfg.env.id}; set env.id={ds.meta.get('env_id')} or collect again")
         train_eps, val_eps = ds.episodes("train"), ds.episodes("val")
+        self.n_demos = len(train_eps)
+        onpolicy = Path(run_dir) / ONPOLICY_DIR
+        if (onpolicy / "meta.json").is_file():
+            train_eps += load_dataset(onpolicy).episodes("train")
         if resuming:
             self.layout = StreamLayout.load(Path(run_dir) / STREAM_DIR)
         else:
@@ -56,7 +62,8 @@ class WorldTask:
         self.layout.save(Path(run_dir) / STREAM_DIR)
 
     def describe(self) -> str:
-        return (f"{self.cfg.env.id}: {self.n_train:,} training episodes ({self.n_train_steps:,} steps, "
+        extra = f" ({self.n_demos:,} demonstrations + {self.n_train - self.n_demos:,} on-policy)" if self.n_train > self.n_demos else ""
+        return (f"{self.cfg.env.id}: {self.n_train:,} training episodes{extra} ({self.n_train_steps:,} steps, "
                 f"{self.data.tokens('train'):,} tokens), {self.n_val:,} validation episodes, vocab {self.layout.vocab_size}")
 
     def batch(self, batch_size: int, gen: torch.Generator) -> dict:
