@@ -121,57 +121,39 @@ class _Collector:
         self.settings = settings
         self.adapter: EnvAdapter = make_adapter(settings.env_id)
         self.env = self.adapter.make()
-        self.can_time = (
-            settings.bot_timeout > 0
-            and hasattr(signal, "setitimer")
-            and threading.current_thread() is threading.main_thread()
-        )
 
     def run(self, seeds: list[int]) -> list[Episode | _Dropped]:
-        with _alarm_handler(self.can_time) as timed:
-            return [self.episode(s, timed) for s in seeds]
+        return [self.episode(s) for s in seeds]
 
-    def episode(self, env_seed: int, timed: bool) -> Episode | _Dropped:
+    def episode(self, env_seed: int) -> Episode | _Dropped:
         """One episode, or _Dropped if the bot timed out or raised."""
-        try:
-            return self._play(env_seed, timed)
-        except _BotTimeout:  # also when the alarm lands just as _play handles another error
-            return _Dropped(env_seed, "timeout")
-
-    def _play(self, env_seed: int, timed: bool) -> Episode | _Dropped:
         st, adapter, env = self.settings, self.adapter, self.env
         rng = np.random.default_rng([st.base_seed, env_seed])
         perturbed = bool(rng.random() < st.perturbed_fraction) and st.epsilon > 0
         epsilon = st.epsilon if perturbed else 0.0
-        timeout = st.bot_timeout
 
         obs, _ = env.reset(seed=env_seed)
         mission = adapter.mission(obs)
         frames = [adapter.observe(obs)]
         actions, rewards, randoms = [], [], []
         terminated = truncated = False
-        told = None  # what the bot is told about the previous step: None = "your suggestion"
         try:
-            bot = BabyAIBot(env.unwrapped)
+            bot = BotTeacher(env, st.bot_timeout)
             while not (terminated or truncated):
-                if timed:
-                    signal.setitimer(signal.ITIMER_REAL, timeout)
-                suggested = int(bot.replan(told))
-                if timed:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                suggested = bot.label()
+                if bot.failed:
+                    return _Dropped(env_seed, bot.failed)
                 if perturbed and rng.random() < epsilon:
                     action, is_random = int(rng.integers(adapter.n_actions)), True
                 else:
                     action, is_random = suggested, False
-                told = None if action == suggested else action
+                bot.taken(action)  # the bot re-plans from the action actually taken
                 obs, reward, terminated, truncated, _ = env.step(action)
                 frames.append(adapter.observe(obs))
                 actions.append(action)
                 rewards.append(reward)
                 randoms.append(is_random)
-        except Exception as e:  # the bot's assertions, DisappearedBoxError, ...
-            if timed:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+        except Exception as e:  # building the bot, or the environment itself
             return _Dropped(env_seed, type(e).__name__)
         return Episode(
             seed=env_seed,
@@ -187,7 +169,8 @@ class _Collector:
 
 
 class BotTeacher:
-    """The BabyAI bot as the labeller of another policy's steps (DAgger), on one environment.
+    """The BabyAI bot on one environment: the collector's expert, and the labeller of another
+    policy's steps (DAgger).
 
     Build it right after ``env.reset``; ``label()`` is the bot's action in the current state,
     ``taken(action)`` tells it what was done instead, so that it re-plans from there (as in
