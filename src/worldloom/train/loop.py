@@ -166,6 +166,9 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
         f = step / tc.max_steps
         return max(f, elapsed() / budget) if budget else f
 
+    def budget_left() -> bool:
+        return step < tc.max_steps and not (budget and elapsed() >= budget)
+
     saved_step = step if ckpt else None  # the step of the newest checkpoint on disk
 
     def checkpoint(val_loss: float | None):
@@ -187,7 +190,7 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     model.train()
     t_log, tokens_since = time.perf_counter(), 0
     try:
-        while step < tc.max_steps and not (budget and elapsed() >= budget) and fraction() < stop_at:
+        while budget_left() and fraction() < stop_at:
             lr = lr_at(step, fraction(), tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -229,7 +232,7 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
         checkpoint(val_loss)
     summary = {"run_dir": str(run_dir), "step": step, "val_loss": val_loss, "minutes": round(elapsed() / 60, 2),
                "params": n_params, "precision": precision}
-    if stop_at < 1.0 and fraction() >= stop_at and step < tc.max_steps and not (budget and elapsed() >= budget):
+    if budget_left():  # the loop ended at stop_at
         log(f"paused at step {step} ({fraction():.0%} of the budget), held-out loss {val_loss:.4f}, {elapsed() / 60:.1f} min")
     else:
         log(f"done: step {step}, held-out loss {val_loss:.4f} (sampled windows), {elapsed() / 60:.1f} min; "

@@ -204,6 +204,7 @@ def _train_and_report(cfg: RunConfig, run_dir: Path, overrides: list[str], resum
     """Train (pausing for on-policy collection if asked), evaluate, write the report."""
     from ..run import load_world_run
     from ..train import train
+    from .episodes import META_FILE, load_dataset
     from .onpolicy import ONPOLICY_DIR, collect_onpolicy
 
     def train_until(stop_at: float) -> dict:
@@ -214,7 +215,7 @@ def _train_and_report(cfg: RunConfig, run_dir: Path, overrides: list[str], resum
     t = time.perf_counter()
     d = cfg.data
     onpolicy = run_dir / ONPOLICY_DIR
-    if d.onpolicy_episodes and not (onpolicy / "meta.json").is_file():
+    if d.onpolicy_episodes and not (onpolicy / META_FILE).is_file():
         train_until(d.onpolicy_at)
         resuming = True
         t1 = time.perf_counter()
@@ -228,9 +229,7 @@ def _train_and_report(cfg: RunConfig, run_dir: Path, overrides: list[str], resum
     result = evaluate_world(run, progress=progress, log=log)
     result["timing"] = {**timing, **result.get("timing", {})}
     result["train"] = {k: summary[k] for k in ("step", "val_loss", "minutes", "params", "precision")}
-    if (onpolicy / "meta.json").is_file():
-        from .episodes import load_dataset
-
+    if (onpolicy / META_FILE).is_file():
         result["onpolicy"] = {k: v for k, v in load_dataset(onpolicy).meta["splits"]["train"].items()
                               if k in ("episodes", "steps", "successes", "labelled_steps", "agreement", "seconds")}
     report = write_outputs(run, result, log)

@@ -17,7 +17,7 @@ from ..config import RunConfig
 from ..errors import DataError
 from ..evaluate import sampled_loss
 from .data import EpisodeData
-from .episodes import load_dataset
+from .episodes import META_FILE, load_dataset
 from .onpolicy import ONPOLICY_DIR
 from .stream import StreamLayout
 
@@ -39,7 +39,7 @@ class WorldTask:
         train_eps, val_eps = ds.episodes("train"), ds.episodes("val")
         self.n_demos = len(train_eps)
         onpolicy = Path(run_dir) / ONPOLICY_DIR
-        if (onpolicy / "meta.json").is_file():
+        if (onpolicy / META_FILE).is_file():
             train_eps += load_dataset(onpolicy).episodes("train")
         if resuming:
             self.layout = StreamLayout.load(Path(run_dir) / STREAM_DIR)
