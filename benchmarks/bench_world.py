@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     from worldloom.config import build_config
     from worldloom.model import LWM
     from worldloom.run import load_world_run
-    from worldloom.world.collect import collect_dataset
-    from worldloom.world.episodes import load_dataset
-    from worldloom.world.imagine import imagination_throughput
+    from worldloom.world.data.collect import collect_dataset
+    from worldloom.world.data.episodes import load_dataset
+    from worldloom.world.rollout.imagine import imagination_throughput
     from worldloom.world.pipeline import machine
     from worldloom.world.stream import StreamLayout
 

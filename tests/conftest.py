@@ -125,7 +125,7 @@ TINY_WORLD = [
 @pytest.fixture(scope="session")
 def world_dataset(tmp_path_factory) -> Path:
     """40 training + 12 validation GoToLocal episodes collected by the bot (about a second)."""
-    from worldloom.world.collect import collect_dataset
+    from worldloom.world.data.collect import collect_dataset
 
     out = tmp_path_factory.mktemp("world") / "episodes"
     collect_dataset(out, WORLD_ENV, 40, 12, seed=0, workers=1, progress=False, log=lambda *a: None)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from worldloom.errors import DataError, EnvError
-from worldloom.world import collect
-from worldloom.world.collect import (
+from worldloom.world.data import collect
+from worldloom.world.data.collect import (
     EVAL_SEED_BASE,
     TRAIN_SEED_BASE,
     VAL_SEED_BASE,
@@ -25,7 +25,7 @@ from worldloom.world.collect import (
     split_seed,
 )
 from worldloom.world.envs import MiniGridAdapter, make_adapter
-from worldloom.world.episodes import Episode, load_dataset, read_shard, write_shard
+from worldloom.world.data.episodes import Episode, load_dataset, read_shard, write_shard
 
 ENV = "BabyAI-GoToLocal-v0"
 # Half the episodes perturbed, every other step random: random actions show up in a few episodes.

@@ -1,4 +1,4 @@
-"""Imagination: the world model as an environment (worldloom.world.imagine)."""
+"""Imagination: the world model as an environment (worldloom.world.rollout.imagine)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from worldloom.world.data import skip_ids
+from worldloom.world.data.packing import skip_ids
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
-from worldloom.world.episodes import load_dataset
-from worldloom.world.imagine import (
+from worldloom.world.data.episodes import load_dataset
+from worldloom.world.rollout.imagine import (
     BatchedWorldModelEnv,
     WorldModelEnv,
     imagination_throughput,
@@ -53,7 +53,7 @@ def _first(episodes):
 def test_check_env_passes_with_a_spec_and_rendering(world_run):
     """Registered (so check_env has a spec: it then checks reset/step determinism and every render mode)."""
     env_id = f"worldloom-test/Imagined{next(_ids)}-v0"
-    gym.register(env_id, entry_point="worldloom.world.imagine:WorldModelEnv", kwargs={"run": str(world_run)})
+    gym.register(env_id, entry_point="worldloom.world.rollout.imagine:WorldModelEnv", kwargs={"run": str(world_run)})
     try:
         env = gym.make(env_id, render_mode="rgb_array")
         assert env.unwrapped.spec is not None and env.unwrapped.spec.nondeterministic is False

@@ -12,11 +12,11 @@ import torch
 
 from worldloom.config import StreamConfig, build_config
 from worldloom.errors import DataError
-from worldloom.world import collect
-from worldloom.world.collect import BotTeacher, split_seed
-from worldloom.world.data import EpisodeData
+from worldloom.world.data import collect
+from worldloom.world.data.collect import BotTeacher, split_seed
+from worldloom.world.data.packing import EpisodeData
 from worldloom.world.envs import make_adapter
-from worldloom.world.episodes import Episode, load_dataset, read_shard, write_shard
+from worldloom.world.data.episodes import Episode, load_dataset, read_shard, write_shard
 from worldloom.world.stream import K_ACTION, StreamLayout
 
 from conftest import TINY_WORLD, WORLD_ENV
@@ -151,7 +151,7 @@ def test_bot_teacher_failure_ends_labels(monkeypatch):
 
 def test_collect_onpolicy_records_what_the_model_did(world_run, tmp_path):
     from worldloom.run import load_world_run
-    from worldloom.world.onpolicy import collect_onpolicy
+    from worldloom.world.data.onpolicy import collect_onpolicy
 
     run = load_world_run(world_run)
     meta = collect_onpolicy(run, tmp_path / "op", 5, envs=3, progress=False, log=lambda *a: None)

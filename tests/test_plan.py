@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from worldloom.run import load_world_run
-from worldloom.world.agent import _stack, run_episodes
+from worldloom.world.rollout.agent import _stack, run_episodes
 from worldloom.world.envs import make_adapter
-from worldloom.world.plan import Imagined, ImaginationPlanner
-from worldloom.world.runner import StreamRunner
+from worldloom.world.rollout.plan import Imagined, ImaginationPlanner
+from worldloom.world.rollout.runner import StreamRunner
 
 from conftest import WORLD_ENV
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from worldloom.world.report import DASH, PLOTS, write_report
+from worldloom.world.eval.report import DASH, PLOTS, write_report
 
 FULL = {
     "run": "gotolocal-small", "env_id": "BabyAI-GoToLocal-v0", "step": 12000, "minutes": 41.5, "params": 3_210_000,

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from worldloom.config import StreamConfig, build_config
 from worldloom.tokenize import GridTokenizer, ScalarBins
-from worldloom.world.data import EpisodeData
-from worldloom.world.episodes import load_dataset
+from worldloom.world.data.packing import EpisodeData
+from worldloom.world.data.episodes import load_dataset
 from worldloom.world.stream import K_ACTION, K_OBS, StreamLayout
 
 from conftest import TINY_WORLD
@@ -159,7 +159,7 @@ def test_world_run_learns(world_run):
 
 def test_teacher_forced_accuracy_is_consistent(world_run, episodes):
     from worldloom.run import load_world_run
-    from worldloom.world.metrics import episode_flags, teacher_forced_accuracy
+    from worldloom.world.eval.metrics import episode_flags, teacher_forced_accuracy
 
     run = load_world_run(world_run)
     val = episodes[1]
@@ -175,7 +175,7 @@ def test_teacher_forced_accuracy_is_consistent(world_run, episodes):
 def test_novel_objects_counts_only_first_sightings(episodes):
     """Turning on the spot: the first full turn may reveal objects, the second (same four views) never does."""
     from worldloom.world.envs import make_adapter
-    from worldloom.world.episodes import Episode
+    from worldloom.world.data.episodes import Episode
 
     adapter = make_adapter("BabyAI-GoToLocal-v0")
     env = adapter.make()
@@ -203,7 +203,7 @@ def test_novel_objects_counts_only_first_sightings(episodes):
 def test_frame_accuracy_splits_by_novelty(world_run, episodes):
     from worldloom.run import load_world_run
     from worldloom.world.envs import make_adapter
-    from worldloom.world.metrics import episode_flags, teacher_forced_accuracy
+    from worldloom.world.eval.metrics import episode_flags, teacher_forced_accuracy
 
     run = load_world_run(world_run)
     val = episodes[1]
@@ -227,7 +227,7 @@ def test_frame_accuracy_splits_by_novelty(world_run, episodes):
 
 def test_agent_acts_in_the_real_env(world_run):
     from worldloom.run import load_world_run
-    from worldloom.world.agent import run_episodes
+    from worldloom.world.rollout.agent import run_episodes
 
     run = load_world_run(world_run)
     seeds = [2_000_000 + i for i in range(5)]
@@ -242,7 +242,7 @@ def test_agent_acts_in_the_real_env(world_run):
 def test_runner_rolls_over_the_context(world_run):
     """Past the context the runner keeps the mission and the latest steps, and goes on."""
     from worldloom.run import load_world_run
-    from worldloom.world.runner import StreamRunner
+    from worldloom.world.rollout.runner import StreamRunner
 
     run = load_world_run(world_run)
     lay = run.layout
@@ -273,7 +273,7 @@ def test_forked_runner_equals_a_fresh_prefill(layout, episodes, backbone):
     """fork() copies cache rows (KV and recurrent states); continuing a fork = continuing a runner
     prefilled from scratch with the same streams. Also proves every backbone drives the stream."""
     from worldloom.model import LWM
-    from worldloom.world.runner import StreamRunner
+    from worldloom.world.rollout.runner import StreamRunner
 
     extra = ["model.backbone=hybrid", "model.n_layer=2", "model.layers=mamba,attn"] if backbone == "hybrid" else [f"model.backbone={backbone}"]
     cfg = build_config(None, [*TINY_WORLD, *extra]).model

@@ -93,7 +93,7 @@ def _cmd_collect(args) -> int:
 def _cmd_imagine(args) -> int:
     from .run import load_world_run
     from .runtime import set_threads
-    from .world.imagine import imagined_vs_real, write_rollout_gif
+    from .world.rollout.imagine import imagined_vs_real, write_rollout_gif
 
     if args.steps < 1:
         raise WorldloomError(f"--steps must be at least 1, got {args.steps}")

@@ -1,11 +1,16 @@
-"""Worlds: environment adapters, the on-disk episode schema and expert data collection.
+"""Worlds: environments, episode data, the model run as a world, and its evaluation.
 
-- ``worldloom.world.envs``: one adapter per environment family (``make_adapter(env_id)``),
-  declaring the observation fields, the action set and how to make a fresh environment.
-- ``worldloom.world.episodes``: the ``Episode`` record, npz shards and dataset folders
-  (documented in ``docs/episodes.md``).
-- ``worldloom.world.collect``: ``collect_dataset``, episodes played by minigrid's BabyAI bot,
-  optionally perturbed by random actions.
+- ``envs/``: one adapter per environment family (``make_adapter(env_id)``): observation
+  fields, action set, how to make a fresh environment; MiniGrid/BabyAI today.
+- ``data/``: the ``Episode`` record and npz shards (``episodes``, documented in
+  ``docs/episodes.md``), bot collection (``collect``), DAgger collection (``onpolicy``), and the
+  packed training rows (``packing``).
+- ``stream.py``: the stream layout (episode <-> tokens); ``task.py``: the world recipe's task.
+- ``rollout/``: the model run forward: ``runner`` (cached batched streams), ``agent`` (acting in
+  real environments), ``imagine`` (the model as a gymnasium environment), ``plan`` (planning in
+  imagination).
+- ``eval/``: teacher-forced ``metrics`` and the run's ``report``.
+- ``pipeline.py``: collect -> train -> evaluate -> report.
 
 This package imports nothing heavy; import the submodules you need.
 """

@@ -8,7 +8,7 @@ existing collection, or the run already has its data), trains the one model that
 world model and policy, evaluates it (``evaluate_world``) and writes ``eval.json``,
 ``report.md``, plots and a GIF of imagined beside real frames into the run folder.
 
-With ``data.onpolicy_episodes`` > 0 (DAgger, worldloom.world.onpolicy) training pauses at
+With ``data.onpolicy_episodes`` > 0 (DAgger, worldloom.world.data.onpolicy) training pauses at
 ``data.onpolicy_at`` of its budget, the model plays that many training seeds with the bot
 labelling every state, and training resumes on demonstrations + on-policy episodes for the
 rest of the same budget and learning-rate schedule.
@@ -35,7 +35,7 @@ HORIZONS = (1, 5, 10)
 
 
 def collect_for(cfg: RunConfig, out_dir: Path, progress: bool = True, log=print) -> dict:
-    from .collect import collect_dataset
+    from .data.collect import collect_dataset
 
     d = cfg.data
     return collect_dataset(out_dir, cfg.env.id, d.episodes, d.val_episodes, seed=d.seed, perturbed_fraction=d.perturbed,
@@ -59,13 +59,13 @@ def machine() -> str:
 def evaluate_world(run, progress: bool = True, log=print, episodes: int | None = None, plan_episodes: int | None = None,
                    precision: str = "fp32") -> dict:
     """Every figure of a world run (see the module docs of metrics, agent, imagine, plan)."""
-    from .agent import run_episodes
-    from .collect import split_seed
+    from .rollout.agent import run_episodes
+    from .data.collect import split_seed
     from .envs import make_adapter
-    from .episodes import load_dataset
-    from .imagine import open_loop_accuracy
-    from .metrics import episode_flags, teacher_forced_accuracy
-    from .plan import ImaginationPlanner
+    from .data.episodes import load_dataset
+    from .rollout.imagine import open_loop_accuracy
+    from .eval.metrics import episode_flags, teacher_forced_accuracy
+    from .rollout.plan import ImaginationPlanner
 
     cfg, model, layout = run.cfg, run.model, run.layout
     ec = cfg.eval
@@ -159,9 +159,9 @@ def _pct(wm: dict, group: str, what: str) -> str:
 
 def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif_steps: int = 20) -> Path:
     """eval.json, the GIF of imagined beside real frames, and report.md in the run folder."""
-    from .collect import split_seed
-    from .imagine import imagined_vs_real, write_rollout_gif
-    from .report import write_report
+    from .data.collect import split_seed
+    from .rollout.imagine import imagined_vs_real, write_rollout_gif
+    from .eval.report import write_report
 
     run_dir = Path(run.run_dir)
     write_json(run_dir / EVAL_JSON, result)
@@ -182,7 +182,7 @@ def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
     t = time.perf_counter()
     if not (data / "meta.json").is_file():
         if cfg.data.path:
-            from .episodes import load_dataset
+            from .data.episodes import load_dataset
 
             load_dataset(data)  # the user named a folder: report what is wrong with it
         collect_for(cfg, data, progress, log)
@@ -204,8 +204,8 @@ def _train_and_report(cfg: RunConfig, run_dir: Path, overrides: list[str], resum
     """Train (pausing for on-policy collection if asked), evaluate, write the report."""
     from ..run import load_world_run
     from ..train import train
-    from .episodes import META_FILE, load_dataset
-    from .onpolicy import ONPOLICY_DIR, collect_onpolicy
+    from .data.episodes import META_FILE, load_dataset
+    from .data.onpolicy import ONPOLICY_DIR, collect_onpolicy
 
     def train_until(stop_at: float) -> dict:
         if resuming:

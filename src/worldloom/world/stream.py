@@ -113,7 +113,7 @@ class StreamLayout:
         return code.astype(np.int64) + self.offset["done"]
 
     def episode(self, ep) -> EpisodeTokens:
-        """An Episode (worldloom.world.episodes) -> its tokens. The final observation o_T is not in
+        """An Episode (worldloom.world.data.episodes) -> its tokens. The final observation o_T is not in
         the stream: after the last ``done`` token the episode is over."""
         T = ep.length
         obs = self.obs_ids(ep.obs["image"][:T], ep.obs["direction"][:T])  # (T, obs_len)

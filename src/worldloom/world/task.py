@@ -4,7 +4,7 @@ The dataset comes from ``data.path`` (a folder written by `worldloom collect`) o
 is empty, from ``<run>/data`` (where `worldloom train` collects it). The stream layout (mission
 vocabulary, codebook, offsets) is built from the training episodes once and saved in
 ``<run>/stream/``; the model's vocabulary, slot count and frame head follow from it. Episodes
-the run collected on-policy (``<run>/onpolicy``, worldloom.world.onpolicy) join the training set.
+the run collected on-policy (``<run>/onpolicy``, worldloom.world.data.onpolicy) join the training set.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from ..config import RunConfig
 from ..errors import DataError
 from ..evaluate import sampled_loss
-from .data import EpisodeData
-from .episodes import META_FILE, load_dataset
-from .onpolicy import ONPOLICY_DIR
+from .data.packing import EpisodeData
+from .data.episodes import META_FILE, load_dataset
+from .data.onpolicy import ONPOLICY_DIR
 from .stream import StreamLayout
 
 STREAM_DIR = "stream"

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..runtime import autocast
-from .stream import PAD, StreamLayout
+from ...runtime import autocast
+from ..stream import PAD, StreamLayout
 
 
 class StreamRunner:

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from ..io import atomic_write_bytes
-from .envs import make_adapter
+from ...io import atomic_write_bytes
+from ..envs import make_adapter
 from .runner import StreamRunner, pick
-from .stream import StreamLayout
+from ..stream import StreamLayout
 
 MODES = ("tokens", "parallel")
 
@@ -218,7 +218,7 @@ class WorldModelEnv(gym.Env):
                  precision: str = "fp32", device: str | torch.device = "cpu", max_steps: int | None = None):
         if run is not None:
             if isinstance(run, (str, Path)):
-                from ..run import load_world_run
+                from ...run import load_world_run
 
                 run = load_world_run(Path(run), device)
             model, layout = run.model, run.layout

@@ -20,8 +20,8 @@ import math
 import os
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_text
-from ..train.plots import read_metrics
+from ...io import atomic_write_bytes, atomic_write_text
+from ...train.plots import read_metrics
 
 DASH = "—"
 REPORT = "report.md"
@@ -252,7 +252,7 @@ def _how_measured(result) -> list[str]:
         f"seeds {_seeds(real)} — never used for training or validation data. The model acts from its own stream "
         "(observation tokens in, an action token out: the likeliest one unless eval.greedy is off) and receives the real rewards, ends and "
         "next observations.",
-        f"- **Planning** (worldloom.world.plan) tries every first action inside the world model, follows the "
+        f"- **Planning** (worldloom.world.rollout.plan) tries every first action inside the world model, follows the "
         f"model's own policy for the rest of a horizon of {_int(_get(plan, 'horizon'))} imagined steps, and takes the "
         "first action with the highest predicted return (ties go to the policy's own choice), on held-out seeds "
         f"as well ({_int(_get(plan, 'episodes'))} episodes).",

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..io import atomic_write_bytes
+from ...errors import DataError
+from ...io import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")

@@ -7,7 +7,7 @@ error). ``collect_onpolicy`` lets the trained model play training seeds in the r
 environment (batched, sampled actions) while a ``BotTeacher`` per environment labels every
 state with the bot's action. The episodes keep the actions the model took — the world model
 learns their consequences — and carry the bot's actions as ``label``: the policy targets
-(worldloom.world.data). The folder has the dataset layout of worldloom.world.episodes with a
+(worldloom.world.data.packing). The folder has the dataset layout of worldloom.world.data.episodes with a
 ``train`` split only; ``WorldTask`` adds its episodes to the training set.
 
 The world recipe does this once per run when ``data.onpolicy_episodes`` > 0: train until
@@ -23,11 +23,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import DataError
-from ..io import write_json
-from .agent import run_episodes
+from ...errors import DataError
+from ...io import write_json
+from ..rollout.agent import run_episodes
 from .collect import BotTeacher, split_seed
-from .envs import make_adapter
+from ..envs import make_adapter
 from .episodes import META_FILE, SCHEMA_VERSION, shard_name, write_shard
 
 ONPOLICY_DIR = "onpolicy"

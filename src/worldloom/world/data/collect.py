@@ -45,9 +45,9 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import DataError, EnvError
-from ..io import write_json
-from .envs import EnvAdapter, make_adapter
+from ...errors import DataError, EnvError
+from ...io import write_json
+from ..envs import EnvAdapter, make_adapter
 from .episodes import META_FILE, SCHEMA_VERSION, Episode, shard_name, write_shard
 
 try:

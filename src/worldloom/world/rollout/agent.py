@@ -3,13 +3,13 @@
 `run_episodes` steps `envs` real environments at once. Each row of the stream receives what
 really happened (reward, end, next observation), and the model's next token after an
 observation — restricted to action ids — is the action (greedy, or sampled). A planner
-(worldloom.world.plan) can replace the plain policy: it gets the runner and picks actions
+(worldloom.world.rollout.plan) can replace the plain policy: it gets the runner and picks actions
 by imagining ahead.
 
 With ``record=True`` every episode is also returned as an ``Episode`` (the schema of
-worldloom.world.episodes), and a ``teacher`` (e.g. ``collect.BotTeacher``) labels each state
+worldloom.world.data.episodes), and a ``teacher`` (e.g. ``collect.BotTeacher``) labels each state
 with the expert's action before the model's action is taken: on-policy data for DAgger
-(worldloom.world.onpolicy).
+(worldloom.world.data.onpolicy).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .envs import make_adapter
-from .episodes import Episode
+from ..envs import make_adapter
+from ..data.episodes import Episode
 from .runner import StreamRunner, pick
-from .stream import StreamLayout
+from ..stream import StreamLayout
 
 
 @dataclass

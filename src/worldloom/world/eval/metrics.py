@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..runtime import autocast
-from .data import EpisodeData
-from .stream import K_ACTION, K_DONE, K_OBS, K_REWARD, SEP, EpisodeTokens, StreamLayout
+from ...runtime import autocast
+from ..data.packing import EpisodeData
+from ..stream import K_ACTION, K_DONE, K_OBS, K_REWARD, SEP, EpisodeTokens, StreamLayout
 
 
 def _target_ranges(layout: StreamLayout, inp: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +121,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
 
 
 def _weights_all():
-    from ..config import StreamConfig
+    from ...config import StreamConfig
 
     return StreamConfig()
 

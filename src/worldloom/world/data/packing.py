@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import StreamConfig
-from ..errors import DataError
-from .stream import K_ACTION, K_DONE, K_MISSION, K_OBS, K_PAD, K_REWARD, KINDS, PAD, EpisodeTokens, StreamLayout
+from ...config import StreamConfig
+from ...errors import DataError
+from ..stream import K_ACTION, K_DONE, K_MISSION, K_OBS, K_PAD, K_REWARD, KINDS, PAD, EpisodeTokens, StreamLayout
 
 PARTS = {"obs": K_OBS, "action": K_ACTION, "reward": K_REWARD, "done": K_DONE}  # logged as loss_<name>
 

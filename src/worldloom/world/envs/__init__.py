@@ -1,0 +1,34 @@
+"""Environment adapters, one per environment family, and ``make_adapter(env_id)``.
+
+See ``base.py`` for the protocol; ``minigrid.py`` for MiniGrid / BabyAI. Another family is
+one more module with an ``EnvAdapter`` subclass, listed in ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from ...errors import EnvError
+from .base import EnvAdapter, QuietReset
+from .minigrid import MiniGridAdapter
+
+__all__ = ["ADAPTERS", "EnvAdapter", "MiniGridAdapter", "QuietReset", "make_adapter"]
+
+ADAPTERS: tuple[type[EnvAdapter], ...] = (MiniGridAdapter,)
+
+
+def make_adapter(env_id: str) -> EnvAdapter:
+    """The adapter for a registered environment id; EnvError (with a suggestion) otherwise."""
+    env_id = str(env_id)
+    for cls in ADAPTERS:
+        if cls.handles(env_id):
+            known = cls.known_ids()
+            if env_id in known:
+                return cls(env_id)
+            break
+    known = [k for cls in ADAPTERS for k in cls.known_ids()]
+    close = difflib.get_close_matches(env_id, known, n=1, cutoff=0.6)
+    if close:
+        raise EnvError(f"unknown environment {env_id!r}; did you mean {close[0]!r}?")
+    families = ", ".join(f"{p}*" for cls in ADAPTERS for p in cls.prefixes)
+    raise EnvError(f"unknown environment {env_id!r}; supported: registered {families} ids, e.g. 'BabyAI-GoToLocal-v0'")
