@@ -179,12 +179,12 @@ def run_case(spec: dict) -> None:
         with torch.inference_mode():
             cache = model.new_cache(1, ctx)
             t = time.perf_counter()
-            logits, cache = model(prompt, cache)
+            logits = model(prompt, cache).logits
             prefill_s = time.perf_counter() - t
             nxt = logits[:, -1].argmax(-1)
             for _ in range(DECODE_STEPS):
                 t = time.perf_counter()
-                logits, cache = model(nxt[:, None], cache)
+                logits = model(nxt[:, None], cache).logits
                 nxt = logits[:, -1].argmax(-1)
                 times.append(time.perf_counter() - t)
         assert cache.length == ctx - 1, cache.length

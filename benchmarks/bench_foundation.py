@@ -44,6 +44,7 @@ import torch
 
 from worldloom.config import ModelConfig, RunConfig, TrainConfig, save_yaml, to_dict
 from worldloom.decode import SamplingConfig, generate_ids
+from worldloom.losses import language_model_loss
 from worldloom.model import LWM
 from worldloom.runtime import autocast
 from worldloom.train.optim import make_optimizer
@@ -145,7 +146,7 @@ def time_train_steps(model: LWM, batch: int, context: int, precision: str, warmu
     for i in range(warmup + steps):
         t = time.perf_counter()
         with autocast(precision, CPU):
-            out = model.compute_loss(data)
+            out = language_model_loss(model(data["input"]), data)
         out.total.backward()
         out.total.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

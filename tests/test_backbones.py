@@ -20,6 +20,7 @@ from worldloom.config import ModelConfig, RunConfig, build_config, from_dict, sa
 from worldloom.decode import SamplingConfig, generate, generate_ids
 from worldloom.errors import ConfigError
 from worldloom.export.hf import ExportError, export_hf
+from worldloom.losses import language_model_loss
 from worldloom.model import LWM
 from worldloom.run import LoadedRun, load_run
 from worldloom.tokenize import TextTokenizer
@@ -68,9 +69,9 @@ def test_token_by_token_equals_full_forward(case):
     model = make_model(case)
     x = ids(2, CTX)
     with torch.no_grad():
-        full, _ = model(x)
+        full = model(x).logits
         cache = model.new_cache(2, CTX)
-        steps = [model(x[:, i : i + 1], cache)[0] for i in range(CTX)]
+        steps = [model(x[:, i : i + 1], cache).logits for i in range(CTX)]
     assert cache.length == CTX
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
 
@@ -80,11 +81,11 @@ def test_chunked_prefill_then_steps_equals_full_forward(case):
     model = make_model(case)
     x = ids(2, CTX)
     with torch.no_grad():
-        full, _ = model(x)
+        full = model(x).logits
         cache = model.new_cache(2, CTX)
         parts, i = [], 0
         for n in (7, 6, 1, 4, 1, 1, 3, 1):  # prefill longer than a chunk, more chunks, single tokens
-            parts.append(model(x[:, i : i + n], cache)[0])
+            parts.append(model(x[:, i : i + n], cache).logits)
             i += n
     assert i == CTX
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
@@ -104,11 +105,11 @@ def test_left_padded_batch_matches_rows_alone(case):
     extra = ids(len(rows), 4, seed=99)
     with torch.no_grad():
         cache = model.new_cache(len(rows), CTX, pad)
-        prompt_logits, _ = model(batch[:, :6], cache)  # a prefill that ends inside the padding of one row
-        prompt_logits = torch.cat([prompt_logits, model(batch[:, 6:], cache)[0]], 1)
-        step_logits = torch.cat([model(extra[:, j : j + 1], cache)[0] for j in range(extra.shape[1])], 1)
+        prompt_logits = model(batch[:, :6], cache).logits  # a prefill that ends inside the padding of one row
+        prompt_logits = torch.cat([prompt_logits, model(batch[:, 6:], cache).logits], 1)
+        step_logits = torch.cat([model(extra[:, j : j + 1], cache).logits for j in range(extra.shape[1])], 1)
         for r, row in enumerate(rows):
-            alone, _ = model(torch.cat([row, extra[r]])[None])
+            alone = model(torch.cat([row, extra[r]])[None]).logits
             n = len(row)
             torch.testing.assert_close(prompt_logits[r, L - n:], alone[0, :n], atol=ATOL, rtol=0)
             torch.testing.assert_close(step_logits[r], alone[0, n:], atol=ATOL, rtol=0)
@@ -158,7 +159,7 @@ def test_recurrent_mixers_ignore_masked_prefix():
 def test_gradients_reach_every_parameter(case):
     model = make_model(case, moe_experts=3).train()
     x = ids(4, CTX + 1)
-    out = model.compute_loss({"input": x[:, :-1], "target": x[:, 1:]})
+    out = language_model_loss(model(x[:, :-1]), {"input": x[:, :-1], "target": x[:, 1:]})
     out.total.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"no gradient for {name}"
@@ -166,13 +167,13 @@ def test_gradients_reach_every_parameter(case):
         assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
 
 
-def test_moe_aux_loss_reaches_router_through_compute_loss():
+def test_moe_aux_loss_is_returned_by_forward_and_reaches_router():
     x = ids(2, CTX + 1)
     batch = {"input": x[:, :-1], "target": x[:, 1:]}
     grads, outs = [], []
     for balance, z in ((0.0, 0.0), (0.5, 0.1)):
         model = make_model("hybrid-moe", moe_balance_coef=balance, moe_z_coef=z).train()
-        out = model.compute_loss(batch)
+        out = language_model_loss(model(batch["input"]), batch)
         out.total.backward()
         outs.append(out)
         grads.append([m.router.weight.grad.clone() for m in model.moe_layers()])
@@ -184,7 +185,7 @@ def test_moe_aux_loss_reaches_router_through_compute_loss():
     assert len(grads[1]) == 3  # one MoE per layer
     for g_off, g_on in zip(*grads):
         assert not torch.allclose(g_off, g_on)  # the aux loss changes the router's gradient
-    assert "moe_aux" not in make_model("mamba").compute_loss(batch).parts
+    assert "moe_aux" not in language_model_loss(make_model("mamba")(batch["input"]), batch).parts
 
 
 def test_mamba_init_survives_model_init_and_no_decay_tags():
@@ -242,7 +243,7 @@ def test_checkpoint_round_trip(tmp_path, case):
     assert run.cfg.model == model.cfg
     x = torch.randint(0, tok.vocab_size, (2, CTX))
     with torch.no_grad():
-        assert torch.equal(run.model(x)[0], model(x)[0])
+        assert torch.equal(run.model(x).logits, model(x).logits)
     sc = SamplingConfig(max_new_tokens=8, temperature=0.0)
     assert generate(run.model, run.tokenizer, ["the", "a dog"], sc) == generate(model, tok, ["the", "a dog"], sc)
 

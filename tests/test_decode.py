@@ -8,7 +8,7 @@ import torch
 from worldloom.config import ModelConfig
 from worldloom.decode import SamplingConfig, generate, generate_ids, left_pad, sample_next, stream_batch
 from worldloom.backbones.transformer import KVCache
-from worldloom.model import LWM
+from worldloom.model import LWM, ModelOutput
 from worldloom.tokenize import TextTokenizer
 
 GREEDY = dict(temperature=0.0)
@@ -225,7 +225,7 @@ class Scripted(torch.nn.Module):
         seen = cache.length if cache is not None else idx.shape[1]
         logits = torch.zeros(idx.shape[0], idx.shape[1], self.cfg.vocab_size)
         logits[:, -1, self.script[min(seen - self.prompt_len, len(self.script) - 1)]] = 1.0
-        return logits, cache
+        return ModelOutput(logits, logits, cache)
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -267,7 +267,7 @@ def reference_rollover(model, prompt, n):
     out = []
     with torch.no_grad():
         for _ in range(n):
-            logits, _ = model(torch.tensor([seq[start:]]))
+            logits = model(torch.tensor([seq[start:]])).logits
             t = int(logits[0, -1].argmax())
             out.append(t)
             if len(seq) - start >= ctx:  # the cache was full: rebuild it from the last half-context
@@ -331,7 +331,7 @@ def test_decode_step_equals_incremental_forward(n_kv_head, pad):
         model(x[:, :4], ref_cache)
         model(x[:, :4], step_cache)
         for t in range(4, 10):
-            want = model(x[:, t : t + 1], ref_cache)[0][:, -1]
+            want = model(x[:, t : t + 1], ref_cache).logits[:, -1]
             got = model.decode_step(x[:, t : t + 1], step_cache, torch.tensor(step_cache.length))
             step_cache.length += 1
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

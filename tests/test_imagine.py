@@ -200,7 +200,7 @@ def test_cached_imagination_equals_one_teacher_forced_forward(run, val_episodes)
         ids = np.concatenate([prefix, fed])
         slots = np.concatenate([np.zeros(len(prefix), np.int64), np.tile(lay.step_slots, 2)[: len(fed)]])
         skip = skip_ids(ids, len(prefix), lay.step_len)
-        h, _ = model.hidden(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None])
+        h = model(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None]).hidden
         logits = model.head(model.norm(h))[0].float()
         P = len(prefix)
         pred = []
@@ -235,7 +235,7 @@ def test_after_a_context_rebuild_imagination_equals_a_forward_of_the_kept_window
     ids = np.concatenate([prefix, window])
     slots = np.concatenate([np.zeros(len(prefix), np.int64), np.tile(lay.step_slots, len(window) // lay.step_len + 1)[: len(window)]])
     skip = skip_ids(ids, len(prefix), lay.step_len)
-    h, _ = model.hidden(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None])
+    h = model(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None]).hidden
     logits = model.head(model.norm(h))[0].float()
     n = len(ids)
     for j in range(n - lay.obs_len - 2, n - 1):  # the last step's r, d and o tokens

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from worldloom.config import ModelConfig, TrainConfig
+from worldloom.losses import language_model_loss
 from worldloom.model import LWM
 from worldloom.checkpoint import load_model_weights, save_checkpoint
 from worldloom.train.optim import make_optimizer
@@ -39,8 +40,8 @@ def test_causal(heads, t):
     y = x.clone()
     y[:, t] = (x[:, t] + 1) % V  # change one token
     with torch.no_grad():
-        a, _ = model(x)
-        b, _ = model(y)
+        a = model(x).logits
+        b = model(y).logits
     assert a.shape == (2, CTX, V)
     torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
     assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-3)  # later positions do see the change
@@ -51,9 +52,9 @@ def test_kv_cache_token_by_token_equals_full_forward(heads):
     model = make_model(**HEADS[heads])
     x = ids(3, CTX)
     with torch.no_grad():
-        full, _ = model(x)
+        full = model(x).logits
         cache = model.new_cache(3, CTX)
-        steps = [model(x[:, i : i + 1], cache)[0] for i in range(CTX)]
+        steps = [model(x[:, i : i + 1], cache).logits for i in range(CTX)]
     assert cache.length == CTX
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
 
@@ -63,11 +64,11 @@ def test_kv_cache_in_chunks_equals_full_forward(heads):
     model = make_model(**HEADS[heads])
     x = ids(2, CTX)
     with torch.no_grad():
-        full, _ = model(x)
+        full = model(x).logits
         cache = model.new_cache(2, CTX)
         parts, i = [], 0
         for n in (5, 3, 1, 4, 1, 2):  # a prefill, then several multi-token chunks and single tokens
-            parts.append(model(x[:, i : i + n], cache)[0])
+            parts.append(model(x[:, i : i + n], cache).logits)
             i += n
     assert i == CTX
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=0)
@@ -87,10 +88,10 @@ def test_left_padded_batch_matches_rows_alone(heads):
     extra = ids(len(rows), 4, seed=99)  # tokens appended after the prompt, one at a time
     with torch.no_grad():
         cache = model.new_cache(len(rows), CTX, pad)
-        prompt_logits, _ = model(batch, cache)
-        step_logits = [model(extra[:, j : j + 1], cache)[0] for j in range(extra.shape[1])]
+        prompt_logits = model(batch, cache).logits
+        step_logits = [model(extra[:, j : j + 1], cache).logits for j in range(extra.shape[1])]
         for r, row in enumerate(rows):
-            alone, _ = model(torch.cat([row, extra[r]])[None])
+            alone = model(torch.cat([row, extra[r]])[None]).logits
             n = len(row)
             torch.testing.assert_close(prompt_logits[r, L - n:], alone[0, :n], atol=ATOL, rtol=0)
             torch.testing.assert_close(torch.cat(step_logits, 1)[r], alone[0, n:], atol=ATOL, rtol=0)
@@ -114,7 +115,7 @@ def test_context_limits():
 def test_gradients_reach_every_parameter(tie, heads):
     model = make_model(tie_weights=tie, **HEADS[heads]).train()
     x = ids(2, CTX + 1)
-    out = model.compute_loss({"input": x[:, :-1], "target": x[:, 1:]})
+    out = language_model_loss(model(x[:, :-1]), {"input": x[:, :-1], "target": x[:, 1:]})
     assert out.total.ndim == 0 and out.parts["loss"] == pytest.approx(out.total.item())
     out.total.backward()
     names = [n for n, _ in model.named_parameters()]
@@ -149,9 +150,9 @@ def test_weights_round_trip_through_checkpoint(tmp_path, tie):
     fresh = make_model(seed=2, tie_weights=tie)
     x = ids(2, CTX)
     with torch.no_grad():
-        assert not torch.allclose(fresh(x)[0], model(x)[0])
+        assert not torch.allclose(fresh(x).logits, model(x).logits)
         load_model_weights(fresh, ckpt)
-        assert torch.equal(fresh(x)[0], model(x)[0])
+        assert torch.equal(fresh(x).logits, model(x).logits)
     for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), n
     assert (fresh.head.weight is fresh.embed.weight) == tie
@@ -161,9 +162,9 @@ def test_dropout_only_in_training_mode():
     model = make_model(dropout=0.5)
     x = ids(1, CTX)
     with torch.no_grad():
-        assert torch.equal(model(x)[0], model(x)[0])
+        assert torch.equal(model(x).logits, model(x).logits)
         model.train()
-        assert not torch.equal(model(x)[0], model(x)[0])
+        assert not torch.equal(model(x).logits, model(x).logits)
 
 
 def test_vocab_size_must_be_set():

@@ -306,12 +306,12 @@ def test_grid_positions_embed_row_and_column():
     assert model.slot_col.tolist() == [0, 4, 5, 6, 4, 5, 6, 4, 5, 6, 0, 0]
     ids = torch.tensor([[3, 4, 5, 6]])
     outside, row2 = torch.tensor([[1, 2, 10, 11]]), torch.tensor([[1, 5, 10, 11]])
-    base, _ = model.hidden(ids, slots=outside)
-    before, _ = model.hidden(ids, slots=row2)
+    base = model(ids, slots=outside).hidden
+    before = model(ids, slots=row2).hidden
     with torch.no_grad():
         model.grid_embed.weight[2].add_(1.0)  # row 2: slots 4..6 only
-    same, _ = model.hidden(ids, slots=outside)
-    after, _ = model.hidden(ids, slots=row2)
+    same = model(ids, slots=outside).hidden
+    after = model(ids, slots=row2).hidden
     assert torch.allclose(base, same)  # no slot of row 2 in the input: nothing changes
     assert torch.allclose(after[0, 0], before[0, 0])  # causal: the position before the row-2 cell is unchanged
     assert not torch.allclose(after[0, 1], before[0, 1])  # the row-2 cell (slot 5) reads its row vector

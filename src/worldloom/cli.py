@@ -52,29 +52,19 @@ def _preset(args) -> str | None:
 
 def _cmd_train(args) -> int:
     from .config import build_config
-    from .train import train
+    from .recipes import get_recipe
 
     preset = _preset(args)
+    progress = not args.no_progress
     if args.resume:
         if preset:
             raise WorldloomError("give either a preset or --resume RUN, not both")
         from .run import read_run_config
 
-        if read_run_config(Path(args.resume)).recipe == "world":
-            from .world.pipeline import resume_world
-
-            resume_world(Path(args.resume), args.overrides, progress=not args.no_progress)
-            return 0
-        train(resume=Path(args.resume), overrides=args.overrides, progress=not args.no_progress)
+        get_recipe(read_run_config(Path(args.resume)).recipe).resume(Path(args.resume), args.overrides, progress=progress)
         return 0
-    preset = preset or "babyai"
-    cfg = build_config(preset, args.overrides)
-    if cfg.recipe == "world":
-        from .world.pipeline import run_world
-
-        run_world(cfg, progress=not args.no_progress)
-        return 0
-    train(cfg, progress=not args.no_progress)
+    cfg = build_config(preset or "babyai", args.overrides)
+    get_recipe(cfg.recipe).run(cfg, progress=progress)
     return 0
 
 
@@ -159,49 +149,15 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .evaluate import full_heldout
+    from .recipes import get_recipe
     from .run import load_run
-    from .runtime import resolve_precision, set_threads
-    from .train import prepare_text
+    from .runtime import set_threads
 
     if args.batch_size < 1:
         raise WorldloomError(f"--batch-size must be at least 1, got {args.batch_size}")
     set_threads(0)
     run = load_run(Path(args.run))
-    if run.is_world:
-        return _eval_world(args, run)
-    if args.data:
-        run.cfg.data.path = args.data
-    data, _ = prepare_text(run.cfg, run.tokenizer)
-    device = torch.device("cpu")
-    precision = resolve_precision(args.precision, device)
-    with tqdm(total=len(data.val) - 1, desc="eval", unit="tok", disable=args.json or None, leave=False) as bar:
-        res = full_heldout(run.model, data, run.cfg.model.context, args.batch_size, precision, device, lambda n: bar.update(n - bar.n))
-    res.update({"run": str(args.run), "step": run.state["step"], "data": run.cfg.data.path,
-                "split": f"last {run.cfg.data.val_fraction:.0%} of the file", "precision": precision})
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(f"{args.run} (step {res['step']}), held-out {res['split']} of {res['data']}: {res['tokens']:,} tokens")
-        print(f"  loss {res['loss']:.4f} nats/token   perplexity {res['perplexity']:.3f}   "
-              f"{res['nats_per_char']:.4f} nats/char   {res['bits_per_char']:.4f} bits/char")
-    return 0
-
-
-def _eval_world(args, run) -> int:
-    from .world.pipeline import evaluate_world, write_outputs
-
-    quiet = (lambda *a: None) if args.json else print
-    result = evaluate_world(run, progress=not args.json, log=quiet, episodes=args.episodes, plan_episodes=args.plan_episodes)
-    report = write_outputs(run, result, log=quiet)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"report: {report}")
-    return 0
+    return get_recipe(run.cfg.recipe).evaluate(args, run)
 
 
 def _cmd_export(args) -> int:

@@ -260,14 +260,11 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
 
-RECIPES = ("text", "world")
-
-
 @dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
-    recipe: str = "text"  # text: a language model on a text file. world: collect episodes, train a world model + policy
+    recipe: str = "text"  # a name in worldloom.recipes: text (a language model on a text file), world (collect, train a world model + policy)
     data: DataConfig = field(default_factory=DataConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -277,8 +274,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
+        from .recipes import check_recipe
+
+        check_recipe(self.recipe)
 
     @property
     def run_dir(self) -> Path:

@@ -85,7 +85,7 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
 
     def run(ids, cache):
         with amp():
-            return model(ids, cache)[0][:, -1]
+            return model(ids, cache).logits[:, -1]
 
     def prefill(keep: int):
         """A fresh cache over the last `keep` tokens; returns (cache, logits of the last one)."""

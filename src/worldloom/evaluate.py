@@ -8,6 +8,7 @@ import torch
 
 from .data.text import TextData
 from .losses import next_token_loss
+from .model import model_inputs
 from .runtime import autocast
 
 
@@ -16,7 +17,7 @@ def sampled_loss(model, data, context: int, batch_size: int, n_batches: int, pre
     """Mean held-out loss over a fixed set of random batches (the same set every call).
 
     ``data`` is anything with ``batch("val", batch_size, context, generator)`` (TextData,
-    EpisodeData); the loss is compute_loss's ``loss`` part (the weighted next-token cross-entropy).
+    EpisodeData); the loss is the weighted next-token cross-entropy (every objective's ``loss`` part).
     """
     was_training = model.training
     model.eval()
@@ -25,7 +26,8 @@ def sampled_loss(model, data, context: int, batch_size: int, n_batches: int, pre
     for _ in range(n_batches):
         batch = {k: v.to(device) for k, v in data.batch("val", batch_size, context, gen).items()}
         with autocast(precision, device):
-            total += model.compute_loss(batch).parts["loss"]
+            logits = model(**model_inputs(batch)).logits
+            total += next_token_loss(logits, batch["target"], batch.get("weight")).item()
     model.train(was_training)
     return total / n_batches
 
@@ -38,7 +40,7 @@ def full_heldout(model, data: TextData, context: int, batch_size: int, precision
     for batch in data.windows("val", context, batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(precision, device):
-            logits, _ = model(batch["input"])
+            logits = model(batch["input"]).logits
         w = batch["weight"]
         nats += next_token_loss(logits, batch["target"], w).item() * w.sum().item()
         count += w.sum().item()

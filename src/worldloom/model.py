@@ -23,6 +23,8 @@ parts serve world-model streams:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +33,24 @@ from .backbones import build_backbone
 from .backbones.moe import MoEFeedForward
 from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
-from .losses import LossOutput, next_token_loss
+
+MODEL_INPUTS = ("slots", "skip", "frame_index")  # batch keys that are model inputs besides "input"
+
+
+@dataclass
+class ModelOutput:
+    """What ``LWM.forward`` returns: everything an objective or a decoder needs."""
+
+    logits: torch.Tensor | None  # (B, T, V) next-token logits; None when called with head=False
+    hidden: torch.Tensor  # (B, T, C) the backbone's last hidden states (before the final norm)
+    cache: object = None  # the decoding cache, when one was passed
+    frame_logits: torch.Tensor | None = None  # (N, frame_tokens, V) at ``frame_index`` (models with a frame head)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE: moe_aux (loss), moe_load (E,), moe_dropped
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments of ``LWM.forward`` found in a training batch."""
+    return {"idx": batch["input"], **{k: batch[k] for k in MODEL_INPUTS if k in batch}}
 
 
 class LWM(nn.Module):
@@ -62,6 +81,7 @@ class LWM(nn.Module):
                 self.grid_embed.weight[0].zero_()  # "not a grid cell" adds nothing (padding_idx: never trained)
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
+        self._moe: list[MoEFeedForward] | None = None
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -72,11 +92,24 @@ class LWM(nn.Module):
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None):
         return self.backbone.new_cache(batch, max_len, pad)
 
-    def hidden(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None):
-        """idx (B, T) [, slots (B, T), skip (B, T)] -> the backbone's last hidden states (B, T, C), cache.
+    def forward(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+                frame_index: torch.Tensor | None = None, head: bool = True) -> ModelOutput:
+        """idx (B, T) [, slots (B, T), skip (B, T)] -> ModelOutput. The one entry point: training,
+        evaluation and decoding all call the model, so ``torch.compile`` and DDP/FSDP wrap what runs.
 
         ``skip`` holds, for a model with a step-skip input, the id one period before each
-        position's target (0 = none)."""
+        position's target (0 = none). ``frame_index`` (N,) names flattened (b * T + t) positions
+        whose hidden state predicts the whole next observation through the frame head.
+        ``head=False`` skips the output head (callers that only need a few positions' logits)."""
+        h, cache = self.backbone(self.drop(self._embed(idx, slots, skip)), cache)
+        logits = self.logits_of(h) if head else None
+        frame = None
+        if frame_index is not None and self.frame is not None and frame_index.numel():
+            frame = self.frame_logits(h.flatten(0, 1)[frame_index])  # (N, F, V)
+        return ModelOutput(logits, h, cache, frame, self._moe_aux())
+
+    def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, C), plus slot, 2-D cell position and step-skip inputs where the model has them."""
         x = self.embed(idx)
         if self.slot_embed is not None:
             if slots is None:
@@ -88,18 +121,26 @@ class LWM(nn.Module):
             if skip is None:
                 raise ValueError("this model has a step-skip input (a world-model stream); pass skip=")
             x = x + self.skip_proj(self.embed(skip) * (skip != 0).unsqueeze(-1))
-        return self.backbone(self.drop(x), cache)
+        return x
 
-    def forward(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None):
-        """idx (B, T) -> logits (B, T, V), cache."""
-        h, cache = self.hidden(idx, cache, slots, skip)
-        return self.head(self.norm(h)), cache
+    def _moe_aux(self) -> dict[str, torch.Tensor]:
+        """The MoE layers' auxiliary loss (summed) and load (averaged) of the forward that just ran."""
+        moe = self.moe_layers()
+        if not moe:
+            return {}
+        return {"moe_aux": torch.stack([m.aux_loss for m in moe]).sum(),
+                "moe_load": torch.stack([m.last_load for m in moe]).mean(0),
+                "moe_dropped": torch.tensor(sum(m.last_dropped for m in moe) / len(moe))}
+
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., V) from hidden states (..., C) (final norm, then the head)."""
+        return self.head(self.norm(h))
 
     def frame_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states (N, C) -> logits (N, frame_tokens, V) of the next observation's tokens."""
         if self.frame is None:
             raise ValueError("this model has no frame head (train with stream.parallel_obs=true)")
-        return self.head(self.norm(self.frame(h)))
+        return self.logits_of(self.frame(h))
 
     @property
     def supports_decode_step(self) -> bool:
@@ -107,50 +148,14 @@ class LWM(nn.Module):
         return bool(getattr(self.backbone, "supports_decode_step", False))
 
     def moe_layers(self) -> list[MoEFeedForward]:
-        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+        if self._moe is None:
+            self._moe = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+        return self._moe
 
     def decode_step(self, idx: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
         """idx (B, 1) at cache slot `slot` -> next-token logits (B, V); fixed shapes (see backbone)."""
         h = self.backbone.decode_step(self.embed(idx), cache, slot)
-        return self.head(self.norm(h))[:, -1]
-
-    def compute_loss(self, batch: dict) -> LossOutput:
-        """Next-token cross-entropy (weighted by ``batch["weight"]``), plus the frame head's
-        cross-entropy (world streams with a frame head), plus every MoE layer's auxiliary loss.
-
-        parts: ``loss`` (the weighted next-token cross-entropy), ``loss_<part>`` for each
-        ``part_<name>`` mask in the batch (e.g. obs, action), ``loss_frame``, and, with MoE, ``moe_aux`` (the sum added to the
-        total), ``moe_load_max`` / ``moe_load_min`` (per-expert share of tokens averaged over
-        layers; k/E each when balanced) and ``moe_dropped`` (share dropped by capacity).
-        """
-        h, _ = self.hidden(batch["input"], slots=batch.get("slots"), skip=batch.get("skip"))
-        logits = self.head(self.norm(h))
-        target, weight = batch["target"], batch.get("weight")
-        loss = next_token_loss(logits, target, weight)
-        parts = {"loss": loss.detach().item()}
-        total = loss
-        part_keys = [k for k in batch if k.startswith("part_")]
-        if part_keys:  # per-modality cross-entropy, for the log (a world-model stream)
-            with torch.no_grad():
-                nll = F.cross_entropy(logits.detach().float().flatten(0, 1), target.flatten(), reduction="none")
-                for k in part_keys:
-                    m = batch[k].flatten()
-                    if m.any():
-                        parts["loss_" + k[5:]] = nll[m].mean().item()
-        if self.frame is not None and "frame_index" in batch and len(batch["frame_index"]):
-            hf = h.flatten(0, 1)[batch["frame_index"]]  # (N, C) at the positions before each next observation
-            fl = self.frame_logits(hf)  # (N, F, V)
-            frame = F.cross_entropy(fl.float().flatten(0, 1), batch["frame_target"].flatten())
-            parts["loss_frame"] = frame.detach().item()
-            total = total + batch.get("frame_weight", 1.0) * frame
-        moe = self.moe_layers()
-        if not moe:
-            return LossOutput(total, parts)
-        aux = torch.stack([m.aux_loss for m in moe]).sum()
-        load = torch.stack([m.last_load for m in moe]).mean(0)  # (E,)
-        parts.update(moe_aux=aux.detach().item(), moe_load_max=load.max().item(), moe_load_min=load.min().item(),
-                     moe_dropped=sum(m.last_dropped for m in moe) / len(moe))
-        return LossOutput(total + aux, parts)
+        return self.logits_of(h)[:, -1]
 
 
 class FrameHead(nn.Module):

@@ -15,7 +15,6 @@ from .checkpoint import latest_checkpoint, load_model_weights, read_state
 from .config import RunConfig, from_dict, read_yaml
 from .errors import CheckpointError, ConfigError
 from .model import LWM
-from .tokenize import TextTokenizer
 
 CONFIG = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -26,7 +25,7 @@ METRICS = "metrics.jsonl"
 class LoadedRun:
     cfg: RunConfig
     model: LWM
-    tokenizer: TextTokenizer | None  # text runs
+    tokenizer: object  # text runs: their TextTokenizer
     state: dict
     checkpoint: Path
     layout: object = None  # world runs: their StreamLayout
@@ -56,22 +55,15 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
     if ckpt is None:
         raise CheckpointError(f"run folder {run_dir} holds no checkpoint yet (train it first)")
     state = read_state(ckpt)
-    tokenizer = layout = None
-    if cfg.recipe == "world":
-        from .world.stream import StreamLayout
-        from .world.task import STREAM_DIR
+    from .recipes import get_recipe
 
-        layout = StreamLayout.load(run_dir / STREAM_DIR)
-        vocab = layout.vocab_size
-    else:
-        tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR)
-        vocab = tokenizer.vocab_size
+    vocab, parts = get_recipe(cfg.recipe).load(run_dir)  # the text tokenizer, or the world stream layout
     if vocab != cfg.model.vocab_size:
         raise CheckpointError(f"tokenizer in {run_dir} has {vocab} tokens but the model config says {cfg.model.vocab_size}")
     model = LWM(cfg.model)
     load_model_weights(model, ckpt)
     model.to(device).eval()
-    return LoadedRun(cfg, model, tokenizer, state, ckpt, layout, run_dir)
+    return LoadedRun(cfg, model, parts.get("tokenizer"), state, ckpt, parts.get("layout"), run_dir)
 
 
 def load_world_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:

@@ -1,5 +1,5 @@
-"""Training: one loop for every trainable part (`compute_loss(batch) -> LossOutput`)."""
+"""Training: one loop for every recipe's task (``model(**inputs) -> task.objective -> LossOutput``)."""
 
-from .loop import prepare_text, train
+from .loop import train
 
-__all__ = ["train", "prepare_text"]
+__all__ = ["train"]

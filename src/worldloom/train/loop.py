@@ -1,78 +1,76 @@
 """The training loop for every recipe, read top to bottom.
 
-    config -> task (data + tokenizers) -> model -> AdamW -> steps (eval + checkpoint) -> plot
+    setup:   config -> run folder -> task (data + tokenizers) -> model -> AdamW
+    restore: weights, optimizer moments, step, elapsed time, data and dropout RNG states
+    loop:    train_step (micro-batches: model(**inputs) -> task.objective -> backward) -> log
+             -> every eval_interval steps: evaluate_and_save
+    finish:  a last evaluation and checkpoint if the last step was not saved
 
-A *task* owns what differs between recipes: the text task reads a corpus and learns a text
-tokenizer; the world task (worldloom.world.task) reads collected episodes and builds the
-stream layout. Both give batches for ``LWM.compute_loss`` and a held-out loss.
+A *task* (``worldloom.train.task.Task``) owns what differs between recipes; the recipe registry
+(``worldloom.recipes``) says which task a config trains. The model is called through its
+``forward`` only, so ``train.compile=true`` compiles exactly what the steps run.
 
-Resuming reloads the resolved config, the tokenizer, the weights, the optimizer moments
-and every RNG state, so that a resumed run continues the exact sequence of the
-uninterrupted one (the test suite checks it bit for bit in fp32).
+Resuming reloads the resolved config, the tokenizer, the weights, the optimizer moments and
+every RNG state, so that a resumed run continues the exact sequence of the uninterrupted one
+(the test suite checks it bit for bit in fp32). Under torchrun only rank 0 (``Dist.main``)
+logs and writes the run folder.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..config import RunConfig, TrainConfig, apply_overrides, from_dict, save_yaml, to_dict
-from ..data.text import TextData, read_corpus, split_text
-from ..errors import CheckpointError, ConfigError
-from ..evaluate import sampled_loss
-from ..io import atomic_write_text
-from ..model import LWM
-from ..run import CONFIG, METRICS, TOKENIZER_DIR, read_run_config
-from ..runtime import autocast, resolve_device, resolve_precision, set_threads
-from ..tokenize import TextTokenizer
 from ..checkpoint import latest_checkpoint, load_model_weights, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
+from ..config import RunConfig, apply_overrides, from_dict, save_yaml, to_dict
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_write_text
+from ..model import LWM, model_inputs
+from ..recipes import get_recipe
+from ..run import CONFIG, METRICS, read_run_config
+from ..runtime import autocast, resolve_device, resolve_precision, set_threads
+from .dist import Dist, current
 from .optim import lr_at, make_optimizer
 from .plots import plot_loss, read_metrics
+from .task import Task
 
 
-def prepare_text(cfg: RunConfig, tokenizer: TextTokenizer | None = None) -> tuple[TextData, TextTokenizer]:
-    text = read_corpus(cfg.data.path)
-    train_text, val_text = split_text(text, cfg.data.val_fraction)
-    if tokenizer is None:
-        tokenizer = TextTokenizer.train(cfg.tokenizer.kind, train_text, cfg.tokenizer.vocab_size)
-    data = TextData(tokenizer.encode(train_text), tokenizer.encode(val_text), len(val_text))
-    data.check_context(cfg.model.context, cfg.data.path)
-    return data, tokenizer
+@dataclass
+class Trainer:
+    """Everything one training run holds between steps."""
 
+    cfg: RunConfig  # resolved: the model sizes the task implies are filled in
+    run_dir: Path
+    task: Task
+    model: LWM  # the module whose weights are saved
+    net: torch.nn.Module  # what a step calls: the model itself, or compiled
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator  # the data order
+    precision: str
+    device: torch.device
+    dist: Dist
+    step: int = 0
+    saved_step: int | None = None  # the step of the newest checkpoint on disk
+    val_loss: float | None = None
+    t_start: float = 0.0  # perf_counter() at which this run's elapsed time was 0
 
-class TextTask:
-    """A text file as a language-modelling task: random windows, held-out loss on the file's tail."""
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resuming: bool):
-        self.cfg = cfg
-        tokenizer = TextTokenizer.load(run_dir / TOKENIZER_DIR) if resuming else None
-        self.data, self.tokenizer = prepare_text(cfg, tokenizer)
-        cfg.model.vocab_size = self.tokenizer.vocab_size
-
-    def save(self, run_dir: Path) -> None:
-        self.tokenizer.save(run_dir / TOKENIZER_DIR)
-
-    def describe(self) -> str:
-        return f"vocab {self.tokenizer.vocab_size}, {len(self.data.train):,} training tokens, {len(self.data.val):,} held-out"
-
-    def batch(self, batch_size: int, gen: torch.Generator) -> dict:
-        return self.data.batch("train", batch_size, self.cfg.model.context, gen)
-
-    def val_loss(self, model, precision: str, device) -> float:
+    def fraction(self) -> float:
+        """Share of the budget used: steps or minutes, whichever is further along."""
         tc = self.cfg.train
-        return sampled_loss(model, self.data, self.cfg.model.context, tc.batch_size, tc.eval_batches, precision, device, seed=tc.seed + 1)
+        f = self.step / tc.max_steps
+        return max(f, self.elapsed() / (tc.max_minutes * 60)) if tc.max_minutes else f
 
-
-def make_task(cfg: RunConfig, run_dir: Path, resuming: bool):
-    if cfg.recipe == "world":
-        from ..world.task import WorldTask
-
-        return WorldTask(cfg, run_dir, resuming)
-    return TextTask(cfg, run_dir, resuming)
+    def budget_left(self) -> bool:
+        tc = self.cfg.train
+        return self.step < tc.max_steps and not (tc.max_minutes and self.elapsed() >= tc.max_minutes * 60)
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -84,6 +82,154 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     data = to_dict(cfg)
     apply_overrides(data, overrides)
     return from_dict(RunConfig, data)
+
+
+def open_run(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> tuple[RunConfig, Path, Path | None]:
+    """(config, run folder, checkpoint to resume from or None). Exactly one of cfg / resume is given."""
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = resume_config(run_dir, list(overrides))
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"cannot resume: {run_dir} holds no checkpoint yet; start it again without --resume")
+        return cfg, run_dir, ckpt
+    if latest_checkpoint(cfg.run_dir) is not None:
+        raise ConfigError(f"run folder {cfg.run_dir} already holds a checkpoint; continue it with --resume {cfg.run_dir} "
+                          "or choose another name=...")
+    return cfg, cfg.run_dir, None
+
+
+def setup(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> tuple[Trainer, Path | None, dict]:
+    """A Trainer at step 0 (model initialised from train.seed), the checkpoint to restore and its state."""
+    cfg, run_dir, ckpt = open_run(cfg, resume, overrides)
+    tc = cfg.train
+    set_threads(tc.threads)
+    device = resolve_device(tc.device)
+    state = read_state(ckpt) if ckpt else {}
+    precision = state.get("precision") or resolve_precision(tc.precision, device)
+    task = get_recipe(cfg.recipe).make_task(cfg, run_dir, ckpt is not None)  # data and tokenizers (training part only)
+    cfg = replace(cfg, model=replace(cfg.model, **task.model_sizes()))
+    torch.manual_seed(tc.seed)
+    model = LWM(cfg.model).to(device)
+    net = torch.compile(model) if tc.compile else model  # the same parameters; steps and evaluation call `net`
+    tr = Trainer(cfg, run_dir, task, model, net, make_optimizer(model, tc), torch.Generator().manual_seed(tc.seed),
+                 precision, device, current())
+    return tr, ckpt, state
+
+
+def restore(tr: Trainer, ckpt: Path | None, state: dict) -> None:
+    """Load a checkpoint into the trainer, or prepare a new run folder; then save the resolved config."""
+    if ckpt:
+        load_model_weights(tr.model, ckpt)
+        load_optimizer(tr.optimizer, ckpt, state)
+        tr.step = tr.saved_step = state["step"]
+        tr.val_loss = state.get("val_loss")
+        tr.gen.set_state(rng_from_json(state["data_rng"]))
+        torch.set_rng_state(rng_from_json(state["torch_rng"]))
+    tr.t_start = time.perf_counter() - state.get("elapsed", 0.0)
+    if not tr.dist.main:
+        return
+    if ckpt:
+        _truncate_metrics(tr.run_dir / METRICS, tr.step)
+    else:
+        tr.run_dir.mkdir(parents=True, exist_ok=True)
+        (tr.run_dir / METRICS).unlink(missing_ok=True)
+        tr.task.save(tr.run_dir)
+    save_yaml(to_dict(tr.cfg), tr.run_dir / CONFIG)
+
+
+def train_step(tr: Trainer, lr: float) -> tuple[float, dict, int]:
+    """One optimizer step over train.grad_accum micro-batches: (mean cross-entropy, other parts' means, tokens)."""
+    tc = tr.cfg.train
+    for group in tr.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, extra, tokens = 0.0, {}, 0
+    for _ in range(tc.grad_accum):
+        batch = {k: v.to(tr.device) for k, v in tr.task.batch(tc.batch_size, tr.gen).items()}
+        tokens += batch["input"].numel()
+        with autocast(tr.precision, tr.device):
+            out = tr.task.objective(tr.net(**model_inputs(batch)), batch)
+        (out.total / tc.grad_accum).backward()
+        loss_sum += out.parts.get("loss", out.total.item())  # the cross-entropy, comparable to held-out loss
+        for k, v in out.parts.items():  # other parts (e.g. moe_aux) are logged as their micro-batch mean
+            if k != "loss" and isinstance(v, (int, float)):
+                extra[k] = extra.get(k, 0.0) + v / tc.grad_accum
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tc.grad_clip)
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    return loss_sum / tc.grad_accum, extra, tokens
+
+
+def evaluate_and_save(tr: Trainer) -> float:
+    """Held-out loss (logged, plotted) and a checkpoint at the current step."""
+    tr.val_loss = tr.task.val_loss(tr.net, tr.precision, tr.device)
+    if tr.dist.main:
+        _append(tr.run_dir / METRICS, {"step": tr.step, "val_loss": tr.val_loss, "elapsed": round(tr.elapsed(), 2)})
+        plot_loss(tr.run_dir / METRICS, tr.run_dir / "loss.png", title=f"{tr.cfg.name}: {tr.model.num_params() / 1e6:.1f}M params")
+        save_checkpoint(tr.run_dir, tr.model, tr.optimizer, {
+            "step": tr.step, "elapsed": tr.elapsed(), "precision": tr.precision, "val_loss": tr.val_loss,
+            "data_rng": rng_to_json(tr.gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state()),
+        })
+    tr.saved_step = tr.step
+    return tr.val_loss
+
+
+def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: list[str] = (), progress: bool = True, log=print,
+          stop_at: float = 1.0) -> dict:
+    """Train (or resume) a run and return its summary. Exactly one of cfg / resume is given.
+
+    ``stop_at`` < 1 pauses the run (checkpoint saved) once that fraction of its budget is used;
+    resuming it continues the same learning-rate schedule."""
+    tr, ckpt, state = setup(cfg, resume, overrides)
+    restore(tr, ckpt, state)
+    say = log if tr.dist.main else (lambda *a: None)
+    n_params = tr.model.num_params()
+    say(f"run {tr.run_dir}: {n_params / 1e6:.2f}M parameters, {tr.task.describe()}, {tr.device} {tr.precision}"
+        + (f", resuming at step {tr.step}" if ckpt else ""))
+    tc = tr.cfg.train
+    bar = _Progress(progress and tr.dist.main, tr.fraction())
+    tr.net.train()
+    t_log, tokens_since = time.perf_counter(), 0
+    try:
+        while tr.budget_left() and tr.fraction() < stop_at:
+            lr = lr_at(tr.step, tr.fraction(), tc)
+            loss, extra, tokens = train_step(tr, lr)
+            tokens_since += tokens
+            if tr.step % tc.log_interval == 0:
+                now = time.perf_counter()
+                tps = tokens_since / (now - t_log)
+                t_log, tokens_since = now, 0
+                if tr.dist.main:
+                    _append(tr.run_dir / METRICS, {"step": tr.step, "loss": loss, **extra, "lr": lr, "tokens_per_s": round(tps, 1),
+                                                   "elapsed": round(tr.elapsed(), 2)})
+                bar.update(tr.fraction(), step=tr.step, loss=f"{loss:.3f}", val=f"{tr.val_loss:.3f}" if tr.val_loss else "-",
+                           tok_s=f"{tps:,.0f}")
+            if tr.step % tc.eval_interval == 0:
+                evaluate_and_save(tr)
+                if not progress:
+                    say(f"step {tr.step}: train loss {loss:.4f}, held-out loss {tr.val_loss:.4f}, {tr.elapsed() / 60:.1f} min")
+    except KeyboardInterrupt:
+        bar.close()
+        last = latest_checkpoint(tr.run_dir)
+        raise CheckpointError(f"interrupted at step {tr.step}; last checkpoint: {last or 'none'} (continue with --resume {tr.run_dir})") from None
+    bar.close()
+    if tr.saved_step != tr.step:
+        evaluate_and_save(tr)
+    return _finish(tr, say)
+
+
+def _finish(tr: Trainer, say) -> dict:
+    """The summary of a run that stopped (budget spent or paused at stop_at), said in one line."""
+    if tr.budget_left():  # the loop ended at stop_at
+        say(f"paused at step {tr.step} ({tr.fraction():.0%} of the budget), held-out loss {tr.val_loss:.4f}, "
+            f"{tr.elapsed() / 60:.1f} min")
+    else:
+        say(f"done: step {tr.step}, held-out loss {tr.val_loss:.4f} (sampled windows), {tr.elapsed() / 60:.1f} min; "
+            f"run folder {tr.run_dir} (loss curve: {tr.run_dir / 'loss.png'})")
+    return {"run_dir": str(tr.run_dir), "step": tr.step, "val_loss": tr.val_loss, "minutes": round(tr.elapsed() / 60, 2),
+            "params": tr.model.num_params(), "precision": tr.precision}
 
 
 class _Progress:
@@ -105,141 +251,6 @@ class _Progress:
         self.bar.close()
 
 
-def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: list[str] = (), progress: bool = True, log=print,
-          stop_at: float = 1.0) -> dict:
-    """Train (or resume) a run and return its summary. Exactly one of cfg / resume is given.
-
-    ``stop_at`` < 1 pauses the run (checkpoint saved) once that fraction of its budget is used;
-    resuming it continues the same learning-rate schedule."""
-    # ---- config and run folder
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = resume_config(run_dir, list(overrides))
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CheckpointError(f"cannot resume: {run_dir} holds no checkpoint yet; start it again without --resume")
-    else:
-        run_dir = cfg.run_dir
-        if latest_checkpoint(run_dir) is not None:
-            raise ConfigError(f"run folder {run_dir} already holds a checkpoint; continue it with --resume {run_dir} or choose another name=...")
-        ckpt = None
-    tc: TrainConfig = cfg.train
-    set_threads(tc.threads)
-    device = resolve_device(tc.device)
-    state = read_state(ckpt) if ckpt else {}
-    precision = state.get("precision") or resolve_precision(tc.precision, device)
-
-    # ---- data and tokenizers (learned once, from the training part only)
-    task = make_task(cfg, run_dir, resuming=ckpt is not None)
-
-    # ---- model and optimizer
-    torch.manual_seed(tc.seed)
-    model = LWM(cfg.model).to(device)
-    optimizer = make_optimizer(model, tc)
-    gen = torch.Generator().manual_seed(tc.seed)
-    step, elapsed_before = 0, 0.0
-    if ckpt:
-        load_model_weights(model, ckpt)
-        load_optimizer(optimizer, ckpt, state)
-        step, elapsed_before = state["step"], state["elapsed"]
-        gen.set_state(rng_from_json(state["data_rng"]))
-        torch.set_rng_state(rng_from_json(state["torch_rng"]))
-        _truncate_metrics(run_dir / METRICS, step)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / METRICS).unlink(missing_ok=True)
-        task.save(run_dir)
-    save_yaml(to_dict(cfg), run_dir / CONFIG)
-    if tc.compile:
-        model.compile()  # in place: compute_loss and evaluation use the compiled forward
-
-    n_params = model.num_params()
-    log(f"run {run_dir}: {n_params / 1e6:.2f}M parameters, {task.describe()}, {device} {precision}" + (f", resuming at step {step}" if ckpt else ""))
-
-    budget = tc.max_minutes * 60.0
-    t_start = time.perf_counter() - elapsed_before
-
-    def elapsed() -> float:
-        return time.perf_counter() - t_start
-
-    def fraction() -> float:
-        f = step / tc.max_steps
-        return max(f, elapsed() / budget) if budget else f
-
-    def budget_left() -> bool:
-        return step < tc.max_steps and not (budget and elapsed() >= budget)
-
-    saved_step = step if ckpt else None  # the step of the newest checkpoint on disk
-
-    def checkpoint(val_loss: float | None):
-        nonlocal saved_step
-        saved_step = step
-        save_checkpoint(run_dir, model, optimizer, {
-            "step": step, "elapsed": elapsed(), "precision": precision, "val_loss": val_loss,
-            "data_rng": rng_to_json(gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state()),
-        })
-
-    def evaluate() -> float:
-        val = task.val_loss(model, precision, device)
-        _append(run_dir / METRICS, {"step": step, "val_loss": val, "elapsed": round(elapsed(), 2)})
-        plot_loss(run_dir / METRICS, run_dir / "loss.png", title=f"{cfg.name}: {n_params / 1e6:.1f}M params")
-        return val
-
-    bar = _Progress(progress, fraction())
-    val_loss = state.get("val_loss")
-    model.train()
-    t_log, tokens_since = time.perf_counter(), 0
-    try:
-        while budget_left() and fraction() < stop_at:
-            lr = lr_at(step, fraction(), tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, extra = 0.0, {}
-            for _ in range(tc.grad_accum):
-                batch = {k: v.to(device) for k, v in task.batch(tc.batch_size, gen).items()}
-                tokens_since += batch["input"].numel()
-                with autocast(precision, device):
-                    out = model.compute_loss(batch)
-                (out.total / tc.grad_accum).backward()
-                loss_sum += out.parts.get("loss", out.total.item())  # the cross-entropy, comparable to held-out loss
-                for k, v in out.parts.items():  # other parts (e.g. moe_aux) are logged as their micro-batch mean
-                    if k != "loss" and isinstance(v, (int, float)):
-                        extra[k] = extra.get(k, 0.0) + v / tc.grad_accum
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss = loss_sum / tc.grad_accum
-            if step % tc.log_interval == 0:
-                now = time.perf_counter()
-                tps = tokens_since / (now - t_log)
-                t_log, tokens_since = now, 0
-                _append(run_dir / METRICS, {"step": step, "loss": loss, **extra, "lr": lr, "tokens_per_s": round(tps, 1), "elapsed": round(elapsed(), 2)})
-                bar.update(fraction(), step=step, loss=f"{loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-", tok_s=f"{tps:,.0f}")
-            if step % tc.eval_interval == 0:
-                val_loss = evaluate()
-                checkpoint(val_loss)
-                if not progress:
-                    log(f"step {step}: train loss {loss:.4f}, held-out loss {val_loss:.4f}, {elapsed() / 60:.1f} min")
-    except KeyboardInterrupt:
-        bar.close()
-        last = latest_checkpoint(run_dir)
-        raise CheckpointError(f"interrupted at step {step}; last checkpoint: {last or 'none'} (continue with --resume {run_dir})") from None
-    bar.close()
-    if saved_step != step:
-        val_loss = evaluate()
-        checkpoint(val_loss)
-    summary = {"run_dir": str(run_dir), "step": step, "val_loss": val_loss, "minutes": round(elapsed() / 60, 2),
-               "params": n_params, "precision": precision}
-    if budget_left():  # the loop ended at stop_at
-        log(f"paused at step {step} ({fraction():.0%} of the budget), held-out loss {val_loss:.4f}, {elapsed() / 60:.1f} min")
-    else:
-        log(f"done: step {step}, held-out loss {val_loss:.4f} (sampled windows), {elapsed() / 60:.1f} min; "
-            f"run folder {run_dir} (loss curve: {run_dir / 'loss.png'})")
-    return summary
-
-
 def _append(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -249,4 +260,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-

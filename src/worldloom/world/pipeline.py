@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..errors import ConfigError
 from ..io import write_json
 from ..runtime import set_threads
 from .task import dataset_dir
@@ -174,8 +173,6 @@ def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif
 
 def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
     """collect (if needed) -> train -> evaluate -> report; returns the evaluation result."""
-    if cfg.recipe != "world":
-        raise ConfigError(f"run_world needs recipe=world, got {cfg.recipe}")
     set_threads(cfg.train.threads)
     timing = {}
     data = dataset_dir(cfg, cfg.run_dir)

@@ -16,6 +16,7 @@ import torch
 from ..config import RunConfig
 from ..errors import DataError
 from ..evaluate import sampled_loss
+from ..losses import world_stream_loss
 from .data.packing import EpisodeData
 from .data.episodes import META_FILE, load_dataset
 from .data.onpolicy import ONPOLICY_DIR
@@ -30,6 +31,10 @@ def dataset_dir(cfg: RunConfig, run_dir: Path) -> Path:
 
 
 class WorldTask:
+    """Episodes as a training task (``worldloom.train.task.Task``): packed stream rows, the world-stream objective."""
+
+    objective = staticmethod(world_stream_loss)
+
     def __init__(self, cfg: RunConfig, run_dir: Path, resuming: bool):
         self.cfg = cfg
         ds = load_dataset(dataset_dir(cfg, run_dir))
@@ -51,12 +56,14 @@ class WorldTask:
                                 frame_head=cfg.stream.parallel_obs, step_skip=cfg.stream.step_skip)
         self.n_train, self.n_val = len(train_eps), len(val_eps)
         self.n_train_steps = sum(e.length for e in train_eps)
-        mc = cfg.model
-        mc.vocab_size, mc.slots = lay.vocab_size, lay.n_slots
-        mc.frame_tokens = lay.obs_len if cfg.stream.parallel_obs else 0
-        mc.period = lay.step_len if cfg.stream.step_skip else 0
-        mc.slot_grid = lay.obs.view if cfg.stream.grid_pos else 0  # the view's cells are the first slots of a step
-        self.data.check_context(mc.context)
+        self.data.check_context(cfg.model.context)
+
+    def model_sizes(self) -> dict:
+        lay, sc = self.layout, self.cfg.stream
+        return {"vocab_size": lay.vocab_size, "slots": lay.n_slots,
+                "frame_tokens": lay.obs_len if sc.parallel_obs else 0,
+                "period": lay.step_len if sc.step_skip else 0,
+                "slot_grid": lay.obs.view if sc.grid_pos else 0}  # the view's cells are the first slots of a step
 
     def save(self, run_dir: Path) -> None:
         self.layout.save(Path(run_dir) / STREAM_DIR)

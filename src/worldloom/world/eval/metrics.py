@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...model import model_inputs
 from ...runtime import autocast
 from ..data.packing import EpisodeData
 from ..stream import K_ACTION, K_DONE, K_OBS, K_REWARD, SEP, EpisodeTokens, StreamLayout
@@ -69,8 +70,8 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
     for batch in data.windows("val", context, batch_size):
         B = batch["input"].shape[0]
         with autocast(precision, torch.device("cpu")):
-            h, _ = model.hidden(batch["input"], slots=batch["slots"], skip=batch.get("skip"))
-            logits = model.head(model.norm(h)).float()
+            out = model(**model_inputs(batch))
+            logits = out.logits.float()
         inp, slots, tgt = batch["input"].numpy(), batch["slots"].numpy(), batch["target"].numpy()
         lo, hi = _target_ranges(layout, inp, slots)
         ids = torch.arange(logits.shape[-1])
@@ -78,7 +79,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
         pred = logits.masked_fill(~allowed, float("-inf")).argmax(-1).numpy()
         right = pred == tgt
         if model.frame is not None:
-            fl = model.frame_logits(h.flatten(0, 1)[batch["frame_index"]].float()) if len(batch["frame_index"]) else None
+            fl = out.frame_logits
         for b in range(B):
             e = i0 + b
             ep = episodes[e]

@@ -51,7 +51,8 @@ class StreamRunner:
         dev = self.device
         skip_t = torch.from_numpy(np.ascontiguousarray(skip)).to(dev) if self.model.skip_proj is not None else None
         with autocast(self.precision, dev):
-            h, self.cache = self.model.hidden(torch.from_numpy(ids).to(dev), self.cache, torch.from_numpy(slots).to(dev), skip_t)
+            out = self.model(torch.from_numpy(ids).to(dev), self.cache, torch.from_numpy(slots).to(dev), skip_t, head=False)
+        h, self.cache = out.hidden, out.cache
         return h
 
     def _skip(self, start: int, n: int) -> np.ndarray:
@@ -167,7 +168,7 @@ class StreamRunner:
         `pos` (default: the next position to feed); every other id gets -inf."""
         pos = self.pos if pos is None else pos
         with autocast(self.precision, self.device):
-            logits = self.model.head(self.model.norm(h)).float()
+            logits = self.model.logits_of(h).float()
         lo, hi = self.layout.step_ranges[pos]
         out = torch.full_like(logits, float("-inf"))
         out[:, lo:hi] = logits[:, lo:hi]

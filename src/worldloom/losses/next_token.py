@@ -1,19 +1,9 @@
-"""Losses as small pure functions over typed inputs."""
+"""Next-token cross-entropy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
-
-
-@dataclass
-class LossOutput:
-    """What every trainable part returns: the total to backpropagate and named parts to log."""
-
-    total: torch.Tensor
-    parts: dict[str, float] = field(default_factory=dict)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""Recipes by name: ``recipe: text`` or ``recipe: world`` in a config picks one here.
+
+A recipe (``Recipe``) gives everything that differs between kinds of run:
+
+- ``make_task(cfg, run_dir, resuming)``: its training task (``worldloom.train.task.Task``);
+- ``run(cfg, progress, log)``: its pipeline behind `worldloom train` (the text recipe only
+  trains; the world recipe collects, trains, evaluates and writes a report);
+- ``resume(run_dir, overrides, progress, log)``: behind `worldloom train --resume`;
+- ``load(run_dir)``: the run loader's part: ``(vocab_size, {"tokenizer": ...} or {"layout": ...})``;
+- ``evaluate(args, run)``: behind `worldloom eval RUN` (prints, returns an exit status).
+
+A new recipe is one module that defines ``RECIPE`` plus one line in ``_MODULES``. Nothing outside
+this registry compares recipe names. Modules are imported on first use, so reading a config
+imports no torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import ConfigError
+
+_MODULES = {  # recipe name -> the module that defines its RECIPE
+    "text": "worldloom.recipes.text",
+    "world": "worldloom.recipes.world",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    make_task: Callable
+    run: Callable
+    resume: Callable
+    load: Callable
+    evaluate: Callable
+
+
+def recipe_names() -> list[str]:
+    return list(_MODULES)
+
+
+def check_recipe(name: str) -> None:
+    """ConfigError (with the closest name) unless ``name`` is a registered recipe."""
+    if name not in _MODULES:
+        close = difflib.get_close_matches(name, list(_MODULES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown recipe {name!r}{hint} available: {', '.join(_MODULES)}")
+
+
+def get_recipe(name: str) -> Recipe:
+    check_recipe(name)
+    recipe = importlib.import_module(_MODULES[name]).RECIPE
+    if recipe.name != name:  # pragma: no cover - a registration mistake
+        raise RuntimeError(f"{_MODULES[name]} defines recipe {recipe.name!r}, registered as {name!r}")
+    return recipe

@@ -1,0 +1,59 @@
+"""The world recipe: collect episodes in an environment, train one model that is world model
+and policy, evaluate it in the real environment and in imagination, write a report.
+
+    worldloom train                   # preset babyai
+    worldloom train babyai env.id=BabyAI-PickupLoc-v0
+
+The task is ``worldloom.world.task.WorldTask``; the pipeline ``worldloom.world.pipeline``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import Recipe
+
+
+def make_task(cfg, run_dir: Path, resuming: bool):
+    from ..world.task import WorldTask
+
+    return WorldTask(cfg, run_dir, resuming)
+
+
+def run(cfg, progress: bool = True, log=print) -> dict:
+    from ..world.pipeline import run_world
+
+    return run_world(cfg, progress=progress, log=log)
+
+
+def resume(run_dir: Path, overrides: list[str], progress: bool = True, log=print) -> dict:
+    from ..world.pipeline import resume_world
+
+    return resume_world(Path(run_dir), overrides, progress=progress, log=log)
+
+
+def load(run_dir: Path) -> tuple[int, dict]:
+    from ..world.stream import StreamLayout
+    from ..world.task import STREAM_DIR
+
+    layout = StreamLayout.load(Path(run_dir) / STREAM_DIR)
+    return layout.vocab_size, {"layout": layout}
+
+
+def evaluate(args, run) -> int:
+    """`worldloom eval RUN` of a world run: every figure of evaluate_world, eval.json and report.md."""
+    from ..world.pipeline import evaluate_world, write_outputs
+
+    quiet = (lambda *a: None) if args.json else print
+    result = evaluate_world(run, progress=not args.json, log=quiet, episodes=args.episodes, plan_episodes=args.plan_episodes)
+    report = write_outputs(run, result, log=quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"report: {report}")
+    return 0
+
+
+RECIPE = Recipe("world", "collect episodes, train a world model + policy, evaluate, report", make_task, run, resume, load,
+                evaluate)
