@@ -39,6 +39,8 @@ CASES = {
     "hybrid": dict(backbone="hybrid", layers="mamba,attn,retnet"),
     "hybrid-moe": dict(backbone="hybrid", layers="retnet,mamba,attn", ffn="moe"),
     "hybrid-mamba2": dict(backbone="hybrid", layers="mamba2,attn,mamba"),
+    "linear": dict(backbone="linear"),
+    "hybrid-linear": dict(backbone="hybrid", layers="linear,attn,mamba2"),
     "mamba-noffn": dict(backbone="mamba", n_layer=2, ffn="none"),
 }
 
@@ -331,6 +333,8 @@ def test_cli_train_then_generate(tmp_path, corpus_file, capsys, overrides):
     (["model.mamba.d_conv=0"], "model.mamba.d_conv"),
     (["model.moe.experts=1.5"], "model.moe.experts must be int"),
     (["model.moe=3"], "model.moe must be a mapping"),
+    (["model.layers=attn,linera"], "did you mean 'linear'"),
+    (["model.backbone=linear", "model.n_layer=2", "model.layers=linear,attn"], "backbone=hybrid"),
 ])
 def test_config_errors_are_one_line(overrides, needle):
     with pytest.raises(ConfigError) as e:

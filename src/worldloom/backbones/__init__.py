@@ -42,5 +42,5 @@ def build_backbone(cfg) -> nn.Module:
 
 
 from .mixer import MIXERS, register_mixer  # noqa: E402,F401
-from . import transformer, mamba, mamba2, retnet  # noqa: E402,F401  (each registers its mixer)
+from . import transformer, mamba, mamba2, retnet, linear_attention  # noqa: E402,F401  (each registers its mixer)
 from . import stack  # noqa: E402,F401  (registers "hybrid")

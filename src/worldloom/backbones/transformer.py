@@ -55,7 +55,7 @@ def _select_rows(state, rows: torch.Tensor):
 
 class KVCache:
     """The decoding state of a layer stack: pre-allocated keys and values for attention
-    layers, a recurrent state (``states[i]``: MambaState, Mamba2State, RetentionState) for the others,
+    layers, a recurrent state (``states[i]``: MambaState, Mamba2State, RetentionState, LinearAttentionState) for the others,
     plus left-padding of each row.
 
     ``pad[b]`` tokens at the left of row b are padding: they are masked as keys, the first
