@@ -14,7 +14,9 @@ Every mixer is called the same way by the stack, ``mixer.mix(x, ctx, layer) -> y
 ``MixerContext`` that holds what any mixer may need for this call (the cache, rotary tables
 and attention mask, the left-padding ``valid`` mask); each reads what it uses. Mixers with a
 recurrent state inherit ``mix`` from ``RecurrentMixer``: they provide
-``forward(x, state, return_state, valid) -> (y, state)`` and ``step(x, state)``.
+``forward(x, state, return_state, valid) -> (y, state)`` and ``step(x, state)``. The others
+(attention) set ``recurrent = False`` and write their own ``mix``; the stack prepares rotary
+tables and the mask only if some layer is such a mixer, ``valid`` only if some layer is recurrent.
 """
 
 from __future__ import annotations
