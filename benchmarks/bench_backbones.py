@@ -61,9 +61,10 @@ import time
 from pathlib import Path
 
 RESULT_TAG = "@@BENCH_RESULT "
-ALL_BACKBONES = ("transformer", "mamba", "mamba2", "retnet", "hybrid", "moe")
+ALL_BACKBONES = ("transformer", "mamba", "mamba2", "retnet", "hybrid", "moe")  # the default run
+CHOICES = ALL_BACKBONES + ("linear",)  # linear attention: on request (--backbones linear), not in the published tables yet
 LABELS = {"transformer": "transformer", "mamba": "mamba", "mamba2": "mamba2", "retnet": "retnet", "hybrid": "hybrid",
-          "moe": "transformer+MoE"}
+          "moe": "transformer+MoE", "linear": "linear attention"}
 DECODE_STEPS = 32
 
 
@@ -90,7 +91,7 @@ def base_config(backbone: str, n_layer: int, d_model: int, n_head: int, vocab: i
         cfg.update(backbone="hybrid", layers=",".join((pattern * n_layer)[:n_layer]))
     elif backbone == "moe":
         dense_ff = ModelConfig(d_model=d_model, n_head=n_head).ff_dim
-        cfg.update(backbone="transformer", ffn="moe", moe_experts=8, moe_top_k=2, d_ff=-(-dense_ff // 2))
+        cfg.update(backbone="transformer", ffn="moe", moe={"experts": 8, "top_k": 2}, d_ff=-(-dense_ff // 2))
     else:
         cfg.update(backbone=backbone)
     return cfg
@@ -333,7 +334,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models, contexts 64,128, few steps (< 60 s): a smoke test")
-    ap.add_argument("--backbones", default=",".join(ALL_BACKBONES), help=f"comma-separated, from {','.join(ALL_BACKBONES)}")
+    ap.add_argument("--backbones", default=",".join(ALL_BACKBONES), help=f"comma-separated, from {','.join(CHOICES)}")
     ap.add_argument("--contexts", default=None, help="comma-separated context lengths (default 256,1024,4096,16384; --quick 64,128)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "backbones.json",
                     help="JSON results; the plot is written next to it with the suffix .png")
@@ -352,9 +353,9 @@ def main(argv=None) -> int:
         return 0
 
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    bad = [b for b in backbones if b not in ALL_BACKBONES]
+    bad = [b for b in backbones if b not in CHOICES]
     if bad or not backbones:
-        ap.error(f"unknown backbone(s) {', '.join(bad)}; choose from {', '.join(ALL_BACKBONES)}")
+        ap.error(f"unknown backbone(s) {', '.join(bad)}; choose from {', '.join(CHOICES)}")
     contexts = [int(c) for c in (args.contexts or ("64,128" if args.quick else "256,1024,4096,16384")).split(",")]
     if min(contexts) <= DECODE_STEPS + 1:
         ap.error(f"contexts must exceed {DECODE_STEPS + 1} (the decode prompt is context-{DECODE_STEPS + 1} tokens)")

@@ -1,4 +1,4 @@
-"""Every backbone of the layer stack (transformer, mamba, mamba2, retnet, hybrid; SwiGLU or MoE feed-forward)
+"""Every backbone of the layer stack (transformer, mamba, mamba2, retnet, linear, hybrid; SwiGLU or MoE feed-forward)
 behind one protocol: cached == uncached, left padding exact, gradients, checkpoints, the CLI."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from worldloom.backbones.moe import MoEFeedForward
 from worldloom.backbones.retnet import MultiScaleRetention
 from worldloom.checkpoint import save_checkpoint
 from worldloom.cli import main
-from worldloom.config import ModelConfig, RunConfig, build_config, from_dict, save_yaml, to_dict
+from worldloom.config import (Mamba2Config, MambaConfig, ModelConfig, MoEConfig, RunConfig, build_config, from_dict,
+                              save_yaml, to_dict)
 from worldloom.decode import SamplingConfig, generate, generate_ids
 from worldloom.errors import ConfigError
 from worldloom.export.hf import ExportError, export_hf
@@ -28,8 +29,8 @@ from worldloom.train.optim import param_groups
 
 V, CTX = 37, 24
 ATOL = 1e-5
-SMALL = dict(n_layer=3, n_head=2, d_model=16, context=CTX, vocab_size=V, chunk=5, mamba_d_state=4,
-             mamba2_d_state=4, mamba2_head_dim=8, moe_experts=4, moe_top_k=2)
+SMALL = dict(n_layer=3, n_head=2, d_model=16, context=CTX, vocab_size=V, chunk=5, mamba=MambaConfig(d_state=4),
+             mamba2=Mamba2Config(d_state=4, head_dim=8), moe=MoEConfig(experts=4, top_k=2))
 
 CASES = {
     "transformer": dict(backbone="transformer"),
@@ -39,6 +40,8 @@ CASES = {
     "hybrid": dict(backbone="hybrid", layers="mamba,attn,retnet"),
     "hybrid-moe": dict(backbone="hybrid", layers="retnet,mamba,attn", ffn="moe"),
     "hybrid-mamba2": dict(backbone="hybrid", layers="mamba2,attn,mamba"),
+    "linear": dict(backbone="linear"),
+    "hybrid-linear": dict(backbone="hybrid", layers="linear,attn,mamba2"),
     "mamba-noffn": dict(backbone="mamba", n_layer=2, ffn="none"),
 }
 
@@ -157,7 +160,7 @@ def test_recurrent_mixers_ignore_masked_prefix():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gradients_reach_every_parameter(case):
-    model = make_model(case, moe_experts=3).train()
+    model = make_model(case, moe=MoEConfig(experts=3)).train()
     x = ids(4, CTX + 1)
     out = language_model_loss(model(x[:, :-1]), {"input": x[:, :-1], "target": x[:, 1:]})
     out.total.backward()
@@ -172,7 +175,7 @@ def test_moe_aux_loss_is_returned_by_forward_and_reaches_router():
     batch = {"input": x[:, :-1], "target": x[:, 1:]}
     grads, outs = [], []
     for balance, z in ((0.0, 0.0), (0.5, 0.1)):
-        model = make_model("hybrid-moe", moe_balance_coef=balance, moe_z_coef=z).train()
+        model = make_model("hybrid-moe", moe=MoEConfig(experts=4, balance_coef=balance, z_coef=z)).train()
         out = language_model_loss(model(batch["input"]), batch)
         out.total.backward()
         outs.append(out)
@@ -286,13 +289,13 @@ def test_export_hf_refuses_other_backbones(case, needle):
 
 
 CLI_TINY = ["model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.context=24", "model.chunk=8",
-            "model.mamba_d_state=4", "train.max_steps=3", "train.eval_interval=3", "train.eval_batches=1",
+            "model.mamba.d_state=4", "train.max_steps=3", "train.eval_interval=3", "train.eval_batches=1",
             "train.batch_size=2", "train.precision=fp32", "train.threads=1", "train.warmup_steps=1", "train.log_interval=1"]
 
 
 @pytest.mark.parametrize("overrides", [
     ["model.backbone=mamba"],
-    ["model.backbone=hybrid", "model.n_layer=3", "model.layers=mamba,attn,retnet", "model.ffn=moe", "model.moe_experts=4"],
+    ["model.backbone=hybrid", "model.n_layer=3", "model.layers=mamba,attn,retnet", "model.ffn=moe", "model.moe.experts=4"],
 ])
 def test_cli_train_then_generate(tmp_path, corpus_file, capsys, overrides):
     rc = main(["train", "shakespeare-char", *CLI_TINY, *overrides, f"out_dir={tmp_path}", "name=x",
@@ -322,12 +325,17 @@ def test_cli_train_then_generate(tmp_path, corpus_file, capsys, overrides):
     (["model.backbone=hybrid"], "needs model.layers"),
     (["model.backbone=mamba", "model.n_layer=2", "model.layers=mamba,attn"], "backbone=hybrid"),
     (["model.ffn=moa"], "model.ffn"),
-    (["model.ffn=moe", "model.moe_experts=2", "model.moe_top_k=3"], "moe_top_k"),
+    (["model.ffn=moe", "model.moe.experts=2", "model.moe.top_k=3"], "model.moe.top_k"),
     (["model.chunk=-1"], "model.chunk"),
-    (["model.moe_capacity=-1"], "moe_capacity"),
+    (["model.moe.capacity=-1"], "model.moe.capacity"),
     (["model.backbone=mambo"], "did you mean 'mamba'"),
-    (["model.backbone=mamba2", "model.d_model=48", "model.n_head=2", "model.mamba2_head_dim=64"], "mamba2_head_dim"),
-    (["model.backbone=hybrid", "model.n_layer=2", "model.layers=attn,mamba2", "model.mamba2_head_dim=0"], "mamba2_head_dim"),
+    (["model.backbone=mamba2", "model.d_model=48", "model.n_head=2", "model.mamba2.head_dim=64"], "model.mamba2.head_dim"),
+    (["model.backbone=hybrid", "model.n_layer=2", "model.layers=attn,mamba2", "model.mamba2.head_dim=0"], "model.mamba2.head_dim"),
+    (["model.mamba.d_conv=0"], "model.mamba.d_conv"),
+    (["model.moe.experts=1.5"], "model.moe.experts must be int"),
+    (["model.moe=3"], "model.moe must be a mapping"),
+    (["model.layers=attn,linera"], "did you mean 'linear'"),
+    (["model.backbone=linear", "model.n_layer=2", "model.layers=linear,attn"], "backbone=hybrid"),
 ])
 def test_config_errors_are_one_line(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from worldloom.backbones.mamba2 import Mamba2Mixer, Mamba2State, ssd
-from worldloom.config import ModelConfig
+from worldloom.config import Mamba2Config, ModelConfig
 from worldloom.model import LWM
 from worldloom.train.optim import param_groups
 
@@ -284,7 +284,7 @@ def test_init_and_arguments():
 def test_init_survives_model_init_and_no_decay_tags():
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="hybrid", layers="mamba2,attn", n_layer=2, n_head=2, d_model=16, context=16,
-                      vocab_size=11, mamba2_d_state=4, mamba2_head_dim=4)
+                      vocab_size=11, mamba2=Mamba2Config(d_state=4, head_dim=4))
     model = LWM(cfg)
     m = model.backbone.blocks[0].mamba2
     assert isinstance(m, Mamba2Mixer) and m.chunk == 64 and m.n_heads == 8  # chunk=0 in the config: 64

@@ -117,9 +117,92 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.vocab_size must be at least 300 for bpe (256 bytes + merges), got {self.vocab_size}")
 
 
-MIXERS = ("attn", "mamba", "mamba2", "retnet")  # what model.layers may name
-BACKBONE_KIND = {"transformer": "attn", "mamba": "mamba", "mamba2": "mamba2", "retnet": "retnet"}  # single-mixer backbones
 FFNS = ("swiglu", "moe", "none")
+
+
+def _positive(group: str, cfg, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{group}.{name} must be positive, got {getattr(cfg, name)}")
+
+
+@dataclass
+class MoEConfig:
+    """The mixture-of-experts feed-forward (model.ffn=moe)."""
+
+    experts: int = 8
+    top_k: int = 2
+    capacity: float = 0.0  # capacity factor per expert; 0 = no limit
+    balance_coef: float = 0.01  # load-balancing auxiliary loss weight
+    z_coef: float = 0.001  # router z-loss weight
+
+    def __post_init__(self):
+        _positive("model.moe", self, ("experts", "top_k"))
+        if self.top_k > self.experts:
+            raise ConfigError(f"model.moe.top_k ({self.top_k}) must be at most model.moe.experts ({self.experts})")
+        for name in ("capacity", "balance_coef", "z_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class MambaConfig:
+    """Mamba layers (mixer mamba)."""
+
+    d_state: int = 16
+    expand: int = 2  # d_inner = expand * d_model
+    d_conv: int = 4  # width of the causal depthwise convolution
+
+    def __post_init__(self):
+        _positive("model.mamba", self, ("d_state", "expand", "d_conv"))
+
+
+@dataclass
+class Mamba2Config:
+    """Mamba-2 (SSD) layers (mixer mamba2)."""
+
+    d_state: int = 64  # state size N
+    head_dim: int = 64  # channels per head; d_model * expand must be a multiple
+    expand: int = 2
+    d_conv: int = 4
+
+    def __post_init__(self):
+        _positive("model.mamba2", self, ("d_state", "head_dim", "expand", "d_conv"))
+
+
+# Flat keys of the model configs saved before the sub-configs existed -> the keys that hold them now.
+# Mamba-2 used Mamba's expand and d_conv, so an old value of those sets both.
+FLAT_MODEL_KEYS = {
+    "moe_experts": ("moe.experts",), "moe_top_k": ("moe.top_k",), "moe_capacity": ("moe.capacity",),
+    "moe_balance_coef": ("moe.balance_coef",), "moe_z_coef": ("moe.z_coef",),
+    "mamba_d_state": ("mamba.d_state",), "mamba_expand": ("mamba.expand", "mamba2.expand"),
+    "mamba_d_conv": ("mamba.d_conv", "mamba2.d_conv"),
+    "mamba2_d_state": ("mamba2.d_state",), "mamba2_head_dim": ("mamba2.head_dim",),
+}
+
+
+def upgrade_model_keys(data: dict) -> dict:
+    """A model mapping with the flat keys of older run folders and command lines moved into the
+    sub-configs (``moe_top_k`` -> ``moe: {top_k}``); a flat key wins over the nested one. A new dict."""
+    out = dict(data)
+    for old, places in FLAT_MODEL_KEYS.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        for place in places:
+            group, key = place.split(".")
+            sub = out.get(group, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"model.{group} must be a mapping of keys, got {type(sub).__name__} {sub!r}")
+            out[group] = {**sub, key: value}
+    return out
+
+
+def _mixers():
+    """The mixer registry (backbones/mixer.py), imported when first needed: it pulls in torch."""
+    from .backbones import mixer
+
+    return mixer
 
 
 @dataclass
@@ -136,25 +219,21 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     vocab_size: int = 0  # set from the tokenizer when a run starts
-    layers: str = ""  # per-layer mixers, comma-separated (attn, mamba, mamba2, retnet); "" = all of the backbone's kind
+    layers: str = ""  # per-layer mixers, comma-separated (attn, mamba, mamba2, retnet, linear); "" = all of the backbone's kind
     ffn: str = "swiglu"  # feed-forward after each mixer: swiglu | moe | none
-    moe_experts: int = 8
-    moe_top_k: int = 2
-    moe_capacity: float = 0.0  # capacity factor per expert; 0 = no limit
-    moe_balance_coef: float = 0.01  # load-balancing auxiliary loss weight
-    moe_z_coef: float = 0.001  # router z-loss weight
-    mamba_d_state: int = 16
-    mamba_expand: int = 2
-    mamba_d_conv: int = 4
-    mamba2_d_state: int = 64  # Mamba-2 (SSD) state size N; mamba_expand and mamba_d_conv are shared with Mamba
-    mamba2_head_dim: int = 64  # Mamba-2 channels per head; d_model * mamba_expand must be a multiple
-    chunk: int = 0  # time steps per chunk of the Mamba scan / SSD / chunkwise retention (any value, same result); 0 = automatic (Mamba: by batch size, Mamba-2 and RetNet: 64)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    chunk: int = 0  # time steps per chunk of the Mamba scan / SSD / chunkwise retention and linear attention (any value, same result); 0 = automatic (Mamba: by batch size, the others: 64)
     slots: int = 0  # learned slot embeddings (position within a world step); set from the stream layout
     period: int = 0  # step-skip input: each position also embeds the token one period (a world step) before its target; set from the stream
     frame_tokens: int = 0  # frame head: tokens of the next observation predicted in one pass (0 = off); set from the stream
     slot_grid: int = 0  # slots 1..slot_grid**2 are the cells of a square grid (row-major): each also embeds its row and column; set from the stream
 
     def __post_init__(self):
+        for name, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("mamba2", Mamba2Config)):
+            if isinstance(getattr(self, name), dict):  # e.g. ModelConfig(**to_dict(cfg))
+                setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"model.{name}."))
         for name in ("n_layer", "n_head", "d_model", "context"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -170,43 +249,39 @@ class ModelConfig:
             raise ConfigError("model.slots, model.period, model.frame_tokens and model.slot_grid must be >= 0")
         if self.slot_grid and self.slot_grid**2 >= max(self.slots, 1):
             raise ConfigError(f"model.slot_grid={self.slot_grid} needs more than {self.slot_grid**2} slots, got model.slots={self.slots}")
-        for name in ("moe_experts", "moe_top_k", "mamba_d_state", "mamba_expand", "mamba_d_conv", "mamba2_d_state",
-                     "mamba2_head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.chunk < 0:
             raise ConfigError(f"model.chunk must be >= 0 (0 = automatic), got {self.chunk}")
         if self.ffn not in FFNS:
             raise ConfigError(f"model.ffn must be one of {', '.join(FFNS)}; got {self.ffn!r}")
-        if self.moe_top_k > self.moe_experts:
-            raise ConfigError(f"model.moe_top_k ({self.moe_top_k}) must be at most model.moe_experts ({self.moe_experts})")
-        for name in ("moe_capacity", "moe_balance_coef", "moe_z_coef"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
-        kinds = self.layer_kinds  # validates model.layers
-        own = BACKBONE_KIND.get(self.backbone)
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """model.backbone and model.layers agree, and each mixer used accepts this config."""
+        mixers = _mixers()
+        kinds = self.layer_kinds  # validates the names in model.layers
+        own = mixers.backbone_kind(self.backbone)
         if self.backbone == "hybrid" and not self.layers.strip():
             raise ConfigError(f"model.backbone=hybrid needs model.layers: {self.n_layer} comma-separated mixers "
-                              f"from {', '.join(MIXERS)} (e.g. model.layers={','.join(['mamba'] * (self.n_layer - 1) + ['attn'])})")
+                              f"from {', '.join(mixers.MIXERS)} (e.g. model.layers={','.join(['mamba'] * (self.n_layer - 1) + ['attn'])})")
         if own is not None and any(k != own for k in kinds):
             raise ConfigError(f"model.backbone={self.backbone} has only '{own}' layers, got model.layers={self.layers}; "
                               f"use model.backbone=hybrid to mix mixers")
-        if "mamba2" in kinds and (self.d_model * self.mamba_expand) % self.mamba2_head_dim:
-            raise ConfigError(f"model.d_model * model.mamba_expand = {self.d_model * self.mamba_expand} must be divisible "
-                              f"by model.mamba2_head_dim ({self.mamba2_head_dim}) for mamba2 layers")
+        for kind in dict.fromkeys(kinds):
+            mixers.MIXERS[kind].check(self)
 
     @property
     def layer_kinds(self) -> list[str]:
         """The mixer of every layer: model.layers parsed, or n_layer times the backbone's own kind."""
+        names = _mixers().MIXERS
         if not self.layers.strip():
-            own = BACKBONE_KIND.get(self.backbone)
+            own = _mixers().backbone_kind(self.backbone)
             return [own] * self.n_layer if own else []
         kinds = [k.strip() for k in self.layers.split(",")]
         for k in kinds:
-            if k not in MIXERS:
-                close = difflib.get_close_matches(k, MIXERS, n=1)
+            if k not in names:
+                close = difflib.get_close_matches(k, list(names), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"model.layers: unknown mixer {k!r}{hint}; choose from {', '.join(MIXERS)}")
+                raise ConfigError(f"model.layers: unknown mixer {k!r}{hint}; choose from {', '.join(names)}")
         if len(kinds) != self.n_layer:
             raise ConfigError(f"model.layers names {len(kinds)} mixers but model.n_layer is {self.n_layer}; give one per layer")
         return kinds
@@ -334,15 +409,22 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     types_ = _field_types(cls)
+    if cls is ModelConfig:
+        data = upgrade_model_keys(data)
     kwargs = {}
     for key, value in data.items():
         if key not in types_:
             valid = sorted(types_)
-            close = difflib.get_close_matches(key, valid, n=1)
+            close = difflib.get_close_matches(key, valid, n=1) or difflib.get_close_matches(key, _nested_keys(types_), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint} valid keys under '{prefix or '.'}': {', '.join(valid)}")
         kwargs[key] = _check_value(prefix + key, value, types_[key])
     return cls(**kwargs)
+
+
+def _nested_keys(types_: dict) -> list[str]:
+    """'group.key' for the keys of the sub-configs among these fields (to suggest model.moe.top_k for moe_topk)."""
+    return [f"{name}.{sub}" for name, tp in types_.items() if dataclasses.is_dataclass(tp) for sub in _field_types(tp)]
 
 
 def to_dict(cfg) -> dict:

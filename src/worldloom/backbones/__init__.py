@@ -7,7 +7,10 @@ values for attention, recurrent states for the others). A backbone may offer
 ``decode_step(x, cache, slot)`` for compiled decoding and says so with
 ``supports_decode_step``. A new backbone is one module plus one ``@register("name")`` line;
 configs name it with ``model.backbone=<name>``. The built-in ones (``transformer``,
-``mamba``, ``mamba2``, ``retnet``, ``hybrid``) are all the layer stack of ``stack.py``.
+``mamba``, ``mamba2``, ``retnet``, ``linear``, ``hybrid``) are all the layer stack of ``stack.py``.
+
+The layers of that stack are mixers registered by name (``mixer.py``): a new mixer is one
+module with one ``@register_mixer("name")`` line, imported below.
 """
 
 from __future__ import annotations
@@ -38,4 +41,6 @@ def build_backbone(cfg) -> nn.Module:
     return BACKBONES[cfg.backbone](cfg)
 
 
-from . import stack  # noqa: E402,F401  (registers "transformer", "mamba", "mamba2", "retnet", "hybrid")
+from .mixer import MIXERS, register_mixer  # noqa: E402,F401
+from . import transformer, mamba, mamba2, retnet, linear_attention  # noqa: E402,F401  (each registers its mixer)
+from . import stack  # noqa: E402,F401  (registers "hybrid")

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixer import RecurrentMixer, register_mixer
+
 
 @dataclass
 class MambaState:
@@ -146,7 +148,7 @@ def selective_scan(u, dt, A, Bm, C, h0=None, chunk: int = 64):
     return _SelectiveScan.apply(u, dt, A, Bm, C, h0, chunk)
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(RecurrentMixer):
     """in_proj -> causal depthwise conv -> SiLU -> selective SSM (+ D skip) -> gate silu(z) -> out_proj.
 
     `chunk` is the number of time steps per chunk of the training scan; any value gives the same
@@ -252,6 +254,12 @@ class MambaMixer(nn.Module):
         y = (h * C.unsqueeze(1)).sum(-1) + xc * self.D  # (B, D)
         out = self.out_proj(y.to(x.dtype) * F.silu(z))
         return out.unsqueeze(1), MambaState(window[:, :, 1:], h)
+
+
+@register_mixer("mamba", backbone="mamba")
+def build_mamba(cfg) -> MambaMixer:
+    m = cfg.mamba
+    return MambaMixer(cfg.d_model, d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, chunk=cfg.chunk)
 
 
 if __name__ == "__main__":  # forward+backward timings on this CPU, one thread

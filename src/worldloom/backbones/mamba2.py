@@ -52,7 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .mamba import _fp32
+from .mixer import RecurrentMixer, register_mixer
 
 
 @dataclass
@@ -119,7 +121,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, C:
     return y, h
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(RecurrentMixer):
     """in_proj -> causal depthwise conv + SiLU on (x, B, C) -> SSD (+ D skip) -> RMSNorm(y * silu(z)) -> out_proj.
 
     One head per ``head_dim`` channels of ``d_inner = expand * d_model``, one group (B and C
@@ -223,3 +225,17 @@ class Mamba2Mixer(nn.Module):
         y = (h * C[:, None, None]).sum(-1) + xs * _fp32(self.D).unsqueeze(-1)  # (B, H, P)
         out = self._output(y.flatten(-2), z, x.dtype)
         return out.unsqueeze(1), Mamba2State(window[:, :, 1:], h)
+
+
+def _check_mamba2(cfg) -> None:
+    m = cfg.mamba2
+    if (cfg.d_model * m.expand) % m.head_dim:
+        raise ConfigError(f"model.d_model * model.mamba2.expand = {cfg.d_model * m.expand} must be divisible "
+                          f"by model.mamba2.head_dim ({m.head_dim}) for mamba2 layers")
+
+
+@register_mixer("mamba2", backbone="mamba2", check=_check_mamba2)
+def build_mamba2(cfg) -> Mamba2Mixer:
+    m = cfg.mamba2
+    return Mamba2Mixer(cfg.d_model, d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, head_dim=m.head_dim,
+                       chunk=cfg.chunk or 64, norm_eps=cfg.norm_eps)

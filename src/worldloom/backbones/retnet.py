@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixer import RecurrentMixer, register_mixer
 from .transformer import apply_rope
 
 
@@ -55,7 +56,7 @@ def head_log_decays(n_head: int) -> torch.Tensor:
     return torch.log1p(-(2.0 ** (-5.0 - h))).float()  # (H,)
 
 
-class MultiScaleRetention(nn.Module):
+class MultiScaleRetention(RecurrentMixer):
     """out = W_o(GroupNorm(Retention(X)) * swish(X W_g)), with one decay rate per head."""
 
     MODES = ("auto", "parallel", "chunkwise", "recurrent")
@@ -182,3 +183,8 @@ class MultiScaleRetention(nn.Module):
             outs.append((q[:, :, t, None, :] @ S).squeeze(2))  # (B, H, dv)
         o = torch.stack(outs, dim=2) if outs else q.new_zeros(B, H, 0, self.dv)
         return o, S
+
+
+@register_mixer("retnet", backbone="retnet")
+def build_retnet(cfg) -> MultiScaleRetention:
+    return MultiScaleRetention(cfg.d_model, cfg.n_head, chunk=cfg.chunk or 64, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)

@@ -1,20 +1,25 @@
-"""One pre-norm layer stack for every backbone: attention, Mamba, Mamba-2 and retention layers, mixed freely.
+"""One pre-norm layer stack for every backbone: attention, Mamba, Mamba-2, retention and linear-attention layers, mixed freely.
 
 Each layer is ``x + mixer(norm(x))`` then, unless ``model.ffn=none``, ``x + ffn(norm(x))``
-with a SwiGLU MLP or a mixture of experts. The mixer of layer i is ``cfg.layer_kinds[i]``:
+with a SwiGLU MLP or a mixture of experts. The mixer of layer i is ``cfg.layer_kinds[i]``, a
+name in the mixer registry (mixer.py):
 
     attn     grouped-query attention with rotary positions (transformer.py)
     mamba    selective state-space layer (mamba.py)
     mamba2   Mamba-2: selective state space in its matmul (SSD) form (mamba2.py)
     retnet   multi-scale retention (retnet.py)
+    linear   linear attention, elu(x) + 1 feature map (linear_attention.py)
 
-Registry entries: ``transformer`` (all attn), ``mamba``, ``mamba2``, ``retnet`` (all of that kind) and
-``hybrid`` (``model.layers`` names each layer). Parameter names are
+Backbones: one per mixer that names one at its registration (``transformer`` = all attn,
+``mamba``, ``mamba2``, ``retnet``, ``linear``), and ``hybrid`` (``model.layers`` names each
+layer). Parameter names are
 ``blocks.{i}.{kind}_norm``, ``blocks.{i}.{kind}``, ``blocks.{i}.mlp_norm``, ``blocks.{i}.mlp``,
 so an all-attention stack has exactly the names (and the Llama layout) of the transformer
 checkpoints that came before the stack.
 
-One cache (``KVCache``) serves every stack: keys/values for attention layers, a recurrent state
+Every mixer is called as ``mixer.mix(h, ctx, i)`` with one ``MixerContext`` per call, built
+here: rotary tables and the attention mask if some layer is not recurrent, the ``valid`` mask
+if some layer is. One cache (``KVCache``) serves every stack: keys/values for attention layers, a recurrent state
 for the others, one ``length`` and one left padding for all. Under left padding the recurrent
 layers get a ``valid`` mask for the slots that may hold pads, so their state after a row's pad
 prefix is exactly the empty state.
@@ -25,13 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import BACKBONE_KIND
 from . import register
-from .mamba import MambaMixer
-from .mamba2 import Mamba2Mixer
+from .mixer import MixerContext, build_mixer
 from .moe import MoEFeedForward
-from .retnet import MultiScaleRetention
-from .transformer import Attention, KVCache, RMSNorm, SwiGLU, rope_table, slot_mask
+from .transformer import KVCache, RMSNorm, SwiGLU, rope_table, slot_mask
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -39,26 +41,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def _mixer(kind: str, cfg) -> nn.Module:
-    if kind == "attn":
-        return Attention(cfg)
-    if kind == "mamba":
-        return MambaMixer(cfg.d_model, d_state=cfg.mamba_d_state, d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand,
-                          chunk=cfg.chunk)
-    if kind == "mamba2":
-        return Mamba2Mixer(cfg.d_model, d_state=cfg.mamba2_d_state, d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand,
-                           head_dim=cfg.mamba2_head_dim, chunk=cfg.chunk or 64, norm_eps=cfg.norm_eps)
-    if kind == "retnet":
-        return MultiScaleRetention(cfg.d_model, cfg.n_head, chunk=cfg.chunk or 64, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
-    raise ValueError(f"unknown mixer {kind!r}")  # the config has validated the names
-
-
 def _ffn(cfg) -> nn.Module | None:
     if cfg.ffn == "swiglu":
         return SwiGLU(cfg)
     if cfg.ffn == "moe":
-        return MoEFeedForward(cfg.d_model, cfg.ff_dim, cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity,
-                              cfg.moe_balance_coef, cfg.moe_z_coef)
+        m = cfg.moe
+        return MoEFeedForward(cfg.d_model, cfg.ff_dim, m.experts, m.top_k, m.capacity, m.balance_coef, m.z_coef)
     return None
 
 
@@ -67,7 +55,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.add_module(f"{kind}_norm", RMSNorm(cfg.d_model, cfg.norm_eps))
-        self.add_module(kind, _mixer(kind, cfg))
+        self.add_module(kind, build_mixer(kind, cfg))
         ffn = _ffn(cfg)
         if ffn is not None:
             self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -89,27 +77,11 @@ class Block(nn.Module):
         m = self.mixer
         return m.out_proj.weight if hasattr(m, "out_proj") else m.proj.weight  # SSMs: out_proj; attention, retention: proj
 
-    def forward(self, x, i: int, cache: KVCache | None, cos, sin, mask, causal, valid):
-        h = self.mixer_norm(x)
-        if self.kind == "attn":
-            y = self.mixer(h, cos, sin, cache, i, mask, causal)
-        else:
-            state = cache.states[i] if cache is not None else None
-            if hasattr(self.mixer, "step") and state is not None and valid is None and x.shape[1] == 1:
-                y, state = self.mixer.step(h, state)  # the recurrent mixers' O(1) decoding step
-            else:
-                y, state = self.mixer(h, state, return_state=cache is not None, valid=valid)
-            if cache is not None:
-                cache.states[i] = state
-        x = x + self.drop(y)
+    def forward(self, x, ctx: MixerContext, i: int):
+        x = x + self.drop(self.mixer.mix(self.mixer_norm(x), ctx, i))
         if self.mlp is None:
             return x
         return x + self.drop(self.mlp(self.mlp_norm(x)))
-
-    def step(self, x, cos, sin, cache, i, slot, mask):
-        """The fixed-shape one-token step of an attention layer (see Stack.decode_step)."""
-        x = x + self.mixer.step(self.mixer_norm(x), cos, sin, cache, i, slot, mask)
-        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
 
 class Stack(nn.Module):
@@ -122,8 +94,9 @@ class Stack(nn.Module):
         self.cfg = cfg
         self.kinds = list(kinds)
         self.blocks = nn.ModuleList(Block(cfg, k) for k in kinds)
-        self.has_attn = "attn" in kinds
-        self.has_recurrent = any(k != "attn" for k in kinds)
+        recurrent = [b.mixer.recurrent for b in self.blocks]
+        self.has_attn = not all(recurrent)  # some layer reads rotary tables and the attention mask
+        self.has_recurrent = any(recurrent)  # some layer keeps a state and reads the valid mask
         if self.has_attn:
             cos, sin = rope_table(cfg.head_dim, cfg.context, cfg.rope_theta)
             self.register_buffer("cos", cos, persistent=False)
@@ -155,14 +128,13 @@ class Stack(nn.Module):
         if start + T > self.cfg.context:
             raise ValueError(f"sequence of {start + T} positions exceeds the model context {self.cfg.context}")
         pad = cache.pad if cache is not None else None
-        cos = sin = mask = valid = None
-        causal = False
+        ctx = MixerContext(cache)
         if self.has_attn:
-            cos, sin, mask, causal = self._attention_inputs(x, start, T, pad)
+            ctx.cos, ctx.sin, ctx.mask, ctx.causal = self._attention_inputs(x, start, T, pad)
         if self.has_recurrent and pad is not None and start < cache.pad_max:
-            valid = torch.arange(start, start + T, device=x.device)[None] >= pad[:, None]  # (B, T)
+            ctx.valid = torch.arange(start, start + T, device=x.device)[None] >= pad[:, None]  # (B, T)
         for i, block in enumerate(self.blocks):
-            x = block(x, i, cache, cos, sin, mask, causal, valid)
+            x = block(x, ctx, i)
         if cache is not None:
             cache.length += T
         return x, cache
@@ -211,21 +183,10 @@ class Stack(nn.Module):
         dt = _compute_dtype(x)
         cos = self.cos[pos].to(dt).view(-1, 1, 1, self.cfg.head_dim)  # (B or 1, 1, 1, D)
         sin = self.sin[pos].to(dt).view(-1, 1, 1, self.cfg.head_dim)
+        ctx = MixerContext(cache, cos, sin, mask, slot=slot)
         for i, block in enumerate(self.blocks):
-            x = block.step(x, cos, sin, cache, i, slot, mask)
+            x = block(x, ctx, i)
         return x
-
-
-def _single_kind(kind: str):
-    def build(cfg) -> Stack:
-        return Stack(cfg, [kind] * cfg.n_layer)
-
-    build.__name__ = f"build_{kind}"
-    return build
-
-
-for _name, _kind in BACKBONE_KIND.items():  # transformer (all attn), mamba, mamba2, retnet
-    register(_name)(_single_kind(_kind))
 
 
 @register("hybrid")

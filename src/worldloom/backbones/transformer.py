@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
+from .mixer import MixerContext, register_mixer
 
 
 class RMSNorm(nn.Module):
@@ -55,7 +55,7 @@ def _select_rows(state, rows: torch.Tensor):
 
 class KVCache:
     """The decoding state of a layer stack: pre-allocated keys and values for attention
-    layers, a recurrent state (``states[i]``: MambaState, Mamba2State, RetentionState) for the others,
+    layers, a recurrent state (``states[i]``: MambaState, Mamba2State, RetentionState, LinearAttentionState) for the others,
     plus left-padding of each row.
 
     ``pad[b]`` tokens at the left of row b are padding: they are masked as keys, the first
@@ -109,7 +109,12 @@ class KVCache:
         return self.k[i][:, :, : s + t], self.v[i][:, :, : s + t]
 
 
+@register_mixer("attn", backbone="transformer")
 class Attention(nn.Module):
+    """Grouped-query causal attention with rotary positions; the mixer ``attn``."""
+
+    recurrent = False  # keys and values go to the cache; rotary tables and the mask come with the context
+
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -135,6 +140,12 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+    def mix(self, x, ctx: MixerContext, layer: int):
+        """The stack's call (see mixer.py): a forward pass, or the fixed-shape decoding step at ``ctx.slot``."""
+        if ctx.slot is not None:
+            return self.step(x, ctx.cos, ctx.sin, ctx.cache, layer, ctx.slot, ctx.mask)
+        return self(x, ctx.cos, ctx.sin, ctx.cache, layer, ctx.mask, ctx.causal)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask, causal: bool):
         q, k, v = self._qkv(x, cos, sin)
