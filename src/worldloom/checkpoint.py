@@ -39,8 +39,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer state_dict as flat tensors ("{param index}.{key}") and its param groups."""
     tensors = {}
     for idx, st in sd["state"].items():
         for key, val in st.items():
@@ -64,7 +64,11 @@ def rng_from_json(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 1) -> Path:
+def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict | None, state: dict,
+                    keep: int = 1) -> Path:
+    """Write a checkpoint folder and point checkpoint.json at it. ``model`` is a module or its
+    weights (name -> tensor, shared tensors once); ``optimizer`` an optimizer or its state_dict
+    (a sharded run passes the whole, gathered states: worldloom.train.dist)."""
     run_dir = Path(run_dir)
     name = f"step-{state['step']:08d}"
     final = run_dir / "checkpoints" / name
@@ -72,10 +76,11 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     for stale in (run_dir / "checkpoints").glob(".step-*.tmp"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_tensors(tmp / "model.safetensors", _unique_state(model), metadata={"format": FORMAT})
+    weights = model if isinstance(model, dict) else _unique_state(model)
+    save_tensors(tmp / "model.safetensors", weights, metadata={"format": FORMAT})
     full_state = dict(state, format=FORMAT)
     if optimizer is not None:
-        tensors, groups = _optimizer_tensors(optimizer)
+        tensors, groups = _optimizer_tensors(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         save_tensors(tmp / "optimizer.safetensors", tensors, metadata={"format": FORMAT})
         full_state["optimizer_groups"] = groups
     write_json(tmp / "state.json", full_state)
@@ -127,9 +132,19 @@ def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
     return key == "head.weight" and getattr(model.cfg, "tie_weights", False)
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
+def read_optimizer_state(ckpt: Path, state: dict) -> dict:
+    """The optimizer state_dict saved in a checkpoint (before it is loaded into an optimizer)."""
     tensors = load_tensors(Path(ckpt) / "optimizer.safetensors", "optimizer state")
     try:
-        optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer_groups"]))
+        return _optimizer_state(tensors, state["optimizer_groups"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt} is damaged ({str(e).splitlines()[0][:100]})") from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict, shard=None) -> None:
+    """Load a checkpoint's optimizer state; ``shard`` adapts the whole state to sharded parameters first."""
+    sd = read_optimizer_state(ckpt, state)
+    try:
+        optimizer.load_state_dict(shard(optimizer, sd) if shard else sd)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"optimizer state in {ckpt} does not match the model ({str(e).splitlines()[0][:100]})") from None

@@ -322,6 +322,7 @@ class TrainConfig:
     seed: int = 1337
     threads: int = 0  # torch CPU threads; 0 = all cores
     compile: bool = False  # torch.compile the model (costs 15-30 s at start on CPU)
+    dist: str = "none"  # under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard); batch_size is the global batch
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
@@ -329,6 +330,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.max_minutes < 0:
             raise ConfigError(f"train.max_minutes must be >= 0, got {self.max_minutes}")
+        if self.dist not in ("none", "ddp", "fsdp"):
+            raise ConfigError(f"train.dist must be one of none, ddp, fsdp; got {self.dist!r}")
         if self.precision not in ("auto", "bf16", "fp32", "fp16"):
             raise ConfigError(f"train.precision must be one of auto, bf16, fp32, fp16; got {self.precision!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -1,29 +1,157 @@
-"""Which process this is: one rank of a torchrun job, or the only one.
+"""Training on PyTorch's own distributed engine: one rank of a torchrun job, or the only process.
 
-Every training recipe runs unchanged on one process; under torchrun each process is one rank
-and only rank 0 logs, writes metrics, plots and checkpoints (``Dist.main``).
+    torchrun --nproc-per-node 2 -m worldloom train shakespeare-char data.path=input.txt train.dist=ddp
+
+- ``init(kind, device)``: joins the process group torchrun describes in the environment
+  (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...), gloo on CPU and NCCL on GPU; returns ``Dist``.
+- ``wrap(model, kind, dist, device)``: ``DistributedDataParallel``, or FSDP2 ``fully_shard`` per
+  block and at the root over an explicit 1-D device mesh (a CPU mesh on CPU).
+- ``shard_rows(batch, dist)``: every rank draws the same global batch from the same generator
+  and keeps its own rows, so the global batch, the data order and the saved data RNG state are
+  those of one process, whatever the world size; ``loss_scale`` makes the ranks' mean gradient
+  the gradient of the global (weighted) mean loss.
+- ``full_model_state`` / ``full_optimizer_state``: the whole model and optimizer state gathered
+  (collective: every rank calls) into the single-process checkpoint format, so a checkpoint
+  written by N ranks resumes on M ranks or one process, and `generate`/`eval` load it as usual.
+
+Only rank 0 (``Dist.main``) logs and writes the run folder.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as torch_dist
+
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1
+    kind: str = "none"  # none | ddp | fsdp
 
     @property
     def main(self) -> bool:
         """Whether this process writes the run folder and talks to the user."""
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1 and self.kind == "fsdp"
 
-def current() -> Dist:
-    """The process group this process belongs to (a single process when none is initialised)."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return Dist(torch_dist.get_rank(), torch_dist.get_world_size())
-    return Dist()
+
+def env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def init(kind: str, device: torch.device) -> Dist:
+    """Join torchrun's process group (or the one already initialised); a single process otherwise."""
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else env_world_size()
+    if world <= 1:
+        return Dist(kind=kind)
+    if kind == "none":
+        raise ConfigError(f"this process is one of {world} ranks (torchrun): set train.dist=ddp or train.dist=fsdp")
+    if not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch_dist.init_process_group(backend)
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), kind)
+
+
+def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """The module a training step calls: the model itself (one process), DDP around it, or the model
+    sharded in place by FSDP2 (each block, then the root: embeddings, final norm, head)."""
+    if dist.world <= 1:
+        return model
+    if dist.kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.world,))
+    for block in getattr(model.backbone, "blocks", []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def shard_rows(batch: dict, dist: Dist) -> dict:
+    """This rank's rows of a global batch, plus ``loss_scale`` (see the module docs).
+
+    Tensors with the batch's leading size are sliced; a world batch's frame targets
+    (``frame_index``: flattened b * T + t positions, ``frame_target``: one row each) follow
+    their rows; anything else (e.g. a scalar weight) is kept whole."""
+    if dist.world <= 1:
+        return batch
+    B, T = batch["input"].shape
+    if B % dist.world:
+        raise ConfigError(f"train.batch_size={B} must be divisible by the number of ranks ({dist.world})")
+    lo, hi = dist.rank * B // dist.world, (dist.rank + 1) * B // dist.world
+    out = {k: (v[lo:hi] if torch.is_tensor(v) and v.ndim and v.shape[0] == B and k not in ("frame_index", "frame_target") else v)
+           for k, v in batch.items()}
+    if "frame_index" in batch:
+        keep = (batch["frame_index"] >= lo * T) & (batch["frame_index"] < hi * T)
+        out["frame_index"] = batch["frame_index"][keep] - lo * T
+        out["frame_target"] = batch["frame_target"][keep]
+    weight = batch.get("weight")
+    share = (weight[lo:hi].sum() / weight.sum().clamp(min=1e-8)) if weight is not None else torch.tensor((hi - lo) / B)
+    out["loss_scale"] = share * dist.world  # the ranks' mean of scaled losses = the global weighted mean
+    return out
+
+
+def all_mean(value: float, dist: Dist) -> float:
+    """The mean over ranks of a float (for the logged training loss)."""
+    if dist.world <= 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(t)
+    return float(t.item()) / dist.world
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> whole tensor on CPU, each shared (tied) parameter once. Collective under FSDP."""
+    seen, out = set(), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = _full(t.detach()).cpu()
+    return out
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state tensor gathered whole. Collective under FSDP."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in st.items()} for i, st in sd["state"].items()}
+    return sd
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
+    """A whole (single-process) optimizer state made to fit sharded parameters: each state tensor of a
+    DTensor parameter's shape is distributed like its parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    st[k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
+    return sd

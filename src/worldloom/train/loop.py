@@ -34,7 +34,8 @@ from ..model import LWM, model_inputs
 from ..recipes import get_recipe
 from ..run import CONFIG, METRICS, read_run_config
 from ..runtime import autocast, resolve_device, resolve_precision, set_threads
-from .dist import Dist, current
+from . import dist as D
+from .dist import Dist
 from .optim import lr_at, make_optimizer
 from .plots import plot_loss, read_metrics
 from .task import Task
@@ -47,8 +48,8 @@ class Trainer:
     cfg: RunConfig  # resolved: the model sizes the task implies are filled in
     run_dir: Path
     task: Task
-    model: LWM  # the module whose weights are saved
-    net: torch.nn.Module  # what a step calls: the model itself, or compiled
+    model: LWM  # the module whose weights are saved (sharded in place under FSDP)
+    net: torch.nn.Module  # what a step calls: the model, DDP around it, and/or compiled
     optimizer: torch.optim.Optimizer
     gen: torch.Generator  # the data order
     precision: str
@@ -67,6 +68,13 @@ class Trainer:
         tc = self.cfg.train
         f = self.step / tc.max_steps
         return max(f, self.elapsed() / (tc.max_minutes * 60)) if tc.max_minutes else f
+
+    def sync_clock(self) -> None:
+        """Give every rank rank 0's elapsed time, so that all agree on the schedule and on when to stop."""
+        if self.dist.world > 1:
+            t = torch.tensor([self.elapsed()], dtype=torch.float64)
+            torch.distributed.broadcast(t, src=0)
+            self.t_start = time.perf_counter() - float(t.item())
 
     def budget_left(self) -> bool:
         tc = self.cfg.train
@@ -100,28 +108,35 @@ def open_run(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -
 
 
 def setup(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> tuple[Trainer, Path | None, dict]:
-    """A Trainer at step 0 (model initialised from train.seed), the checkpoint to restore and its state."""
+    """A Trainer ready to step: model initialised from train.seed (or a checkpoint's weights), wrapped
+    for the process group, optimizer; returns it with the checkpoint to restore and its state."""
     cfg, run_dir, ckpt = open_run(cfg, resume, overrides)
     tc = cfg.train
     set_threads(tc.threads)
     device = resolve_device(tc.device)
+    dist = D.init(tc.dist, device)
     state = read_state(ckpt) if ckpt else {}
     precision = state.get("precision") or resolve_precision(tc.precision, device)
     task = get_recipe(cfg.recipe).make_task(cfg, run_dir, ckpt is not None)  # data and tokenizers (training part only)
     cfg = replace(cfg, model=replace(cfg.model, **task.model_sizes()))
     torch.manual_seed(tc.seed)
     model = LWM(cfg.model).to(device)
-    net = torch.compile(model) if tc.compile else model  # the same parameters; steps and evaluation call `net`
-    tr = Trainer(cfg, run_dir, task, model, net, make_optimizer(model, tc), torch.Generator().manual_seed(tc.seed),
-                 precision, device, current())
+    if ckpt:
+        load_model_weights(model, ckpt)  # whole weights, before any sharding
+    net = D.wrap(model, dist, device)
+    optimizer = make_optimizer(model, tc)  # after sharding: FSDP's parameters are DTensors
+    if ckpt:
+        load_optimizer(optimizer, ckpt, state, D.shard_optimizer_state if dist.sharded else None)
+    if tc.compile:
+        net = torch.compile(net)  # the same parameters; steps and evaluation call `net`
+    tr = Trainer(cfg, run_dir, task, model, net, optimizer, torch.Generator().manual_seed(tc.seed), precision, device, dist)
     return tr, ckpt, state
 
 
 def restore(tr: Trainer, ckpt: Path | None, state: dict) -> None:
-    """Load a checkpoint into the trainer, or prepare a new run folder; then save the resolved config."""
+    """Restore step, clock and RNG states from the checkpoint, or prepare a new run folder; then save
+    the resolved config."""
     if ckpt:
-        load_model_weights(tr.model, ckpt)
-        load_optimizer(tr.optimizer, ckpt, state)
         tr.step = tr.saved_step = state["step"]
         tr.val_loss = state.get("val_loss")
         tr.gen.set_state(rng_from_json(state["data_rng"]))
@@ -145,12 +160,14 @@ def train_step(tr: Trainer, lr: float) -> tuple[float, dict, int]:
         group["lr"] = lr
     loss_sum, extra, tokens = 0.0, {}, 0
     for _ in range(tc.grad_accum):
-        batch = {k: v.to(tr.device) for k, v in tr.task.batch(tc.batch_size, tr.gen).items()}
-        tokens += batch["input"].numel()
+        batch = D.shard_rows(tr.task.batch(tc.batch_size, tr.gen), tr.dist)  # this rank's rows of the global batch
+        scale = float(batch.pop("loss_scale", 1.0))
+        batch = {k: v.to(tr.device) for k, v in batch.items()}
+        tokens += batch["input"].numel() * tr.dist.world
         with autocast(tr.precision, tr.device):
             out = tr.task.objective(tr.net(**model_inputs(batch)), batch)
-        (out.total / tc.grad_accum).backward()
-        loss_sum += out.parts.get("loss", out.total.item())  # the cross-entropy, comparable to held-out loss
+        (out.total * (scale / tc.grad_accum)).backward()
+        loss_sum += scale * out.parts.get("loss", out.total.item())  # the cross-entropy, comparable to held-out loss
         for k, v in out.parts.items():  # other parts (e.g. moe_aux) are logged as their micro-batch mean
             if k != "loss" and isinstance(v, (int, float)):
                 extra[k] = extra.get(k, 0.0) + v / tc.grad_accum
@@ -159,16 +176,19 @@ def train_step(tr: Trainer, lr: float) -> tuple[float, dict, int]:
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
     tr.step += 1
-    return loss_sum / tc.grad_accum, extra, tokens
+    return D.all_mean(loss_sum / tc.grad_accum, tr.dist), extra, tokens
 
 
 def evaluate_and_save(tr: Trainer) -> float:
     """Held-out loss (logged, plotted) and a checkpoint at the current step."""
-    tr.val_loss = tr.task.val_loss(tr.net, tr.precision, tr.device)
+    tr.val_loss = tr.task.val_loss(tr.net, tr.precision, tr.device)  # every rank: FSDP's forward is collective
+    weights, moments = tr.model, tr.optimizer
+    if tr.dist.sharded:  # gathered whole on every rank (collective), written by rank 0
+        weights, moments = D.full_model_state(tr.model), D.full_optimizer_state(tr.optimizer)
     if tr.dist.main:
         _append(tr.run_dir / METRICS, {"step": tr.step, "val_loss": tr.val_loss, "elapsed": round(tr.elapsed(), 2)})
         plot_loss(tr.run_dir / METRICS, tr.run_dir / "loss.png", title=f"{tr.cfg.name}: {tr.model.num_params() / 1e6:.1f}M params")
-        save_checkpoint(tr.run_dir, tr.model, tr.optimizer, {
+        save_checkpoint(tr.run_dir, weights, moments, {
             "step": tr.step, "elapsed": tr.elapsed(), "precision": tr.precision, "val_loss": tr.val_loss,
             "data_rng": rng_to_json(tr.gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state()),
         })
@@ -193,7 +213,10 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     tr.net.train()
     t_log, tokens_since = time.perf_counter(), 0
     try:
-        while tr.budget_left() and tr.fraction() < stop_at:
+        while True:
+            tr.sync_clock()
+            if not (tr.budget_left() and tr.fraction() < stop_at):
+                break
             lr = lr_at(tr.step, tr.fraction(), tc)
             loss, extra, tokens = train_step(tr, lr)
             tokens_since += tokens
@@ -202,8 +225,9 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
                 tps = tokens_since / (now - t_log)
                 t_log, tokens_since = now, 0
                 if tr.dist.main:
+                    ranks = {"ranks": tr.dist.world} if tr.dist.world > 1 else {}
                     _append(tr.run_dir / METRICS, {"step": tr.step, "loss": loss, **extra, "lr": lr, "tokens_per_s": round(tps, 1),
-                                                   "elapsed": round(tr.elapsed(), 2)})
+                                                   **ranks, "elapsed": round(tr.elapsed(), 2)})
                 bar.update(tr.fraction(), step=tr.step, loss=f"{loss:.3f}", val=f"{tr.val_loss:.3f}" if tr.val_loss else "-",
                            tok_s=f"{tps:,.0f}")
             if tr.step % tc.eval_interval == 0:

@@ -1,0 +1,28 @@
+"""Run by tests/test_distributed.py in each spawned rank: join a gloo group, train, leave."""
+
+from __future__ import annotations
+
+import os
+
+
+def train_rank(rank: int, world: int, port: int, overrides: list[str], resume: str | None, errors) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        from worldloom.config import build_config
+        from worldloom.train import train
+
+        if resume:
+            train(resume=resume, overrides=overrides, progress=False, log=lambda *a: None)
+        else:
+            train(build_config(None, overrides), progress=False, log=lambda *a: None)
+    except BaseException as e:  # reported to the parent, which fails the test with it
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
