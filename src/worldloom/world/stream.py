@@ -143,12 +143,9 @@ class StreamLayout:
 
     def mask_frame(self, logits):
         """Frame logits (..., obs_len, V) (a torch tensor) with every id a position may not hold at -inf."""
-        import torch
+        from ..inference.sampling import restrict
 
-        ranges = torch.from_numpy(self.step_ranges[: self.obs_len]).to(logits.device)
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        allowed = (ids[None] >= ranges[:, :1]) & (ids[None] < ranges[:, 1:])  # (obs_len, V)
-        return logits.masked_fill(~allowed, float("-inf"))
+        return restrict(logits, self.step_ranges[: self.obs_len])  # one (lo, hi) per position
 
     def kinds_of(self, ids: np.ndarray) -> np.ndarray:
         """The kind (K_*) of every stream id, from its vocabulary slice."""

@@ -41,7 +41,8 @@ from gymnasium import spaces
 
 from ...io import atomic_write_bytes
 from ..envs import make_adapter
-from .runner import StreamRunner, pick
+from ...inference.sampling import sample
+from .runner import StreamRunner
 from ..stream import StreamLayout
 
 MODES = ("tokens", "parallel")
@@ -132,7 +133,7 @@ class BatchedWorldModelEnv:
         return self.runner.logits(self.h, self.layout.obs_len)
 
     def _pick(self, logits: torch.Tensor) -> np.ndarray:
-        return pick(logits, self.greedy, self.generator)
+        return sample(logits, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()
 
     def step(self, actions) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
         """Imagine one step for every row: actions (B,) env action indices ->
@@ -412,7 +413,7 @@ def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int =
         first = render_obs(fields["image"][0], tile_size)
         frames = [RolloutFrame(first, first.copy(), None, True)]
         for _ in range(steps):
-            action = int(layout.decode_action(pick(policy.logits(h, layout.obs_len), greedy, gen))[0])
+            action = int(layout.decode_action(sample(policy.logits(h, layout.obs_len), 0.0 if greedy else 1.0, generator=gen).cpu().numpy())[0])
             raw, reward, term, trunc, _ = env.step(action)
             real = {k: v[None] for k, v in adapter.observe(raw).items()}
             imag, *_ = sim.step(np.array([action]))
