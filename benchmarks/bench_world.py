@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     from worldloom.world.data.episodes import load_dataset
     from worldloom.world.rollout.imagine import imagination_throughput
     from worldloom.world.pipeline import machine
+    from worldloom.tokenize import GridTokenizer
     from worldloom.world.stream import StreamLayout
 
     env_id = "BabyAI-GoToLocal-v0"
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         if args.quick:
             overrides += ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=256"]
         cfg = build_config("babyai", overrides)
-        layout = StreamLayout.build([e.mission for e in eps], 7, cfg.stream)
+        layout = StreamLayout.build([e.mission for e in eps], 7, cfg.stream, GridTokenizer())
         cfg.model.vocab_size, cfg.model.slots = layout.vocab_size, layout.n_slots
         cfg.model.frame_tokens, cfg.model.period = layout.obs_len, layout.step_len
         torch.manual_seed(0)

@@ -164,6 +164,9 @@ def test_generate_bad_sampling_option_is_one_line(cli_run, capsys):
     (["The", "--num-samples", "0"], "--num-samples"),
     (["The", "--max-new-tokens", "-1"], "max_new_tokens"),
     (["The", "--temperature", "-1"], "temperature"),
+    (["The", "--temperature", "nan"], "temperature"),
+    (["The", "--temperature", "inf"], "temperature"),
+    (["The", "--top-p", "nan"], "top_p"),
     (["The", "--top-k", "-2"], "top_k"),
 ])
 def test_generate_bad_arguments_are_one_line(cli_run, capsys, argv, needle):

@@ -21,7 +21,6 @@ from worldloom.world.rollout.imagine import (
     imagination_throughput,
     imagined_vs_real,
     open_loop_accuracy,
-    render_obs,
     write_rollout_gif,
 )
 from worldloom.world.stream import PAD
@@ -117,12 +116,17 @@ def test_reset_is_deterministic_and_imagines_from_the_real_start(run):
         real.close()
 
 
-def test_render_obs_draws_minigrids_own_pov(run):
-    """render_obs(obs image) is exactly what MiniGrid draws for the agent's point of view."""
+def test_the_adapter_draws_minigrids_own_pov(run):
+    """adapter.render(fields) is exactly what MiniGrid draws for the agent's point of view."""
+    from worldloom.world.envs import make_adapter
+
+    adapter = make_adapter(run.cfg.env.id)
     env = gym.make(run.cfg.env.id, agent_pov=True, render_mode="rgb_array")
     obs, _ = env.reset(seed=5)
-    assert np.array_equal(render_obs(obs["image"], tile_size=8), env.unwrapped.get_pov_render(8))
+    assert np.array_equal(adapter.render(adapter.observe(obs), tile_size=8), env.unwrapped.get_pov_render(8))
     env.close()
+    with pytest.raises(ValueError, match="egocentric view"):
+        adapter.render({"image": np.zeros((7, 5, 3), np.uint8), "direction": np.uint8(0)})
 
 
 # ------------------------------------------------------------------ batched env
@@ -208,8 +212,8 @@ def test_cached_imagination_equals_one_teacher_forced_forward(run, val_episodes)
             lo, hi = lay.step_ranges[(j + 1 - P) % lay.step_len]
             pred.append(lo + int(logits[j, lo:hi].argmax()))
         assert pred == ids[P + lay.obs_len + 1 :].tolist()
-        image, direction = lay.decode_obs(np.array(pred[2:])[None])
-        assert np.array_equal(image[0], obs["image"][0]) and direction[0] == obs["direction"][0]
+        fields = lay.decode_obs(np.array(pred[2:])[None])
+        assert np.array_equal(fields["image"][0], obs["image"][0]) and fields["direction"][0] == obs["direction"][0]
         assert fed[lay.obs_len] == lay.action_ids(action) and PAD not in fed
 
 

@@ -12,6 +12,7 @@ import torch
 
 from worldloom.config import StreamConfig, build_config
 from worldloom.errors import DataError
+from worldloom.tokenize import GridTokenizer
 from worldloom.world.data import collect
 from worldloom.world.data.collect import BotTeacher, split_seed
 from worldloom.world.data.packing import EpisodeData
@@ -81,7 +82,7 @@ def test_labels_are_the_policy_targets_and_the_inputs_keep_the_action_taken(epis
     ep = max(episodes, key=lambda e: e.length)
     label = (ep.action + 1) % 7
     label[1] = -1  # no label at step 1: not a policy target
-    layout = StreamLayout.build([e.mission for e in episodes], 7, StreamConfig())
+    layout = StreamLayout.build([e.mission for e in episodes], 7, StreamConfig(), GridTokenizer())
     tok = layout.episode(_with_labels(ep, label))
     data = EpisodeData(layout, [tok], [tok], StreamConfig())
     b = next(data.windows("train", 1024, 1))

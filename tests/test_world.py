@@ -25,7 +25,7 @@ def episodes(world_dataset):
 
 @pytest.fixture(scope="module")
 def layout(episodes):
-    return StreamLayout.build([e.mission for e in episodes[0]], 7, StreamConfig())
+    return StreamLayout.build([e.mission for e in episodes[0]], 7, StreamConfig(), GridTokenizer())
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -48,22 +48,24 @@ def test_grid_tokenizer_round_trip_any_cell(seed):
 
 def test_grid_tokenizer_round_trips_real_observations(episodes):
     for ep in episodes[0][:10]:
-        ids = grid.encode_batch(ep.obs["image"], ep.obs["direction"])
-        image, direction = grid.decode_batch(ids)
-        assert np.array_equal(image, ep.obs["image"]) and np.array_equal(direction, ep.obs["direction"])
+        ids = grid.encode_batch(ep.obs)
+        back = grid.decode_batch(ids)
+        assert back.keys() == ep.obs.keys()
+        for k in back:
+            assert np.array_equal(back[k], ep.obs[k]) and back[k].dtype == ep.obs[k].dtype, k
 
 
 def test_grid_tokenizer_rejects_cells_outside_the_codebook():
     bad = np.zeros((1, 7, 7, 3), np.uint8)
     bad[0, 0, 0, 0] = grid.n_objects
     with pytest.raises(ValueError, match="codebook"):
-        grid.encode_batch(bad, np.zeros(1))
+        grid.encode_batch({"image": bad, "direction": np.zeros(1)})
 
 
 def test_grid_tokenizer_reads_the_far_row_first():
     image = np.zeros((1, 7, 7, 3), np.uint8)
     image[0, 3, 6] = (10, 0, 0)  # the agent's own cell [x=3, y=6] (object 10 = agent)
-    ids = grid.encode_batch(image, np.zeros(1))
+    ids = grid.encode_batch({"image": image, "direction": np.zeros(1)})
     assert ids[0, 6 * 7 + 3] == 10 * grid.n_colors * grid.n_states
 
 
@@ -82,8 +84,9 @@ def test_layout_round_trips_an_episode(layout, episodes):
     tok = layout.episode(ep)
     assert tok.steps.shape == (ep.length, layout.step_len)
     assert layout.mission.decode(tok.prefix[1:-1] - layout.offset["mission"]) == ep.mission
-    image, direction = layout.decode_obs(tok.steps[:, : layout.obs_len])
-    assert np.array_equal(image, ep.obs["image"][: ep.length]) and np.array_equal(direction, ep.obs["direction"][: ep.length])
+    fields = layout.decode_obs(tok.steps[:, : layout.obs_len])
+    assert np.array_equal(fields["image"], ep.obs["image"][: ep.length])
+    assert np.array_equal(fields["direction"], ep.obs["direction"][: ep.length])
     assert np.array_equal(layout.decode_action(tok.steps[:, layout.obs_len]), ep.action)
     term, trunc = layout.decode_done(tok.steps[:, -1])
     assert term[-1] == ep.terminated and not term[:-1].any() and not trunc.any()
@@ -247,7 +250,7 @@ def test_runner_rolls_over_the_context(world_run):
     run = load_world_run(world_run)
     lay = run.layout
     runner = StreamRunner(run.model, lay)
-    obs = lay.obs_ids(np.zeros((2, 7, 7, 3), np.uint8), np.zeros(2))
+    obs = lay.encode_obs({"image": np.zeros((2, 7, 7, 3), np.uint8), "direction": np.zeros(2)})
     runner.reset([lay.prefix("go to the red ball"), lay.prefix("go to a key")], obs)
     for _ in range(8):  # 8 steps of 53 tokens > context 256
         h = runner.feed(np.concatenate([np.stack([lay.action_ids([2, 2]), lay.reward_ids([0, 0]), lay.done_ids([0, 0], [0, 0])], 1), obs], 1))

@@ -1,4 +1,5 @@
-"""Autoregressive generation with a KV cache: sampling, streaming, batched prompts, stop strings.
+"""Autoregressive generation with a KV cache: streaming, batched prompts, stop strings (the sampling
+itself is worldloom.inference.sampling).
 
 Prompts of different lengths are left-padded; the cache masks the padding and starts each
 row's rotary positions at its first real token, so a batched row decodes like the same
@@ -14,6 +15,8 @@ from typing import Iterator
 
 import torch
 
+from .inference.sampling import check_sampling, sample
+
 
 @dataclass
 class SamplingConfig:
@@ -26,30 +29,7 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V): greedy at temperature 0, else filtered sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:  # tokens tied with the k-th are kept too, as transformers' TopKLogitsWarper does
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +84,7 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
 
     cache, logits = prefill(min(seq.shape[1], ctx_len))
     for _ in range(sc.max_new_tokens):
-        nxt = sample_next(logits, sc.temperature, sc.top_k, sc.top_p, gen)
+        nxt = sample(logits, sc.temperature, top_k=sc.top_k, top_p=sc.top_p, generator=gen)
         yield nxt
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if not use_cache:

@@ -1,9 +1,14 @@
-"""Tokenizers, one per modality, all with the same protocol:
+"""Tokenizers, one per modality.
 
-``encode(x) -> LongTensor``, ``decode(ids) -> x``, ``vocab_size``, ``save(dir)``, ``load(dir)``.
+Text (``text.py``): ``encode(x) -> LongTensor``, ``decode(ids) -> x``, ``vocab_size``,
+``save(dir)``, ``load(dir)``. Observations: the `ObsTokenizer` protocol and registry
+(``base.py``), the MiniGrid grid tokenizer (``grid.py``). Scalars: `ScalarBins` (``bins.py``).
 """
 
-from .grid import GridTokenizer, ScalarBins
+from .base import OBS_TOKENIZERS, ObsTokenizer, load_obs_tokenizer, register_obs_tokenizer
+from .bins import ScalarBins
+from .grid import GridTokenizer
 from .text import TextTokenizer
 
-__all__ = ["GridTokenizer", "ScalarBins", "TextTokenizer"]
+__all__ = ["OBS_TOKENIZERS", "GridTokenizer", "ObsTokenizer", "ScalarBins", "TextTokenizer", "load_obs_tokenizer",
+           "register_obs_tokenizer"]

@@ -9,6 +9,9 @@ so any observation the environment can produce round-trips exactly; triples that
 (a grey goal, an "open" ball) simply keep untrained embeddings. The 7x7 view is read row by
 row from the far row (y = 0) to the agent's row (y = 6), x from left to right, then the
 direction (0..3) follows as token ``198 + direction``. One observation = 50 tokens.
+
+It implements the observation-tokenizer protocol (``base.py``) over the fields ``image`` and
+``direction`` and is registered as kind ``"grid"``; the MiniGrid adapter declares it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..io import read_json, write_json
+from .base import register_obs_tokenizer
 
 
 def _minigrid_sizes() -> tuple[int, int, int]:
@@ -27,14 +31,18 @@ def _minigrid_sizes() -> tuple[int, int, int]:
     return len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX)
 
 
+@register_obs_tokenizer
 class GridTokenizer:
-    """Protocol: encode(obs) -> ids (n_tokens,), decode(ids) -> obs, vocab_size, save(dir), load(dir).
+    """Protocol (``base.ObsTokenizer``): encode_batch(fields) -> ids (N, n_tokens), decode_batch(ids)
+    -> fields, n_tokens, vocab_size, token_ranges(), save(dir), load(dir).
 
-    ``obs`` is a dict with ``image`` (W, H, 3) uint8 and ``direction`` (an int 0..3); the
-    ``*_batch`` forms take and return arrays with a leading batch axis.
+    The fields are ``image`` (N, W, H, 3) uint8 and ``direction`` (N,) 0..3; ``encode`` / ``decode``
+    are the same for one observation (``direction`` an int).
     """
 
+    kind = "grid"
     modality = "grid"
+    fields = ("image", "direction")
 
     def __init__(self, view: int = 7, n_objects: int | None = None, n_colors: int | None = None, n_states: int | None = None):
         if n_objects is None:
@@ -58,9 +66,9 @@ class GridTokenizer:
         return [(0, self.n_cell_codes)] * self.n_cells + [(self.n_cell_codes, self.n_cell_codes + 4)]
 
     # -- batch forms (the ones the stream uses)
-    def encode_batch(self, image: np.ndarray, direction: np.ndarray) -> np.ndarray:
-        """image (N, W, H, 3), direction (N,) -> ids (N, n_tokens) int64."""
-        image = np.asarray(image)
+    def encode_batch(self, fields: dict) -> np.ndarray:
+        """Fields image (N, W, H, 3), direction (N,) -> ids (N, n_tokens) int64 (other fields are ignored)."""
+        image, direction = np.asarray(fields["image"]), fields["direction"]
         if image.ndim != 4 or image.shape[1:] != (self.view, self.view, 3):
             raise ValueError(f"expected images of shape (N, {self.view}, {self.view}, 3), got {image.shape}")
         obj, col, st = (image[..., k].astype(np.int64) for k in range(3))
@@ -73,8 +81,8 @@ class GridTokenizer:
             raise ValueError("direction must be in 0..3")
         return np.concatenate([cells, self.n_cell_codes + d], axis=1)
 
-    def decode_batch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ids (N, n_tokens) -> image (N, W, H, 3) uint8, direction (N,) int64.
+    def decode_batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """ids (N, n_tokens) -> fields image (N, W, H, 3) uint8, direction (N,) uint8 (as episodes store them).
 
         Ids outside a position's range (a model can emit anything) are clamped into it.
         """
@@ -85,16 +93,16 @@ class GridTokenizer:
         obj = cells // (self.n_states * self.n_colors)
         image = np.stack([obj, color, state], axis=-1).reshape(len(ids), self.view, self.view, 3)
         image = image.transpose(0, 2, 1, 3).astype(np.uint8)  # back to [x, y]
-        direction = np.clip(ids[:, self.n_cells] - self.n_cell_codes, 0, 3)
-        return image, direction
+        direction = np.clip(ids[:, self.n_cells] - self.n_cell_codes, 0, 3).astype(np.uint8)
+        return {"image": image, "direction": direction}
 
     # -- protocol, one observation
     def encode(self, obs: dict) -> np.ndarray:
-        return self.encode_batch(np.asarray(obs["image"])[None], np.asarray([obs["direction"]]))[0]
+        return self.encode_batch({"image": np.asarray(obs["image"])[None], "direction": np.asarray([obs["direction"]])})[0]
 
     def decode(self, ids) -> dict:
-        image, direction = self.decode_batch(np.asarray(ids)[None])
-        return {"image": image[0], "direction": int(direction[0])}
+        fields = self.decode_batch(np.asarray(ids)[None])
+        return {"image": fields["image"][0], "direction": int(fields["direction"][0])}
 
     def save(self, folder: Path) -> None:
         write_json(Path(folder) / "grid_tokenizer.json", {
@@ -109,27 +117,3 @@ class GridTokenizer:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"grid tokenizer file in {folder} is incomplete; the run folder is damaged") from None
 
-
-class ScalarBins:
-    """A scalar in [0, hi] as one token: 0 for exactly zero, 1..n for n equal bins of (0, hi].
-
-    Decoding gives the bin's center (so the error is at most hi / 2n). Values below 0 or
-    above ``hi`` are clipped.
-    """
-
-    def __init__(self, n_bins: int, hi: float = 1.0):
-        self.n_bins, self.hi = n_bins, hi
-
-    @property
-    def vocab_size(self) -> int:
-        return self.n_bins + 1
-
-    def encode_batch(self, x: np.ndarray) -> np.ndarray:
-        x = np.clip(np.asarray(x, dtype=np.float64), 0.0, self.hi)
-        b = np.ceil(x / self.hi * self.n_bins).astype(np.int64)  # (0, hi/n] -> 1, ...
-        return np.where(x <= 1e-9, 0, np.clip(b, 1, self.n_bins))
-
-    def decode_batch(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.clip(np.asarray(ids, dtype=np.int64), 0, self.n_bins)
-        centers = (ids - 0.5) / self.n_bins * self.hi
-        return np.where(ids == 0, 0.0, centers).astype(np.float32)

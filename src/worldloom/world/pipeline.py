@@ -27,6 +27,7 @@ import torch
 from ..config import RunConfig
 from ..io import write_json
 from ..runtime import set_threads
+from .eval.report import pct
 from .task import dataset_dir
 
 EVAL_JSON = "eval.json"
@@ -81,12 +82,12 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     wm = teacher_forced_accuracy(model, layout, [layout.episode(e) for e in val], perturbed, after_random,
                                  cfg.model.context, precision=precision, novel=novel)
     result["world_model"] = wm
-    log(f"world model (held-out, {len(val)} episodes): next-frame exact {_pct(wm, 'expert', 'frame')} expert, "
-        f"{_pct(wm, 'perturbed', 'frame')} perturbed, {_pct(wm, 'after_random', 'frame')} after a random action")
+    log(f"world model (held-out, {len(val)} episodes): next-frame exact {pct(wm, 'expert', 'frame')} expert, "
+        f"{pct(wm, 'perturbed', 'frame')} perturbed, {pct(wm, 'after_random', 'frame')} after a random action")
     if "novel" in wm.get("expert", {}):
-        log(f"  {_pct(wm, 'expert', 'novel')} of expert / {_pct(wm, 'perturbed', 'novel')} of perturbed next frames reveal an "
+        log(f"  {pct(wm, 'expert', 'novel')} of expert / {pct(wm, 'perturbed', 'novel')} of perturbed next frames reveal an "
             f"object never seen before in the episode (no model can predict those exactly); on the others: "
-            f"{_pct(wm, 'expert', 'frame_known')} expert, {_pct(wm, 'perturbed', 'frame_known')} perturbed")
+            f"{pct(wm, 'expert', 'frame_known')} expert, {pct(wm, 'perturbed', 'frame_known')} perturbed")
 
     # open-loop imagination from the real first observation, fed the episode's real actions:
     # token by token (the accurate way); with a frame head, also in one pass per frame
@@ -103,7 +104,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         if ol["horizons"].get(str(k), {}).get("n")))
     if any(ol["horizons"].get(str(k), {}).get("n_known") for k in HORIZONS):
         log("  on the episodes that reveal nothing new by then: " + ", ".join(
-            f"{k} steps {_pct(ol['horizons'], str(k), 'frame_known')} (n={ol['horizons'][str(k)]['n_known']})" for k in HORIZONS
+            f"{k} steps {pct(ol['horizons'], str(k), 'frame_known')} (n={ol['horizons'][str(k)]['n_known']})" for k in HORIZONS
             if ol["horizons"].get(str(k), {}).get("n")))
 
     # the policy in the real environment, on seeds never used for training or validation
@@ -149,11 +150,6 @@ def _summary(results, seeds, seconds: float) -> dict:
     return {"episodes": len(results), "success": float(np.mean([r.success for r in results])),
             "mean_return": float(np.mean([r.ret for r in results])), "mean_length": float(np.mean([r.length for r in results])),
             "seeds": [int(seeds[0]), int(seeds[-1])], "seconds": round(seconds, 1)}
-
-
-def _pct(wm: dict, group: str, what: str) -> str:
-    v = wm.get(group, {}).get(what)
-    return "—" if v is None else f"{v:.1%}"
 
 
 def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif_steps: int = 20) -> Path:

@@ -4,8 +4,8 @@ An episode of T steps is laid out as
 
     <bos> mission words <sep> | obs_0 a_0 r_0 d_0 | obs_1 a_1 r_1 d_1 | ... | obs_{T-1} a_{T-1} r_{T-1} d_{T-1}
 
-where ``obs_t`` is the observation tokenizer's tokens (50 for a MiniGrid view: 49 cells and
-the direction), ``a_t`` the action, ``r_t`` the reward (binned) and ``d_t`` whether the step
+where ``obs_t`` is the observation tokenizer's tokens (any ``worldloom.tokenize.ObsTokenizer``, the
+one the environment adapter declares; 50 for a MiniGrid view: 49 cells and the direction), ``a_t`` the action, ``r_t`` the reward (binned) and ``d_t`` whether the step
 ended the episode (continue / terminated / truncated). One step is ``step_len`` tokens.
 
 Reading the stream left to right, the same next-token prediction makes the model
@@ -29,7 +29,7 @@ import numpy as np
 from ..config import StreamConfig
 from ..errors import CheckpointError
 from ..io import read_json, write_json
-from ..tokenize import GridTokenizer, ScalarBins, TextTokenizer
+from ..tokenize import ObsTokenizer, ScalarBins, TextTokenizer, load_obs_tokenizer
 
 PAD, BOS, SEP = 0, 1, 2  # special tokens
 N_SPECIAL = 3
@@ -52,7 +52,7 @@ class EpisodeTokens:
 
 
 class StreamLayout:
-    def __init__(self, mission: TextTokenizer, obs: GridTokenizer, n_actions: int, reward: ScalarBins):
+    def __init__(self, mission: TextTokenizer, obs: ObsTokenizer, n_actions: int, reward: ScalarBins):
         self.mission, self.obs, self.n_actions, self.reward = mission, obs, n_actions, reward
         sizes = {"mission": mission.vocab_size, "obs": obs.vocab_size, "action": n_actions,
                  "reward": reward.vocab_size, "done": 3}
@@ -83,23 +83,23 @@ class StreamLayout:
         return self.step_kinds[(start + np.arange(n)) % self.step_len]
 
     @classmethod
-    def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, view: int = 7) -> "StreamLayout":
-        """A layout for a new run: the mission vocabulary is learned from the training missions."""
-        return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), GridTokenizer(view), n_actions,
-                   ScalarBins(cfg.reward_bins))
+    def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, obs: ObsTokenizer) -> "StreamLayout":
+        """A layout for a new run: the mission vocabulary is learned from the training missions; ``obs``
+        is the observation tokenizer the environment adapter declares (``adapter.obs_tokenizer(meta)``)."""
+        return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), obs, n_actions, ScalarBins(cfg.reward_bins))
 
     # -- encoding
     def prefix(self, mission: str) -> np.ndarray:
         words = self.mission.encode(mission).numpy() + self.offset["mission"] if mission.strip() else np.zeros(0, np.int64)
         return np.concatenate([[BOS], words, [SEP]]).astype(np.int64)
 
-    def obs_ids(self, image: np.ndarray, direction: np.ndarray) -> np.ndarray:
-        """(N, W, H, 3), (N,) -> (N, obs_len) stream ids."""
-        return self.obs.encode_batch(image, direction) + self.offset["obs"]
-
     def encode_obs(self, fields: dict) -> np.ndarray:
         """Batched observation fields (as the env adapter names them, leading axis N) -> (N, obs_len) ids."""
-        return self.obs_ids(fields["image"], fields["direction"])
+        missing = [k for k in self.obs.fields if k not in fields]
+        if missing:
+            raise ValueError(f"observation fields {missing} missing (the {self.obs.kind} tokenizer reads "
+                             f"{', '.join(self.obs.fields)}; got {', '.join(fields) or 'none'})")
+        return self.obs.encode_batch(fields) + self.offset["obs"]
 
     def action_ids(self, action) -> np.ndarray:
         return np.asarray(action, dtype=np.int64) + self.offset["action"]
@@ -116,7 +116,7 @@ class StreamLayout:
         """An Episode (worldloom.world.data.episodes) -> its tokens. The final observation o_T is not in
         the stream: after the last ``done`` token the episode is over."""
         T = ep.length
-        obs = self.obs_ids(ep.obs["image"][:T], ep.obs["direction"][:T])  # (T, obs_len)
+        obs = self.encode_obs({k: v[:T] for k, v in ep.obs.items()})  # (T, obs_len)
         term = np.zeros(T, bool)
         trunc = np.zeros(T, bool)
         if T:
@@ -128,7 +128,8 @@ class StreamLayout:
         return EpisodeTokens(self.prefix(ep.mission), steps, policy)
 
     # -- decoding
-    def decode_obs(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def decode_obs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, obs_len) stream ids -> batched observation fields (leading axis N)."""
         return self.obs.decode_batch(np.asarray(ids) - self.offset["obs"])
 
     def decode_action(self, ids) -> np.ndarray:
@@ -143,12 +144,9 @@ class StreamLayout:
 
     def mask_frame(self, logits):
         """Frame logits (..., obs_len, V) (a torch tensor) with every id a position may not hold at -inf."""
-        import torch
+        from ..inference.sampling import restrict
 
-        ranges = torch.from_numpy(self.step_ranges[: self.obs_len]).to(logits.device)
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        allowed = (ids[None] >= ranges[:, :1]) & (ids[None] < ranges[:, 1:])  # (obs_len, V)
-        return logits.masked_fill(~allowed, float("-inf"))
+        return restrict(logits, self.step_ranges[: self.obs_len])  # one (lo, hi) per position
 
     def kinds_of(self, ids: np.ndarray) -> np.ndarray:
         """The kind (K_*) of every stream id, from its vocabulary slice."""
@@ -160,20 +158,24 @@ class StreamLayout:
             kinds[(ids >= lo) & (ids < lo + self.size[name])] = k
         return kinds
 
-    # -- persistence (the run folder's stream/ directory)
+    # -- persistence (the run folder's stream/ directory: stream.json records the observation tokenizer's
+    # kind, which its own files beside it (grid_tokenizer.json for a grid) are loaded by)
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         self.mission.save(folder / "mission")
         self.obs.save(folder)
         write_json(folder / "stream.json", {"n_actions": self.n_actions, "reward_bins": self.reward.n_bins,
-                                            "reward_hi": self.reward.hi, "vocab_size": self.vocab_size})
+                                            "reward_hi": self.reward.hi, "vocab_size": self.vocab_size,
+                                            "obs_tokenizer": self.obs.kind})
 
     @classmethod
     def load(cls, folder: Path) -> "StreamLayout":
         folder = Path(folder)
         meta = read_json(folder / "stream.json", "stream layout")
+        kind = meta.get("obs_tokenizer", "grid")  # folders written before the key existed hold a grid tokenizer
+        obs = load_obs_tokenizer(str(kind), folder)
         try:
-            layout = cls(TextTokenizer.load(folder / "mission"), GridTokenizer.load(folder), int(meta["n_actions"]),
+            layout = cls(TextTokenizer.load(folder / "mission"), obs, int(meta["n_actions"]),
                          ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"])))
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"stream layout {folder / 'stream.json'} is incomplete; the run folder is damaged") from None

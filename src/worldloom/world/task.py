@@ -18,6 +18,7 @@ from ..errors import DataError
 from ..evaluate import sampled_loss
 from ..losses import world_stream_loss
 from .data.packing import EpisodeData
+from .envs import make_adapter
 from .data.episodes import META_FILE, load_dataset
 from .data.onpolicy import ONPOLICY_DIR
 from .stream import StreamLayout
@@ -49,8 +50,8 @@ class WorldTask:
         if resuming:
             self.layout = StreamLayout.load(Path(run_dir) / STREAM_DIR)
         else:
-            self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream,
-                                             view=int(ds.meta["obs_fields"]["image"]["shape"][0]))
+            obs = make_adapter(cfg.env.id).obs_tokenizer(ds.meta)  # the environment declares its observation tokenizer
+            self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream, obs)
         lay = self.layout
         self.data = EpisodeData(lay, [lay.episode(e) for e in train_eps], [lay.episode(e) for e in val_eps], cfg.stream,
                                 frame_head=cfg.stream.parallel_obs, step_skip=cfg.stream.step_skip)
@@ -63,7 +64,7 @@ class WorldTask:
         return {"vocab_size": lay.vocab_size, "slots": lay.n_slots,
                 "frame_tokens": lay.obs_len if sc.parallel_obs else 0,
                 "period": lay.step_len if sc.step_skip else 0,
-                "slot_grid": lay.obs.view if sc.grid_pos else 0}  # the view's cells are the first slots of a step
+                "slot_grid": getattr(lay.obs, "view", 0) if sc.grid_pos else 0}  # a grid view's cells are a step's first slots
 
     def save(self, run_dir: Path) -> None:
         self.layout.save(Path(run_dir) / STREAM_DIR)

@@ -48,12 +48,8 @@ from tqdm.auto import tqdm
 from ...errors import DataError, EnvError
 from ...io import write_json
 from ..envs import EnvAdapter, make_adapter
+from ..envs.minigrid import BabyAIBot  # None without minigrid
 from .episodes import META_FILE, SCHEMA_VERSION, Episode, shard_name, write_shard
-
-try:
-    from minigrid.utils.baby_ai_bot import BabyAIBot
-except ImportError:  # make_adapter raises the actionable EnvError
-    BabyAIBot = None
 
 TRAIN_SEED_BASE = 0
 VAL_SEED_BASE = 1_000_000

@@ -10,7 +10,12 @@ An adapter turns a gymnasium environment into the fields of the episode schema
 - ``make(render_mode=None)``: a fresh ``gymnasium.Env``;
 - ``observe(obs)``: the stored fields picked out of a raw gymnasium observation;
 - ``mission(obs)``: the mission text ("" for environments without one);
-- ``max_steps(env)``: the environment's own step limit (valid after ``reset``).
+- ``max_steps(env)``: the environment's own step limit (valid after ``reset``);
+- ``obs_tokenizer(meta)``: the observation tokenizer (``worldloom.tokenize.ObsTokenizer``) that
+  streams this family's observations, e.g. MiniGrid's ``GridTokenizer`` of its view size;
+- ``env_obs(fields, mission)`` / ``observation_space()``: one observation back in the
+  environment's own form, and its gymnasium space (what an imagined environment returns);
+- ``render(fields, tile_size)``: one observation as an RGB picture (the GIFs, ``render()``).
 
 ``make_adapter(env_id)`` picks the adapter class whose ``handles(env_id)`` is true. Today that
 is ``MiniGridAdapter`` for every registered ``MiniGrid-*`` and ``BabyAI-*`` id; another family
@@ -67,6 +72,24 @@ class EnvAdapter:
         return ""
 
     def max_steps(self, env: gym.Env) -> int:
+        raise NotImplementedError
+
+    def obs_tokenizer(self, meta: dict | None = None):
+        """The observation tokenizer of this family, sized from a dataset's meta.json (its ``obs_fields``)
+        when given, else from this adapter's own fields."""
+        raise NotImplementedError
+
+    def env_obs(self, fields: dict[str, np.ndarray], mission: str) -> Any:
+        """One observation's stored fields (no batch axis) and the mission in the environment's own
+        observation form (the inverse of ``observe``): what an imagined environment returns."""
+        raise NotImplementedError
+
+    def observation_space(self) -> gym.spaces.Space:
+        """The gymnasium space of ``env_obs``'s observations."""
+        raise NotImplementedError
+
+    def render(self, fields: dict[str, np.ndarray], tile_size: int = 16) -> np.ndarray:
+        """One observation's stored fields (no batch axis) as an RGB picture (H, W, 3) uint8."""
         raise NotImplementedError
 
     def novel_objects(self, episodes: list) -> list[np.ndarray | None]:

@@ -1,12 +1,26 @@
-"""MiniGrid and BabyAI (the `minigrid` package): symbolic egocentric views, a mission, 7 actions."""
+"""MiniGrid and BabyAI (the `minigrid` package): symbolic egocentric views, a mission, 7 actions.
+
+Observations are streamed by the grid tokenizer (``worldloom.tokenize.GridTokenizer``), drawn by
+MiniGrid's own renderer, and returned by an imagined environment as MiniGrid returns them
+(``image``, ``direction``, ``mission``).
+"""
 
 from __future__ import annotations
 
+import string
+
 import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
 
 from ...errors import EnvError
+from ...tokenize import GridTokenizer
 from .base import EnvAdapter, QuietReset
+
+try:  # the BabyAI levels' expert (worldloom.world.data.collect plays and labels with it)
+    from minigrid.utils.baby_ai_bot import BabyAIBot
+except ImportError:  # MiniGridAdapter raises the actionable EnvError
+    BabyAIBot = None
 
 
 class MiniGridAdapter(EnvAdapter):
@@ -45,6 +59,38 @@ class MiniGridAdapter(EnvAdapter):
 
     def max_steps(self, env: gym.Env) -> int:
         return int(env.unwrapped.max_steps)
+
+    @property
+    def view(self) -> int:
+        return self.obs_fields["image"][0][0]
+
+    def obs_tokenizer(self, meta: dict | None = None) -> GridTokenizer:
+        view = int(meta["obs_fields"]["image"]["shape"][0]) if meta is not None else self.view
+        return GridTokenizer(view)
+
+    def env_obs(self, fields: dict[str, np.ndarray], mission: str) -> dict:
+        return {"image": np.array(fields["image"], np.uint8, copy=True), "direction": int(fields["direction"]),
+                "mission": mission}
+
+    def observation_space(self) -> spaces.Dict:
+        return spaces.Dict({
+            "image": spaces.Box(low=0, high=255, shape=(self.view, self.view, 3), dtype=np.uint8),
+            "direction": spaces.Discrete(4),
+            "mission": spaces.Text(max_length=1024, min_length=0, charset=string.printable),
+        })
+
+    def render(self, fields: dict[str, np.ndarray], tile_size: int = 16) -> np.ndarray:
+        """The egocentric view (V, V, 3) -> RGB (V*tile, V*tile, 3) uint8, drawn by MiniGrid's own renderer
+        the way ``MiniGridEnv.get_pov_render`` draws the agent's view: the agent sits at (V//2, V-1)
+        facing up, visible cells highlighted."""
+        from minigrid.core.grid import Grid
+
+        image = np.asarray(fields["image"], np.uint8)
+        if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3:
+            raise ValueError(f"expected an egocentric view of shape (V, V, 3), got {image.shape}")
+        view = image.shape[0]
+        grid, vis_mask = Grid.decode(image)
+        return grid.render(tile_size, agent_pos=(view // 2, view - 1), agent_dir=3, highlight_mask=vis_mask)
 
     def novel_objects(self, episodes: list) -> list[np.ndarray | None]:
         """Replays each episode from its seed and actions and maps every visible view cell to its

@@ -48,8 +48,10 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _pct(x) -> str:
-    x = _num(x)
+def pct(x, *keys) -> str:
+    """A fraction as a percentage with one decimal ("41.7%"), or a dash if it is missing; with keys,
+    the fraction at ``x[key0][key1]...`` (any missing level gives the dash)."""
+    x = _num(_get(x, *keys))
     return DASH if x is None else f"{100 * x:.1f}%"
 
 
@@ -189,7 +191,7 @@ def _table(result) -> list[str]:
         plan_note.append(f"horizon {_int(_get(plan, 'horizon'))}")
 
     def groups(what: str, names=("expert", "perturbed", "after_random")) -> str:
-        return " / ".join(_pct(_get(wm, g, what)) for g in names)
+        return " / ".join(pct(_get(wm, g, what)) for g in names)
 
     ol = [_open_loop(result, k) for k in (1, 5, 10)]
     op = _get(result, "onpolicy")
@@ -202,11 +204,11 @@ def _table(result) -> list[str]:
         _num(_get(wm, g, "frame_parallel")) is not None for g in ("expert", "perturbed"))
     rows = [
         (f"Success, plain policy{' (' + str(_get(real, 'policy')) + ')' if _get(real, 'policy') else ''} "
-         f"({n_real} held-out seeds, {_seeds(real)})", _pct(_get(real, "success"))),
-        ("Success, greedy policy (same seeds)", _pct(_get(result, "real_greedy", "success"))),
+         f"({n_real} held-out seeds, {_seeds(real)})", pct(_get(real, "success"))),
+        ("Success, greedy policy (same seeds)", pct(_get(result, "real_greedy", "success"))),
         ("Mean return, plain policy", _fmt(_get(real, "mean_return"))),
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
-        (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", _pct(_get(plan, "success"))),
+        (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", pct(_get(plan, "success"))),
         ("Mean return, planning", _fmt(_get(plan, "mean_return"))),
         ("Next observation, exact frame: expert / perturbed / after random action", groups("frame")),
         *([("Next observations that reveal a never-seen object (unpredictable): expert / perturbed", groups("novel", ("expert", "perturbed"))),
@@ -217,16 +219,16 @@ def _table(result) -> list[str]:
         ("Next observation, per-token accuracy: expert / perturbed / after random action", groups("token")),
         ("Reward accuracy: expert / perturbed", groups("reward", ("expert", "perturbed"))),
         ("Done accuracy: expert / perturbed", groups("done", ("expert", "perturbed"))),
-        ("Expert action accuracy (held-out episodes)", _pct(_get(wm, "expert", "action"))),
-        ("Open loop, exact frame after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "frame")) for o in ol)),
+        ("Expert action accuracy (held-out episodes)", pct(_get(wm, "expert", "action"))),
+        ("Open loop, exact frame after 1 / 5 / 10 steps", " / ".join(pct(_get(o, "frame")) for o in ol)),
         *([("Open loop, exact frame after 1 / 5 / 10 steps on episodes that revealed nothing new by then",
-            " / ".join(f"{_pct(_get(o, 'frame_known'))} (n={_int(_get(o, 'n_known'))})" for o in ol))] if replayed else []),
-        ("Open loop, per-cell accuracy after 1 / 5 / 10 steps", " / ".join(_pct(_get(o, "cell")) for o in ol)),
+            " / ".join(f"{pct(_get(o, 'frame_known'))} (n={_int(_get(o, 'n_known'))})" for o in ol))] if replayed else []),
+        ("Open loop, per-cell accuracy after 1 / 5 / 10 steps", " / ".join(pct(_get(o, "cell")) for o in ol)),
         *([("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
-            " / ".join(_pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10)))]
+            " / ".join(pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10)))]
           if has_frame_head else []),
         *([("On-policy episodes (DAgger): played by the model mid-training / its success / bot labels it agreed with",
-            f"{_int(_get(op, 'episodes'))} / {_pct(op_success)} / {_pct(_get(op, 'agreement'))}")] if op is not None else []),
+            f"{_int(_get(op, 'episodes'))} / {pct(op_success)} / {pct(_get(op, 'agreement'))}")] if op is not None else []),
         ("Training steps", _int(_get(result, "step"))),
         ("Training time (minutes)", DASH if minutes is None else f"{minutes:.1f}"),
         ("Parameters", _params(_get(result, "params"))),

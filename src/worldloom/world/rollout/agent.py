@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from ..envs import make_adapter
 from ..data.episodes import Episode
-from .runner import StreamRunner, pick
+from ...inference.sampling import sample
+from .runner import StreamRunner
 from ..stream import StreamLayout
 
 
@@ -97,7 +98,7 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
             if planner is not None:
                 actions = planner.choose(runner, h)
             else:
-                actions = layout.decode_action(pick(runner.logits(h), greedy, gen))
+                actions = layout.decode_action(sample(runner.logits(h), 0.0 if greedy else 1.0, generator=gen).cpu().numpy())
             nxt, rew, term, trunc = [], np.zeros(len(alive)), np.zeros(len(alive), bool), np.zeros(len(alive), bool)
             for j, w in enumerate(alive):
                 if done[w]:  # finished, still in the batch until the next compaction: dummy outcome

@@ -18,18 +18,17 @@ Imagined streams never stop by themselves: a stream that imagined an end (or rea
 limit) keeps stepping on whatever actions it gets, harmlessly; callers ignore its outputs
 (``done`` tells which rows have ended) or drop it with ``keep(rows)``.
 
-`WorldModelEnv` is the single-environment ``gymnasium.Env`` on top (MiniGrid's observation
-and action spaces; ``reset(seed=s)`` imagines from the real start of seed s). The rest are
-evaluations and pictures: `open_loop_accuracy` (imagine whole held-out episodes from their
-first observation under their real actions, never corrected), `imagined_vs_real` +
-`write_rollout_gif` (a side-by-side GIF), `imagination_throughput` (imagined steps per second),
-and `render_obs` (an egocentric view drawn by MiniGrid's own renderer).
+`WorldModelEnv` is the single-environment ``gymnasium.Env`` on top (the observation form,
+space and pictures come from the environment adapter, ``worldloom.world.envs``; ``reset(seed=s)``
+imagines from the real start of seed s). The rest are evaluations and pictures:
+`open_loop_accuracy` (imagine whole held-out episodes from their first observation under their
+real actions, never corrected), `imagined_vs_real` + `write_rollout_gif` (a side-by-side GIF)
+and `imagination_throughput` (imagined steps per second).
 """
 
 from __future__ import annotations
 
 import io
-import string
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -37,11 +36,11 @@ from typing import NamedTuple
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
 from ...io import atomic_write_bytes
 from ..envs import make_adapter
-from .runner import StreamRunner, pick
+from ...inference.sampling import sample
+from .runner import StreamRunner
 from ..stream import StreamLayout
 
 MODES = ("tokens", "parallel")
@@ -111,19 +110,20 @@ class BatchedWorldModelEnv:
 
     def reset(self, missions: list[str], first_obs: dict) -> dict:
         """Start B streams from real first observations: missions (B strings) and batched fields
-        ``image`` (B, 7, 7, 3), ``direction`` (B,). Returns a copy of the first observations."""
+        (as the env adapter stores them, e.g. ``image`` (B, 7, 7, 3), ``direction`` (B,)). Returns
+        the first observations as the stream holds them (a copy, in the stored dtypes)."""
         lay = self.layout
-        image = np.asarray(first_obs["image"], np.uint8)
-        direction = np.asarray(first_obs["direction"]).reshape(-1)
-        if image.ndim != 4 or len(image) != len(missions) or len(direction) != len(missions):
+        shapes = {k: np.shape(v) for k, v in first_obs.items()}
+        if any(s[:1] != (len(missions),) for s in shapes.values()):
             raise ValueError(f"reset needs one first observation per mission: {len(missions)} missions, "
-                             f"images {image.shape}, directions {direction.shape}")
+                             f"fields of shapes {shapes}")
         if not len(missions):
             raise ValueError("reset needs at least one mission")
-        self.h = self.runner.reset([lay.prefix(m) for m in missions], lay.obs_ids(image, direction))
+        first = lay.encode_obs(first_obs)  # (B, obs_len)
+        self.h = self.runner.reset([lay.prefix(m) for m in missions], first)
         self.t = np.zeros(len(missions), np.int64)
         self.done = np.zeros(len(missions), bool)
-        return {"image": image.copy(), "direction": direction.astype(np.uint8)}
+        return lay.decode_obs(first)  # observation tokenizers are lossless
 
     def policy_logits(self) -> torch.Tensor:
         """The model's policy (B, V) after the latest observation (restricted to action ids)."""
@@ -132,11 +132,11 @@ class BatchedWorldModelEnv:
         return self.runner.logits(self.h, self.layout.obs_len)
 
     def _pick(self, logits: torch.Tensor) -> np.ndarray:
-        return pick(logits, self.greedy, self.generator)
+        return sample(logits, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()
 
     def step(self, actions) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
         """Imagine one step for every row: actions (B,) env action indices ->
-        (obs fields {"image": (B,7,7,3) uint8, "direction": (B,) uint8}, reward (B,) float32,
+        (obs fields, e.g. {"image": (B,7,7,3) uint8, "direction": (B,) uint8}, reward (B,) float32,
         terminated (B,) bool, truncated (B,) bool). Rows that already ended step on harmlessly."""
         if self.h is None:
             raise RuntimeError("call reset() first")
@@ -162,14 +162,14 @@ class BatchedWorldModelEnv:
                 h = run.feed(obs[:, i : i + 1])[:, -1]
         self.h = h
         self.t = self.t + 1
-        image, direction = lay.decode_obs(obs)
+        fields = lay.decode_obs(obs)
         reward = lay.decode_reward(r_id).astype(np.float32)
         terminated, truncated = lay.decode_done(d_id)
         if self.max_steps is not None:
             truncated = truncated | (self.t >= self.max_steps)
         truncated = truncated & ~terminated
         self.done = self.done | terminated | truncated
-        return {"image": image, "direction": direction.astype(np.uint8)}, reward, terminated, truncated
+        return fields, reward, terminated, truncated
 
     def keep(self, rows) -> None:
         """Continue only the given rows (e.g. those whose outputs still matter): one re-prefill."""
@@ -180,28 +180,13 @@ class BatchedWorldModelEnv:
         self.t, self.done = self.t[rows], self.done[rows]
 
 
-# ------------------------------------------------------------------------------- rendering
-
-
-def render_obs(image: np.ndarray, tile_size: int = 16) -> np.ndarray:
-    """An egocentric MiniGrid view (V, V, 3) -> RGB (V*tile, V*tile, 3) uint8, drawn by MiniGrid's
-    own renderer the way ``MiniGridEnv.get_pov_render`` draws the agent's view: the agent sits at
-    (V//2, V-1) facing up, visible cells highlighted."""
-    from minigrid.core.grid import Grid
-
-    image = np.asarray(image, np.uint8)
-    if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3:
-        raise ValueError(f"expected an egocentric view of shape (V, V, 3), got {image.shape}")
-    view = image.shape[0]
-    grid, vis_mask = Grid.decode(image)
-    return grid.render(tile_size, agent_pos=(view // 2, view - 1), agent_dir=3, highlight_mask=vis_mask)
-
-
 # ---------------------------------------------------------------------------- gymnasium env
 
 
 class WorldModelEnv(gym.Env):
-    """One imagined MiniGrid environment as a ``gymnasium.Env``.
+    """One imagined environment as a ``gymnasium.Env``: observations in the real environment's form
+    (its adapter's ``env_obs`` and ``observation_space``; for MiniGrid image, direction and mission),
+    pictures drawn by the adapter (``render_mode="rgb_array"``).
 
     Build it from a world run (a folder or a `LoadedRun`; the env id defaults to the run's
     ``env.id``), or from ``model=``, ``layout=`` and ``env_id=``. ``reset(seed=s)`` resets the
@@ -233,20 +218,15 @@ class WorldModelEnv(gym.Env):
         self.env_id, self.render_mode, self.tile_size, self._max_steps = env_id, render_mode, int(tile_size), max_steps
         self._real = self.adapter.make()
         self._sim = BatchedWorldModelEnv(model, layout, mode, greedy, max_steps=max_steps, precision=precision, device=device)
-        view = layout.obs.view
-        self.observation_space = spaces.Dict({
-            "image": spaces.Box(low=0, high=255, shape=(view, view, 3), dtype=np.uint8),
-            "direction": spaces.Discrete(4),
-            "mission": spaces.Text(max_length=1024, min_length=0, charset=string.printable),
-        })
-        self.action_space = spaces.Discrete(layout.n_actions)
-        self._image: np.ndarray | None = None
+        self.observation_space = self.adapter.observation_space()
+        self.action_space = gym.spaces.Discrete(layout.n_actions)
+        self._fields: dict[str, np.ndarray] | None = None  # the latest observation, as stored (no batch axis)
         self._mission = ""
         self.real_seed: int | None = None
 
-    def _obs(self, image: np.ndarray, direction) -> dict:
-        self._image = np.array(image, np.uint8, copy=True)
-        return {"image": self._image.copy(), "direction": int(direction), "mission": self._mission}
+    def _obs(self, fields: dict[str, np.ndarray]):
+        self._fields = {k: np.array(v, copy=True) for k, v in fields.items()}
+        return self.adapter.env_obs(self._fields, self._mission)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -259,24 +239,24 @@ class WorldModelEnv(gym.Env):
             self._sim.max_steps = self.adapter.max_steps(self._real)
         self._sim.reset([self._mission], {k: v[None] for k, v in fields.items()})
         self.real_seed = real_seed
-        return self._obs(fields["image"], fields["direction"]), {"real_seed": real_seed}
+        return self._obs(fields), {"real_seed": real_seed}
 
     def step(self, action):
-        if self._image is None:
+        if self._fields is None:
             raise RuntimeError("call reset() before step()")
         if not self.action_space.contains(action):
             raise ValueError(f"invalid action {action!r}; actions are 0..{self.action_space.n - 1}")
         obs, reward, terminated, truncated = self._sim.step(np.array([int(action)]))
-        out = self._obs(obs["image"][0], obs["direction"][0])
+        out = self._obs({k: v[0] for k, v in obs.items()})
         return out, float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
 
     def render(self):
         if self.render_mode is None:
             gym.logger.warn("WorldModelEnv.render() was called without a render_mode (use render_mode='rgb_array')")
             return None
-        if self._image is None:
+        if self._fields is None:
             raise RuntimeError("call reset() before render()")
-        return render_obs(self._image, self.tile_size)
+        return self.adapter.render(self._fields, self.tile_size)
 
     def close(self):
         if self._real is not None:
@@ -328,8 +308,7 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
             continue
         lengths = np.array([ep.length for ep in chunk])
         last = min(K, int(lengths.max()))
-        sim.reset([ep.mission for ep in chunk], {"image": np.stack([ep.obs["image"][0] for ep in chunk]),
-                                                  "direction": np.stack([ep.obs["direction"][0] for ep in chunk])})
+        sim.reset([ep.mission for ep in chunk], {k: np.stack([ep.obs[k][0] for ep in chunk]) for k in chunk[0].obs})
         rows = np.arange(len(chunk))  # chunk index of each stream still in the simulator
         for k in range(1, last + 1):
             acts = np.array([chunk[e].action[k - 1] if lengths[e] >= k else 0 for e in rows], np.int64)
@@ -379,13 +358,14 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
 
 class RolloutFrame(NamedTuple):
     """One GIF frame: the real and the imagined view (RGB), the action that led to them (None for
-    the first, shared observation) and whether the imagined observation is exactly the real one
-    (every cell and the direction)."""
+    the first, shared observation), whether the imagined observation is exactly the real one
+    (every field: for MiniGrid every cell and the direction) and the action's name."""
 
     real: np.ndarray
     imagined: np.ndarray
     action: int | None
     exact: bool
+    action_name: str | None = None
 
 
 @torch.no_grad()
@@ -394,8 +374,9 @@ def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int =
     """Play the real env with the model's own policy (its action from the REAL stream: greedy, or
     sampled with ``seed``) and imagine the same actions from the same start in the world model.
 
-    Returns 1 + (steps taken) `RolloutFrame`s (real_rgb, imagined_rgb, action, exact): the shared
-    first observation, then the observations after each action (the real episode may end sooner)."""
+    Returns 1 + (steps taken) `RolloutFrame`s (real_rgb, imagined_rgb, action, exact, action_name): the
+    shared first observation, then the observations after each action (the real episode may end
+    sooner). Pictures and action names come from the environment adapter."""
     model, layout = run.model, run.layout
     env_id = env_id or run.cfg.env.id
     adapter = make_adapter(env_id)
@@ -409,17 +390,19 @@ def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int =
         sim = BatchedWorldModelEnv(model, layout, mode, greedy, seed=seed, precision=precision)
         sim.reset([mission], fields)
         gen = torch.Generator().manual_seed(int(seed))
-        first = render_obs(fields["image"][0], tile_size)
+        def draw(batched: dict) -> np.ndarray:
+            return adapter.render({k: v[0] for k, v in batched.items()}, tile_size)
+
+        first = draw(fields)
         frames = [RolloutFrame(first, first.copy(), None, True)]
         for _ in range(steps):
-            action = int(layout.decode_action(pick(policy.logits(h, layout.obs_len), greedy, gen))[0])
+            logits = policy.logits(h, layout.obs_len)
+            action = int(layout.decode_action(sample(logits, 0.0 if greedy else 1.0, generator=gen).cpu().numpy())[0])
             raw, reward, term, trunc, _ = env.step(action)
             real = {k: v[None] for k, v in adapter.observe(raw).items()}
             imag, *_ = sim.step(np.array([action]))
-            exact = bool(np.array_equal(imag["image"][0], real["image"][0])
-                         and int(imag["direction"][0]) == int(real["direction"][0]))
-            frames.append(RolloutFrame(render_obs(real["image"][0], tile_size), render_obs(imag["image"][0], tile_size),
-                                       action, exact))
+            exact = all(np.array_equal(imag[k], real[k]) for k in real)
+            frames.append(RolloutFrame(draw(real), draw(imag), action, exact, adapter.action_names[action]))
             if term or trunc:
                 break
             tail = np.concatenate([layout.action_ids([action]), layout.reward_ids([reward]),
@@ -430,26 +413,27 @@ def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int =
     return frames
 
 
-def _action_names() -> tuple[str, ...]:
-    try:
-        from minigrid.core.actions import Actions
-
-        return tuple(a.name for a in Actions)
-    except ImportError:  # pragma: no cover
-        return ()
+def _action_name(frame, names: tuple[str, ...]) -> str:
+    """The caption name of a frame's action: its own name, else from ``names``, else its number."""
+    if len(frame) > 4 and frame[4]:
+        return str(frame[4])
+    action = int(frame[2])
+    return names[action] if 0 <= action < len(names) else str(action)
 
 
 def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...] | None = None) -> Path:
-    """Frames (`RolloutFrame`s, or (real_rgb, imagined_rgb, action[, exact]) tuples) -> an animated
-    GIF: real | imagined side by side over a one-line caption (step, action, whether the imagined
-    frame is exactly right; from the pixels when a tuple has no ``exact``). Written atomically."""
+    """Frames (`RolloutFrame`s, or (real_rgb, imagined_rgb, action[, exact[, action_name]]) tuples) ->
+    an animated GIF: real | imagined side by side over a one-line caption (step, action, whether the
+    imagined frame is exactly right; from the pixels when a tuple has no ``exact``). The action is
+    named by the frame's ``action_name``, else by ``action_names`` (e.g. ``adapter.action_names``),
+    else by its number. Written atomically."""
     from PIL import Image, ImageDraw, ImageFont
 
     if not len(frames):
         raise ValueError("write_rollout_gif needs at least one frame")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    names = tuple(action_names) if action_names is not None else _action_names()
+    names = tuple(action_names or ())
     font = ImageFont.load_default()
     gap, caption_h = 4, 14
     images = []
@@ -464,7 +448,7 @@ def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...
         if action is None:
             text = f"step {t}: start (real | imagined)"
         else:
-            name = names[int(action)] if 0 <= int(action) < len(names) else str(action)
+            name = _action_name(f, names)
             text = f"step {t}: {name}, {'exact' if exact else 'wrong'}"
         ImageDraw.Draw(img).text((2, h + 1), text, fill=(0, 0, 0), font=font)
         images.append(img)
@@ -489,8 +473,7 @@ def imagination_throughput(model, layout: StreamLayout, first_obs: dict, mission
         raise ValueError("batch and steps must be at least 1")
     idx = np.arange(batch) % len(missions)
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
-    sim.reset([missions[i] for i in idx], {"image": np.asarray(first_obs["image"])[idx],
-                                           "direction": np.asarray(first_obs["direction"])[idx]})
+    sim.reset([missions[i] for i in idx], {k: np.asarray(v)[idx] for k, v in first_obs.items()})
     rng = np.random.default_rng(seed)
     actions = rng.integers(layout.n_actions, size=(steps, batch))
     start = time.perf_counter()

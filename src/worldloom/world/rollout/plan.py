@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .runner import StreamRunner, pick
+from ...inference.sampling import sample
+from .runner import StreamRunner
 
 MODES = ("auto", "tokens", "parallel")
 
@@ -144,25 +145,26 @@ class ImaginationPlanner:
             if t == 0:
                 act = np.tile(cand, B)
             else:
-                act = lay.decode_action(pick(scratch.logits(h), self.greedy_rollout, self.generator))
+                act = lay.decode_action(sample(scratch.logits(h), 0.0 if self.greedy_rollout else 1.0,
+                                                     generator=self.generator).cpu().numpy())
             actions[:, t] = act
             h = scratch.feed(lay.action_ids(act)[:, None])[:, -1]
             r_logits = scratch.logits(h)
-            r_id = pick(r_logits)
+            r_id = sample(r_logits, 0.0).cpu().numpy()
             rewards[:, t] = self.expected_reward(lay, r_logits)
             h = scratch.feed(r_id[:, None])[:, -1]
-            d_id = pick(scratch.logits(h))
+            d_id = sample(scratch.logits(h), 0.0).cpu().numpy()
             h = scratch.feed(d_id[:, None])[:, -1]
             term, trunc = lay.decode_done(d_id)
             ends[:, t] = term | trunc
             if t == H - 1 or ends[:, : t + 1].any(axis=1).all():
                 break
             if parallel:  # the whole next observation from the hidden state after d
-                obs = pick(scratch.frame(h))  # (B*K, obs_len)
+                obs = sample(scratch.frame(h), 0.0).cpu().numpy()  # (B*K, obs_len)
                 h = scratch.feed(obs)[:, -1]
             else:
                 for _ in range(lay.obs_len):
-                    tok = pick(scratch.logits(h))
+                    tok = sample(scratch.logits(h), 0.0).cpu().numpy()
                     h = scratch.feed(tok[:, None])[:, -1]
         return Imagined(cand, rewards.reshape(B, K, H), ends.reshape(B, K, H), actions.reshape(B, K, H))
 
@@ -186,7 +188,7 @@ class ImaginationPlanner:
         cand = imagined.candidates
         scores = self.score(imagined)  # (B, K)
         pref = logits[:, torch.from_numpy(lay.action_ids(cand))]  # (B, K) the policy over the candidates
-        own = pick(pref, self.greedy, self.generator)  # (B,) index into cand
+        own = sample(pref, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()  # (B,) index into cand
         eligible = scores.copy()
         if self.top_k is not None and self.top_k < len(cand):
             rank = (-pref).argsort(dim=1).argsort(dim=1).cpu().numpy()  # 0 = the policy's favourite

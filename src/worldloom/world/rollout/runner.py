@@ -6,7 +6,7 @@ and the position within the current step (so every fed token gets its slot). The
 agent, the imagined environment and the planner all drive the model through it:
 
     runner.reset(prefixes, first_obs)          # prefill: <bos> mission <sep> obs_0
-    a = runner.choose(logits, ...)             # the policy's action (constrained to action ids)
+    a = sample(runner.logits(h), ...)          # the policy's action (logits constrained to action ids)
     h = runner.feed(action_ids)                # then reward, done, next observation ...
 
 When a stream would outgrow the model's context, the cache is rebuilt from the mission
@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...inference.sampling import restrict
 from ...runtime import autocast
 from ..stream import PAD, StreamLayout
 
@@ -169,10 +170,7 @@ class StreamRunner:
         pos = self.pos if pos is None else pos
         with autocast(self.precision, self.device):
             logits = self.model.logits_of(h).float()
-        lo, hi = self.layout.step_ranges[pos]
-        out = torch.full_like(logits, float("-inf"))
-        out[:, lo:hi] = logits[:, lo:hi]
-        return out
+        return restrict(logits, self.layout.step_ranges[pos])
 
     @torch.no_grad()
     def frame(self, h: torch.Tensor) -> torch.Tensor:
@@ -182,11 +180,3 @@ class StreamRunner:
             logits = self.model.frame_logits(h).float()
         return self.layout.mask_frame(logits)
 
-
-def pick(logits: torch.Tensor, greedy: bool = True, generator: torch.Generator | None = None) -> np.ndarray:
-    """Token ids from logits (..., V): argmax, or a sample from the softmax."""
-    if greedy:
-        return logits.argmax(-1).cpu().numpy()
-    probs = logits.softmax(-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1]).cpu().numpy()
