@@ -109,6 +109,22 @@ def test_shard_rows_splits_the_global_batch():
         shard_rows(batch, Dist(0, 3, "ddp"))
 
 
+def test_torchrun_launches_the_cli(corpus_file, tmp_path):
+    """The documented command: torchrun --nproc-per-node 2 -m worldloom train ... train.dist=ddp."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    args = ["-m", "worldloom", "train", "shakespeare-char", "--no-progress", f"data.path={corpus_file}", f"out_dir={tmp_path}", "name=tr",
+            *TINY_ARGS, *COMMON, "train.max_steps=3", "train.dist=ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert {r for _, r in rows(tmp_path / "tr", "ranks")} == {2}
+    assert res.stdout.count("done: step 3") == 1  # rank 0 talks, rank 1 does not
+
+
 def test_torchrun_rank_without_dist_is_one_line(corpus_file, tmp_path, monkeypatch):
     from worldloom.errors import ConfigError
 

@@ -270,6 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("worldloom: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from .train.dist import peer_failed
+
+        if not peer_failed(e):
+            raise
+        print("worldloom: error: another rank of this torchrun job stopped (its message is above)", file=sys.stderr)
+        return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """End the torchrun process group a verb joined (train under train.dist), if any."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

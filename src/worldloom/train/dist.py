@@ -66,6 +66,26 @@ def init(kind: str, device: torch.device) -> Dist:
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), kind)
 
 
+def agree(choice: str, options: tuple[str, ...], dist: Dist) -> str:
+    """Rank 0's choice among ``options`` on every rank (e.g. the precision ``auto`` measured)."""
+    if dist.world <= 1:
+        return choice
+    t = torch.tensor([options.index(choice)])
+    torch_dist.broadcast(t, src=0)
+    return options[int(t.item())]
+
+
+def peer_failed(error: BaseException) -> bool:
+    """Whether an error is a collective broken because another rank of the job exited."""
+    return torch_dist.is_available() and torch_dist.is_initialized() and "closed by peer" in str(error)
+
+
+def barrier(dist: Dist) -> None:
+    """Wait for every rank (e.g. while rank 0 collects the data all ranks train on)."""
+    if dist.world > 1:
+        torch_dist.barrier()
+
+
 def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
     """The module a training step calls: the model itself (one process), DDP around it, or the model
     sharded in place by FSDP2 (each block, then the root: embeddings, final norm, head)."""

@@ -116,7 +116,7 @@ def setup(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> t
     device = resolve_device(tc.device)
     dist = D.init(tc.dist, device)
     state = read_state(ckpt) if ckpt else {}
-    precision = state.get("precision") or resolve_precision(tc.precision, device)
+    precision = state.get("precision") or D.agree(resolve_precision(tc.precision, device), ("fp32", "bf16", "fp16"), dist)
     task = get_recipe(cfg.recipe).make_task(cfg, run_dir, ckpt is not None)  # data and tokenizers (training part only)
     cfg = replace(cfg, model=replace(cfg.model, **task.model_sizes()))
     torch.manual_seed(tc.seed)

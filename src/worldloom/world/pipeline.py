@@ -26,7 +26,8 @@ import torch
 
 from ..config import RunConfig
 from ..io import write_json
-from ..runtime import set_threads
+from ..runtime import resolve_device, set_threads
+from ..train import dist as D
 from .eval.report import pct
 from .task import dataset_dir
 
@@ -168,17 +169,22 @@ def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif
 
 
 def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
-    """collect (if needed) -> train -> evaluate -> report; returns the evaluation result."""
+    """collect (if needed) -> train -> evaluate -> report; returns the evaluation result.
+
+    Under torchrun (``train.dist``) rank 0 collects while the others wait, every rank trains,
+    and rank 0 evaluates and writes the report (the others return an empty result)."""
     set_threads(cfg.train.threads)
+    dist = D.init(cfg.train.dist, resolve_device(cfg.train.device))
     timing = {}
     data = dataset_dir(cfg, cfg.run_dir)
     t = time.perf_counter()
-    if not (data / "meta.json").is_file():
+    if dist.main and not (data / "meta.json").is_file():
         if cfg.data.path:
             from .data.episodes import load_dataset
 
             load_dataset(data)  # the user named a folder: report what is wrong with it
         collect_for(cfg, data, progress, log)
+    D.barrier(dist)
     timing["collect_s"] = round(time.perf_counter() - t, 1)
     return _train_and_report(cfg, Path(cfg.run_dir), [], False, timing, progress, log)
 
@@ -208,16 +214,20 @@ def _train_and_report(cfg: RunConfig, run_dir: Path, overrides: list[str], resum
     t = time.perf_counter()
     d = cfg.data
     onpolicy = run_dir / ONPOLICY_DIR
+    dist = D.init(cfg.train.dist, resolve_device(cfg.train.device))
     if d.onpolicy_episodes and not (onpolicy / META_FILE).is_file():
         train_until(d.onpolicy_at)
         resuming = True
         t1 = time.perf_counter()
-        run = load_world_run(run_dir)
-        collect_onpolicy(run, onpolicy, d.onpolicy_episodes, envs=cfg.eval.envs, bot_timeout=d.bot_timeout,
-                         seed=cfg.train.seed, progress=progress, log=log)
+        if dist.main:
+            collect_onpolicy(load_world_run(run_dir), onpolicy, d.onpolicy_episodes, envs=cfg.eval.envs,
+                             bot_timeout=d.bot_timeout, seed=cfg.train.seed, progress=progress, log=log)
+        D.barrier(dist)
         timing["onpolicy_s"] = round(time.perf_counter() - t1, 1)
     summary = train_until(1.0)
     timing["train_s"] = round(time.perf_counter() - t - timing.get("onpolicy_s", 0.0), 1)
+    if not dist.main:
+        return {}
     run = load_world_run(run_dir)
     result = evaluate_world(run, progress=progress, log=log)
     result["timing"] = {**timing, **result.get("timing", {})}
