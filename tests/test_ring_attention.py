@@ -1,0 +1,139 @@
+"""Ring attention (backbones/ring.py) equals full causal attention: outputs and gradients of
+q, k, v, at 1, 2 and 4 ranks (gloo processes), with multi-head and grouped-query heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from worldloom.backbones import ring
+from worldloom.errors import ConfigError
+from worldloom.spawn import spawn_gloo
+
+TOL = 1e-5
+# (B, H, KV, T, D): multi-head, grouped-query (2 query heads per kv head), multi-query
+CASES = {"mha": (2, 2, 2, 32, 8), "gqa": (2, 4, 2, 64, 8), "mqa": (2, 2, 1, 32, 8)}
+
+
+def _inputs(case: str):
+    """Fixed fp32 q, k, v and an upstream gradient for the whole sequence (same in every process)."""
+    B, H, KV, T, D = CASES[case]
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    q, k, v = (torch.randn(B, n, T, D, generator=g) for n in (H, KV, KV))
+    return q, k, v, torch.randn(B, H, T, D, generator=g)
+
+
+def _reference(case: str):
+    """Full causal SDPA on the whole sequence: output and the gradients of q, k, v."""
+    q, k, v, up = _inputs(case)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+    y.backward(up)
+    return {"out": y.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def _ring_case(case: str, group=None) -> dict:
+    """This process's block of the inputs through ring attention: its output and gradients."""
+    q, k, v, up = (ring.split_sequence(t, group, dim=2).clone() for t in _inputs(case))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    y = ring.ring_attention(q, k, v, group)
+    y.backward(up)
+    return {"out": y.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def _save(tensors: dict, path: str) -> None:
+    save_file({n: t.contiguous() for n, t in tensors.items()}, path)
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    """Every case on the whole group (4 ranks), then on the sub-group of global ranks 2, 3
+    (a 2-rank ring whose members are not ranks 0, 1), then the split helpers."""
+    for case in CASES:
+        _save(_ring_case(case), f"{folder}/{case}-w4-{rank}.safetensors")
+    pair = dist.new_group([2, 3])  # every rank must take part in creating it
+    if rank in (2, 3):
+        for case in CASES:
+            _save(_ring_case(case, pair), f"{folder}/{case}-w2-{rank - 2}.safetensors")
+    x = torch.arange(2 * 12 * 3).view(2, 12, 3)  # (B, T, C)
+    local = ring.split_sequence(x)
+    _save({"local": local, "pos": ring.local_positions(local.shape[1]), "gathered": ring.gather_sequence(local)},
+          f"{folder}/split-{rank}.safetensors")
+    try:
+        ring.split_sequence(torch.zeros(1, 9))  # 9 tokens do not split over 4 ranks
+    except ConfigError as e:
+        Path(folder, f"refused-{rank}.txt").write_text(str(e))
+    if rank in (0, 1):
+        try:
+            ring.ring_attention(*_inputs("mha")[:3], pair)
+        except ConfigError as e:
+            Path(folder, f"outsider-{rank}.txt").write_text(str(e))
+
+
+def _assert_close(got: dict, want: dict, label: str) -> None:
+    for name, ref in want.items():
+        assert got[name].shape == ref.shape, (label, name)
+        err = (got[name] - ref).abs().max().item()
+        assert err <= TOL, f"{label} {name}: max abs error {err:.2e} > {TOL}"
+
+
+def test_one_rank_is_plain_causal_attention():
+    for case in CASES:
+        _assert_close(_ring_case(case), _reference(case), case)
+
+
+def test_one_rank_tiled_blocks(monkeypatch):
+    """Query tiles much smaller than a block (the long-context path) give the same numbers."""
+    monkeypatch.setattr(ring, "TILE_ELEMS", 64)
+    _assert_close(_ring_case("gqa"), _reference("gqa"), "gqa tiled")
+
+
+@pytest.fixture(scope="module")
+def ring_runs(tmp_path_factory):
+    """One spawn of 4 gloo processes (the slow part: each imports torch) for every test below."""
+    folder = tmp_path_factory.mktemp("ring")
+    spawn_gloo(_worker, 4, str(folder), timeout_s=60)
+    return folder
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_equals_full_attention(ring_runs, world):
+    for case in CASES:
+        parts = [load_file(ring_runs / f"{case}-w{world}-{r}.safetensors") for r in range(world)]
+        got = {n: torch.cat([p[n] for p in parts], dim=2) for n in parts[0]}  # blocks back in rank order
+        _assert_close(got, _reference(case), f"{case} on {world} ranks")
+
+
+def test_split_gather_positions_on_four_ranks(ring_runs):
+    x = torch.arange(2 * 12 * 3).view(2, 12, 3)
+    for r in range(4):
+        split = load_file(ring_runs / f"split-{r}.safetensors")
+        assert torch.equal(split["local"], x[:, 3 * r : 3 * r + 3])  # contiguous block r
+        assert torch.equal(split["pos"], torch.arange(3 * r, 3 * r + 3))  # rotary offset rank * T_local
+        assert torch.equal(split["gathered"], x)
+        assert (ring_runs / f"refused-{r}.txt").read_text().startswith("a sequence of 9 tokens does not split")
+    for r in (0, 1):
+        assert "not a member" in (ring_runs / f"outsider-{r}.txt").read_text()
+
+
+def test_split_positions_and_refusals():
+    x = torch.arange(12).view(1, 12)
+    assert torch.equal(ring.split_sequence(x), x)  # one rank: the whole sequence
+    assert torch.equal(ring.local_positions(5), torch.arange(5))
+    assert ring.check_split(64, 4) == 16
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        ring.check_split(30, 4)
+    with pytest.raises(ConfigError, match="does not split evenly"):
+        ring.check_split(2, 4)
+    q = torch.zeros(1, 3, 8, 4)
+    with pytest.raises(ConfigError, match="KV must divide H"):
+        ring.ring_attention(q, torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4))
+    with pytest.raises(ConfigError, match="do not match"):
+        ring.ring_attention(q, torch.zeros(1, 3, 6, 4), torch.zeros(1, 3, 6, 4))
+    with pytest.raises(ConfigError, match=r"\(B, H, T, D\)"):
+        ring.ring_attention(q[0], q[0], q[0])
