@@ -85,7 +85,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-TILE_ELEMS = 1 << 22  # scores computed at once per block (4M fp32 = 16 MiB); bounds the working set
+TILE_ELEMS = 1 << 20  # scores computed at once per block (1M fp32 = 4 MiB); bounds the working set
 
 
 # ----------------------------------------------------------------------------- the ring
