@@ -6,6 +6,7 @@ Run::
 
     python benchmarks/bench_ring.py                        # 4k, 8k, 16k tokens; 4 gloo ranks (long)
     python benchmarks/bench_ring.py --ranks 2 --tokens 4096,8192
+    python benchmarks/bench_ring.py --layout zigzag               # load-balanced split (same memory, even work)
     python benchmarks/bench_ring.py --quick                # 256 tokens, 2 ranks, tiny heads (smoke test, ~20 s)
     python benchmarks/bench_ring.py --out ring.json
 
@@ -67,11 +68,11 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def _attend(kind: str, q, k, v):
+def _attend(kind: str, layout: str, q, k, v):
     if kind == "full":
         rep = q.shape[1] // k.shape[1]
         return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-    return ring_attention(q, k, v)  # the default group: world 1 for ring1, N for ringN
+    return ring_attention(q, k, v, layout=layout)  # the default group: world 1 for ring1, N for ringN
 
 
 def _inputs(shape: dict, t_local: int, seed: int):
@@ -81,17 +82,17 @@ def _inputs(shape: dict, t_local: int, seed: int):
     return q, k, v, torch.randn(B, H, t_local, D, generator=g)
 
 
-def _case_worker(rank: int, world: int, kind: str, shape: dict, tokens: int, folder: str) -> None:
+def _case_worker(rank: int, world: int, kind: str, shape: dict, tokens: int, folder: str, layout: str) -> None:
     """One rank of one case: warm up, baseline, forward + backward, peak; writes its JSON."""
     q, k, v, up = _inputs(shape, 8, seed=rank)
-    _attend(kind, q, k, v).backward(up)  # warm-up: lazy kernel and thread-pool set-up
+    _attend(kind, layout, q, k, v).backward(up)  # warm-up: lazy kernel and thread-pool set-up
     q, k, v, up = _inputs(shape, tokens // world, seed=rank)
     inputs_mb = sum(t.numel() * t.element_size() for t in (q, k, v, up)) / MIB
     if world > 1:
         torch.distributed.barrier()
     before = rss_mb()
     start = time.perf_counter()
-    _attend(kind, q, k, v).backward(up)
+    _attend(kind, layout, q, k, v).backward(up)
     seconds = time.perf_counter() - start
     peak = rss_mb()
     write_json(Path(folder, f"{kind}-{tokens}-{rank}.json"),
@@ -99,11 +100,11 @@ def _case_worker(rank: int, world: int, kind: str, shape: dict, tokens: int, fol
                 "inputs_mb": round(inputs_mb, 1), "seconds": round(seconds, 3)})
 
 
-def measure(kind: str, world: int, tokens: int, shape: dict, folder: Path) -> dict:
+def measure(kind: str, world: int, tokens: int, shape: dict, folder: Path, layout: str = "contiguous") -> dict:
     """Run one case (``world`` fresh processes) and summarise its ranks: the largest
     per-rank addition is the figure that decides whether the case fits a device."""
-    check_split(tokens, world)
-    spawn_gloo(_case_worker, world, kind, shape, tokens, str(folder), timeout_s=3600)
+    check_split(tokens, world, layout)
+    spawn_gloo(_case_worker, world, kind, shape, tokens, str(folder), layout, timeout_s=3600)
     ranks = [json.loads(Path(folder, f"{kind}-{tokens}-{r}.json").read_text()) for r in range(world)]
     return {"ranks": world, "per_rank": ranks,
             "added_mb_max": max(r["added_mb"] for r in ranks),
@@ -111,13 +112,14 @@ def measure(kind: str, world: int, tokens: int, shape: dict, folder: Path) -> di
             "seconds_max": max(r["seconds"] for r in ranks)}
 
 
-def run(tokens_list: list[int], ranks: int, shape: dict, folder: Path) -> dict:
+def run(tokens_list: list[int], ranks: int, shape: dict, folder: Path, layout: str = "contiguous") -> dict:
+    """Every case at every length: {tokens: {"math_scores_mb", "full", "ring1", "ringN"}}."""
     results = {}
     for tokens in tokens_list:
-        check_split(tokens, ranks)
+        check_split(tokens, ranks, layout)
         row = {"math_scores_mb": round(shape["batch"] * shape["heads"] * tokens**2 * 4 / MIB, 1)}
         for kind, world in (("full", 1), ("ring1", 1), (f"ring{ranks}", ranks)):
-            row[kind] = measure("full" if kind == "full" else "ring", world, tokens, shape, folder / kind)
+            row[kind] = measure("full" if kind == "full" else "ring", world, tokens, shape, folder / kind, layout)
             log(f"  {tokens:>6} tokens  {kind:<6} peak added per rank {row[kind]['added_mb_max']:8.1f} MiB "
                 f"(inputs {row[kind]['inputs_mb_per_rank']:.1f} MiB)")
         results[str(tokens)] = row
@@ -126,7 +128,8 @@ def run(tokens_list: list[int], ranks: int, shape: dict, folder: Path) -> dict:
 
 def table(res: dict) -> str:
     n = res["ranks"]
-    lines = [f"| tokens | full attention (SDPA) | ring, 1 rank | ring, {n} ranks (per rank) | (T,T) scores, no fused kernel |",
+    lines = [f"| tokens | full attention (SDPA) | ring, 1 rank | ring, {n} ranks (per rank) "
+             "| (T,T) scores, no fused kernel |",
              "| ---: | ---: | ---: | ---: | ---: |"]
     for tokens, row in res["results"].items():
         cells = [f"{row[k]['added_mb_max']:.1f} MiB" for k in ("full", "ring1", f"ring{n}")]
@@ -142,6 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads")
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--layout", default="contiguous", choices=("contiguous", "zigzag"), help="ring token layout")
     ap.add_argument("--quick", action="store_true", help="256 tokens, 2 ranks, 2 heads of 16: checks the script works")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ring.json")
     args = ap.parse_args(argv)
@@ -153,11 +157,12 @@ def main(argv=None) -> None:
     from bench_foundation import machine_info
 
     res = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "quick": args.quick, "machine": machine_info(), "shape": shape, "ranks": args.ranks, "tokens": tokens}
+           "quick": args.quick, "machine": machine_info(), "shape": shape, "ranks": args.ranks, "tokens": tokens,
+           "layout": args.layout}
     log(f"ring attention memory: B {shape['batch']}, H {shape['heads']} (kv {shape['kv_heads']}), D {shape['head_dim']}, "
-        f"fp32, forward + backward; {args.ranks} gloo ranks")
+        f"fp32, forward + backward; {args.ranks} gloo ranks, {args.layout} layout")
     with tempfile.TemporaryDirectory(prefix="bench_ring-") as work:  # the ranks' own JSON files
-        res["results"] = run(tokens, args.ranks, shape, Path(work))
+        res["results"] = run(tokens, args.ranks, shape, Path(work), args.layout)
     write_json(out, res)
     log("\npeak memory added by one attention forward + backward (ru_maxrss delta, per rank)\n" + table(res))
     log(f"\nwrote {out}")

@@ -18,6 +18,7 @@ from worldloom.spawn import spawn_gloo
 TOL = 1e-5
 # (B, H, KV, T, D): multi-head, grouped-query (2 query heads per kv head), multi-query
 CASES = {"mha": (2, 2, 2, 32, 8), "gqa": (2, 4, 2, 64, 8), "mqa": (2, 2, 1, 32, 8)}
+RUNS = [(case, layout) for layout in ring.LAYOUTS for case in CASES]
 
 
 def _inputs(case: str):
@@ -38,13 +39,15 @@ def _reference(case: str):
     return {"out": y.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-def _ring_case(case: str, group=None) -> dict:
-    """This process's block of the inputs through ring attention: its output and gradients."""
-    q, k, v, up = (ring.split_sequence(t, group, dim=2).clone() for t in _inputs(case))
+def _ring_case(case: str, group=None, layout: str = "contiguous") -> dict:
+    """This process's share of the inputs through ring attention: its output and gradients,
+    put back in sequence order on every rank (``gather_sequence``)."""
+    q, k, v, up = (ring.split_sequence(t, group, dim=2, layout=layout).clone() for t in _inputs(case))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    y = ring.ring_attention(q, k, v, group)
+    y = ring.ring_attention(q, k, v, group, layout=layout)
     y.backward(up)
-    return {"out": y.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    got = {"out": y.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return {n: ring.gather_sequence(t, group, dim=2, layout=layout) for n, t in got.items()}
 
 
 def _save(tensors: dict, path: str) -> None:
@@ -54,16 +57,17 @@ def _save(tensors: dict, path: str) -> None:
 def _worker(rank: int, world: int, folder: str) -> None:
     """Every case on the whole group (4 ranks), then on the sub-group of global ranks 2, 3
     (a 2-rank ring whose members are not ranks 0, 1), then the split helpers."""
-    for case in CASES:
-        _save(_ring_case(case), f"{folder}/{case}-w4-{rank}.safetensors")
+    for case, layout in RUNS:
+        _save(_ring_case(case, None, layout), f"{folder}/{case}-{layout}-w4-{rank}.safetensors")
     pair = dist.new_group([2, 3])  # every rank must take part in creating it
     if rank in (2, 3):
-        for case in CASES:
-            _save(_ring_case(case, pair), f"{folder}/{case}-w2-{rank - 2}.safetensors")
-    x = torch.arange(2 * 12 * 3).view(2, 12, 3)  # (B, T, C)
-    local = ring.split_sequence(x)
-    _save({"local": local, "pos": ring.local_positions(local.shape[1]), "gathered": ring.gather_sequence(local)},
-          f"{folder}/split-{rank}.safetensors")
+        for case, layout in RUNS:
+            _save(_ring_case(case, pair, layout), f"{folder}/{case}-{layout}-w2-{rank - 2}.safetensors")
+    x = torch.arange(2 * 16 * 3).view(2, 16, 3)  # (B, T, C)
+    for layout in ring.LAYOUTS:
+        local = ring.split_sequence(x, layout=layout)
+        _save({"local": local, "pos": ring.local_positions(local.shape[1], layout=layout),
+               "gathered": ring.gather_sequence(local, layout=layout)}, f"{folder}/split-{layout}-{rank}.safetensors")
     try:
         ring.split_sequence(torch.zeros(1, 9))  # 9 tokens do not split over 4 ranks
     except ConfigError as e:
@@ -83,8 +87,16 @@ def _assert_close(got: dict, want: dict, label: str) -> None:
 
 
 def test_one_rank_is_plain_causal_attention():
-    for case in CASES:
-        _assert_close(_ring_case(case), _reference(case), case)
+    for case, layout in RUNS:
+        _assert_close(_ring_case(case, layout=layout), _reference(case), f"{case} {layout}")
+
+
+def test_fp32_inside_under_autocast():
+    """bf16 autocast around the layer does not turn the blockwise matmuls into bf16 ones."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _ring_case("gqa")
+    assert all(t.dtype == torch.float32 for t in got.values())
+    _assert_close(got, _reference("gqa"), "gqa under autocast")
 
 
 def test_one_rank_tiled_blocks(monkeypatch):
@@ -103,19 +115,23 @@ def ring_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_equals_full_attention(ring_runs, world):
-    for case in CASES:
-        parts = [load_file(ring_runs / f"{case}-w{world}-{r}.safetensors") for r in range(world)]
-        got = {n: torch.cat([p[n] for p in parts], dim=2) for n in parts[0]}  # blocks back in rank order
-        _assert_close(got, _reference(case), f"{case} on {world} ranks")
+    for case, layout in RUNS:
+        want = _reference(case)
+        for r in range(world):  # every rank gathered the whole sequence back
+            got = load_file(ring_runs / f"{case}-{layout}-w{world}-{r}.safetensors")
+            _assert_close(got, want, f"{case} {layout} on {world} ranks, rank {r}")
 
 
 def test_split_gather_positions_on_four_ranks(ring_runs):
-    x = torch.arange(2 * 12 * 3).view(2, 12, 3)
+    x = torch.arange(2 * 16 * 3).view(2, 16, 3)
     for r in range(4):
-        split = load_file(ring_runs / f"split-{r}.safetensors")
-        assert torch.equal(split["local"], x[:, 3 * r : 3 * r + 3])  # contiguous block r
-        assert torch.equal(split["pos"], torch.arange(3 * r, 3 * r + 3))  # rotary offset rank * T_local
-        assert torch.equal(split["gathered"], x)
+        positions = {"contiguous": list(range(4 * r, 4 * r + 4)),  # rotary offset rank * T_local
+                     "zigzag": [2 * r, 2 * r + 1, 14 - 2 * r, 15 - 2 * r]}  # chunks r and 7 - r of 2 tokens
+        for layout, pos in positions.items():
+            split = load_file(ring_runs / f"split-{layout}-{r}.safetensors")
+            assert torch.equal(split["local"], x[:, pos]), (layout, r)
+            assert split["pos"].tolist() == pos, (layout, r)
+            assert torch.equal(split["gathered"], x), (layout, r)
         assert (ring_runs / f"refused-{r}.txt").read_text().startswith("a sequence of 9 tokens does not split")
     for r in (0, 1):
         assert "not a member" in (ring_runs / f"outsider-{r}.txt").read_text()
@@ -137,3 +153,9 @@ def test_split_positions_and_refusals():
         ring.ring_attention(q, torch.zeros(1, 3, 6, 4), torch.zeros(1, 3, 6, 4))
     with pytest.raises(ConfigError, match=r"\(B, H, T, D\)"):
         ring.ring_attention(q[0], q[0], q[0])
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        ring.check_split(36, 4, layout="zigzag")  # 2 chunks per rank
+    with pytest.raises(ConfigError, match="even number of tokens per rank"):
+        ring.ring_attention(*(torch.zeros(1, 2, 7, 4) for _ in range(3)), layout="zigzag")
+    with pytest.raises(ConfigError, match="unknown ring attention layout 'spiral'"):
+        ring.ring_attention(q, q, q, layout="spiral")

@@ -19,8 +19,18 @@ Ring steps
     * j <  r (steps 1 .. r): an earlier block, attended in full;
     * j >  r (steps r+1 .. W-1): a later block, skipped (still passed on for the others).
 
-    So rank r does r+1 block products: the last rank does the most work (a "zigzag" split that
-    balances this is not implemented). No rank ever holds more than two key/value blocks.
+    So rank r does r+1 block products and the last rank does the most work. No rank ever holds
+    more than two key/value blocks.
+
+Zigzag layout (``layout="zigzag"``, load balance)
+    Cut the sequence into 2W chunks and give rank r chunks r and 2W-1-r (one early, one late).
+    Then every step costs every rank half a block product: against an earlier rank's keys both
+    query chunks see that rank's first chunk only; against a later rank's, only the late query
+    chunk sees anything, and it sees both chunks in full; the own block is causal (see
+    ``_jobs``). The ring, the online softmax and the backward are the same; only which
+    (query rows, key rows) sub-blocks are computed changes. The caller splits with
+    ``split_sequence(..., layout="zigzag")`` and takes rotary positions from
+    ``local_positions(..., layout="zigzag")`` (no longer one offset).
 
 Online softmax
     Softmax needs the sum of exp(scores) over *all* keys, which no rank sees at once. Each block
@@ -32,7 +42,7 @@ Online softmax
         o   = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)
 
     so the output after the last merge equals softmax over every visible key. All of this is
-    fp32 whatever the inputs' dtype; the output is cast back at the end. Within a block the
+    fp32 whatever the inputs' dtype (and autocast is off inside); the output is cast back at the end. Within a block the
     queries are processed in tiles of rows (``TILE_ELEMS`` scores at a time), so the scores
     never take (Tl, Tl) memory per head at once either.
 
@@ -135,41 +145,83 @@ def _arrived(pending) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- sequence split
 
+LAYOUTS = ("contiguous", "zigzag")
 
-def check_split(length: int, world: int) -> int:
+
+def _chunks(layout: str, rank: int, world: int) -> tuple[int, list[int]]:
+    """How many equal chunks the sequence is cut into, and which of them (in order) a rank holds:
+    contiguous: W chunks, rank r holds chunk r; zigzag: 2W chunks, rank r holds r and 2W-1-r."""
+    if layout == "contiguous":
+        return world, [rank]
+    if layout == "zigzag":
+        return 2 * world, [rank, 2 * world - 1 - rank]
+    raise ConfigError(f"unknown ring attention layout '{layout}'; choose one of: {', '.join(LAYOUTS)}")
+
+
+def check_split(length: int, world: int, layout: str = "contiguous") -> int:
     """Tokens per rank for a sequence of ``length`` over ``world`` ranks; refuses uneven splits."""
     if world < 1:
         raise ConfigError(f"ring attention needs at least one rank, got {world}")
-    if length < world or length % world:
+    n, _ = _chunks(layout, 0, world)
+    if length < n or length % n:
         raise ConfigError(
-            f"a sequence of {length} tokens does not split evenly over {world} ranks for ring attention; "
-            f"use a length that is a multiple of {world}"
+            f"a sequence of {length} tokens does not split evenly into {n} chunks ({world} ranks, {layout} layout) "
+            f"for ring attention; use a length that is a multiple of {n}"
         )
     return length // world
 
 
-def split_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
-    """This rank's contiguous block of ``x`` along ``dim`` (the sequence axis: 1 for (B, T, ...))."""
+def split_sequence(x: torch.Tensor, group=None, dim: int = 1, layout: str = "contiguous") -> torch.Tensor:
+    """This rank's tokens of ``x`` along ``dim`` (the sequence axis: 1 for (B, T, ...)): its
+    contiguous block, or (zigzag) its two chunks r and 2W-1-r side by side (a copy)."""
     ring = ring_of(group)
-    t_local = check_split(x.shape[dim], ring.world)
-    return x.narrow(dim, ring.rank * t_local, t_local)
+    t_local = check_split(x.shape[dim], ring.world, layout)
+    n, mine = _chunks(layout, ring.rank, ring.world)
+    c = x.shape[dim] // n  # tokens per chunk
+    parts = [x.narrow(dim, i * c, c) for i in mine]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)  # (..., t_local, ...)
 
 
 @torch.no_grad()
-def gather_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
-    """Every rank's block of ``x`` put back in rank order along ``dim`` (no gradient)."""
+def gather_sequence(x: torch.Tensor, group=None, dim: int = 1, layout: str = "contiguous") -> torch.Tensor:
+    """Every rank's tokens of ``x`` put back in sequence order along ``dim`` (no gradient)."""
     ring = ring_of(group)
-    if ring.world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(ring.world)]
-    dist.all_gather(parts, x.contiguous(), group=ring.group)
-    return torch.cat(parts, dim=dim)
+    parts = [x] if ring.world == 1 else [torch.empty_like(x) for _ in range(ring.world)]
+    if ring.world > 1:
+        dist.all_gather(parts, x.contiguous(), group=ring.group)
+    n, _ = _chunks(layout, 0, ring.world)
+    chunks = [None] * n
+    for r, part in enumerate(parts):
+        held = _chunks(layout, r, ring.world)[1]
+        for i, piece in zip(held, part.chunk(len(held), dim=dim)):
+            chunks[i] = piece
+    return torch.cat(chunks, dim=dim)
 
 
-def local_positions(t_local: int, group=None, device=None) -> torch.Tensor:
-    """Global token positions of this rank's block (for rotary): ``rank*t_local + arange(t_local)``."""
-    start = ring_of(group).rank * t_local
-    return torch.arange(start, start + t_local, device=device)
+def local_positions(t_local: int, group=None, device=None, layout: str = "contiguous") -> torch.Tensor:
+    """Global token positions of this rank's tokens (for rotary): ``rank*t_local + arange(t_local)``,
+    or (zigzag) the positions of its two chunks."""
+    ring = ring_of(group)
+    _, mine = _chunks(layout, ring.rank, ring.world)
+    c = t_local // len(mine)
+    return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in mine])
+
+
+def _jobs(layout: str, r: int, j: int, t: int) -> list[tuple[slice, slice, bool]]:
+    """What rank r computes against rank j's keys: (query rows, key rows, diagonal) sub-blocks.
+
+    contiguous: its own block causally, an earlier rank's in full, a later rank's not at all.
+    zigzag (rank r holds chunks r and 2W-1-r, halves of t): its own two chunks as a causal
+    block without the (first-half query, second-half key) quarter; an earlier rank j < r: both
+    query chunks see j's first chunk only; a later rank: only the second query chunk, which
+    comes after both of j's chunks, sees them in full. Every step costs half a block product."""
+    every, h = slice(None), t // 2
+    first, second = slice(0, h), slice(h, t)
+    if layout == "contiguous":
+        return [(every, every, True)] if j == r else [(every, every, False)] if j < r else []
+    if j == r:
+        return [(first, first, True), (second, first, False), (second, second, True)]
+    return [(every, first, False)] if j < r else [(second, every, False)]
 
 
 # ----------------------------------------------------------------------------- one block, fp32
@@ -207,7 +259,8 @@ def _attend_block(q, k, v, out, lse, scale: float, diagonal: bool) -> None:
         p = torch.exp(s - lse_b[..., None])  # the block's own softmax
         o_b = (p.view(B, KV, G * (b - a), -1) @ v[:, :, : kt.shape[2]]).view(B, KV, G, b - a, D)
         new = torch.logaddexp(lse[..., a:b], lse_b)
-        out[..., a:b, :] = out[..., a:b, :] * torch.exp(lse[..., a:b] - new)[..., None] + o_b * torch.exp(lse_b - new)[..., None]
+        keep, add = torch.exp(lse[..., a:b] - new), torch.exp(lse_b - new)  # weights of old and new parts
+        out[..., a:b, :] = out[..., a:b, :] * keep[..., None] + o_b * add[..., None]
         lse[..., a:b] = new
 
 
@@ -236,31 +289,32 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.float().reshape(B, kv_heads, H // kv_heads, T, D)
 
 
-def _ring_forward(q, kv, ring: Ring, scale: float):
+def _ring_forward(q, kv, ring: Ring, scale: float, layout: str):
     """q (B, KV, G, T, D) fp32, kv (2, B, KV, T, D): output (B, KV, G, T, D) and lse (B, KV, G, T), fp32."""
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     for i in range(ring.world):
         pending = _rotate(kv, ring, KV_TAG) if i + 1 < ring.world else None  # the next block is in flight ...
-        j = (ring.rank - i) % ring.world
-        if j <= ring.rank:  # ... while this one is attended (later ranks' blocks are skipped)
-            _attend_block(q, kv[0].float(), kv[1].float(), out, lse, scale, diagonal=j == ring.rank)
+        k, v = kv[0].float(), kv[1].float()  # ... while this one (from rank r - i) is attended
+        for qs, ks, diag in _jobs(layout, ring.rank, (ring.rank - i) % ring.world, q.shape[3]):
+            _attend_block(q[..., qs, :], k[:, :, ks], v[:, :, ks], out[..., qs, :], lse[..., qs], scale, diag)
         if pending is not None:
             kv = _arrived(pending)
     return out, lse
 
 
-def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float):
+def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float, layout: str):
     """The gradients of q (grouped, fp32) and of this rank's k, v ((2, B, KV, T, D) fp32)."""
     dq = torch.zeros_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # block r's accumulator
     for i in range(ring.world):
         pending_kv = _rotate(kv, ring, KV_TAG) if i + 1 < ring.world else None
-        j = (ring.rank - i) % ring.world
         if i > 0:
-            dkv = _arrived(pending_dkv)  # block j's accumulator, from ranks j .. r-1
-        if j <= ring.rank:
-            _grad_block(q, kv[0].float(), kv[1].float(), do, lse, delta, scale, j == ring.rank, dq, dkv)
+            dkv = _arrived(pending_dkv)  # block (r - i)'s accumulator, from ranks r - i .. r - 1
+        k, v = kv[0].float(), kv[1].float()
+        for qs, ks, diag in _jobs(layout, ring.rank, (ring.rank - i) % ring.world, q.shape[3]):
+            _grad_block(q[..., qs, :], k[:, :, ks], v[:, :, ks], do[..., qs, :], lse[..., qs], delta[..., qs],
+                        scale, diag, dq[..., qs, :], dkv[:, :, :, ks])
         pending_dkv = _rotate(dkv, ring, GRAD_TAG) if ring.world > 1 else None  # onwards; after step W-1: home
         if pending_kv is not None:
             kv = _arrived(pending_kv)
@@ -269,13 +323,14 @@ def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring: Ring, scale: float):
+    def forward(ctx, q, k, v, ring: Ring, scale: float, layout: str):
         qg = _grouped(q, k.shape[1])
         kv = torch.stack((k, v))  # (2, B, KV, T, D): one message per ring step
-        out, lse = _ring_forward(qg, kv, ring, scale)
+        with torch.autocast(q.device.type, enabled=False):  # fp32 inside, even under autocast
+            out, lse = _ring_forward(qg, kv, ring, scale, layout)
         y = out.view(q.shape).to(q.dtype)
         ctx.save_for_backward(q, kv, y, lse)
-        ctx.ring, ctx.scale = ring, scale
+        ctx.ring, ctx.scale, ctx.layout = ring, scale, layout
         return y
 
     @staticmethod
@@ -284,26 +339,34 @@ class _RingAttention(torch.autograd.Function):
         kv_heads = kv.shape[2]
         do = _grouped(dy, kv_heads)
         delta = (do * _grouped(y, kv_heads)).sum(-1)  # (B, KV, G, T): rowsum(dO * O)
-        dq, dkv = _ring_backward(_grouped(q, kv_heads), kv, do, lse, delta, ctx.ring, ctx.scale)
-        return dq.view(q.shape).to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dkv = _ring_backward(_grouped(q, kv_heads), kv, do, lse, delta, ctx.ring, ctx.scale, ctx.layout)
+        return dq.view(q.shape).to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, scale: float | None = None) -> torch.Tensor:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, scale: float | None = None,
+                   layout: str = "contiguous") -> torch.Tensor:
     """Causal attention of this rank's queries over the keys/values of the whole ring.
 
     q (B, H, Tl, D); k, v (B, KV, Tl, D) with KV dividing H; every rank of ``group`` calls it
-    with the same shapes for its own contiguous block (rank r = tokens r*Tl .. r*Tl+Tl-1,
-    rotary already applied at those global positions). Returns (B, H, Tl, D) in q's dtype,
-    equal to rows r*Tl .. of ``F.scaled_dot_product_attention(..., is_causal=True)`` over the
-    whole sequence. Differentiable; its backward communicates around the ring too, so every
-    rank must call backward. ``scale`` defaults to 1/sqrt(D), as SDPA's.
+    with the same shapes for its own tokens, as ``split_sequence(..., layout=layout)`` gives
+    them (contiguous: rank r = tokens r*Tl .. r*Tl+Tl-1), rotary already applied at their
+    global positions (``local_positions``). Returns (B, H, Tl, D) in q's dtype, equal to those
+    rows of ``F.scaled_dot_product_attention(..., is_causal=True)`` over the whole sequence.
+    Differentiable; its backward communicates around the ring too, so every rank must call
+    backward. ``scale`` defaults to 1/sqrt(D), as SDPA's.
     """
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ConfigError(f"ring attention takes q (B, H, T, D) and k, v (B, KV, T, D); got {tuple(q.shape)}, "
                           f"{tuple(k.shape)}, {tuple(v.shape)}")
     (B, H, T, D), KV = q.shape, k.shape[1]
     if k.shape[0] != B or k.shape[2:] != (T, D):
-        raise ConfigError(f"ring attention: k, v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, length or head size")
+        raise ConfigError(f"ring attention: k, v {tuple(k.shape)} do not match q {tuple(q.shape)} "
+                          "in batch, length or head size")
     if H % KV:
         raise ConfigError(f"ring attention: {H} query heads cannot share {KV} key/value heads; KV must divide H")
-    return _RingAttention.apply(q, k, v, ring_of(group), D ** -0.5 if scale is None else float(scale))
+    ring = ring_of(group)
+    if layout == "zigzag" and T % 2:
+        raise ConfigError(f"zigzag ring attention needs an even number of tokens per rank, got {T}")
+    _chunks(layout, 0, ring.world)  # refuses an unknown layout
+    return _RingAttention.apply(q, k, v, ring, D ** -0.5 if scale is None else float(scale), layout)
