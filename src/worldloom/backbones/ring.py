@@ -2,7 +2,7 @@
 
 Long contexts do not fit one device because attention's activations grow with the sequence.
 Ring attention (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers")
-splits the sequence into W contiguous blocks, one per rank, and never gathers it again:
+splits the sequence into W blocks, one per rank, and never gathers it again:
 
 Blocks
     With W ranks and a sequence of T tokens, rank r holds tokens ``r*Tl .. (r+1)*Tl - 1``
@@ -42,9 +42,9 @@ Online softmax
         o   = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)
 
     so the output after the last merge equals softmax over every visible key. All of this is
-    fp32 whatever the inputs' dtype (and autocast is off inside); the output is cast back at the end. Within a block the
-    queries are processed in tiles of rows (``TILE_ELEMS`` scores at a time), so the scores
-    never take (Tl, Tl) memory per head at once either.
+    fp32 whatever the inputs' dtype (autocast is switched off inside); the output is cast back
+    at the end. Within a block the queries are processed in tiles of rows (``TILE_ELEMS``
+    scores at a time), so the scores never take (Tl, Tl) memory per head at once either.
 
 Backward (as FlashAttention's, around the ring)
     Only q, k, v, the output o and the per-row lse are saved; the attention probabilities are
@@ -75,15 +75,24 @@ with ``gather_sequence``). Without an initialised process group (or with a group
 ``ring_attention`` is plain causal attention. Not supported: attention masks (padding),
 dropout on the attention weights, KV caches (decoding runs on one rank).
 
+Around the layer, for a model trained this way: shift targets *before* splitting (the target
+of a rank's last token is the next rank's first token), so split ``inputs`` and ``targets``
+of the whole window alike; each rank's loss covers only its tokens, so normalise it by the
+*global* token count and SUM parameter gradients over the sequence-parallel ranks (a DDP
+all-reduce over the same group averages: multiply the local loss by W, or reduce yourself).
+All ranks of one ring see the same batch rows (data parallelism is a separate group).
+
 PyTorch's own path: on CUDA with NCCL, ``torch.distributed.tensor.experimental.context_parallel``
 (torch 2.13, a prototype) does this for ``F.scaled_dot_product_attention`` itself: build a
 ``DeviceMesh("cuda", ...)`` over the context-parallel ranks, and run the model under
 ``with context_parallel(mesh, buffers=[input_ids, labels, rope_cos, rope_sin],
 buffer_seq_dims=[1, 1, 0, 0]):`` — it shards those buffers along the sequence (with its own
-head-tail load balancing, so the shard of a rank is not contiguous) and swaps SDPA's flash /
-efficient / cuDNN kernels for ring versions; ``context_parallel_unshard`` gathers outputs back.
-It dispatches only the CUDA kernels, so on CPU (gloo) this module is the path; on GPU the two
-give the same numbers up to kernel rounding, and the built-in one should be preferred there.
+head-tail load balancing: exactly this module's zigzag layout, rank r holding chunks r and
+2W-1-r, so ``local_positions(..., layout="zigzag")`` are the positions of its shard) and swaps
+SDPA's flash / efficient / cuDNN ops for ring versions; ``context_parallel_unshard`` gathers
+outputs back. It intercepts only those CUDA ops (not ``_scaled_dot_product_flash_attention_for_cpu``,
+the CPU kernel), so on CPU (gloo) this module is the path; on GPU the two give the same numbers
+up to kernel rounding, and the built-in one (fused kernels, no Python tiling) should be preferred.
 """
 
 from __future__ import annotations
