@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from worldloom.backbones import ring
+from worldloom.backbones.transformer import apply_rope, rope_table
 from worldloom.errors import ConfigError
 from worldloom.spawn import spawn_gloo
 
@@ -54,6 +55,46 @@ def _save(tensors: dict, path: str) -> None:
     save_file({n: t.contiguous() for n, t in tensors.items()}, path)
 
 
+def _layer(x: torch.Tensor, up: torch.Tensor, positions: torch.Tensor, attend) -> dict:
+    """A grouped-query attention layer with rotary at ``positions`` (the project's rope), fixed
+    weights: its output and the gradients of its two projections for the loss sum(y * up)."""
+    g = torch.Generator().manual_seed(7)
+    B, T, C = x.shape
+    H, KV, D = 4, 2, 8
+    qkv = torch.nn.Linear(C, (H + 2 * KV) * D, bias=False)
+    proj = torch.nn.Linear(H * D, C, bias=False)
+    for lin in (qkv, proj):
+        lin.weight.data = torch.randn(lin.weight.shape, generator=g) * 0.3
+    cos, sin = rope_table(D, 64, 10000.0)
+    h = qkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # (B, H+2KV, T, D)
+    qk = apply_rope(h[:, : H + KV], cos[positions], sin[positions])
+    y = proj(attend(qk[:, :H], qk[:, H:], h[:, H + KV :]).transpose(1, 2).reshape(B, T, H * D))
+    (y * up).sum().backward()
+    return {"y": y.detach(), "qkv": qkv.weight.grad, "proj": proj.weight.grad}
+
+
+def _layer_inputs():
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(2, 32, 16, generator=g), torch.randn(2, 32, 16, generator=g)
+
+
+def _full_layer() -> dict:
+    x, up = _layer_inputs()
+    return _layer(x, up, torch.arange(x.shape[1]), lambda q, k, v: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True))
+
+
+def _ring_layer(layout: str) -> dict:
+    """What the attention layer does under ring attention: split the tokens, rotary at their
+    global positions, ring attention; outputs gathered, weight gradients SUMMED over ranks."""
+    x, up = (ring.split_sequence(t, layout=layout) for t in _layer_inputs())
+    pos = ring.local_positions(x.shape[1], layout=layout)
+    got = _layer(x, up, pos, lambda q, k, v: ring.ring_attention(q, k, v, layout=layout))
+    for name in ("qkv", "proj"):
+        dist.all_reduce(got[name])  # SUM: each rank's loss covers only its tokens
+    return {**got, "y": ring.gather_sequence(got["y"], layout=layout)}
+
+
 def _worker(rank: int, world: int, folder: str) -> None:
     """Every case on the whole group (4 ranks), then on the sub-group of global ranks 2, 3
     (a 2-rank ring whose members are not ranks 0, 1), then the split helpers."""
@@ -63,6 +104,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
     if rank in (2, 3):
         for case, layout in RUNS:
             _save(_ring_case(case, pair, layout), f"{folder}/{case}-{layout}-w2-{rank - 2}.safetensors")
+    for layout in ring.LAYOUTS:
+        _save(_ring_layer(layout), f"{folder}/layer-{layout}-{rank}.safetensors")
     x = torch.arange(2 * 16 * 3).view(2, 16, 3)  # (B, T, C)
     for layout in ring.LAYOUTS:
         local = ring.split_sequence(x, layout=layout)
@@ -79,11 +122,14 @@ def _worker(rank: int, world: int, folder: str) -> None:
             Path(folder, f"outsider-{rank}.txt").write_text(str(e))
 
 
-def _assert_close(got: dict, want: dict, label: str) -> None:
+def _assert_close(got: dict, want: dict, label: str, relative: tuple[str, ...] = ()) -> None:
+    """Max abs error <= TOL; for the names in ``relative`` (sums over many tokens, of size
+    ~30) TOL times the reference's largest magnitude."""
     for name, ref in want.items():
         assert got[name].shape == ref.shape, (label, name)
         err = (got[name] - ref).abs().max().item()
-        assert err <= TOL, f"{label} {name}: max abs error {err:.2e} > {TOL}"
+        tol = TOL * max(1.0, ref.abs().max().item()) if name in relative else TOL
+        assert err <= tol, f"{label} {name}: max abs error {err:.2e} > {tol:.2e}"
 
 
 def test_one_rank_is_plain_causal_attention():
@@ -120,6 +166,16 @@ def test_ring_equals_full_attention(ring_runs, world):
         for r in range(world):  # every rank gathered the whole sequence back
             got = load_file(ring_runs / f"{case}-{layout}-w{world}-{r}.safetensors")
             _assert_close(got, want, f"{case} {layout} on {world} ranks, rank {r}")
+
+
+def test_attention_layer_with_rotary_on_four_ranks(ring_runs):
+    """The contract an attention layer follows (split, rotary at local_positions, ring
+    attention, gradients summed over ranks) reproduces the whole-sequence layer."""
+    want = _full_layer()
+    for layout in ring.LAYOUTS:
+        for r in range(4):
+            got = load_file(ring_runs / f"layer-{layout}-{r}.safetensors")
+            _assert_close(got, want, f"layer {layout} rank {r}", relative=("qkv", "proj"))
 
 
 def test_split_gather_positions_on_four_ranks(ring_runs):
