@@ -1,5 +1,11 @@
 """Ring attention (backbones/ring.py) equals full causal attention: outputs and gradients of
-q, k, v, at 1, 2 and 4 ranks (gloo processes), with multi-head and grouped-query heads."""
+q, k, v (max abs error <= 1e-5, fp32), at 1 rank (no process group) and at 2 and 4 ranks,
+contiguous and zigzag layouts, multi-head, grouped-query and multi-query heads.
+
+One spawn of 4 gloo processes serves every multi-rank test (starting processes is the slow
+part): the 4-rank ring is the default group, the 2-rank ring a sub-group of global ranks 2
+and 3 (so group ranks differ from global ones). Workers write safetensors; the parent compares
+with ``F.scaled_dot_product_attention(..., is_causal=True)`` on the whole sequence."""
 
 from __future__ import annotations
 
