@@ -135,21 +135,21 @@ def ring_of(group=None) -> Ring:
 KV_TAG, GRAD_TAG = 0, 1  # keys/values and their gradients travel the same links: keep them apart
 
 
-def _rotate(buf: torch.Tensor, ring: Ring, tag: int):
-    """Start sending ``buf`` to the next rank and receiving the previous rank's: (recv, works)."""
-    recv = torch.empty_like(buf)
-    ops = [
-        dist.P2POp(dist.isend, buf, group=ring.group, tag=tag, group_peer=(ring.rank + 1) % ring.world),
-        dist.P2POp(dist.irecv, recv, group=ring.group, tag=tag, group_peer=(ring.rank - 1) % ring.world),
-    ]
-    return recv, dist.batch_isend_irecv(ops)
+def _rotate(bufs: tuple[torch.Tensor, ...], ring: Ring, tag: int):
+    """Start sending the (contiguous) tensors ``bufs`` to the next rank and receiving the
+    previous rank's into new ones: (received tensors, works)."""
+    recvs = tuple(torch.empty_like(b) for b in bufs)
+    nxt, prev = (ring.rank + 1) % ring.world, (ring.rank - 1) % ring.world
+    ops = [dist.P2POp(dist.isend, b, group=ring.group, tag=tag, group_peer=nxt) for b in bufs]
+    ops += [dist.P2POp(dist.irecv, r, group=ring.group, tag=tag, group_peer=prev) for r in recvs]
+    return recvs, dist.batch_isend_irecv(ops)
 
 
-def _arrived(pending) -> torch.Tensor:
-    recv, works = pending
+def _arrived(pending) -> tuple[torch.Tensor, ...]:
+    recvs, works = pending
     for w in works:
         w.wait()
-    return recv
+    return recvs
 
 
 # ----------------------------------------------------------------------------- sequence split
@@ -250,11 +250,11 @@ def _scores(q, k, a: int, b: int, scale: float, diagonal: bool):
     B, KV, G, _, D = q.shape
     if diagonal:
         k = k[:, :, :b]
-    qt = q[:, :, :, a:b].reshape(B, KV, G * (b - a), D)  # the group's query heads as extra rows
-    s = (qt @ k.transpose(-1, -2)).view(B, KV, G, b - a, k.shape[2]) * scale
+    qt = q[:, :, :, a:b].reshape(B, KV, G * (b - a), D) * scale  # the group's query heads as extra rows
+    s = (qt @ k.transpose(-1, -2)).view(B, KV, G, b - a, k.shape[2])
     if diagonal:
         rows = torch.arange(a, b, device=q.device)[:, None]
-        s = s.masked_fill(torch.arange(b, device=q.device)[None] > rows, float("-inf"))
+        s.masked_fill_(torch.arange(b, device=q.device)[None] > rows, float("-inf"))
     return s, k
 
 
@@ -265,7 +265,7 @@ def _attend_block(q, k, v, out, lse, scale: float, diagonal: bool) -> None:
     for a, b in _tiles(T, B * KV * G * k.shape[2]):
         s, kt = _scores(q, k, a, b, scale, diagonal)
         lse_b = torch.logsumexp(s, dim=-1)  # (B, KV, G, b-a): max-shifted inside, stable
-        p = torch.exp(s - lse_b[..., None])  # the block's own softmax
+        p = s.sub_(lse_b[..., None]).exp_()  # the block's own softmax, in the scores' memory
         o_b = (p.view(B, KV, G * (b - a), -1) @ v[:, :, : kt.shape[2]]).view(B, KV, G, b - a, D)
         new = torch.logaddexp(lse[..., a:b], lse_b)
         keep, add = torch.exp(lse[..., a:b] - new), torch.exp(lse_b - new)  # weights of old and new parts
@@ -280,10 +280,10 @@ def _grad_block(q, k, v, do, lse, delta, scale: float, diagonal: bool, dq, dkv) 
     for a, b in _tiles(T, B * KV * G * k.shape[2]):
         s, kt = _scores(q, k, a, b, scale, diagonal)
         n, rows = kt.shape[2], G * (b - a)
-        p = torch.exp(s - lse[..., a:b, None]).view(B, KV, rows, n)  # final softmax on this block
+        p = s.sub_(lse[..., a:b, None]).exp_().view(B, KV, rows, n)  # final softmax on this block, in place
         do_t = do[:, :, :, a:b].reshape(B, KV, rows, D)
         dp = do_t @ v[:, :, :n].transpose(-1, -2)  # (B, KV, rows, n)
-        ds = p * (dp - delta[..., a:b].reshape(B, KV, rows, 1))
+        ds = dp.sub_(delta[..., a:b].reshape(B, KV, rows, 1)).mul_(p)  # in dp's memory: two tiles live
         dq[:, :, :, a:b] += (ds @ kt).view(B, KV, G, b - a, D) * scale
         dkv[0, :, :, :n] += ds.transpose(-1, -2) @ q[:, :, :, a:b].reshape(B, KV, rows, D) * scale
         dkv[1, :, :, :n] += p.transpose(-1, -2) @ do_t
@@ -299,7 +299,7 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _ring_forward(q, kv, ring: Ring, scale: float, layout: str):
-    """q (B, KV, G, T, D) fp32, kv (2, B, KV, T, D): output (B, KV, G, T, D) and lse (B, KV, G, T), fp32."""
+    """q (B, KV, G, T, D) fp32, kv = (k, v) each (B, KV, T, D): output (B, KV, G, T, D) and lse (B, KV, G, T), fp32."""
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     for i in range(ring.world):
@@ -313,44 +313,44 @@ def _ring_forward(q, kv, ring: Ring, scale: float, layout: str):
 
 
 def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float, layout: str):
-    """The gradients of q (grouped, fp32) and of this rank's k, v ((2, B, KV, T, D) fp32)."""
+    """The gradients of q (grouped, fp32) and of this rank's k, v (stacked: (2, B, KV, T, D) fp32)."""
     dq = torch.zeros_like(q)
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # block r's accumulator
+    dkv = torch.zeros((2, *kv[0].shape), dtype=torch.float32, device=q.device)  # block r's accumulator
     for i in range(ring.world):
         pending_kv = _rotate(kv, ring, KV_TAG) if i + 1 < ring.world else None
         if i > 0:
-            dkv = _arrived(pending_dkv)  # block (r - i)'s accumulator, from ranks r - i .. r - 1
+            (dkv,) = _arrived(pending_dkv)  # block (r - i)'s accumulator, from ranks r - i .. r - 1
         k, v = kv[0].float(), kv[1].float()
         for qs, ks, diag in _jobs(layout, ring.rank, (ring.rank - i) % ring.world, q.shape[3]):
             _grad_block(q[..., qs, :], k[:, :, ks], v[:, :, ks], do[..., qs, :], lse[..., qs], delta[..., qs],
                         scale, diag, dq[..., qs, :], dkv[:, :, :, ks])
-        pending_dkv = _rotate(dkv, ring, GRAD_TAG) if ring.world > 1 else None  # onwards; after step W-1: home
+        pending_dkv = _rotate((dkv,), ring, GRAD_TAG) if ring.world > 1 else None  # onwards; after step W-1: home
         if pending_kv is not None:
             kv = _arrived(pending_kv)
-    return dq, (_arrived(pending_dkv) if pending_dkv is not None else dkv)
+    return dq, (_arrived(pending_dkv)[0] if pending_dkv is not None else dkv)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: Ring, scale: float, layout: str):
         qg = _grouped(q, k.shape[1])
-        kv = torch.stack((k, v))  # (2, B, KV, T, D): one message per ring step
+        k, v = k.contiguous(), v.contiguous()  # sent as they are (no copy when already contiguous)
         with torch.autocast(q.device.type, enabled=False):  # fp32 inside, even under autocast
-            out, lse = _ring_forward(qg, kv, ring, scale, layout)
+            out, lse = _ring_forward(qg, (k, v), ring, scale, layout)
         y = out.view(q.shape).to(q.dtype)
-        ctx.save_for_backward(q, kv, y, lse)
+        ctx.save_for_backward(q, k, v, y, lse)
         ctx.ring, ctx.scale, ctx.layout = ring, scale, layout
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, kv, y, lse = ctx.saved_tensors
-        kv_heads = kv.shape[2]
+        q, k, v, y, lse = ctx.saved_tensors
+        kv_heads = k.shape[1]
         do = _grouped(dy, kv_heads)
         delta = (do * _grouped(y, kv_heads)).sum(-1)  # (B, KV, G, T): rowsum(dO * O)
         with torch.autocast(q.device.type, enabled=False):
-            dq, dkv = _ring_backward(_grouped(q, kv_heads), kv, do, lse, delta, ctx.ring, ctx.scale, ctx.layout)
-        return dq.view(q.shape).to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None
+            dq, dkv = _ring_backward(_grouped(q, kv_heads), (k, v), do, lse, delta, ctx.ring, ctx.scale, ctx.layout)
+        return dq.view(q.shape).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, scale: float | None = None,
