@@ -1,6 +1,7 @@
 """Ring attention (backbones/ring.py) equals full causal attention: outputs and gradients of
 q, k, v (max abs error <= 1e-5, fp32), at 1 rank (no process group) and at 2 and 4 ranks,
-contiguous and zigzag layouts, multi-head, grouped-query and multi-query heads.
+contiguous and zigzag layouts (and bidirectional attention), multi-head, grouped-query and
+multi-query heads.
 
 One spawn of 4 gloo processes serves every multi-rank test (starting processes is the slow
 part): the 4-rank ring is the default group, the 2-rank ring a sub-group of global ranks 2
@@ -25,7 +26,8 @@ from worldloom.spawn import spawn_gloo
 TOL = 1e-5
 # (B, H, KV, T, D): multi-head, grouped-query (2 query heads per kv head), multi-query
 CASES = {"mha": (2, 2, 2, 32, 8), "gqa": (2, 4, 2, 64, 8), "mqa": (2, 2, 1, 32, 8)}
-RUNS = [(case, layout) for layout in ring.LAYOUTS for case in CASES]
+MASKS = (*ring.LAYOUTS, "bidirectional")  # the causal mask in each layout, or none (contiguous layout)
+RUNS = [(case, mask) for mask in MASKS for case in CASES]
 
 
 def _inputs(case: str):
@@ -36,22 +38,23 @@ def _inputs(case: str):
     return q, k, v, torch.randn(B, H, T, D, generator=g)
 
 
-def _reference(case: str):
-    """Full causal SDPA on the whole sequence: output and the gradients of q, k, v."""
+def _reference(case: str, causal: bool = True):
+    """Full SDPA on the whole sequence: output and the gradients of q, k, v."""
     q, k, v, up = _inputs(case)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     rep = q.shape[1] // k.shape[1]
-    y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal)
     y.backward(up)
     return {"out": y.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-def _ring_case(case: str, group=None, layout: str = "contiguous") -> dict:
-    """This process's share of the inputs through ring attention: its output and gradients,
-    put back in sequence order on every rank (``gather_sequence``)."""
+def _ring_case(case: str, group=None, mask: str = "contiguous") -> dict:
+    """This process's share of the inputs through ring attention (``mask``: a layout's causal
+    mask, or bidirectional): its output and gradients, put back in sequence order on every rank."""
+    causal, layout = mask != "bidirectional", mask if mask in ring.LAYOUTS else "contiguous"
     q, k, v, up = (ring.split_sequence(t, group, dim=2, layout=layout).clone() for t in _inputs(case))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    y = ring.ring_attention(q, k, v, group, layout=layout)
+    y = ring.ring_attention(q, k, v, group, layout=layout, causal=causal)
     y.backward(up)
     got = {"out": y.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     return {n: ring.gather_sequence(t, group, dim=2, layout=layout) for n, t in got.items()}
@@ -104,12 +107,12 @@ def _ring_layer(layout: str) -> dict:
 def _worker(rank: int, world: int, folder: str) -> None:
     """Every case on the whole group (4 ranks), then on the sub-group of global ranks 2, 3
     (a 2-rank ring whose members are not ranks 0, 1), then the split helpers."""
-    for case, layout in RUNS:
-        _save(_ring_case(case, None, layout), f"{folder}/{case}-{layout}-w4-{rank}.safetensors")
+    for case, mask in RUNS:
+        _save(_ring_case(case, None, mask), f"{folder}/{case}-{mask}-w4-{rank}.safetensors")
     pair = dist.new_group([2, 3])  # every rank must take part in creating it
     if rank in (2, 3):
-        for case, layout in RUNS:
-            _save(_ring_case(case, pair, layout), f"{folder}/{case}-{layout}-w2-{rank - 2}.safetensors")
+        for case, mask in RUNS:
+            _save(_ring_case(case, pair, mask), f"{folder}/{case}-{mask}-w2-{rank - 2}.safetensors")
     for layout in ring.LAYOUTS:
         _save(_ring_layer(layout), f"{folder}/layer-{layout}-{rank}.safetensors")
     x = torch.arange(2 * 16 * 3).view(2, 16, 3)  # (B, T, C)
@@ -139,8 +142,8 @@ def _assert_close(got: dict, want: dict, label: str, relative: tuple[str, ...] =
 
 
 def test_one_rank_is_plain_causal_attention():
-    for case, layout in RUNS:
-        _assert_close(_ring_case(case, layout=layout), _reference(case), f"{case} {layout}")
+    for case, mask in RUNS:
+        _assert_close(_ring_case(case, mask=mask), _reference(case, mask != "bidirectional"), f"{case} {mask}")
 
 
 def test_fp32_inside_under_autocast():
@@ -167,11 +170,11 @@ def ring_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_equals_full_attention(ring_runs, world):
-    for case, layout in RUNS:
-        want = _reference(case)
+    for case, mask in RUNS:
+        want = _reference(case, causal=mask != "bidirectional")
         for r in range(world):  # every rank gathered the whole sequence back
-            got = load_file(ring_runs / f"{case}-{layout}-w{world}-{r}.safetensors")
-            _assert_close(got, want, f"{case} {layout} on {world} ranks, rank {r}")
+            got = load_file(ring_runs / f"{case}-{mask}-w{world}-{r}.safetensors")
+            _assert_close(got, want, f"{case} {mask} on {world} ranks, rank {r}")
 
 
 def test_attention_layer_with_rotary_on_four_ranks(ring_runs):

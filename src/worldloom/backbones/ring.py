@@ -216,9 +216,11 @@ def local_positions(t_local: int, group=None, device=None, layout: str = "contig
     return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in mine])
 
 
-def _jobs(layout: str, r: int, j: int, t: int) -> list[tuple[slice, slice, bool]]:
-    """What rank r computes against rank j's keys: (query rows, key rows, diagonal) sub-blocks.
+def _jobs(mask: str, r: int, j: int, t: int) -> list[tuple[slice, slice, bool]]:
+    """What rank r computes against rank j's keys: (query rows, key rows, diagonal) sub-blocks,
+    for ``mask`` = the causal mask in a layout (contiguous, zigzag) or ``bidirectional``.
 
+    bidirectional: every block in full, whatever the layout.
     contiguous: its own block causally, an earlier rank's in full, a later rank's not at all.
     zigzag (rank r holds chunks r and 2W-1-r, halves of t): its own two chunks as a causal
     block without the (first-half query, second-half key) quarter; an earlier rank j < r: both
@@ -226,7 +228,9 @@ def _jobs(layout: str, r: int, j: int, t: int) -> list[tuple[slice, slice, bool]
     comes after both of j's chunks, sees them in full. Every step costs half a block product."""
     every, h = slice(None), t // 2
     first, second = slice(0, h), slice(h, t)
-    if layout == "contiguous":
+    if mask == "bidirectional":
+        return [(every, every, False)]
+    if mask == "contiguous":
         return [(every, every, True)] if j == r else [(every, every, False)] if j < r else []
     if j == r:
         return [(first, first, True), (second, first, False), (second, second, True)]
@@ -298,21 +302,21 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.float().reshape(B, kv_heads, H // kv_heads, T, D)
 
 
-def _ring_forward(q, kv, ring: Ring, scale: float, layout: str):
+def _ring_forward(q, kv, ring: Ring, scale: float, mask: str):
     """q (B, KV, G, T, D) fp32, kv = (k, v) each (B, KV, T, D): output (B, KV, G, T, D) and lse (B, KV, G, T), fp32."""
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     for i in range(ring.world):
         pending = _rotate(kv, ring, KV_TAG) if i + 1 < ring.world else None  # the next block is in flight ...
         k, v = kv[0].float(), kv[1].float()  # ... while this one (from rank r - i) is attended
-        for qs, ks, diag in _jobs(layout, ring.rank, (ring.rank - i) % ring.world, q.shape[3]):
+        for qs, ks, diag in _jobs(mask, ring.rank, (ring.rank - i) % ring.world, q.shape[3]):
             _attend_block(q[..., qs, :], k[:, :, ks], v[:, :, ks], out[..., qs, :], lse[..., qs], scale, diag)
         if pending is not None:
             kv = _arrived(pending)
     return out, lse
 
 
-def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float, layout: str):
+def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float, mask: str):
     """The gradients of q (grouped, fp32) and of this rank's k, v (stacked: (2, B, KV, T, D) fp32)."""
     dq = torch.zeros_like(q)
     dkv = torch.zeros((2, *kv[0].shape), dtype=torch.float32, device=q.device)  # block r's accumulator
@@ -321,7 +325,7 @@ def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float, layout: str)
         if i > 0:
             (dkv,) = _arrived(pending_dkv)  # block (r - i)'s accumulator, from ranks r - i .. r - 1
         k, v = kv[0].float(), kv[1].float()
-        for qs, ks, diag in _jobs(layout, ring.rank, (ring.rank - i) % ring.world, q.shape[3]):
+        for qs, ks, diag in _jobs(mask, ring.rank, (ring.rank - i) % ring.world, q.shape[3]):
             _grad_block(q[..., qs, :], k[:, :, ks], v[:, :, ks], do[..., qs, :], lse[..., qs], delta[..., qs],
                         scale, diag, dq[..., qs, :], dkv[:, :, :, ks])
         pending_dkv = _rotate((dkv,), ring, GRAD_TAG) if ring.world > 1 else None  # onwards; after step W-1: home
@@ -332,14 +336,14 @@ def _ring_backward(q, kv, do, lse, delta, ring: Ring, scale: float, layout: str)
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring: Ring, scale: float, layout: str):
+    def forward(ctx, q, k, v, ring: Ring, scale: float, mask: str):
         qg = _grouped(q, k.shape[1])
         k, v = k.contiguous(), v.contiguous()  # sent as they are (no copy when already contiguous)
         with torch.autocast(q.device.type, enabled=False):  # fp32 inside, even under autocast
-            out, lse = _ring_forward(qg, (k, v), ring, scale, layout)
+            out, lse = _ring_forward(qg, (k, v), ring, scale, mask)
         y = out.view(q.shape).to(q.dtype)
         ctx.save_for_backward(q, k, v, y, lse)
-        ctx.ring, ctx.scale, ctx.layout = ring, scale, layout
+        ctx.ring, ctx.scale, ctx.mask = ring, scale, mask
         return y
 
     @staticmethod
@@ -349,12 +353,12 @@ class _RingAttention(torch.autograd.Function):
         do = _grouped(dy, kv_heads)
         delta = (do * _grouped(y, kv_heads)).sum(-1)  # (B, KV, G, T): rowsum(dO * O)
         with torch.autocast(q.device.type, enabled=False):
-            dq, dkv = _ring_backward(_grouped(q, kv_heads), (k, v), do, lse, delta, ctx.ring, ctx.scale, ctx.layout)
+            dq, dkv = _ring_backward(_grouped(q, kv_heads), (k, v), do, lse, delta, ctx.ring, ctx.scale, ctx.mask)
         return dq.view(q.shape).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, scale: float | None = None,
-                   layout: str = "contiguous") -> torch.Tensor:
+                   layout: str = "contiguous", causal: bool = True) -> torch.Tensor:
     """Causal attention of this rank's queries over the keys/values of the whole ring.
 
     q (B, H, Tl, D); k, v (B, KV, Tl, D) with KV dividing H; every rank of ``group`` calls it
@@ -363,7 +367,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     global positions (``local_positions``). Returns (B, H, Tl, D) in q's dtype, equal to those
     rows of ``F.scaled_dot_product_attention(..., is_causal=True)`` over the whole sequence.
     Differentiable; its backward communicates around the ring too, so every rank must call
-    backward. ``scale`` defaults to 1/sqrt(D), as SDPA's.
+    backward. ``scale`` defaults to 1/sqrt(D), as SDPA's. ``causal=False``: bidirectional
+    attention (every key visible, e.g. for a fill-mask objective; the layout then only says
+    which tokens a rank holds), equal to SDPA with ``is_causal=False``.
     """
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ConfigError(f"ring attention takes q (B, H, T, D) and k, v (B, KV, T, D); got {tuple(q.shape)}, "
@@ -378,4 +384,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     if layout == "zigzag" and T % 2:
         raise ConfigError(f"zigzag ring attention needs an even number of tokens per rank, got {T}")
     _chunks(layout, 0, ring.world)  # refuses an unknown layout
-    return _RingAttention.apply(q, k, v, ring, D ** -0.5 if scale is None else float(scale), layout)
+    mask = layout if causal else "bidirectional"
+    return _RingAttention.apply(q, k, v, ring, D ** -0.5 if scale is None else float(scale), mask)
