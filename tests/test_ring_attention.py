@@ -220,7 +220,10 @@ def test_split_positions_and_refusals():
         ring.ring_attention(q[0], q[0], q[0])
     with pytest.raises(ConfigError, match="multiple of 8"):
         ring.check_split(36, 4, layout="zigzag")  # 2 chunks per rank
-    with pytest.raises(ConfigError, match="even number of tokens per rank"):
+    with pytest.raises(ConfigError, match="multiple of 2 tokens per rank, got 7"):
         ring.ring_attention(*(torch.zeros(1, 2, 7, 4) for _ in range(3)), layout="zigzag")
+    with pytest.raises(ConfigError, match="multiple of 2 tokens per rank, got 5"):
+        ring.local_positions(5, layout="zigzag")
+    assert ring.local_positions(6, layout="zigzag").tolist() == list(range(6))  # one rank: chunks 0 and 1
     with pytest.raises(ConfigError, match="unknown ring attention layout 'spiral'"):
         ring.ring_attention(q, q, q, layout="spiral")

@@ -184,7 +184,7 @@ def split_sequence(x: torch.Tensor, group=None, dim: int = 1, layout: str = "con
     """This rank's tokens of ``x`` along ``dim`` (the sequence axis: 1 for (B, T, ...)): its
     contiguous block, or (zigzag) its two chunks r and 2W-1-r side by side (a copy)."""
     ring = ring_of(group)
-    t_local = check_split(x.shape[dim], ring.world, layout)
+    check_split(x.shape[dim], ring.world, layout)
     n, mine = _chunks(layout, ring.rank, ring.world)
     c = x.shape[dim] // n  # tokens per chunk
     parts = [x.narrow(dim, i * c, c) for i in mine]
@@ -212,7 +212,9 @@ def local_positions(t_local: int, group=None, device=None, layout: str = "contig
     or (zigzag) the positions of its two chunks."""
     ring = ring_of(group)
     _, mine = _chunks(layout, ring.rank, ring.world)
-    c = t_local // len(mine)
+    if t_local % len(mine):
+        raise ConfigError(f"{layout} ring attention needs a multiple of {len(mine)} tokens per rank, got {t_local}")
+    c = t_local // len(mine)  # tokens per chunk
     return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in mine])
 
 
@@ -382,7 +384,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
         raise ConfigError(f"ring attention: {H} query heads cannot share {KV} key/value heads; KV must divide H")
     ring = ring_of(group)
     if layout == "zigzag" and T % 2:
-        raise ConfigError(f"zigzag ring attention needs an even number of tokens per rank, got {T}")
+        raise ConfigError(f"zigzag ring attention needs a multiple of 2 tokens per rank, got {T}")
     _chunks(layout, 0, ring.world)  # refuses an unknown layout
     mask = layout if causal else "bidirectional"
     return _RingAttention.apply(q, k, v, ring, D ** -0.5 if scale is None else float(scale), mask)
