@@ -66,6 +66,28 @@ def test_two_ranks_train_like_one_process(corpus_file, tmp_path, kind):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_ring_attention_training_equals_one_process(corpus_file, tmp_path):
+    """model.attention=ring: two ranks each hold half of every sequence; the losses are those of one process."""
+    single = tiny_config(corpus_file, tmp_path, "full", *COMMON, f"train.max_steps={STEPS}")
+    train(single, **QUIET)
+    run_ranks(2, [f"data.path={corpus_file}", f"out_dir={tmp_path}", "name=ring", *TINY_ARGS, *COMMON,
+                  f"train.max_steps={STEPS}", "train.dist=ddp", "model.attention=ring"])
+    ring = tmp_path / "ring"
+    assert {r for _, r in rows(ring, "ranks")} == {2}
+    close(rows(ring, "loss"), rows(single.run_dir, "loss"))
+    close(rows(ring, "val_loss"), rows(single.run_dir, "val_loss"))
+
+
+def test_ring_attention_config_is_checked():
+    from worldloom.config import build_config
+    from worldloom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention layers only"):
+        build_config(None, ["model.attention=ring", "model.backbone=mamba"])
+    with pytest.raises(ConfigError, match="sdpa or ring"):
+        build_config(None, ["model.attention=flash"])
+
+
 @pytest.mark.parametrize("kind,first,then", [("fsdp", 2, 1), ("ddp", 1, 2)])
 def test_checkpoint_moves_between_world_sizes(corpus_file, tmp_path, kind, first, then):
     """A run stopped at step 3 by `first` ranks and resumed by `then` continues the uninterrupted loss sequence."""

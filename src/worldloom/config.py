@@ -221,6 +221,7 @@ class ModelConfig:
     vocab_size: int = 0  # set from the tokenizer when a run starts
     layers: str = ""  # per-layer mixers, comma-separated (attn, mamba, mamba2, retnet, linear); "" = all of the backbone's kind
     ffn: str = "swiglu"  # feed-forward after each mixer: swiglu | moe | none
+    attention: str = "sdpa"  # sdpa | ring: under torchrun, training steps split each sequence over the ranks (ring attention)
     moe: MoEConfig = field(default_factory=MoEConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
@@ -254,6 +255,11 @@ class ModelConfig:
         if self.ffn not in FFNS:
             raise ConfigError(f"model.ffn must be one of {', '.join(FFNS)}; got {self.ffn!r}")
         self._check_layers()
+        if self.attention not in ("sdpa", "ring"):
+            raise ConfigError(f"model.attention must be sdpa or ring, got {self.attention!r}")
+        if self.attention == "ring" and (set(self.layer_kinds) != {"attn"} or self.dropout):
+            raise ConfigError("model.attention=ring needs attention layers only (model.backbone=transformer) and "
+                              f"model.dropout=0; got layers {','.join(dict.fromkeys(self.layer_kinds))}, dropout {self.dropout}")
 
     def _check_layers(self) -> None:
         """model.backbone and model.layers agree, and each mixer used accepts this config."""

@@ -40,6 +40,8 @@ class MixerContext:
     mask    attention mask (bool, broadcastable to (B, H, T, S)); ``causal``: plain causal attention instead
     valid   (B, T) bool: the real tokens while some rows may still be in their left padding (recurrent mixers)
     slot    0-d long tensor: the fixed-shape one-token decoding step at this cache slot (Stack.decode_step)
+    ring    the process group over which each sequence is split (model.attention=ring, training): attention
+            layers attend with ring attention, and cos/sin are at the tokens' global positions
     """
 
     cache: object = None
@@ -49,6 +51,7 @@ class MixerContext:
     causal: bool = False
     valid: torch.Tensor | None = None
     slot: torch.Tensor | None = None
+    ring: object = None
 
 
 class RecurrentMixer(nn.Module):

@@ -128,8 +128,13 @@ class Stack(nn.Module):
         if start + T > self.cfg.context:
             raise ValueError(f"sequence of {start + T} positions exceeds the model context {self.cfg.context}")
         pad = cache.pad if cache is not None else None
-        ctx = MixerContext(cache)
-        if self.has_attn:
+        ctx = MixerContext(cache, ring=self._ring_group() if cache is None else None)
+        if ctx.ring is not None:  # this rank holds tokens rank*T .. rank*T+T-1 of each sequence
+            from .ring import local_positions
+
+            pos = local_positions(T, ctx.ring, device=x.device)
+            ctx.cos, ctx.sin = self.cos[pos].to(_compute_dtype(x)), self.sin[pos].to(_compute_dtype(x))
+        elif self.has_attn:
             ctx.cos, ctx.sin, ctx.mask, ctx.causal = self._attention_inputs(x, start, T, pad)
         if self.has_recurrent and pad is not None and start < cache.pad_max:
             ctx.valid = torch.arange(start, start + T, device=x.device)[None] >= pad[:, None]  # (B, T)
@@ -138,6 +143,17 @@ class Stack(nn.Module):
         if cache is not None:
             cache.length += T
         return x, cache
+
+    def _ring_group(self):
+        """The process group of sequence-parallel training (model.attention=ring under torchrun,
+        training mode), else None: evaluation and decoding see whole sequences on each rank."""
+        if self.cfg.attention != "ring" or not self.training:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return dist.group.WORLD
 
     def _attention_inputs(self, x, start: int, T: int, pad):
         """Rotary tables and the attention mask for slots start .. start+T-1."""

@@ -145,6 +145,13 @@ class Attention(nn.Module):
         """The stack's call (see mixer.py): a forward pass, or the fixed-shape decoding step at ``ctx.slot``."""
         if ctx.slot is not None:
             return self.step(x, ctx.cos, ctx.sin, ctx.cache, layer, ctx.slot, ctx.mask)
+        if ctx.ring is not None:  # this rank's block of each sequence, keys/values passed around the ring
+            from .ring import ring_attention
+
+            B, T, _ = x.shape
+            q, k, v = self._qkv(x, ctx.cos, ctx.sin)
+            y = ring_attention(q, k, v, ctx.ring)  # (B, H, T, D)
+            return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
         return self(x, ctx.cos, ctx.sin, ctx.cache, layer, ctx.mask, ctx.causal)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask, causal: bool):

@@ -7,7 +7,7 @@
 - ``wrap(model, kind, dist, device)``: ``DistributedDataParallel``, or FSDP2 ``fully_shard`` per
   block and at the root over an explicit 1-D device mesh (a CPU mesh on CPU).
 - ``shard_rows(batch, dist)``: every rank draws the same global batch from the same generator
-  and keeps its own rows, so the global batch, the data order and the saved data RNG state are
+  and keeps its own rows (``shard_sequence``: its block of every sequence, for ring attention), so the global batch, the data order and the saved data RNG state are
   those of one process, whatever the world size; ``loss_scale`` makes the ranks' mean gradient
   the gradient of the global (weighted) mean loss.
 - ``full_model_state`` / ``full_optimizer_state``: the whole model and optimizer state gathered
@@ -117,14 +117,34 @@ def shard_rows(batch: dict, dist: Dist) -> dict:
     if B % dist.world:
         raise ConfigError(f"train.batch_size={B} must be divisible by the number of ranks ({dist.world})")
     lo, hi = dist.rank * B // dist.world, (dist.rank + 1) * B // dist.world
-    out = {k: (v[lo:hi] if torch.is_tensor(v) and v.ndim and v.shape[0] == B and k not in ("frame_index", "frame_target") else v)
-           for k, v in batch.items()}
+    return _shard(batch, dist, lambda v: v[lo:hi], lambda b, t: (b >= lo) & (b < hi), lambda b, t: (b - lo) * T + t)
+
+
+def shard_sequence(batch: dict, dist: Dist) -> dict:
+    """This rank's block of every sequence (tokens rank*T/N .. (rank+1)*T/N - 1 of each row, targets
+    already shifted over the whole window), for ring attention; ``loss_scale`` as in shard_rows."""
+    if dist.world <= 1:
+        return batch
+    B, T = batch["input"].shape
+    if T % dist.world:
+        raise ConfigError(f"model.context={T} must be divisible by the number of ranks ({dist.world}) for model.attention=ring")
+    lo, hi = dist.rank * T // dist.world, (dist.rank + 1) * T // dist.world
+    return _shard(batch, dist, lambda v: v[:, lo:hi], lambda b, t: (t >= lo) & (t < hi), lambda b, t: b * (hi - lo) + t - lo)
+
+
+def _shard(batch: dict, dist: Dist, take, keep_frame, frame_pos) -> dict:
+    """Apply ``take`` to every (B, T, ...) tensor of the batch; keep the frame targets whose (row, position)
+    ``keep_frame`` accepts, renumbered by ``frame_pos``; add ``loss_scale``."""
+    B, T = batch["input"].shape
+    out = {k: take(v) if torch.is_tensor(v) and v.ndim >= 2 and v.shape[:2] == (B, T) else v
+           for k, v in batch.items() if k not in ("frame_index", "frame_target")}
     if "frame_index" in batch:
-        keep = (batch["frame_index"] >= lo * T) & (batch["frame_index"] < hi * T)
-        out["frame_index"] = batch["frame_index"][keep] - lo * T
+        b, t = batch["frame_index"] // T, batch["frame_index"] % T
+        keep = keep_frame(b, t)
+        out["frame_index"] = frame_pos(b[keep], t[keep])
         out["frame_target"] = batch["frame_target"][keep]
     weight = batch.get("weight")
-    share = (weight[lo:hi].sum() / weight.sum().clamp(min=1e-8)) if weight is not None else torch.tensor((hi - lo) / B)
+    share = take(weight).sum() / weight.sum().clamp(min=1e-8) if weight is not None else torch.tensor(1.0 / dist.world)
     out["loss_scale"] = share * dist.world  # the ranks' mean of scaled losses = the global weighted mean
     return out
 
