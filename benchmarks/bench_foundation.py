@@ -70,6 +70,12 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def save_json(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    log(f"wrote {path}")
+
+
 # ---------------------------------------------------------------- machine
 
 
@@ -513,7 +519,10 @@ def parse_args(argv):
     ap.add_argument("--train-only", action="store_true", help="matmul peaks and the training steps only (no decoding)")
     ap.add_argument("--rounds", type=int, default=0, help="alternating training rounds (0 = 5, or 2 with --quick)")
     ap.add_argument("--no-compile", action="store_true", help="leave out worldloom's torch.compile decode (default: on, off with --quick)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.rounds < 0:
+        ap.error("--rounds must be >= 0 (0 = the default)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -552,9 +561,7 @@ def main(argv=None) -> int:
     log("\n" + fmt_table(res))
     log(f"\n{m['cpu_model']}, {m['cores']} cores, torch {m['torch']}; {res['date_utc']}; "
         f"load average {m['loadavg_at_start']} -> {m['loadavg_at_end']}; {res['wall_seconds']} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    log(f"wrote {args.out}")
+    save_json(args.out, res)
     return 0
 
 

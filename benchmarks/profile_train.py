@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench_foundation import lm_batch, llama_trainee, log, train_shapes, train_step, worldloom_trainee
+from bench_foundation import lm_batch, llama_trainee, log, machine_info, save_json, train_shapes, train_step, worldloom_trainee
 
 from worldloom.config import TrainConfig
 from worldloom.model import LWM
@@ -275,8 +274,10 @@ def main(argv=None) -> int:
     trainees = {"worldloom": lambda: worldloom_trainee(wl), "llama": lambda: llama_trainee(mcfg, wl)}
     names = list(trainees) if args.model == "both" else [args.model]
     data = lm_batch(mcfg.vocab_size, batch, mcfg.context)
+    machine = machine_info()
     log(f"profile of the training step: {mcfg.n_layer} layers x {mcfg.d_model}, batch {batch} x {mcfg.context}, "
-        f"{args.precision}, {steps} steps after {warmup} warm-up, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        f"{args.precision}, {steps} steps after {warmup} warm-up; {machine['cpu_model']}, {machine['torch_threads']} threads, "
+        f"torch {machine['torch']}, transformers {machine['transformers']}, load average {machine['loadavg_at_start']}")
     models = {}
     for name in names:
         models[name] = profile_trainee(trainees[name](), data, args.precision, warmup, steps, args.top)
@@ -284,12 +285,9 @@ def main(argv=None) -> int:
     for name in names:
         log("\n" + fmt_top(name, models[name]["top_ops"]))
     if args.json:
-        res = {"precision": args.precision, "steps": steps, "warmup": warmup, "batch": batch, "quick": args.quick,
-               "model_config": {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "d_model", "context", "vocab_size")},
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "models": models}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-        log(f"wrote {args.json}")
+        save_json(args.json, {"precision": args.precision, "steps": steps, "warmup": warmup, "batch": batch, "quick": args.quick,
+                              "model_config": {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "d_model", "context", "vocab_size")},
+                              "machine": machine, "models": models})
     return 0
 
 
