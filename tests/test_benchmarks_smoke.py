@@ -39,9 +39,24 @@ def test_bench_foundation_quick(tmp_path):
 
     train = res["train"]
     assert _positive(train["flops_per_token"]) and _positive(train["flop_params_N"])
+    llama = train["llama"]
+    assert llama["attn_implementation"] == "sdpa"
+    assert llama["flops_per_token"] == train["flops_per_token"]  # same configuration, same FLOPs (tied head counted once more in both)
+    assert llama["params_total"] == train["params_total"]
+    timed = train["rounds"] * train["steps_per_round"]
+    assert timed == train["timed_steps"] >= 2
     for precision in ("fp32", "bf16"):
-        for key in ("tokens_per_s", "step_s_median", "achieved_gflops", "mfu_vs_bf16_peak", "mfu_vs_fp32_peak"):
-            assert _positive(train[precision][key]), (precision, key)
+        for figures in (train[precision], llama[precision]):
+            for key in ("tokens_per_s", "step_s_median", "achieved_gflops", "mfu", "mfu_vs_bf16_peak", "mfu_vs_fp32_peak"):
+                assert _positive(figures[key]), (precision, key)
+            assert len(figures["step_s_all"]) == timed
+            assert figures["mfu"] == figures[f"mfu_vs_{precision}_peak"]
+        assert _positive(train["ratio_vs_llama"][precision])
+        tps = train[precision]["tokens_per_s"] / llama[precision]["tokens_per_s"]
+        assert train["ratio_vs_llama"][precision] == pytest.approx(tps, rel=1e-2)
+    # same weights, same tokens, same objective: the very first losses agree (fp32 exactly up to rounding)
+    assert train["fp32"]["first_loss"] == pytest.approx(llama["fp32"]["first_loss"], rel=1e-5)
+    assert train["bf16"]["first_loss"] == pytest.approx(llama["bf16"]["first_loss"], rel=2e-2)
 
     for dtype in ("fp32", "bf16"):
         dec = res["decode"][dtype]
@@ -52,4 +67,4 @@ def test_bench_foundation_quick(tmp_path):
             assert _positive(hf[key]), (dtype, key)
         assert 0.0 <= hf["greedy_agreement_b1"] <= 1.0  # informative only: near-ties may flip on random weights
 
-    assert "1. matmul" in proc.stdout and "worldloom / HF" in proc.stdout
+    assert "1. matmul" in proc.stdout and "worldloom / HF" in proc.stdout and "worldloom / llama train" in proc.stdout

@@ -109,10 +109,23 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def llama_config(run: LoadedRun, dtype: torch.dtype) -> dict:
     """config.json for LlamaConfig: `rope_parameters` for transformers 5, `rope_theta` for 4.x."""
-    mc = run.cfg.model
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        **llama_architecture(run.cfg.model),
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        MARKER: {"format": FORMAT, "step": int(run.state.get("step", 0)), "tokenizer": run.tokenizer.kind},
+    }
+
+
+def llama_architecture(mc) -> dict:
+    """The LlamaConfig fields that make a Llama network the same as a transformer ModelConfig `mc`
+    (also what benchmarks build `LlamaConfig(**...)` from)."""
+    return {
         "vocab_size": mc.vocab_size,
         "hidden_size": mc.d_model,
         "intermediate_size": mc.ff_dim,
@@ -132,12 +145,6 @@ def llama_config(run: LoadedRun, dtype: torch.dtype) -> dict:
         "pretraining_tp": 1,
         "initializer_range": 0.02,
         "tie_word_embeddings": bool(mc.tie_weights),
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        MARKER: {"format": FORMAT, "step": int(run.state.get("step", 0)), "tokenizer": run.tokenizer.kind},
     }
 
 
