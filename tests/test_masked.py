@@ -240,6 +240,8 @@ def test_fill_refuses_next_token_runs_and_texts_without_masks(trained_run, maske
     assert "no <mask>" in capsys.readouterr().err
     assert main(["fill", str(masked_run), "<mask>" * 40]) == 2
     assert "context" in capsys.readouterr().err
+    assert main(["generate", str(masked_run), "The"]) == 2  # a fill-mask model does not continue text
+    assert "worldloom fill" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- resume

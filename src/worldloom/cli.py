@@ -126,6 +126,8 @@ def _cmd_generate(args) -> int:
     run = load_run(Path(args.run))
     if run.is_world:
         raise WorldloomError(f"{args.run} is a world model; use `worldloom imagine {args.run}` or `worldloom eval {args.run}`")
+    if run.cfg.train.objective == "masked":
+        raise WorldloomError(f"{args.run} was trained with train.objective=masked (fill-mask only); use `worldloom fill {args.run} TEXT`")
     if args.compile and not run.model.supports_decode_step:
         mc = run.cfg.model
         raise WorldloomError(f"--compile needs an attention-only model without MoE; this run has model.backbone={mc.backbone}"
