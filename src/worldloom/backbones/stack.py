@@ -21,7 +21,9 @@ Every mixer is called as ``mixer.mix(h, ctx, i)`` with one ``MixerContext`` per 
 here: rotary tables and the attention mask if some layer is not recurrent, the ``valid`` mask
 if some layer is. ``forward(x, cache, causal=False)`` is a bidirectional pass (the masked
 objectives; a (B,) bool ``causal`` chooses per row): the mask then opens later positions too,
-for stacks whose every mixer is registered ``bidirectional`` (attention). One cache (``KVCache``) serves every stack: keys/values for attention layers, a recurrent state
+for stacks whose every mixer is registered ``bidirectional`` (attention).
+
+One cache (``KVCache``) serves every stack: keys/values for attention layers, a recurrent state
 for the others, one ``length`` and one left padding for all. Under left padding the recurrent
 layers get a ``valid`` mask for the slots that may hold pads, so their state after a row's pad
 prefix is exactly the empty state.
