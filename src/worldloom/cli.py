@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, collect, generate, eval, imagine, export.
+"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, export.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -23,6 +23,7 @@ examples:
   worldloom train shakespeare-char data.path=input.txt train.max_minutes=5 name=quick
   worldloom train --resume runs/shakespeare-char            # continue after a kill
   worldloom train --resume runs/quick train.max_steps=8000  # extend a finished run
+  worldloom train shakespeare-char data.path=input.txt train.objective=combined name=both  # next + masked
 
 Any config field can be set as group.key=value (groups: data, env, stream, tokenizer,
 model, train, eval; top-level: name, out_dir, recipe). `worldloom presets --show NAME` prints a preset's fields.
@@ -125,6 +126,8 @@ def _cmd_generate(args) -> int:
     run = load_run(Path(args.run))
     if run.is_world:
         raise WorldloomError(f"{args.run} is a world model; use `worldloom imagine {args.run}` or `worldloom eval {args.run}`")
+    if run.cfg.train.objective == "masked":
+        raise WorldloomError(f"{args.run} was trained with train.objective=masked (fill-mask only); use `worldloom fill {args.run} TEXT`")
     if args.compile and not run.model.supports_decode_step:
         mc = run.cfg.model
         raise WorldloomError(f"--compile needs an attention-only model without MoE; this run has model.backbone={mc.backbone}"
@@ -145,6 +148,18 @@ def _cmd_generate(args) -> int:
         outs[i] += text
     for i, text in enumerate(outs):
         print(f"--- sample {i + 1}\n{args.prompt}{text}")
+    return 0
+
+
+def _cmd_fill(args) -> int:
+    from .fill import check_fill_run, fill_masks
+    from .run import load_run
+    from .runtime import set_threads
+
+    set_threads(0)
+    run = load_run(Path(args.run))
+    check_fill_run(run, args.run)
+    print(fill_masks(run.model, run.tokenizer, args.text, parallel=args.parallel))
     return 0
 
 
@@ -222,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=1, help="sample several continuations as one batch")
     s.add_argument("--compile", action="store_true", help="torch.compile the one-token step: ~20 s to start, then ~1.3x faster")
     s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("fill", help="fill <mask> spans of a text (runs trained with train.objective=masked or combined)",
+                       epilog="examples:\n  worldloom fill runs/both \"To be, or not to <mask><mask>, that is the question\"\n"
+                              "  worldloom fill runs/both \"O Romeo, <mask>omeo\" --parallel\n\n"
+                              "Each <mask> becomes one token (one character for char tokenizers), chosen by a bidirectional pass.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("run", help="run folder trained with train.objective=masked or combined")
+    s.add_argument("text", help="text with <mask> where tokens should go")
+    s.add_argument("--parallel", action="store_true", help="fill every mask from one pass (default: one at a time, most confident first)")
+    s.set_defaults(fn=_cmd_fill)
 
     s = sub.add_parser("eval", help="evaluate a run: held-out loss (text) or success and world-model accuracy (world)")
     s.add_argument("run", help="run folder")

@@ -307,6 +307,9 @@ class ModelConfig:
         return -(-(8 * self.d_model // 3) // 64) * 64
 
 
+OBJECTIVES = ("next", "masked", "combined")  # train.objective: the losses/ functions the text recipe trains on
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 16
@@ -329,8 +332,17 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     compile: bool = False  # torch.compile the model (costs 15-30 s at start on CPU)
     dist: str = "none"  # under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard); batch_size is the global batch
+    objective: str = "next"  # next | masked (fill-mask, attending both ways) | combined (next + mask_alpha * masked); text recipe
+    mask_alpha: float = 1.0  # combined: alpha of l + alpha * l_masked (the seed chapter's l_alpha; alpha = 1 as Izdebski et al. 2023)
+    mask_rate: float = 0.15  # masked, combined: share of each window's tokens replaced by <mask> (BERT's 15%)
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not 0.0 <= self.mask_alpha < float("inf"):
+            raise ConfigError(f"train.mask_alpha must be a finite number >= 0, got {self.mask_alpha}")
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ConfigError(f"train.mask_rate must be between 0 and 1, got {self.mask_rate}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -361,10 +373,29 @@ class RunConfig:
         from .recipes import check_recipe
 
         check_recipe(self.recipe)
+        if self.train.objective != "next":
+            _check_objective(self)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+
+def _check_objective(cfg: RunConfig) -> None:
+    """A masked or combined objective needs a recipe that trains it and layers that can attend both ways."""
+    from .recipes import get_recipe
+
+    objective = cfg.train.objective
+    if objective not in get_recipe(cfg.recipe).objectives:
+        raise ConfigError(f"train.objective={objective} is not available to recipe {cfg.recipe} "
+                          f"(it trains {', '.join(get_recipe(cfg.recipe).objectives)})")
+    one_way = sorted({k for k in cfg.model.layer_kinds if not _mixers().MIXERS[k].bidirectional})
+    if one_way:
+        raise ConfigError(f"train.objective={objective} needs a bidirectional pass, which {', '.join(one_way)} layers "
+                          "cannot make (their state only runs forward); use attention layers (model.backbone=transformer)")
+    if cfg.model.attention == "ring":
+        raise ConfigError(f"train.objective={objective} runs a bidirectional pass, which model.attention=ring does not "
+                          "split over ranks yet; use model.attention=sdpa")
 
 
 # ---------------------------------------------------------------- dict <-> dataclass

@@ -34,7 +34,7 @@ from .backbones.moe import MoEFeedForward
 from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
 
-MODEL_INPUTS = ("slots", "skip", "frame_index")  # batch keys that are model inputs besides "input"
+MODEL_INPUTS = ("slots", "skip", "frame_index", "causal")  # batch keys that are model inputs besides "input"
 
 
 @dataclass
@@ -93,15 +93,17 @@ class LWM(nn.Module):
         return self.backbone.new_cache(batch, max_len, pad)
 
     def forward(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None,
-                frame_index: torch.Tensor | None = None, head: bool = True) -> ModelOutput:
+                frame_index: torch.Tensor | None = None, head: bool = True, causal: bool | torch.Tensor = True) -> ModelOutput:
         """idx (B, T) [, slots (B, T), skip (B, T)] -> ModelOutput. The one entry point: training,
         evaluation and decoding all call the model, so ``torch.compile`` and DDP/FSDP wrap what runs.
 
         ``skip`` holds, for a model with a step-skip input, the id one period before each
         position's target (0 = none). ``frame_index`` (N,) names flattened (b * T + t) positions
         whose hidden state predicts the whole next observation through the frame head.
-        ``head=False`` skips the output head (callers that only need a few positions' logits)."""
-        h, cache = self.backbone(self.drop(self._embed(idx, slots, skip)), cache)
+        ``head=False`` skips the output head (callers that only need a few positions' logits).
+        ``causal=False`` makes a bidirectional pass (masked objectives, `worldloom fill`; attention-only
+        models); a (B,) bool tensor chooses per row (True: causal)."""
+        h, cache = self.backbone(self.drop(self._embed(idx, slots, skip)), cache, causal=causal)
         logits = self.logits_of(h) if head else None
         frame = None
         if frame_index is not None and self.frame is not None and frame_index.numel():

@@ -1,7 +1,7 @@
 """Sequence backbones behind one protocol, resolved by name.
 
-A backbone maps embeddings to hidden states: ``forward(x, cache=None) -> (h, cache)`` with
-``x`` of shape (B, T, C). ``new_cache(batch, max_len, pad=None)`` returns the state it
+A backbone maps embeddings to hidden states: ``forward(x, cache=None, causal=True) -> (h, cache)``
+with ``x`` of shape (B, T, C) (``causal=False``: a bidirectional pass, see stack.py). ``new_cache(batch, max_len, pad=None)`` returns the state it
 needs for incremental decoding (an object with ``length``, ``max_len`` and ``pad``: keys and
 values for attention, recurrent states for the others). A backbone may offer
 ``decode_step(x, cache, slot)`` for compiled decoding and says so with

@@ -37,7 +37,9 @@ class MixerContext:
 
     cache   the KVCache (keys/values of attention layers, ``states[i]`` of recurrent ones), or None
     cos, sin  rotary tables of the new positions, for attention: (T, D), or (B, 1, T, D) under left padding
-    mask    attention mask (bool, broadcastable to (B, H, T, S)); ``causal``: plain causal attention instead
+    mask    attention mask (bool, broadcastable to (B, H, T, S)); ``causal``: plain causal attention instead.
+            A bidirectional pass (``LWM.forward(causal=False)`` or a per-row (B,) flag) comes as a mask that
+            opens later positions too (only left padding stays masked); only bidirectional mixers get one
     valid   (B, T) bool: the real tokens while some rows may still be in their left padding (recurrent mixers)
     slot    0-d long tensor: the fixed-shape one-token decoding step at this cache slot (Stack.decode_step)
     ring    the process group over which each sequence is split (model.attention=ring, training): attention
@@ -82,16 +84,19 @@ class MixerSpec:
     build: Callable[..., nn.Module]  # ModelConfig -> the mixer module
     backbone: str | None  # the single-kind backbone made of this mixer only
     check: Callable[..., None]  # ModelConfig -> None, or a one-line ConfigError
+    bidirectional: bool = False  # can attend to later positions too (``LWM.forward(causal=False)``: masked objectives)
 
 
 MIXERS: dict[str, MixerSpec] = {}
 
 
-def register_mixer(name: str, backbone: str | None = None, check: Callable[..., None] | None = None):
-    """Decorator on a builder ``cfg -> nn.Module``: ``model.layers`` may name ``name``."""
+def register_mixer(name: str, backbone: str | None = None, check: Callable[..., None] | None = None,
+                   bidirectional: bool = False):
+    """Decorator on a builder ``cfg -> nn.Module``: ``model.layers`` may name ``name``. ``bidirectional``:
+    the mixer obeys a mask that opens later positions (attention does; a recurrent state cannot)."""
 
     def deco(build):
-        MIXERS[name] = MixerSpec(name, build, backbone, check or _no_check)
+        MIXERS[name] = MixerSpec(name, build, backbone, check or _no_check, bidirectional)
         if backbone is not None:
             register(backbone)(_single_kind(name))
         return build

@@ -19,7 +19,11 @@ checkpoints that came before the stack.
 
 Every mixer is called as ``mixer.mix(h, ctx, i)`` with one ``MixerContext`` per call, built
 here: rotary tables and the attention mask if some layer is not recurrent, the ``valid`` mask
-if some layer is. One cache (``KVCache``) serves every stack: keys/values for attention layers, a recurrent state
+if some layer is. ``forward(x, cache, causal=False)`` is a bidirectional pass (the masked
+objectives; a (B,) bool ``causal`` chooses per row): the mask then opens later positions too,
+for stacks whose every mixer is registered ``bidirectional`` (attention).
+
+One cache (``KVCache``) serves every stack: keys/values for attention layers, a recurrent state
 for the others, one ``length`` and one left padding for all. Under left padding the recurrent
 layers get a ``valid`` mask for the slots that may hold pads, so their state after a row's pad
 prefix is exactly the empty state.
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from . import register
-from .mixer import MixerContext, build_mixer
+from .mixer import MIXERS, MixerContext, build_mixer
 from .moe import MoEFeedForward
 from .transformer import KVCache, RMSNorm, SwiGLU, rope_table, slot_mask
 
@@ -97,6 +101,7 @@ class Stack(nn.Module):
         recurrent = [b.mixer.recurrent for b in self.blocks]
         self.has_attn = not all(recurrent)  # some layer reads rotary tables and the attention mask
         self.has_recurrent = any(recurrent)  # some layer keeps a state and reads the valid mask
+        self.bidirectional = all(MIXERS[k].bidirectional for k in kinds)  # every layer can attend both ways
         if self.has_attn:
             cos, sin = rope_table(cfg.head_dim, cfg.context, cfg.rope_theta)
             self.register_buffer("cos", cos, persistent=False)
@@ -122,11 +127,15 @@ class Stack(nn.Module):
             raise ValueError(f"cache of {max_len} positions exceeds the model context {self.cfg.context}")
         return KVCache(self.cfg.n_layer, batch, max_len, pad)
 
-    def forward(self, x, cache: KVCache | None = None):
+    def forward(self, x, cache: KVCache | None = None, causal: bool | torch.Tensor = True):
+        """x (B, T, C) -> (h, cache). ``causal`` False: a bidirectional pass (every position sees every
+        real token; attention-only stacks, no cache filled before); a (B,) bool tensor: per row."""
         B, T, _ = x.shape  # (B, T, C)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.context:
             raise ValueError(f"sequence of {start + T} positions exceeds the model context {self.cfg.context}")
+        if causal is not True and not self.bidirectional:
+            raise ValueError(f"a bidirectional pass needs layers that can attend both ways; this stack has {','.join(self.kinds)}")
         pad = cache.pad if cache is not None else None
         ctx = MixerContext(cache, ring=self._ring_group() if cache is None else None)
         if ctx.ring is not None:  # this rank holds tokens rank*T .. rank*T+T-1 of each sequence
@@ -135,7 +144,7 @@ class Stack(nn.Module):
             pos = local_positions(T, ctx.ring, device=x.device)
             ctx.cos, ctx.sin = self.cos[pos].to(_compute_dtype(x)), self.sin[pos].to(_compute_dtype(x))
         elif self.has_attn:
-            ctx.cos, ctx.sin, ctx.mask, ctx.causal = self._attention_inputs(x, start, T, pad)
+            ctx.cos, ctx.sin, ctx.mask, ctx.causal = self._attention_inputs(x, start, T, pad, causal)
         if self.has_recurrent and pad is not None and start < cache.pad_max:
             ctx.valid = torch.arange(start, start + T, device=x.device)[None] >= pad[:, None]  # (B, T)
         for i, block in enumerate(self.blocks):
@@ -155,29 +164,34 @@ class Stack(nn.Module):
             return None
         return dist.group.WORLD
 
-    def _attention_inputs(self, x, start: int, T: int, pad):
-        """Rotary tables and the attention mask for slots start .. start+T-1."""
-        mask, causal = None, False
+    def _attention_inputs(self, x, start: int, T: int, pad, causal: bool | torch.Tensor = True):
+        """Rotary tables and the attention mask for slots start .. start+T-1 (see forward for ``causal``)."""
+        mask, plain = None, False
         if pad is None:
             cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, D)
-            if T > 1:
+            if causal is not True:
+                mask = _open_mask(start, T, None, causal, x.device)
+            elif T > 1:
                 if start == 0:
-                    causal = True
+                    plain = True
                 else:  # several new tokens after a filled cache: mask by absolute slot
                     mask = slot_mask(start, T, x.device)[None, None]
         else:
             slots = torch.arange(start, start + T, device=x.device)
             pos = (slots[None] - pad[:, None]).clamp(min=0)  # (B, T)
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, D)
-            keys = torch.arange(start + T, device=x.device)
-            mask = slot_mask(start, T, x.device)[None] & (
-                (keys[None, None] >= pad[:, None, None]) | (slots[None, :, None] == keys[None, None])
-            )  # (B, T, S): causal, real keys only (a pad query sees itself so no row is empty)
-            mask = mask[:, None]  # (B, 1, T, S)
+            if causal is not True:
+                mask = _open_mask(start, T, pad, causal, x.device)
+            else:
+                keys = torch.arange(start + T, device=x.device)
+                mask = slot_mask(start, T, x.device)[None] & (
+                    (keys[None, None] >= pad[:, None, None]) | (slots[None, :, None] == keys[None, None])
+                )  # (B, T, S): causal, real keys only (a pad query sees itself so no row is empty)
+                mask = mask[:, None]  # (B, 1, T, S)
         dt = _compute_dtype(x)
         if cos.dtype != dt:  # rotate in the compute dtype so no op silently runs in fp32
             cos, sin = cos.to(dt), sin.to(dt)
-        return cos, sin, mask, causal
+        return cos, sin, mask, plain
 
     def decode_step(self, x, cache: KVCache, slot: torch.Tensor):
         """x (B, 1, C) at cache slot `slot` (0-d long tensor, = cache.length) -> h (B, 1, C).
@@ -203,6 +217,23 @@ class Stack(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, i)
         return x
+
+
+def _open_mask(start: int, T: int, pad, causal: bool | torch.Tensor, device) -> torch.Tensor | None:
+    """The mask of a pass that is not all causal: ``causal`` False (every query sees every key) or a
+    (B,) bool tensor (True rows causal, False rows bidirectional); left-padded keys stay masked.
+    None (no mask at all) for a bidirectional pass without padding."""
+    if start:
+        raise ValueError("a bidirectional pass reads the whole sequence at once; it cannot follow a filled cache")
+    if causal is False and pad is None:
+        return None
+    see = torch.ones(1, T, T, dtype=torch.bool, device=device)  # (1, T, S)
+    if isinstance(causal, torch.Tensor):
+        see = slot_mask(0, T, device)[None] | ~causal.to(device=device, dtype=torch.bool)[:, None, None]  # (B, T, S)
+    if pad is not None:
+        keys = torch.arange(T, device=device)
+        see = see & ((keys[None, None] >= pad[:, None, None]) | torch.eye(T, dtype=torch.bool, device=device)[None])
+    return see[:, None]  # (B or 1, 1, T, S)
 
 
 @register("hybrid")

@@ -109,7 +109,7 @@ class KVCache:
         return self.k[i][:, :, : s + t], self.v[i][:, :, : s + t]
 
 
-@register_mixer("attn", backbone="transformer")
+@register_mixer("attn", backbone="transformer", bidirectional=True)
 class Attention(nn.Module):
     """Grouped-query causal attention with rotary positions; the mixer ``attn``."""
 

@@ -7,7 +7,8 @@ A recipe (``Recipe``) gives everything that differs between kinds of run:
   trains; the world recipe collects, trains, evaluates and writes a report);
 - ``resume(run_dir, overrides, progress, log)``: behind `worldloom train --resume`;
 - ``load(run_dir)``: the run loader's part: ``(vocab_size, {"tokenizer": ...} or {"layout": ...})``;
-- ``evaluate(args, run)``: behind `worldloom eval RUN` (prints, returns an exit status).
+- ``evaluate(args, run)``: behind `worldloom eval RUN` (prints, returns an exit status);
+- ``objectives``: the ``train.objective`` values it trains (default: next-token only).
 
 A new recipe is one module that defines ``RECIPE`` plus one line in ``_MODULES``. Nothing outside
 this registry compares recipe names. Modules are imported on first use, so reading a config
@@ -38,6 +39,7 @@ class Recipe:
     resume: Callable
     load: Callable
     evaluate: Callable
+    objectives: tuple[str, ...] = ("next",)  # the train.objective values its task trains on
 
 
 def recipe_names() -> list[str]:

@@ -8,6 +8,11 @@
   the small closed vocabularies of environment missions ("go to the red ball").
 
 Both save one ``tokenizer.json`` that `transformers.PreTrainedTokenizerFast` also loads.
+
+Runs trained with a masked objective (``train.objective=masked|combined``) get one more token,
+``<mask>``, added as a special token after every other (``mask=True``): the ids of the others
+do not move, and ``<mask>`` written in a text encodes to it. Other tokenizers (and the ones of
+existing run folders) are unchanged.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..errors import CheckpointError, DataError
 from ..io import atomic_write_text, read_json, write_json
+
+
+MASK = "<mask>"  # the fill-mask token of runs trained with a masked objective
 
 
 class TextTokenizer:
@@ -32,16 +40,22 @@ class TextTokenizer:
 
     # -- construction
     @classmethod
-    def train(cls, kind: str, text: str, vocab_size: int = 4096) -> "TextTokenizer":
+    def train(cls, kind: str, text: str, vocab_size: int = 4096, mask: bool = False) -> "TextTokenizer":
+        """A tokenizer learned from ``text``; ``mask``: with a ``<mask>`` token as its last id."""
         if not text:
             raise DataError("cannot train a tokenizer on empty text")
-        if kind == "char":
-            return cls(_char_tokenizer(text), "char")
-        if kind == "bpe":
-            return cls(_bpe_tokenizer(text, vocab_size), "bpe")
-        if kind == "word":
-            return cls(_word_tokenizer(text), "word")
-        raise ValueError(f"unknown text tokenizer kind {kind!r}")
+        builders = {"char": _char_tokenizer, "bpe": lambda t: _bpe_tokenizer(t, vocab_size), "word": _word_tokenizer}
+        if kind not in builders:
+            raise ValueError(f"unknown text tokenizer kind {kind!r}")
+        tok = builders[kind](text)
+        if mask:
+            tok.add_special_tokens([AddedToken(MASK, special=True, normalized=False)])
+        return cls(tok, kind)
+
+    @property
+    def mask_id(self) -> int | None:
+        """The id of ``<mask>``, or None for a tokenizer without one (trained for next-token prediction)."""
+        return self.tok.token_to_id(MASK)
 
     # -- protocol
     @property
