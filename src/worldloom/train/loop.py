@@ -25,6 +25,7 @@ from ..data.text import TextData, read_corpus, split_text
 from ..errors import CheckpointError, ConfigError
 from ..evaluate import sampled_loss
 from ..io import atomic_write_text
+from ..memory import check_fits
 from ..model import LWM
 from ..run import CONFIG, METRICS, TOKENIZER_DIR, read_run_config
 from ..runtime import autocast, resolve_device, resolve_precision, set_threads
@@ -127,12 +128,16 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     set_threads(tc.threads)
     device = resolve_device(tc.device)
     state = read_state(ckpt) if ckpt else {}
+    if ckpt and tc.max_steps < state["step"]:  # before anything is written: config.yaml must agree with the checkpoint
+        raise ConfigError(f"{run_dir} has reached step {state['step']}; train.max_steps={tc.max_steps} would end it in the past "
+                          f"(give train.max_steps >= {state['step']}; nothing was changed)")
     precision = state.get("precision") or resolve_precision(tc.precision, device)
 
     # ---- data and tokenizers (learned once, from the training part only)
     task = make_task(cfg, run_dir, resuming=ckpt is not None)
 
     # ---- model and optimizer
+    check_fits(cfg, device)  # a one-line refusal instead of an allocator traceback
     torch.manual_seed(tc.seed)
     model = LWM(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
