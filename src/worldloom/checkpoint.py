@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import load_tensors, read_json, remove_stale_temporaries, save_tensors, write_json
 
 FORMAT = "worldloom-checkpoint/1"
 POINTER = "checkpoint.json"
@@ -97,6 +97,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     tmp = run_dir / CHECKPOINTS / f".{name}.tmp"
     for stale in (run_dir / CHECKPOINTS).glob(".step-*.tmp"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(run_dir)  # e.g. a half-written checkpoint.json beside the real one
     tmp.mkdir(parents=True)
     save_tensors(tmp / "model.safetensors", _unique_state(model), metadata={"format": FORMAT})
     full_state = dict(state, format=FORMAT)

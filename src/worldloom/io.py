@@ -57,6 +57,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files atomic_write_bytes leaves in `folder` when killed mid-write."""
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
