@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from worldloom.checkpoint import latest_checkpoint
@@ -38,6 +38,7 @@ def run_main(capsys, argv) -> tuple[int, str, str]:
         rc = e.code
     out, err = capsys.readouterr()
     assert "Traceback" not in err
+    event(f"status {rc}")  # --hypothesis-show-statistics: how many examples worked
     if rc != 0:
         assert rc == 2, (rc, err)
         assert err.count("\n") == 1 and err.startswith("worldloom: error: "), err
@@ -199,6 +200,26 @@ def test_imagine_flags_work_or_fail_in_one_line(flag, value, world_run, tmp_path
     assert_written_only_under(before, snapshot(sandbox, world_run), out)
     if rc == 0:
         assert out.is_file()
+
+
+@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(verb=st.sampled_from(["presets", "export", "collect"]), value=SMALL_OR_HOSTILE)
+def test_presets_export_collect_arguments_work_or_fail_in_one_line(verb, value, trained_run, tmp_path_factory, capsys):
+    sandbox = tmp_path_factory.mktemp("sandbox")
+    if verb != "presets" and (value.startswith("/") or ".." in value):
+        value = "o" + value  # kept inside the sandbox: `collect --out /` would really write there
+    argv = {"presets": ["presets", "--show", value],
+            "export": ["export", "hf", trained_run, value],
+            "collect": ["collect", "data.episodes=2", "data.val_episodes=1", "data.workers=1", "--out", value, "--no-progress"]}[verb]
+    before = snapshot(sandbox, trained_run)
+    cwd = os.getcwd()
+    os.chdir(sandbox)
+    try:
+        run_main(capsys, argv)
+    finally:
+        os.chdir(cwd)
+    allowed = [] if verb == "presets" else [sandbox / value]
+    assert_written_only_under(before, snapshot(sandbox, trained_run), *allowed)
 
 
 # ---------------------------------------------------------------- the holes found by probing, one by one

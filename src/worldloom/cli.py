@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-new-tokens", type=_int_in(0, 10**7), default=200)
         s.add_argument("--temperature", type=_float_in(1e-3, 1e6, zero=True), default=0.8, help="0 = greedy")
         s.add_argument("--top-k", type=_int_in(0), default=0, help="keep the k likeliest tokens (0 = off)")
-        s.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling mass (1 = off)")
+        s.add_argument("--top-p", type=_float_in(1e-6, 1.0), default=1.0, help="nucleus sampling mass (1 = off)")
         s.add_argument("--seed", type=_int_in(0), default=None, help="sampling seed, for repeatable samples")
         s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
 

@@ -273,6 +273,7 @@ class TrainConfig:
 
 
 RECIPES = ("text", "world")
+STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid")  # model fields the world stream layout sets
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
 
@@ -304,6 +305,10 @@ class RunConfig:
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
         check_run_name(self.name)
+        if self.recipe == "text":
+            derived = [k for k in STREAM_DERIVED if getattr(self.model, k)]
+            if derived:
+                raise ConfigError(f"model.{derived[0]} is set from a world-model stream; a text run has none (drop model.{derived[0]}=...)")
         if not self.out_dir.strip():
             raise ConfigError("out_dir is empty; give the folder that holds run folders (default runs)")
 
