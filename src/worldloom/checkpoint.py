@@ -164,8 +164,15 @@ def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
     return key == "head.weight" and getattr(model.cfg, "tie_weights", False)
 
 
+RESUME_KEYS = ("optimizer_groups", "elapsed", "data_rng", "torch_rng")  # what resuming reads beyond the weights
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
+    """Restore the optimizer (the first step of resuming: it also checks state.json has what resuming needs)."""
     tensors = load_tensors(Path(ckpt) / "optimizer.safetensors", "optimizer state")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{ckpt}/state.json lacks {missing[0]!r}; this checkpoint can be loaded but not resumed")
     try:
         optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer_groups"]))
     except (KeyError, ValueError, RuntimeError) as e:
