@@ -16,24 +16,42 @@ checkpoint. Loading reads safetensors and JSON only: no file is ever unpickled.
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import load_tensors, read_json, remove_stale_temporaries, save_tensors, write_json
 
 FORMAT = "worldloom-checkpoint/1"
 POINTER = "checkpoint.json"
 
 
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"step-\d{8,}")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder that checkpoint.json names, or None for a run without one.
+
+    The pointer must name a folder directly inside the run's own checkpoints/ (never one of
+    another run, never a path outside the run folder)."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} exists but is a file, not a folder; choose another name= or out_dir=")
     if not (run_dir / POINTER).exists():
         return None
     ptr = read_json(run_dir / POINTER, "checkpoint pointer")
-    path = run_dir / str(ptr.get("latest", ""))
+    latest = ptr.get("latest")
+    parts = str(latest).split("/")
+    if not isinstance(latest, str) or len(parts) != 2 or parts[0] != CHECKPOINTS or not _NAME.fullmatch(parts[1]):
+        raise CheckpointError(f"{run_dir / POINTER} is corrupt: 'latest' must be {CHECKPOINTS}/step-NNNNNNNN, got {latest!r}")
+    path = run_dir / latest
+    inside = (run_dir / CHECKPOINTS).resolve()
+    if (run_dir / CHECKPOINTS).is_symlink() or path.is_symlink() or path.resolve().parent != inside:
+        raise CheckpointError(f"{run_dir / POINTER} points at {path}, which leads outside {run_dir / CHECKPOINTS}; refusing to follow it")
     if not path.is_dir():
         raise CheckpointError(f"{run_dir / POINTER} points at {path}, which does not exist")
     return path
@@ -61,7 +79,15 @@ def rng_to_json(state: torch.Tensor) -> str:
 
 
 def rng_from_json(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+    """A CPU generator state saved by rng_to_json (CheckpointError if it is not one)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise CheckpointError("checkpoint state holds a random-generator state that is not base64") from None
+    if len(raw) != torch.get_rng_state().numel():
+        raise CheckpointError(f"checkpoint state holds a random-generator state of {len(raw)} bytes, "
+                              f"expected {torch.get_rng_state().numel()}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict | None, state: dict,
@@ -71,10 +97,11 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: tor
     (a sharded run passes the whole, gathered states: worldloom.train.dist)."""
     run_dir = Path(run_dir)
     name = f"step-{state['step']:08d}"
-    final = run_dir / "checkpoints" / name
-    tmp = run_dir / "checkpoints" / f".{name}.tmp"
-    for stale in (run_dir / "checkpoints").glob(".step-*.tmp"):  # left by a run killed mid-save
+    final = run_dir / CHECKPOINTS / name
+    tmp = run_dir / CHECKPOINTS / f".{name}.tmp"
+    for stale in (run_dir / CHECKPOINTS).glob(".step-*.tmp"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(run_dir)  # e.g. a half-written checkpoint.json beside the real one
     tmp.mkdir(parents=True)
     weights = model if isinstance(model, dict) else _unique_state(model)
     save_tensors(tmp / "model.safetensors", weights, metadata={"format": FORMAT})
@@ -87,8 +114,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: tor
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    write_json(run_dir / POINTER, {"latest": f"checkpoints/{name}", "step": state["step"]})
-    older = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p != final)
+    write_json(run_dir / POINTER, {"latest": f"{CHECKPOINTS}/{name}", "step": state["step"]})
+    older = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p != final)
     for p in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
@@ -106,10 +133,20 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_STATE_TYPES = {"step": int, "elapsed": (int, float), "precision": str, "data_rng": str, "torch_rng": str}
+
+
 def read_state(ckpt: Path) -> dict:
     state = read_json(Path(ckpt) / "state.json", "checkpoint state")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} is not a worldloom checkpoint (format {state.get('format')!r}, expected {FORMAT!r})")
+    for key, tp in _STATE_TYPES.items():
+        if key in state and (not isinstance(state[key], tp) or isinstance(state[key], bool)):
+            raise CheckpointError(f"{ckpt}/state.json is corrupt: {key} is {state[key]!r}")
+    if not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"{ckpt}/state.json is corrupt: no step count")
+    if state.get("precision") not in (None, "fp32", "bf16", "fp16"):
+        raise CheckpointError(f"{ckpt}/state.json is corrupt: precision {state['precision']!r}")
     return state
 
 
@@ -132,9 +169,16 @@ def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
     return key == "head.weight" and getattr(model.cfg, "tie_weights", False)
 
 
+RESUME_KEYS = ("optimizer_groups", "elapsed", "data_rng", "torch_rng")  # what resuming reads beyond the weights
+
+
 def read_optimizer_state(ckpt: Path, state: dict) -> dict:
-    """The optimizer state_dict saved in a checkpoint (before it is loaded into an optimizer)."""
+    """The optimizer state_dict saved in a checkpoint (the first step of resuming: it also checks that
+    state.json has what resuming needs)."""
     tensors = load_tensors(Path(ckpt) / "optimizer.safetensors", "optimizer state")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{ckpt}/state.json lacks {missing[0]!r}; this checkpoint can be loaded but not resumed")
     try:
         return _optimizer_state(tensors, state["optimizer_groups"])
     except (KeyError, ValueError) as e:

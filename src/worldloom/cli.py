@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -136,16 +137,20 @@ def _cmd_generate(args) -> int:
     precision = resolve_precision(args.precision, torch.device("cpu"))
     ctx = (lambda: autocast(precision, torch.device("cpu"))) if precision != "fp32" else None
     prompts = [args.prompt] * args.num_samples
-    if args.num_samples == 1:
-        sys.stdout.write(args.prompt)
-        for _, text in stream_batch(run.model, run.tokenizer, prompts, sc, args.stop, ctx, args.compile):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        return 0
-    outs = [""] * len(prompts)
-    for i, text in stream_batch(run.model, run.tokenizer, prompts, sc, args.stop, ctx, args.compile):
-        outs[i] += text
+    stream = stream_batch(run.model, run.tokenizer, prompts, sc, args.stop, ctx, args.compile)
+    try:
+        if args.num_samples == 1:
+            sys.stdout.write(args.prompt)
+            for _, text in stream:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        outs = [""] * len(prompts)
+        for i, text in stream:
+            outs[i] += text
+    except ValueError as e:  # a sampling setting decode refuses (it validates as it samples)
+        raise WorldloomError(f"cannot sample: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for i, text in enumerate(outs):
         print(f"--- sample {i + 1}\n{args.prompt}{text}")
     return 0
@@ -188,10 +193,56 @@ def _cmd_export(args) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line (no usage block before them)."""
+    """argparse, with usage errors on one line (no usage block before them), from any sub-command:
+    ``worldloom: error: ... (see `worldloom generate --help`)``."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"worldloom: error: {message} (see `{self.prog} --help`)\n")
+
+
+INT64 = 2**63 - 1
+
+
+def _int_in(lo: int, hi: int = INT64):
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo:,} and {hi:,}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False, zero: bool = False):
+    """An argparse type: a finite number in [lo, hi] ((lo, hi] with lo_open); 0 also allowed with zero."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if zero and value == 0:
+            return 0.0
+        if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+            span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"must be {'0 or ' if zero else ''}a finite number in {span}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _out_path(text: str) -> str:
+    """An argparse type: a path to write (not empty, no NUL)."""
+    if not text.strip() or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"expected a path to write, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,16 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("preset", nargs="?", help="preset name; default babyai")
     s.add_argument("overrides", nargs="*", help="config overrides (env.id, data.episodes, data.val_episodes, data.perturbed, data.epsilon, data.workers, ...)")
-    s.add_argument("--out", help="output folder (default data/<env id>)")
+    s.add_argument("--out", type=_out_path, help="output folder (default data/<env id>)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=_cmd_collect)
 
     def sampling_args(s):
-        s.add_argument("--max-new-tokens", type=int, default=200)
-        s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-        s.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
-        s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-        s.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable samples")
+        s.add_argument("--max-new-tokens", type=_int_in(0, 10**7), default=200)
+        s.add_argument("--temperature", type=_float_in(1e-3, 1e6, zero=True), default=0.8, help="0 = greedy")
+        s.add_argument("--top-k", type=_int_in(0), default=0, help="keep the k likeliest tokens (0 = off)")
+        s.add_argument("--top-p", type=_float_in(1e-6, 1.0), default=1.0, help="nucleus sampling mass (1 = off)")
+        s.add_argument("--seed", type=_int_in(0), default=None, help="sampling seed, for repeatable samples")
         s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
 
     s = sub.add_parser("generate", help="continue a prompt with a trained model (streams to stdout)")
@@ -234,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt", help="text to continue")
     sampling_args(s)
     s.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
-    s.add_argument("--num-samples", type=int, default=1, help="sample several continuations as one batch")
+    s.add_argument("--num-samples", type=_int_in(1, 4096), default=1, help="sample several continuations as one batch")
     s.add_argument("--compile", action="store_true", help="torch.compile the one-token step: ~20 s to start, then ~1.3x faster")
     s.set_defaults(fn=_cmd_generate)
 
@@ -251,24 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="evaluate a run: held-out loss (text) or success and world-model accuracy (world)")
     s.add_argument("run", help="run folder")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
-    s.add_argument("--episodes", type=int, default=None, help="world runs: real-environment episodes on held-out seeds (default eval.episodes)")
-    s.add_argument("--plan-episodes", type=int, default=None, help="world runs: episodes acted by planning in imagination (0 = skip)")
+    s.add_argument("--episodes", type=_int_in(1, 10**6), default=None,
+                   help="world runs: real-environment episodes on held-out seeds (default eval.episodes)")
+    s.add_argument("--plan-episodes", type=_int_in(0, 10**6), default=None,
+                   help="world runs: episodes acted by planning in imagination (0 = skip)")
     s.add_argument("--data", help="evaluate on the held-out part of another text file")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=_int_in(1, 2**20), default=16)
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("imagine", help="a GIF of the world model imagining an episode beside the real one")
     s.add_argument("run", help="world run folder, e.g. runs/babyai")
-    s.add_argument("--seed", type=int, default=0, help="environment seed of the real episode (its first frame starts the imagination)")
-    s.add_argument("--steps", type=int, default=20, help="steps to imagine (the real episode may end sooner)")
-    s.add_argument("--out", default="rollout.gif", help="GIF to write")
+    s.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0,
+                   help="environment seed of the real episode (its first frame starts the imagination)")
+    s.add_argument("--steps", type=_int_in(1, 10**4), default=20, help="steps to imagine (the real episode may end sooner)")
+    s.add_argument("--out", type=_out_path, default="rollout.gif", help="GIF to write")
     s.set_defaults(fn=_cmd_imagine)
 
     s = sub.add_parser("export", help="export a run to another format")
     s.add_argument("format", choices=["hf"], help="hf: a transformers LlamaForCausalLM folder")
     s.add_argument("run", help="run folder")
-    s.add_argument("out", help="output folder")
+    s.add_argument("out", type=_out_path, help="output folder")
     s.set_defaults(fn=_cmd_export)
     return p
 
@@ -277,31 +331,26 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import flush_denormals
 
     flush_denormals()  # before torch starts its worker threads: they inherit the mode
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
-        if getattr(args, "verb", None) in ("train", "collect") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides.extend(extra)
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not getattr(args, "fn", None):
-        parser.print_help()
-        return 2
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # a usage error (one line on stderr, status 2) or --help (status 0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.fn(args)
-    except WorldloomError as e:
-        print(f"worldloom: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("worldloom: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 - re-raised below unless the user can act on it
         from .train.dist import peer_failed
 
-        if not peer_failed(e):
+        if peer_failed(e):
+            print("worldloom: error: another rank of this torchrun job stopped (its message is above)", file=sys.stderr)
+            return 1
+        message = user_error(e)
+        if message is None:
             raise
-        print("worldloom: error: another rank of this torchrun job stopped (its message is above)", file=sys.stderr)
-        return 1
+        print(f"worldloom: error: {message}", file=sys.stderr)
+        return 2
     finally:
         _leave_process_group()
 
@@ -313,6 +362,41 @@ def _leave_process_group() -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
+        if getattr(args, "verb", None) in ("train", "collect") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "fn", None):
+        parser.error(f"choose a verb: {', '.join(VERBS)}")
+    return args
+
+
+VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "export")
+_OOM = ("not enough memory", "can't allocate memory", "out of memory", "defaultcpuallocator")
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one line to print for an exception the user can act on; None for a bug (it keeps its traceback).
+
+    Besides WorldloomError: the machine refusing a file operation (a read-only or odd output
+    place, a full disk) and an allocation the machine cannot serve."""
+    if isinstance(e, WorldloomError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "a file"
+        return f"cannot use {where}: {e.strerror} (choose another out_dir / --out, or check the path)"
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+            isinstance(e, RuntimeError) and any(k in text for k in _OOM)):
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        return f"out of memory ({first}); use a smaller model, train.batch_size or --batch-size"
+    return None
 
 
 if __name__ == "__main__":

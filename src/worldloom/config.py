@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -308,6 +310,7 @@ class ModelConfig:
 
 
 OBJECTIVES = ("next", "masked", "combined")  # train.objective: the losses/ functions the text recipe trains on
+MAX_THREADS = 4096
 
 
 @dataclass
@@ -352,8 +355,30 @@ class TrainConfig:
             raise ConfigError(f"train.dist must be one of none, ddp, fsdp; got {self.dist!r}")
         if self.precision not in ("auto", "bf16", "fp32", "fp16"):
             raise ConfigError(f"train.precision must be one of auto, bf16, fp32, fp16; got {self.precision!r}")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"train.threads must be between 0 (all cores) and {MAX_THREADS}, got {self.threads}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.warmup_steps, train.grad_clip and train.weight_decay must be >= 0, got "
+                              f"{self.warmup_steps}, {self.grad_clip}, {self.weight_decay}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ConfigError(f"train.beta1 and train.beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid")  # model fields the world stream layout sets
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one path component: the run folder is always directly inside out_dir."""
+    seps = {"/", os.sep, os.altsep or "/", "\\"}
+    if not name.strip() or name in (".", ".."):
+        raise ConfigError(f"name must name a run folder inside out_dir (e.g. name=quick), got {name!r}")
+    if any(sep in name for sep in seps):
+        raise ConfigError(f"name must be one folder name without '/' or '\\' (set out_dir for the parent folder), got {name!r}")
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise ConfigError(f"name is longer than {NAME_MAX} bytes, too long for a folder name")
 
 
 @dataclass
@@ -370,11 +395,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        from .recipes import check_recipe
+        from .recipes import check_recipe, get_recipe
 
         check_recipe(self.recipe)
         if self.train.objective != "next":
             _check_objective(self)
+        check_run_name(self.name)
+        derived = [k for k in STREAM_DERIVED if getattr(self.model, k)]
+        if derived and derived[0] not in get_recipe(self.recipe).model_fields:
+            raise ConfigError(f"model.{derived[0]} is set from a world-model stream; a {self.recipe} run has none "
+                              f"(drop model.{derived[0]}=...)")
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir is empty; give the folder that holds run folders (default runs)")
 
     @property
     def run_dir(self) -> Path:
@@ -430,20 +462,47 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _bounded_int(path, value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-            return float(value)  # YAML 1.1 (PyYAML) reads 3e-4, without a dot, as a string
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+            value = float(value)  # YAML 1.1 (PyYAML) reads 3e-4, without a dot, as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            return _finite_float(path, value)
+    elif tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ConfigError(f"{path} must not contain a NUL character, got {value!r}")
+            return value
     else:  # pragma: no cover - a field type this module does not know is a bug here
         raise TypeError(f"unsupported config field type {tp!r} at {path}")
     raise ConfigError(f"{path} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+INT_LIMIT = 2**63 - 1  # every config integer must fit a 64-bit index (torch sizes, seeds, steps)
+
+
+# Counts that cost work or memory before any size check can run (a list per layer, a process per worker).
+UPPER = {"model.n_layer": 1024, "model.moe_experts": 1024, "data.workers": 256, "eval.envs": 4096}
+
+
+def _bounded_int(path: str, value: int) -> int:
+    if not -INT_LIMIT <= value <= INT_LIMIT:
+        raise ConfigError(f"{path}={str(value)[:24]}... is out of range: config integers lie within ±(2**63-1)")
+    if value > UPPER.get(path, INT_LIMIT):
+        raise ConfigError(f"{path}={value} is beyond the supported {UPPER[path]:,}")
+    return value
+
+
+def _finite_float(path: str, value: float) -> float:
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        raise ConfigError(f"{path} is too large to be a number, got {str(value)[:30]}...") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{path} must be a finite number, got {value}")
+    return value
 
 
 def from_dict(cls, data: dict, prefix: str = ""):

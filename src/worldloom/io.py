@@ -57,6 +57,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files atomic_write_bytes leaves in `folder` when killed mid-write."""
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -66,13 +73,17 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path, what: str = "file") -> dict:
+    """A JSON object from a file; CheckpointError if it is missing, not JSON, or not an object."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what} {path} is corrupt ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{what} {path} is corrupt ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} is corrupt (a JSON {type(data).__name__}, expected an object)")
+    return data
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

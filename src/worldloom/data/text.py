@@ -21,14 +21,29 @@ def read_corpus(path: str | Path) -> str:
     if not p.exists():
         raise DataError(f"data file not found: {p}")
     if not p.is_file():
-        raise DataError(f"data.path must be a text file, got a folder: {p}")
+        raise DataError(f"data.path must be a text file, got {_kind(p)}: {p}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"data file {p} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {p}: {e.strerror or e}") from None
     if not text.strip():
         raise DataError(f"data file {p} is empty")
     return text
+
+
+def _kind(p: Path) -> str:
+    """What a path that is not a regular file is, in words (a FIFO or device would block or read forever)."""
+    if p.is_dir():
+        return "a folder"
+    if p.is_char_device() or p.is_block_device():
+        return "a device"
+    if p.is_fifo():
+        return "a pipe"
+    if p.is_socket():
+        return "a socket"
+    return "something that is not a regular file"
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

@@ -8,7 +8,8 @@ A recipe (``Recipe``) gives everything that differs between kinds of run:
 - ``resume(run_dir, overrides, progress, log)``: behind `worldloom train --resume`;
 - ``load(run_dir)``: the run loader's part: ``(vocab_size, {"tokenizer": ...} or {"layout": ...})``;
 - ``evaluate(args, run)``: behind `worldloom eval RUN` (prints, returns an exit status);
-- ``objectives``: the ``train.objective`` values it trains (default: next-token only).
+- ``objectives``: the ``train.objective`` values it trains (default: next-token only);
+- ``model_fields``: the model config fields its task sets from the data (default: vocab_size).
 
 A new recipe is one module that defines ``RECIPE`` plus one line in ``_MODULES``. Nothing outside
 this registry compares recipe names. Modules are imported on first use, so reading a config
@@ -40,6 +41,7 @@ class Recipe:
     load: Callable
     evaluate: Callable
     objectives: tuple[str, ...] = ("next",)  # the train.objective values its task trains on
+    model_fields: tuple[str, ...] = ("vocab_size",)  # the ModelConfig fields its task sets (Task.model_sizes)
 
 
 def recipe_names() -> list[str]:

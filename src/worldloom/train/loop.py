@@ -30,6 +30,7 @@ from ..checkpoint import latest_checkpoint, load_model_weights, load_optimizer, 
 from ..config import RunConfig, apply_overrides, from_dict, save_yaml, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_text
+from ..memory import check_fits
 from ..model import LWM, model_inputs
 from ..recipes import get_recipe
 from ..run import CONFIG, METRICS, read_run_config
@@ -116,9 +117,13 @@ def setup(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> t
     device = resolve_device(tc.device)
     dist = D.init(tc.dist, device)
     state = read_state(ckpt) if ckpt else {}
+    if ckpt and tc.max_steps < state["step"]:  # before anything is written: config.yaml must agree with the checkpoint
+        raise ConfigError(f"{run_dir} has reached step {state['step']}; train.max_steps={tc.max_steps} would end it in the past "
+                          f"(give train.max_steps >= {state['step']}; nothing was changed)")
     precision = state.get("precision") or D.agree(resolve_precision(tc.precision, device), ("fp32", "bf16", "fp16"), dist)
     task = get_recipe(cfg.recipe).make_task(cfg, run_dir, ckpt is not None)  # data and tokenizers (training part only)
     cfg = replace(cfg, model=replace(cfg.model, **task.model_sizes()))
+    check_fits(cfg, device)  # a one-line refusal instead of an allocator traceback
     torch.manual_seed(tc.seed)
     model = LWM(cfg.model).to(device)
     if ckpt:
