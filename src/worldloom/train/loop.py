@@ -247,6 +247,7 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     bar.close()
     if tr.saved_step != tr.step:
         evaluate_and_save(tr)
+    D.barrier(tr.dist)  # every rank leaves once rank 0 has written the last checkpoint
     return _finish(tr, say)
 
 
