@@ -210,7 +210,7 @@ def test_imagine_flags_work_or_fail_in_one_line(flag, value, world_run, tmp_path
 def test_presets_export_collect_arguments_work_or_fail_in_one_line(verb, value, trained_run, tmp_path_factory, capsys):
     sandbox = tmp_path_factory.mktemp("sandbox")
     if verb != "presets" and (value.startswith("/") or ".." in value):
-        value = "o" + value  # kept inside the sandbox: `collect --out /` would really write there
+        value = "o/" + value.replace("..", "dd")  # kept inside the sandbox: `collect --out /` would really write there
     argv = {"presets": ["presets", "--show", value],
             "export": ["export", "hf", trained_run, value],
             "collect": ["collect", "data.episodes=2", "data.val_episodes=1", "data.workers=1", "--out", value, "--no-progress"]}[verb]
