@@ -349,7 +349,8 @@ def test_help_is_stdout_and_status_0(capsys):
 
 
 @pytest.mark.parametrize("edit", [{"data_rng": "!!not base64"}, {"torch_rng": "AAAA"}, {"step": "eighty"}, {"step": -1},
-                                  {"elapsed": None}, {"precision": "fp64"}, {"optimizer_groups": None}])
+                                  {"elapsed": None}, {"precision": "fp64"}, {"optimizer_groups": None},
+                                  {"clock": {"at": "x"}}, {"clock": [1]}])
 def test_hand_edited_state_json_is_one_line(edit, run_copy, capsys):
     path = latest_checkpoint(run_copy) / "state.json"
     state = json.loads(path.read_text())

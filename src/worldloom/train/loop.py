@@ -8,7 +8,9 @@ stream layout. Both give batches for ``LWM.compute_loss`` and a held-out loss.
 
 Resuming reloads the resolved config, the tokenizer, the weights, the optimizer moments
 and every RNG state, so that a resumed run continues the exact sequence of the
-uninterrupted one (the test suite checks it bit for bit in fp32).
+uninterrupted one (the test suite checks it bit for bit in fp32). With a binding
+train.max_minutes the schedule follows the clock, read at checkpoints only: a resumed run
+replays the killed one exactly up to the next checkpoint, and follows its own clock after.
 """
 
 from __future__ import annotations
@@ -167,9 +169,17 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     def elapsed() -> float:
         return time.perf_counter() - t_start
 
+    # The schedule's clock: seconds used at the last checkpoint and seconds per step since the one before. Between
+    # checkpoints the schedule extrapolates from them instead of reading the clock, so that a resumed run replays
+    # the killed one's learning rates exactly (before the first checkpoint: the clock itself).
+    clock = dict(state.get("clock") or {})
+
     def fraction() -> float:
         f = step / tc.max_steps
-        return max(f, elapsed() / budget) if budget else f
+        if not budget:
+            return f
+        seconds = clock["seconds"] + (step - clock["at"]) * clock["per_step"] if clock else elapsed()
+        return max(f, seconds / budget)
 
     def budget_left() -> bool:
         return step < tc.max_steps and not (budget and elapsed() >= budget)
@@ -179,8 +189,11 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     def checkpoint(val_loss: float | None):
         nonlocal saved_step
         saved_step = step
+        if budget:
+            now, at, before = elapsed(), clock.get("at", 0), clock.get("seconds", 0.0)
+            clock.update(at=step, seconds=now, per_step=(now - before) / max(step - at, 1))
         save_checkpoint(run_dir, model, optimizer, {
-            "step": step, "elapsed": elapsed(), "precision": precision, "val_loss": val_loss,
+            "step": step, "elapsed": elapsed(), "precision": precision, "val_loss": val_loss, "clock": clock,
             "data_rng": rng_to_json(gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state()),
         })
 
