@@ -71,6 +71,18 @@ def assert_written_only_under(before, after, *allowed: Path):
     assert not stray, stray
 
 
+def run_in(sandbox: Path, capsys, argv, *watch: Path) -> tuple[int, dict, dict]:
+    """run_main with `sandbox` as the working folder -> (status, files before, files after) of sandbox + watch."""
+    before = snapshot(sandbox, *watch)
+    cwd = os.getcwd()
+    os.chdir(sandbox)
+    try:
+        rc, _, _ = run_main(capsys, argv)
+    finally:
+        os.chdir(cwd)
+    return rc, before, snapshot(sandbox, *watch)
+
+
 def all_fields():
     """Every config key as group.field (or a top-level field) with its type."""
     out = []
@@ -132,16 +144,9 @@ def test_training_with_a_random_field_works_or_fails_in_one_line(data, corpus_fi
     key, tp = data.draw(st.sampled_from(TEXT_FIELDS), label="field")
     text = data.draw(value_text(tp, absurd=key not in WORK), label="value")
     sandbox = tmp_path_factory.mktemp("sandbox")
-    cwd = os.getcwd()
-    os.chdir(sandbox)
-    try:
-        before = snapshot(sandbox)
-        args = ["train", "shakespeare-char", *TINY, "train.max_steps=3", "train.eval_interval=2", f"data.path={corpus_file}",
-                "out_dir=runs", "name=r", f"{key}={text}", "--no-progress"]
-        rc, _, _ = run_main(capsys, args)
-        after = snapshot(sandbox)
-    finally:
-        os.chdir(cwd)
+    args = ["train", "shakespeare-char", *TINY, "train.max_steps=3", "train.eval_interval=2", f"data.path={corpus_file}",
+            "out_dir=runs", "name=r", f"{key}={text}", "--no-progress"]
+    rc, before, after = run_in(sandbox, capsys, args)
     try:
         cfg = build_config("shakespeare-char", args[2:-1])
         allowed = sandbox / cfg.run_dir
@@ -173,15 +178,8 @@ def test_every_text_verb_flag_works_or_fails_in_one_line(data, trained_run, tmp_
         argv += [flag, data.draw(FLAG_VALUE, label=flag)]
     if verb == "generate" and "--max-new-tokens" not in flags:
         argv += ["--max-new-tokens", "4"]
-    sandbox = tmp_path_factory.mktemp("sandbox")
-    before = snapshot(sandbox, trained_run)
-    cwd = os.getcwd()
-    os.chdir(sandbox)
-    try:
-        run_main(capsys, argv)
-    finally:
-        os.chdir(cwd)
-    assert_written_only_under(before, snapshot(sandbox, trained_run))  # generate and eval of a text run write nothing
+    _, before, after = run_in(tmp_path_factory.mktemp("sandbox"), capsys, argv, trained_run)
+    assert_written_only_under(before, after)  # generate and eval of a text run write nothing
 
 
 SMALL_OR_HOSTILE = st.one_of(st.integers(-3, 4).map(str), st.integers(10**8, 10**30).map(str), HOSTILE_TEXT)
@@ -191,16 +189,10 @@ SMALL_OR_HOSTILE = st.one_of(st.integers(-3, 4).map(str), st.integers(10**8, 10*
 @given(flag=st.sampled_from(["--seed", "--steps", "--out"]), value=SMALL_OR_HOSTILE)
 def test_imagine_flags_work_or_fail_in_one_line(flag, value, world_run, tmp_path_factory, capsys):
     sandbox = tmp_path_factory.mktemp("sandbox")
-    before = snapshot(sandbox, world_run)
-    cwd = os.getcwd()
-    os.chdir(sandbox)
-    try:
-        argv = ["imagine", world_run, flag, value] + (["--steps", "3"] if flag != "--steps" else [])
-        rc, _, _ = run_main(capsys, argv)
-    finally:
-        os.chdir(cwd)
+    argv = ["imagine", world_run, flag, value] + (["--steps", "3"] if flag != "--steps" else [])
+    rc, before, after = run_in(sandbox, capsys, argv, world_run)
     out = sandbox / (value if flag == "--out" else "rollout.gif")
-    assert_written_only_under(before, snapshot(sandbox, world_run), out)
+    assert_written_only_under(before, after, out)
     if rc == 0:
         assert out.is_file()
 
@@ -210,19 +202,12 @@ def test_imagine_flags_work_or_fail_in_one_line(flag, value, world_run, tmp_path
 def test_presets_export_collect_arguments_work_or_fail_in_one_line(verb, value, trained_run, tmp_path_factory, capsys):
     sandbox = tmp_path_factory.mktemp("sandbox")
     if verb != "presets" and (value.startswith("/") or ".." in value):
-        value = "o" + value  # kept inside the sandbox: `collect --out /` would really write there
+        value = "o/" + value.replace("..", "dd")  # kept inside the sandbox: `collect --out /` would really write there
     argv = {"presets": ["presets", "--show", value],
             "export": ["export", "hf", trained_run, value],
             "collect": ["collect", "data.episodes=2", "data.val_episodes=1", "data.workers=1", "--out", value, "--no-progress"]}[verb]
-    before = snapshot(sandbox, trained_run)
-    cwd = os.getcwd()
-    os.chdir(sandbox)
-    try:
-        run_main(capsys, argv)
-    finally:
-        os.chdir(cwd)
-    allowed = [] if verb == "presets" else [sandbox / value]
-    assert_written_only_under(before, snapshot(sandbox, trained_run), *allowed)
+    _, before, after = run_in(sandbox, capsys, argv, trained_run)
+    assert_written_only_under(before, after, *([] if verb == "presets" else [sandbox / value]))
 
 
 # ---------------------------------------------------------------- the holes found by probing, one by one
@@ -364,7 +349,8 @@ def test_help_is_stdout_and_status_0(capsys):
 
 
 @pytest.mark.parametrize("edit", [{"data_rng": "!!not base64"}, {"torch_rng": "AAAA"}, {"step": "eighty"}, {"step": -1},
-                                  {"elapsed": None}, {"precision": "fp64"}, {"optimizer_groups": None}])
+                                  {"elapsed": None}, {"precision": "fp64"}, {"optimizer_groups": None},
+                                  {"clock": {"at": "x"}}, {"clock": [1]}])
 def test_hand_edited_state_json_is_one_line(edit, run_copy, capsys):
     path = latest_checkpoint(run_copy) / "state.json"
     state = json.loads(path.read_text())

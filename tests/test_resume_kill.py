@@ -112,3 +112,19 @@ def test_the_kill_points_are_where_they_claim(tiny_cfg):
     run_and_kill(cfg, checkpoint_mod, "write_json", 4, "after")
     assert latest_checkpoint(cfg.run_dir).name == "step-00000006"
     assert train_rows(cfg.run_dir)[-1][0] == 6
+
+
+def test_with_a_wall_clock_budget_resume_replays_the_schedule_until_the_next_checkpoint(tiny_cfg):
+    """Once train.max_minutes binds, the learning rate follows the clock, so no two runs are
+    bit-identical. A resumed run must still replay exactly what the killed one did after its
+    last checkpoint: the schedule between checkpoints depends only on what the checkpoint saved."""
+    cfg = tiny_cfg(*EXACT, "train.lr=0.01", "train.min_lr=0.001", "train.max_steps=1000000", "train.max_minutes=0.05",
+                   name="clock")
+    run_and_kill(cfg, loop, "_append", 10, "after")  # rows: steps 1-3, val 3, 4-6, val 6, steps 7, 8
+    killed = train_rows(cfg.run_dir)
+    assert [r[0] for r in killed] == list(range(1, 9)) and latest_checkpoint(cfg.run_dir).name == "step-00000006"
+    assert train(resume=cfg.run_dir, **QUIET)["step"] > 8
+    resumed = train_rows(cfg.run_dir)
+    assert resumed[:8] == killed  # the same losses and learning rates, bit for bit, after the checkpoint too
+    lrs = [r[2] for r in resumed]
+    assert lrs[-1] < lrs[8] < lrs[3]  # and the schedule still decays with the clock

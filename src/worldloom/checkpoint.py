@@ -145,6 +145,9 @@ def read_state(ckpt: Path) -> dict:
             raise CheckpointError(f"{ckpt}/state.json is corrupt: {key} is {state[key]!r}")
     if not isinstance(state.get("step"), int) or state["step"] < 0:
         raise CheckpointError(f"{ckpt}/state.json is corrupt: no step count")
+    clock = state.get("clock", {})
+    if not isinstance(clock, dict) or (clock and not all(isinstance(clock.get(k), (int, float)) for k in ("at", "seconds", "per_step"))):
+        raise CheckpointError(f"{ckpt}/state.json is corrupt: clock {clock!r}")
     if state.get("precision") not in (None, "fp32", "bf16", "fp16"):
         raise CheckpointError(f"{ckpt}/state.json is corrupt: precision {state['precision']!r}")
     return state

@@ -302,10 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="evaluate a run: held-out loss (text) or success and world-model accuracy (world)")
     s.add_argument("run", help="run folder")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
-    s.add_argument("--episodes", type=_int_in(1, 10**6), default=None,
-                   help="world runs: real-environment episodes on held-out seeds (default eval.episodes)")
-    s.add_argument("--plan-episodes", type=_int_in(0, 10**6), default=None,
-                   help="world runs: episodes acted by planning in imagination (0 = skip)")
+    s.add_argument("--episodes", type=_int_in(1, 10**6), help="world runs: real-environment episodes on held-out seeds (default eval.episodes)")
+    s.add_argument("--plan-episodes", type=_int_in(0, 10**6), help="world runs: episodes acted by planning in imagination (0 = skip)")
     s.add_argument("--data", help="evaluate on the held-out part of another text file")
     s.add_argument("--batch-size", type=_int_in(1, 2**20), default=16)
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
@@ -313,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("imagine", help="a GIF of the world model imagining an episode beside the real one")
     s.add_argument("run", help="world run folder, e.g. runs/babyai")
-    s.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0,
-                   help="environment seed of the real episode (its first frame starts the imagination)")
+    s.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="environment seed of the real episode (its first frame starts the imagination)")
     s.add_argument("--steps", type=_int_in(1, 10**4), default=20, help="steps to imagine (the real episode may end sooner)")
     s.add_argument("--out", type=_out_path, default="rollout.gif", help="GIF to write")
     s.set_defaults(fn=_cmd_imagine)

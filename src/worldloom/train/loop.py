@@ -12,7 +12,9 @@ A *task* (``worldloom.train.task.Task``) owns what differs between recipes; the 
 
 Resuming reloads the resolved config, the tokenizer, the weights, the optimizer moments and
 every RNG state, so that a resumed run continues the exact sequence of the uninterrupted one
-(the test suite checks it bit for bit in fp32). Under torchrun only rank 0 (``Dist.main``)
+(the test suite checks it bit for bit in fp32). With a binding train.max_minutes the schedule
+follows the clock, read at checkpoints only (``Trainer.clock``): a resumed run replays the killed
+one exactly up to the next checkpoint, and follows its own clock after. Under torchrun only rank 0 (``Dist.main``)
 logs and writes the run folder.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,22 +62,31 @@ class Trainer:
     saved_step: int | None = None  # the step of the newest checkpoint on disk
     val_loss: float | None = None
     t_start: float = 0.0  # perf_counter() at which this run's elapsed time was 0
+    clock: dict = field(default_factory=dict)  # at the last checkpoint: step "at", "seconds" used, "per_step" since the one before
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
 
     def fraction(self) -> float:
-        """Share of the budget used: steps or minutes, whichever is further along."""
+        """Share of the budget used: steps or minutes, whichever is further along. Between checkpoints the
+        minutes are extrapolated from the clock saved at the last one (before the first: the clock itself),
+        so a resumed run replays the learning rates of the run it continues."""
         tc = self.cfg.train
         f = self.step / tc.max_steps
-        return max(f, self.elapsed() / (tc.max_minutes * 60)) if tc.max_minutes else f
+        if not tc.max_minutes:
+            return f
+        c = self.clock
+        seconds = c["seconds"] + (self.step - c["at"]) * c["per_step"] if c else self.elapsed()
+        return max(f, seconds / (tc.max_minutes * 60))
 
-    def sync_clock(self) -> None:
+    def sync_clock(self) -> float:
         """Give every rank rank 0's elapsed time, so that all agree on the schedule and on when to stop."""
         if self.dist.world > 1:
             t = torch.tensor([self.elapsed()], dtype=torch.float64)
             torch.distributed.broadcast(t, src=0)
             self.t_start = time.perf_counter() - float(t.item())
+            return float(t.item())
+        return self.elapsed()
 
     def budget_left(self) -> bool:
         tc = self.cfg.train
@@ -144,6 +155,7 @@ def restore(tr: Trainer, ckpt: Path | None, state: dict) -> None:
     if ckpt:
         tr.step = tr.saved_step = state["step"]
         tr.val_loss = state.get("val_loss")
+        tr.clock = dict(state.get("clock") or {})
         tr.gen.set_state(rng_from_json(state["data_rng"]))
         torch.set_rng_state(rng_from_json(state["torch_rng"]))
     tr.t_start = time.perf_counter() - state.get("elapsed", 0.0)
@@ -191,11 +203,14 @@ def evaluate_and_save(tr: Trainer) -> float:
     weights, moments = tr.model, tr.optimizer
     if tr.dist.sharded:  # gathered whole on every rank (collective), written by rank 0
         weights, moments = D.full_model_state(tr.model), D.full_optimizer_state(tr.optimizer)
+    if tr.cfg.train.max_minutes:  # the schedule's clock from here to the next checkpoint
+        now, at, before = tr.sync_clock(), tr.clock.get("at", 0), tr.clock.get("seconds", 0.0)
+        tr.clock = {"at": tr.step, "seconds": now, "per_step": (now - before) / max(tr.step - at, 1)}
     if tr.dist.main:
         _append(tr.run_dir / METRICS, {"step": tr.step, "val_loss": tr.val_loss, "elapsed": round(tr.elapsed(), 2)})
         plot_loss(tr.run_dir / METRICS, tr.run_dir / "loss.png", title=f"{tr.cfg.name}: {tr.model.num_params() / 1e6:.1f}M params")
         save_checkpoint(tr.run_dir, weights, moments, {
-            "step": tr.step, "elapsed": tr.elapsed(), "precision": tr.precision, "val_loss": tr.val_loss,
+            "step": tr.step, "elapsed": tr.elapsed(), "precision": tr.precision, "val_loss": tr.val_loss, "clock": tr.clock,
             "data_rng": rng_to_json(tr.gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state()),
         })
     tr.saved_step = tr.step
