@@ -274,9 +274,11 @@ def train_figures(times: list[float], tokens: int, fpt: int, peaks: dict, precis
             "mfu_vs_fp32_peak": round(gflops / peaks["fp32_peak_gflops"], 4)}
 
 
-def bench_train(mcfg: ModelConfig, batch: int, peaks: dict, warmup: int, rounds: int, per_round: int, llama: bool) -> dict:
+def bench_train(mcfg: ModelConfig, batch: int, peaks: dict, warmup: int, rounds: int, per_round: int, llama: bool,
+                compiled: bool = False) -> dict:
     """worldloom's training step, and (``llama``) transformers' LlamaForCausalLM's with the same
-    weights, timed in alternating rounds at fp32 and bf16."""
+    weights, and (``compiled``) worldloom's model under ``torch.compile`` as ``train.compile=true``
+    runs it, timed in alternating rounds at fp32 and bf16."""
     torch.manual_seed(0)
     probe = LWM(mcfg)
     fpt = flops_per_token(probe)
@@ -294,11 +296,12 @@ def bench_train(mcfg: ModelConfig, batch: int, peaks: dict, warmup: int, rounds:
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         wl = LWM(mcfg)
-        trainees = [worldloom_trainee(wl)] + ([llama_trainee(mcfg, wl)] if llama else [])
+        trainees = [worldloom_trainee(wl)] + ([llama_trainee(mcfg, wl)] if llama else []) + (
+            [compiled_trainee(mcfg, wl)] if compiled else [])
         data = lm_batch(mcfg.vocab_size, batch, mcfg.context)
         recs = alternate_rounds(trainees, data, batch, precision, warmup, rounds, per_round)
         for t, rec in zip(trainees, recs):
-            dest = train if t.name == "worldloom" else train["llama"]
+            dest = train if t.name == "worldloom" else train.setdefault(t.name, {"flops_per_token": fpt})
             r = dest[precision] = train_figures(rec["times"], batch * mcfg.context, dest["flops_per_token"], peaks, precision)
             r["first_loss"] = rec["first_loss"]
             log(f"  {precision} {t.name:9s}: {r['tokens_per_s']:9.1f} tok/s, step {r['step_s_median']:.3f} s (median), "
@@ -308,7 +311,19 @@ def bench_train(mcfg: ModelConfig, batch: int, peaks: dict, warmup: int, rounds:
             ratio = train[precision]["tokens_per_s"] / train["llama"][precision]["tokens_per_s"]
             train["ratio_vs_llama"][precision] = round(ratio, 3)
             log(f"  {precision} worldloom / llama tokens/s: {ratio:.2f}x")
+        if compiled:
+            speedup = train["compiled"][precision]["tokens_per_s"] / train[precision]["tokens_per_s"]
+            train.setdefault("compile_speedup", {})[precision] = round(speedup, 3)
+            log(f"  {precision} worldloom compiled / eager tokens/s: {speedup:.2f}x")
     return train
+
+
+def compiled_trainee(mcfg: ModelConfig, weights_from: LWM) -> Trainee:
+    """worldloom's model with the same weights, called through ``torch.compile`` (train.compile=true)."""
+    model = LWM(mcfg)
+    model.load_state_dict(weights_from.state_dict())
+    net = torch.compile(model)
+    return Trainee("compiled", model, lambda d: net(d["input"]), lambda out, d: language_model_loss(out, d).total)
 
 
 # ---------------------------------------------------------------- 3. decode
@@ -470,6 +485,10 @@ def _train_rows(tr: dict) -> list[str]:
                   _row("llama train MFU vs its own dtype's peak", ll["fp32"]["mfu"], ll["bf16"]["mfu"], "12.1%"),
                   _row("worldloom / llama train tokens/s (target >= 1.2)", tr["ratio_vs_llama"]["fp32"],
                        tr["ratio_vs_llama"]["bf16"], "12.2f")]
+    if "compile_speedup" in tr:
+        lines += [_row("worldloom compiled (train.compile) tokens/s", tr["compiled"]["fp32"]["tokens_per_s"],
+                       tr["compiled"]["bf16"]["tokens_per_s"], "12.1f"),
+                  _row("compiled / eager train tokens/s", tr["compile_speedup"]["fp32"], tr["compile_speedup"]["bf16"], "12.2f")]
     return lines
 
 
@@ -517,6 +536,7 @@ def parse_args(argv):
     ap.add_argument("--skip-hf", action="store_true",
                     help="leave out every Hugging Face comparison (the Llama training step and generate)")
     ap.add_argument("--train-only", action="store_true", help="matmul peaks and the training steps only (no decoding)")
+    ap.add_argument("--compile", action="store_true", help="also time the training step under torch.compile (train.compile=true)")
     ap.add_argument("--rounds", type=int, default=0, help="alternating training rounds (0 = 5, or 2 with --quick)")
     ap.add_argument("--no-compile", action="store_true", help="leave out worldloom's torch.compile decode (default: on, off with --quick)")
     args = ap.parse_args(argv)
@@ -544,7 +564,7 @@ def main(argv=None) -> int:
 
     llama = not args.skip_hf and m["transformers"] is not None
     log(f"\n2. training step, batch {batch} x {mcfg.context}" + (", worldloom and transformers' Llama in alternating rounds" if llama else ""))
-    res["train"] = bench_train(mcfg, batch, res["matmul"], st["train_warmup"], args.rounds or st["rounds"], st["per_round"], llama)
+    res["train"] = bench_train(mcfg, batch, res["matmul"], st["train_warmup"], args.rounds or st["rounds"], st["per_round"], llama, args.compile)
 
     prompt_len, new, warmup, reps = st["prompt_len"], st["new"], st["warmup"], st["reps"]
     if not args.train_only:

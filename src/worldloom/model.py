@@ -81,7 +81,7 @@ class LWM(nn.Module):
                 self.grid_embed.weight[0].zero_()  # "not a grid cell" adds nothing (padding_idx: never trained)
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
-        self._moe: list[MoEFeedForward] | None = None
+        self._moe = [m for m in self.modules() if isinstance(m, MoEFeedForward)]  # a plain list: not registered twice
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -150,8 +150,6 @@ class LWM(nn.Module):
         return bool(getattr(self.backbone, "supports_decode_step", False))
 
     def moe_layers(self) -> list[MoEFeedForward]:
-        if self._moe is None:
-            self._moe = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
         return self._moe
 
     def decode_step(self, idx: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
