@@ -16,6 +16,8 @@ from hypothesis import settings
 
 from worldloom.config import RunConfig, build_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
 settings.register_profile("worldloom", deadline=None, database=None)
 settings.load_profile("worldloom")
 
@@ -142,3 +144,23 @@ def world_run(tmp_path_factory, world_dataset) -> Path:
                               "stream.parallel_obs=true"])
     train(cfg, progress=False, log=lambda *a: None)
     return cfg.run_dir
+
+
+def run_benchmark(script: str, *args: str, out: Path, timeout: int = 300) -> tuple[dict, str]:
+    """Run ``benchmarks/<script> *args --out out`` from the repository root; it must exit 0.
+    Returns the JSON it wrote and its stdout (the benchmarks' smoke tests)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(Path(out).read_text()), proc.stdout
+
+
+def small_corpus(folder: Path) -> Path:
+    """A few hundred short lines of text in folder/corpus.txt (benchmarks' --data in smoke tests)."""
+    text = Path(folder) / "corpus.txt"
+    text.write_text("".join(f"line {i % 37}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    return text

@@ -3,28 +3,18 @@ the real CLI, scores the held-out text and writes its JSON and plot."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from conftest import run_benchmark, small_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "bench_backbone_loss.py"
+pytest.importorskip("matplotlib")
 
 
 def test_bench_backbone_loss_quick(tmp_path):
-    text = tmp_path / "corpus.txt"
-    text.write_text("".join(f"line {i % 37}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
-    out = tmp_path / "loss.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--minutes", "0.03", "--backbones", "transformer,mamba,moe",
-                           "--data", str(text), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    res = json.loads(out.read_text())
+    res, stdout = run_benchmark("bench_backbone_loss.py", "--quick", "--minutes", "0.03", "--backbones", "transformer,mamba,moe",
+                           "--data", str(small_corpus(tmp_path)), out=tmp_path / "loss.json")
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert list(res["results"]) == ["transformer", "mamba", "moe"]
     n_val = None
@@ -38,4 +28,4 @@ def test_bench_backbone_loss_quick(tmp_path):
         assert r["curve"] and r["curve"][-1]["step"] == r["steps"]
     moe, dense = res["sizing"]["moe"]["params"], res["sizing"]["transformer"]["params"]
     assert moe["total"] > dense["total"] and abs(moe["active"] - dense["total"]) < 0.1 * dense["total"]
-    assert "held-out loss" in proc.stdout
+    assert "held-out loss" in stdout

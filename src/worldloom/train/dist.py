@@ -114,9 +114,7 @@ def shard_rows(batch: dict, dist: Dist) -> dict:
     if dist.world <= 1:
         return batch
     B, T = batch["input"].shape
-    if B % dist.world:
-        raise ConfigError(f"train.batch_size={B} must be divisible by the number of ranks ({dist.world})")
-    lo, hi = dist.rank * B // dist.world, (dist.rank + 1) * B // dist.world
+    lo, hi = _span(B, dist, f"train.batch_size={B}")
     return _shard(batch, dist, lambda v: v[lo:hi], lambda b, t: (b >= lo) & (b < hi), lambda b, t: (b - lo) * T + t)
 
 
@@ -126,10 +124,15 @@ def shard_sequence(batch: dict, dist: Dist) -> dict:
     if dist.world <= 1:
         return batch
     B, T = batch["input"].shape
-    if T % dist.world:
-        raise ConfigError(f"model.context={T} must be divisible by the number of ranks ({dist.world}) for model.attention=ring")
-    lo, hi = dist.rank * T // dist.world, (dist.rank + 1) * T // dist.world
+    lo, hi = _span(T, dist, f"model.context={T} (model.attention=ring)")
     return _shard(batch, dist, lambda v: v[:, lo:hi], lambda b, t: (t >= lo) & (t < hi), lambda b, t: b * (hi - lo) + t - lo)
+
+
+def _span(n: int, dist: Dist, what: str) -> tuple[int, int]:
+    """[lo, hi) of this rank's equal share of n (ConfigError naming ``what`` unless the ranks divide n)."""
+    if n % dist.world:
+        raise ConfigError(f"{what} must be divisible by the number of ranks ({dist.world})")
+    return dist.rank * n // dist.world, (dist.rank + 1) * n // dist.world
 
 
 def _shard(batch: dict, dist: Dist, take, keep_frame, frame_pos) -> dict:
