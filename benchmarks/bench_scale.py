@@ -25,23 +25,19 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from worldloom.spawn import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 MODEL = ["model.n_layer=6", "model.d_model=384", "model.n_head=6", "model.context=256"]
 QUICK_MODEL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=32"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(ranks: int, dist: str, args, out: Path, data: Path) -> dict:

@@ -4,14 +4,15 @@ with the same global batch, and checkpoints move between world sizes."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from worldloom.spawn import free_port
 from worldloom.train import train
 
+from conftest import TINY as TINY_ARGS
 from conftest import tiny_config
 from dist_worker import train_rank
 
@@ -20,11 +21,6 @@ STEPS = 6
 COMMON = ("train.batch_size=4", "train.log_interval=1", "train.eval_interval=3", "train.lr=0.01", "train.min_lr=0.001",
           "train.warmup_steps=1")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(world: int, overrides: list[str], resume=None) -> None:
@@ -153,6 +149,3 @@ def test_torchrun_rank_without_dist_is_one_line(corpus_file, tmp_path, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="set train.dist=ddp or train.dist=fsdp"):
         train(tiny_config(corpus_file, tmp_path, "x"), **QUIET)
-
-
-from conftest import TINY as TINY_ARGS  # noqa: E402

@@ -141,8 +141,8 @@ class Stack(nn.Module):
         if ctx.ring is not None:  # this rank holds tokens rank*T .. rank*T+T-1 of each sequence
             from .ring import local_positions
 
-            pos = local_positions(T, ctx.ring, device=x.device)
-            ctx.cos, ctx.sin = self.cos[pos].to(_compute_dtype(x)), self.sin[pos].to(_compute_dtype(x))
+            pos, dt = local_positions(T, ctx.ring, device=x.device), _compute_dtype(x)
+            ctx.cos, ctx.sin = self.cos[pos].to(dt), self.sin[pos].to(dt)
         elif self.has_attn:
             ctx.cos, ctx.sin, ctx.mask, ctx.causal = self._attention_inputs(x, start, T, pad, causal)
         if self.has_recurrent and pad is not None and start < cache.pad_max:

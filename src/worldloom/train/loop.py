@@ -176,8 +176,8 @@ def train_step(tr: Trainer, lr: float) -> tuple[float, dict, int]:
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
     loss_sum, extra, tokens = 0.0, {}, 0
+    shard = D.shard_sequence if tr.cfg.model.attention == "ring" else D.shard_rows
     for _ in range(tc.grad_accum):
-        shard = D.shard_sequence if tr.cfg.model.attention == "ring" else D.shard_rows
         batch = shard(tr.task.batch(tc.batch_size, tr.gen), tr.dist)  # this rank's share of the global batch
         scale = float(batch.pop("loss_scale", 1.0))
         batch = {k: v.to(tr.device) for k, v in batch.items()}
