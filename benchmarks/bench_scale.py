@@ -55,7 +55,8 @@ def run(ranks: int, dist: str, args, out: Path, data: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // ranks)))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        workers = proc.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]  # not torchrun's own
+        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{workers[-3000:]}\n{proc.stderr[-600:]}")
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][args.skip:]
     return {"ranks": ranks, "dist": dist if ranks > 1 else "none", "tokens_per_s": statistics.median(tps),

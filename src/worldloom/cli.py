@@ -332,33 +332,58 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # a usage error (one line on stderr, status 2) or --help (status 0)
         return e.code if isinstance(e.code, int) else 2
+    code = None
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        return code
     except KeyboardInterrupt:
         print("worldloom: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+        return code
     except Exception as e:  # noqa: BLE001 - re-raised below unless the user can act on it
         from .train.dist import peer_failed
 
         if peer_failed(e):
             print("worldloom: error: another rank of this torchrun job stopped (its message is above)", file=sys.stderr)
-            return 1
+            code = 1
+            return code
         message = user_error(e)
         if message is None:
             raise
         print(f"worldloom: error: {message}", file=sys.stderr)
-        return 2
+        code = 2
+        return code
     finally:
-        _leave_process_group()
+        if _leave_process_group() and code is not None:
+            _exit_now(code)
 
 
-def _leave_process_group() -> None:
-    """End the torchrun process group a verb joined (train under train.dist), if any."""
-    if "torch" in sys.modules:
-        import torch.distributed as dist
+def _leave_process_group() -> bool:
+    """End the torchrun process group a verb joined (train under train.dist), if any; whether it did."""
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
+
+
+def _exit_now(code: int | None) -> None:
+    """Leave a torchrun rank without the interpreter's teardown. Objects that still hold the destroyed
+    gloo group (DDP, the FSDP mesh) are otherwise freed during finalisation, where gloo's worker
+    threads can abort the process (SIGABRT, "terminate called without an active exception"; about
+    seen intermittently on loaded 2-core machines, e.g. in CI; pytorch/pytorch#179291 describes the race). The
+    run's files are closed and renamed by then; only stdio needs flushing."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
