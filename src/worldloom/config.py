@@ -67,8 +67,10 @@ class StreamConfig:
     """How episodes become one token stream, and how much each modality counts in the loss."""
 
     reward_bins: int = 16  # rewards in (0, 1] fall in this many bins; 0 has a token of its own
-    parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head)
-    step_skip: bool = True  # each position also sees the token at its target's place one step earlier
+    obs: str = "tokens"  # tokens: every observation token is a stream position | encoded: a frame encoder hands the backbone obs_vectors vectors per observation and a frame decoder predicts the next observation's tokens in parallel
+    obs_vectors: int = 1  # stream.obs=encoded: vectors per observation
+    parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head; stream.obs=tokens)
+    step_skip: bool = True  # each position also sees the token at its target's place one step earlier (stream.obs=tokens; the encoded decoder reads the previous frame itself)
     grid_pos: bool = False  # observation cells also embed their row and column in the view (2-D position)
     weight_obs: float = 1.0
     weight_first_obs: float = 0.0  # the first observation after the mission (a new level: not a transition)
@@ -81,6 +83,12 @@ class StreamConfig:
     def __post_init__(self):
         if self.reward_bins < 1:
             raise ConfigError(f"stream.reward_bins must be at least 1, got {self.reward_bins}")
+        if self.obs not in ("tokens", "encoded"):
+            raise ConfigError(f"stream.obs must be tokens or encoded, got {self.obs!r}")
+        if not 1 <= self.obs_vectors <= 64:
+            raise ConfigError(f"stream.obs_vectors must be in 1..64, got {self.obs_vectors}")
+        if self.obs == "encoded" and self.parallel_obs:
+            raise ConfigError("stream.parallel_obs is the token stream's frame head; stream.obs=encoded has its own frame decoder: drop stream.parallel_obs")
         for name in ("weight_obs", "weight_first_obs", "weight_action", "weight_reward", "weight_done", "weight_mission", "weight_frame"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stream.{name} must be >= 0, got {getattr(self, name)}")
@@ -232,6 +240,10 @@ class ModelConfig:
     period: int = 0  # step-skip input: each position also embeds the token one period (a world step) before its target; set from the stream
     frame_tokens: int = 0  # frame head: tokens of the next observation predicted in one pass (0 = off); set from the stream
     slot_grid: int = 0  # slots 1..slot_grid**2 are the cells of a square grid (row-major): each also embeds its row and column; set from the stream
+    obs_vectors: int = 0  # encoded observations: each observation's obs_len tokens enter the backbone as this many vectors of a frame encoder (0 = as tokens); set from the stream
+    obs_len: int = 0  # tokens of one observation (encoded observations); set from the stream
+    obs_grid: int = 0  # the observation's first obs_grid**2 tokens are a square grid of cells (encoded observations); set from the stream
+    obs_decoder_layers: int = 2  # encoded observations: bidirectional layers of the frame decoder (next frame from the step's state and the previous frame)
 
     def __post_init__(self):
         for name, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("mamba2", Mamba2Config)):
@@ -252,6 +264,11 @@ class ModelConfig:
             raise ConfigError("model.slots, model.period, model.frame_tokens and model.slot_grid must be >= 0")
         if self.slot_grid and self.slot_grid**2 >= max(self.slots, 1):
             raise ConfigError(f"model.slot_grid={self.slot_grid} needs more than {self.slot_grid**2} slots, got model.slots={self.slots}")
+        if self.obs_vectors < 0 or self.obs_len < 0 or self.obs_grid < 0 or self.obs_decoder_layers < 1:
+            raise ConfigError("model.obs_vectors, model.obs_len and model.obs_grid must be >= 0 and model.obs_decoder_layers >= 1")
+        if self.obs_vectors and not (self.slots > self.obs_len + 3 and 0 < self.obs_grid**2 <= self.obs_len):
+            raise ConfigError(f"encoded observations need model.obs_len (got {self.obs_len}) cells of a model.obs_grid "
+                              f"(got {self.obs_grid}) square grid inside a step of model.slots - 1 (got {self.slots - 1}) positions")
         if self.chunk < 0:
             raise ConfigError(f"model.chunk must be >= 0 (0 = automatic), got {self.chunk}")
         if self.ffn not in FFNS:
@@ -366,7 +383,7 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
 
-STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid")  # model fields the world stream layout sets
+STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid", "obs_vectors", "obs_len", "obs_grid")  # model fields the world stream layout sets
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
 

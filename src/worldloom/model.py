@@ -18,7 +18,10 @@ parts serve world-model streams:
 * a frame head (``model.frame_tokens``): from the hidden state at one position, all tokens
   of the next observation at once (parallel observation prediction, as REM and M3 do):
   ``logits[k] = head(norm(h + mlp(h + query_k)))`` for k < frame_tokens, through the same
-  output head as next-token prediction.
+  output head as next-token prediction;
+* encoded observations (``model.obs_vectors``, ``stream.obs=encoded``): a frame encoder hands the
+  backbone a few vectors per observation instead of its tokens, and a frame decoder predicts the
+  next observation's tokens from the step's state and the previous frame (worldloom.modality).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .backbones import build_backbone
 from .backbones.moe import MoEFeedForward
 from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
+from .modality import FrameDecoder, FrameEncoder, FramePlan
 
 MODEL_INPUTS = ("slots", "skip", "frame_index", "causal")  # batch keys that are model inputs besides "input"
 
@@ -75,6 +79,11 @@ class LWM(nn.Module):
             self.register_buffer("slot_col", torch.where(is_cell, cells % g + 1 + g, 0), persistent=False)
             self.grid_embed = nn.Embedding(2 * g + 1, cfg.d_model, padding_idx=0)
         self.frame = FrameHead(cfg.d_model, cfg.frame_tokens, cfg.ff_dim) if cfg.frame_tokens else None
+        self.obs_encoder = self.obs_decoder = None
+        if cfg.obs_vectors:
+            self.obs_encoder = FrameEncoder(cfg.d_model, cfg.obs_len, cfg.obs_grid, cfg.obs_vectors)
+            self.obs_decoder = FrameDecoder(cfg.d_model, cfg.obs_len, cfg.obs_decoder_layers, cfg.n_head, cfg.ff_dim)
+            self.register_buffer("obs_cell", torch.arange(cfg.obs_len), persistent=False)
         init_weights(self, cfg.n_layer)  # also restores Mamba's own init of Δ, A and D
         if self.grid_embed is not None:
             with torch.no_grad():
@@ -103,12 +112,37 @@ class LWM(nn.Module):
         ``head=False`` skips the output head (callers that only need a few positions' logits).
         ``causal=False`` makes a bidirectional pass (masked objectives, `worldloom fill`; attention-only
         models); a (B,) bool tensor chooses per row (True: causal)."""
+        if self.obs_encoder is not None:
+            return self._forward_encoded(idx, cache, slots, head, causal)
         h, cache = self.backbone(self.drop(self._embed(idx, slots, skip)), cache, causal=causal)
         logits = self.logits_of(h) if head else None
         frame = None
         if frame_index is not None and self.frame is not None and frame_index.numel():
             frame = self.frame_logits(h.flatten(0, 1)[frame_index])  # (N, F, V)
         return ModelOutput(logits, h, cache, frame, self._moe_aux())
+
+    def _forward_encoded(self, idx, cache, slots, head, causal) -> ModelOutput:
+        """Encoded observations (worldloom.modality): compress, run the backbone, expand back to the ids,
+        and put the frame decoder's logits where the stream predicts observation tokens."""
+        if slots is None:
+            raise ValueError("this model encodes observations (a world-model stream); pass slots=")
+        cfg = self.cfg
+        B, T = idx.shape
+        plan = FramePlan.build(slots, cfg.obs_len, cfg.slots - 1, cfg.obs_vectors, idx)
+        tokens = self._embed(idx, slots, None)
+        vectors = self.obs_encoder(self.embed(plan.frames(idx, plan.frame_src, cfg.obs_len)))  # (N, K, C)
+        vectors = vectors + self.slot_embed.weight[1 : 1 + cfg.obs_vectors]
+        hc, cache = self.backbone(self.drop(plan.compress(tokens, vectors, B)), cache, causal=causal)
+        h = plan.expand(hc)  # (B, T, C)
+        logits = self.logits_of(h) if head else None
+        if logits is not None and len(plan.decode_at):
+            frame = self.frame_logits(h.flatten(0, 1)[plan.decode_at], plan.frames(idx, plan.decode_prev, cfg.obs_len))
+            at = plan.decode_at.unsqueeze(1) + self.obs_cell  # (D, obs_len) flat positions the frame's cells fill
+            ok = (at % T) >= (plan.decode_at % T).unsqueeze(1)  # still in the same row
+            ok &= at < (plan.decode_at // T + 1).unsqueeze(1) * T
+            V = logits.shape[-1]
+            logits = logits.reshape(-1, V).index_copy(0, at[ok], frame[ok].to(logits.dtype)).view(B, T, V)
+        return ModelOutput(logits, h, cache, None, self._moe_aux())
 
     def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, T, C), plus slot, 2-D cell position and step-skip inputs where the model has them."""
@@ -138,8 +172,17 @@ class LWM(nn.Module):
         """Next-token logits (..., V) from hidden states (..., C) (final norm, then the head)."""
         return self.head(self.norm(h))
 
-    def frame_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states (N, C) -> logits (N, frame_tokens, V) of the next observation's tokens."""
+    def frame_logits(self, h: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (N, C) -> logits (N, frame_tokens, V) of the next observation's tokens. A model
+        with encoded observations decodes from the state and ``prev`` (N, obs_len), the previous frame's ids."""
+        if self.obs_decoder is not None:
+            if prev is None:
+                raise ValueError("this model's frame decoder reads the previous frame: pass prev=")
+            cells = self.embed(prev)
+            if self.grid_embed is not None:
+                slots = self.obs_cell + 1
+                cells = cells + self.grid_embed(self.slot_row[slots]) + self.grid_embed(self.slot_col[slots])
+            return self.logits_of(self.obs_decoder(h, cells))
         if self.frame is None:
             raise ValueError("this model has no frame head (train with stream.parallel_obs=true)")
         return self.logits_of(self.frame(h))

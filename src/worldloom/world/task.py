@@ -54,17 +54,24 @@ class WorldTask:
             self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream, obs)
         lay = self.layout
         self.data = EpisodeData(lay, [lay.episode(e) for e in train_eps], [lay.episode(e) for e in val_eps], cfg.stream,
-                                frame_head=cfg.stream.parallel_obs, step_skip=cfg.stream.step_skip)
+                                frame_head=cfg.stream.parallel_obs, step_skip=cfg.stream.step_skip and cfg.stream.obs == "tokens",
+                                step_cost=cfg.stream.obs_vectors + lay.step_len - lay.obs_len if cfg.stream.obs == "encoded" else None)
         self.n_train, self.n_val = len(train_eps), len(val_eps)
         self.n_train_steps = sum(e.length for e in train_eps)
         self.data.check_context(cfg.model.context)
 
     def model_sizes(self) -> dict:
         lay, sc = self.layout, self.cfg.stream
+        grid = getattr(lay.obs, "view", 0)  # a grid view's cells are a step's first slots
+        encoded = sc.obs == "encoded"
+        if encoded and not grid:
+            raise DataError(f"stream.obs=encoded reads observations as a grid of cells; the {lay.obs.kind} tokenizer has none")
         return {"vocab_size": lay.vocab_size, "slots": lay.n_slots,
                 "frame_tokens": lay.obs_len if sc.parallel_obs else 0,
-                "period": lay.step_len if sc.step_skip else 0,
-                "slot_grid": getattr(lay.obs, "view", 0) if sc.grid_pos else 0}  # a grid view's cells are a step's first slots
+                "period": lay.step_len if sc.step_skip and not encoded else 0,
+                "slot_grid": grid if sc.grid_pos else 0,
+                "obs_vectors": sc.obs_vectors if encoded else 0, "obs_len": lay.obs_len if encoded else 0,
+                "obs_grid": grid if encoded else 0}
 
     def save(self, run_dir: Path) -> None:
         self.layout.save(Path(run_dir) / STREAM_DIR)

@@ -25,12 +25,15 @@ PARTS = {"obs": K_OBS, "action": K_ACTION, "reward": K_REWARD, "done": K_DONE}  
 
 class EpisodeData:
     def __init__(self, layout: StreamLayout, train: list[EpisodeTokens], val: list[EpisodeTokens], cfg: StreamConfig,
-                 frame_head: bool = False, step_skip: bool = False):
+                 frame_head: bool = False, step_skip: bool = False, step_cost: int | None = None):
         if not train:
             raise DataError("the episode dataset holds no training episodes")
         if not val:
             raise DataError("the episode dataset holds no validation episodes")
         self.layout, self.cfg, self.frame_head, self.step_skip = layout, cfg, frame_head, step_skip
+        # model positions one step takes (its ids, or fewer for a model that encodes observations): the
+        # context is counted in these; rows are then cut at whole steps rather than at an exact length
+        self.step_cost = layout.step_len if step_cost is None else int(step_cost)
         self.splits = {"train": train, "val": val}
         w = np.zeros(len(KINDS), dtype=np.float32)
         w[K_MISSION], w[K_OBS], w[K_ACTION] = cfg.weight_mission, cfg.weight_obs, cfg.weight_action
@@ -42,14 +45,14 @@ class EpisodeData:
 
     def check_context(self, context: int) -> None:
         longest = max(len(e.prefix) for e in self.splits["train"])
-        if context + 1 < longest + self.layout.step_len:
+        if context + 1 < longest + self.step_cost:
             raise DataError(f"model.context={context} cannot hold the mission ({longest} tokens) and one step "
                             f"({self.layout.step_len} tokens); raise model.context")
 
     # -- rows
     def row(self, ep: EpisodeTokens, context: int, start: int | None = None, gen: torch.Generator | None = None):
         """The token sequence (at most context+1 long) of one episode, from step `start` (random if None)."""
-        m = (context + 1 - len(ep.prefix)) // self.layout.step_len  # whole steps that fit
+        m = (context + 1 - len(ep.prefix)) // self.step_cost  # whole steps that fit
         if ep.length > m:
             if start is None:
                 start = int(torch.randint(ep.length - m + 1, (1,), generator=gen))
@@ -136,11 +139,19 @@ class EpisodeData:
         for _ in range(batch_size):
             segments, n = [], 0
             while n < context + 1:
-                seg = self.row(eps[int(torch.randint(len(eps), (1,), generator=generator))], context, gen=generator)
-                segments.append(seg)
-                n += len(seg[0])
+                seq, P, policy = self.row(eps[int(torch.randint(len(eps), (1,), generator=generator))], context, gen=generator)
+                if self.step_cost != self.layout.step_len:  # cut at whole steps, counted in model positions
+                    fit = (context + 1 - n - P) // self.step_cost
+                    if fit < 1:
+                        break
+                    steps = min(fit, (len(seq) - P) // self.layout.step_len)
+                    seq, policy = seq[: P + steps * self.layout.step_len], policy[:steps]
+                    n += P + steps * self.step_cost
+                else:
+                    n += len(seq)
+                segments.append((seq, P, policy))
             rows.append(segments)
-        return self.collate(rows, length=context + 1)
+        return self.collate(rows, length=context + 1 if self.step_cost == self.layout.step_len else None)
 
     def windows(self, split: str, context: int, batch_size: int):
         """Every episode of a split once (its first window, one per row), in batches."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...modality import step_positions
 from ...model import model_inputs
 from ...runtime import autocast
 from ..data.packing import EpisodeData
@@ -63,7 +64,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
     """
     model.eval()
     data = EpisodeData(layout, episodes, episodes, _weights_all(), frame_head=model.frame is not None,
-                       step_skip=model.skip_proj is not None)
+                       step_skip=model.skip_proj is not None, step_cost=step_positions(model.cfg, layout.step_len))
     tally = _Tally()
     L, S = layout.obs_len, layout.step_len
     i0 = 0
@@ -84,7 +85,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
             e = i0 + b
             ep = episodes[e]
             P = len(ep.prefix)
-            m = min(ep.length, (context + 1 - P) // S)  # steps in this window
+            m = min(ep.length, (context + 1 - P) // data.step_cost)  # steps in this window
             group = "perturbed" if perturbed[e] else "expert"
             for t in range(m):
                 base = P + t * S - 1  # input index whose target is the first token of o_t

@@ -46,12 +46,17 @@ from ..stream import StreamLayout
 MODES = ("tokens", "parallel")
 
 
-def _check_mode(model, mode: str) -> None:
+def _check_mode(model, mode: str) -> str:
+    """The mode a model imagines in: ``mode``, except that a model with encoded observations
+    (worldloom.modality) always predicts whole frames ("parallel")."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if getattr(model, "obs_decoder", None) is not None:
+        return "parallel"
     if mode == "parallel" and getattr(model, "frame", None) is None:
         raise ValueError("mode='parallel' needs a model with a frame head (train with stream.parallel_obs=true); "
                          "use mode='tokens' for this model")
+    return mode
 
 
 def env_max_steps(env_id: str) -> int:
@@ -86,7 +91,7 @@ class BatchedWorldModelEnv:
     def __init__(self, model, layout: StreamLayout, mode: str = "tokens", greedy: bool = True, seed: int = 0,
                  max_steps: int | None = None, env_id: str | None = None, precision: str = "fp32",
                  device: str | torch.device = "cpu"):
-        _check_mode(model, mode)
+        mode = _check_mode(model, mode)
         if max_steps is None and env_id is not None:
             max_steps = env_max_steps(env_id)
         if max_steps is not None and max_steps < 1:

@@ -99,6 +99,8 @@ class ImaginationPlanner:
         return cand
 
     def _parallel(self, model) -> bool:
+        if getattr(model, "obs_decoder", None) is not None:
+            return True  # encoded observations: whole frames are the only way this model predicts them
         has_frame = getattr(model, "frame", None) is not None
         if self.mode == "parallel" and not has_frame:
             raise ValueError("mode='parallel' needs a model with a frame head (train with stream.parallel_obs=true)")

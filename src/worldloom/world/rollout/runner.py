@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...inference.sampling import restrict
+from ...modality import backbone_positions
 from ...runtime import autocast
 from ..stream import PAD, StreamLayout
 
@@ -40,6 +41,14 @@ class StreamRunner:
     @property
     def batch(self) -> int:
         return len(self.prefixes)
+
+    def _positions(self, n_prefix: int, n_step_ids: int) -> int:
+        """Model positions (the context's unit) of a prefix and step ids: the ids themselves, or fewer where
+        the model encodes each observation as a few vectors (worldloom.modality)."""
+        cfg = self.model.cfg
+        if not cfg.obs_vectors:
+            return n_prefix + n_step_ids
+        return backbone_positions(n_prefix, n_step_ids, cfg.obs_len, self.layout.step_len, cfg.obs_vectors)
 
     @property
     def pos(self) -> int:
@@ -101,7 +110,7 @@ class StreamRunner:
         lay = self.layout
         P = max(len(p) for p in self.prefixes)
         capacity = self.context if self.cache is None else min(self.context, self.cache.max_len)
-        if P + self.steps.shape[1] + n > capacity:  # full: keep the prefix and the latest steps
+        if self._positions(P, self.steps.shape[1] + n) > capacity:  # full: keep the prefix and the latest steps
             self.rebuilds += 1
             self.steps = np.concatenate([self.steps, ids], axis=1)
             return self._prefill(self._steps_to_keep())[:, -n:]
@@ -122,7 +131,7 @@ class StreamRunner:
             self.cache = None
             return None
         P = max(len(p) for p in self.prefixes)
-        over = P + self.steps.shape[1] > self.context
+        over = self._positions(P, self.steps.shape[1]) > self.context
         return self._prefill(self._steps_to_keep() if over else None)[:, -1]
 
     def _steps_to_keep(self, room: int = 0) -> int:
@@ -130,18 +139,19 @@ class StreamRunner:
         more than fit with the current partial step (which is always kept) and `room` more tokens."""
         lay = self.layout
         P = max(len(p) for p in self.prefixes)
-        partial = self.steps.shape[1] % lay.step_len
-        fit = (self.context - P - partial - room) // lay.step_len
+        partial = self._positions(0, self.steps.shape[1] % lay.step_len)
+        step = self._positions(0, lay.step_len)
+        fit = (self.context - P - partial - self._positions(0, room)) // step
         if fit < 0:
             raise ValueError(f"the mission prefix ({P} tokens), the current step and {room} more tokens do not fit "
                              f"in the model context {self.context}")
-        return min(fit, max(1, (self.context // 2) // lay.step_len))
+        return min(fit, max(1, (self.context // 2) // step))
 
     def make_room(self, n: int) -> torch.Tensor | None:
         """Make sure `n` more tokens fit without a rebuild (rebuilding now, once, if they would not).
         Returns the new last hidden states (B, C) after a rebuild, else None."""
         P = max(len(p) for p in self.prefixes)
-        if P + self.steps.shape[1] + n <= self.context:
+        if self._positions(P, self.steps.shape[1] + n) <= self.context:
             return None
         self.rebuilds += 1
         return self._prefill(self._steps_to_keep(room=n))[:, -1]
@@ -176,7 +186,13 @@ class StreamRunner:
     def frame(self, h: torch.Tensor) -> torch.Tensor:
         """The frame head's logits (B, obs_len, V) for the whole next observation, each position
         restricted to its own ids."""
+        prev = None
+        if getattr(self.model, "obs_decoder", None) is not None:  # the decoder reads the latest whole observation of every row
+            lay = self.layout
+            n = self.steps.shape[1]
+            start = ((n - lay.obs_len) // lay.step_len) * lay.step_len
+            prev = torch.from_numpy(np.ascontiguousarray(self.steps[:, start : start + lay.obs_len])).to(self.device)
         with autocast(self.precision, self.device):
-            logits = self.model.frame_logits(h).float()
+            logits = self.model.frame_logits(h, prev).float()
         return self.layout.mask_frame(logits)
 

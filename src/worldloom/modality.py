@@ -1,0 +1,146 @@
+"""Observation encoder and decoder around the backbone (``stream.obs=encoded``).
+
+The token stream lays every observation out as ``obs_len`` tokens (49 cells and a direction for a
+MiniGrid view). With encoded observations the *ids* stay exactly that (the data, the packing, the
+runner and the losses do not change), but the model reads each whole observation through a
+**frame encoder** — the cells as a 2-D grid through 3x3 convolutions, as BabyAI's agents do —
+and hands the backbone ``obs_vectors`` vectors in place of its ``obs_len`` positions. A step
+``obs_t a_t r_t d_t`` costs the backbone ``obs_vectors + 3`` positions instead of ``obs_len + 3``.
+
+The next observation is predicted by a **frame decoder**: from the backbone's state at the step's
+last position (``d_t``, which has read the action) and the previous frame's tokens, a few
+bidirectional attention layers over the ``obs_len`` cells give every cell's logits at once
+(through the model's own output head). Inside the model's output these logits sit where the
+token stream predicts the observation (position of ``d_t`` for cell 1, of cell j for cell j+1),
+so every objective and metric over the stream reads them unchanged. Still one network: the
+same backbone state predicts the action (policy) and, through the decoder, the next frame.
+
+`FramePlan` finds, from the slots alone, where the frames of a batch of id rows are and how the
+rows compress: positions outside observations keep one backbone position; a complete
+observation (its first cell's slot is 1 and its last cell is in the row) becomes
+``obs_vectors`` positions; an observation cut at the end of a row is dropped. Hidden states come
+back at every id position: outside observations and at an observation's last cell (which
+predicts the action) they are the backbone's; at the other cells they are the state before the
+observation (causal: an encoded frame never tells its own cells).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class FrameEncoder(nn.Module):
+    """Token embeddings of observations (N, obs_len, C) -> (N, vectors, C). The first grid**2 tokens are
+    the cells of a square grid (row-major); the rest (e.g. the direction) join after the convolutions."""
+
+    def __init__(self, d_model: int, obs_len: int, grid: int, vectors: int, channels: int = 64):
+        super().__init__()
+        self.grid, self.vectors, self.rest = grid, vectors, obs_len - grid * grid
+        self.inp = nn.Conv2d(d_model, channels, 3, padding=1)
+        self.res = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2))
+        self.out = nn.Linear(channels * grid * grid + d_model * self.rest, vectors * d_model)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        N, _, C = e.shape
+        g = self.grid
+        x = F.gelu(self.inp(e[:, : g * g].transpose(1, 2).reshape(N, C, g, g)))  # (N, ch, g, g)
+        for conv in self.res:
+            x = x + F.gelu(conv(x))
+        feats = torch.cat([x.flatten(1), e[:, g * g :].flatten(1)], dim=1)
+        return self.out(feats).view(N, self.vectors, C)
+
+
+class FrameDecoder(nn.Module):
+    """(state (N, C), previous frame's token embeddings (N, obs_len, C)) -> (N, obs_len, C): one output per
+    cell of the next frame, each cell attending to all cells of the previous frame and the state."""
+
+    def __init__(self, d_model: int, obs_len: int, n_layer: int, n_head: int, d_ff: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(obs_len, d_model) * 0.02)
+        self.cond = nn.Linear(d_model, d_model, bias=False)
+        layer = nn.TransformerEncoderLayer(d_model, n_head, d_ff, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+
+    def forward(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return self.layers(prev + self.query + self.cond(h).unsqueeze(1))
+
+
+@dataclass
+class FramePlan:
+    """Where the observations of id rows are, and how the rows compress for the backbone (see module docs)."""
+
+    length: int  # Tc: backbone positions of the longest compressed row
+    keep_src: torch.Tensor  # (M,) flat id positions (b * T + t) kept as one backbone position each
+    keep_dst: torch.Tensor  # (M,) their flat backbone positions (b * Tc + c)
+    frame_src: torch.Tensor  # (N,) flat id positions of complete observations' first cells
+    frame_dst: torch.Tensor  # (N,) flat backbone position of each one's first vector
+    back: torch.Tensor  # (B, T) backbone position (within the row) whose state each id position gets
+    decode_at: torch.Tensor  # (D,) flat id positions of step ends (d_t) whose step's observation is in the row
+    decode_prev: torch.Tensor  # (D,) flat id positions of the first cell of that observation
+
+    @classmethod
+    def build(cls, slots: torch.Tensor, obs_len: int, step_len: int, vectors: int, idx: torch.Tensor | None = None,
+              pad: int = 0) -> "FramePlan":
+        """With ``idx``, the ``pad`` ids that end a row (right padding of a training batch) take no position."""
+        B, T = slots.shape
+        dev = slots.device
+        pos = torch.arange(T, device=dev)
+        is_obs = (slots >= 1) & (slots <= obs_len)
+        last = (pos + obs_len - 1).clamp(max=T - 1)
+        complete = (slots == 1) & (pos + obs_len - 1 < T) & (slots.gather(1, last.expand(B, T)) == obs_len)
+        width = torch.where(complete, vectors, torch.where(is_obs, 0, 1))
+        if idx is not None:  # right padding: after a row's last real id
+            real = torch.where(idx != pad, pos, -1).amax(1, keepdim=True)
+            width = torch.where(pos > real, 0, width)
+        cum = width.cumsum(1)
+        start = cum - width  # first backbone position of each id position's vectors
+        inner = is_obs & (slots < obs_len) & (pos + obs_len - slots < T)  # a cell of a complete frame but its last
+        back = torch.where(inner, cum - vectors - 1, cum - 1).clamp(min=0)
+        length = max(int(cum[:, -1].max()), 1) if T else 1
+        rows = torch.arange(B, device=dev).unsqueeze(1)
+        flat_dst = rows * length + start
+        flat_src = rows * T + pos
+        keep = ~is_obs & (width == 1)
+        ends = slots == step_len
+        prev = pos - step_len + 1
+        has_prev = ends & (prev >= 0) & (slots.gather(1, prev.clamp(min=0).expand(B, T)) == 1)
+        return cls(length, flat_src[keep], flat_dst[keep], flat_src[complete], flat_dst[complete], back,
+                   flat_src[has_prev], (flat_src - step_len + 1)[has_prev])
+
+    def frames(self, idx: torch.Tensor, at: torch.Tensor, obs_len: int) -> torch.Tensor:
+        """The obs_len ids starting at flat positions ``at`` (N,) of idx (B, T) -> (N, obs_len)."""
+        return idx.reshape(-1)[at.unsqueeze(1) + torch.arange(obs_len, device=idx.device)]
+
+    def compress(self, tokens: torch.Tensor, vectors: torch.Tensor, B: int) -> torch.Tensor:
+        """Per-id embeddings (B, T, C) and frame vectors (N, K, C) -> backbone inputs (B, Tc, C) (zeros at the
+        right end of shorter rows: later positions never reach earlier ones in a causal pass)."""
+        C = tokens.shape[-1]
+        out = tokens.new_zeros(B * self.length, C)
+        out = out.index_copy(0, self.keep_dst, tokens.reshape(-1, C)[self.keep_src])
+        if len(self.frame_dst):
+            K = vectors.shape[1]
+            dst = (self.frame_dst.unsqueeze(1) + torch.arange(K, device=out.device)).reshape(-1)
+            out = out.index_copy(0, dst, vectors.reshape(-1, C).to(out.dtype))
+        return out.view(B, self.length, C)
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        """Backbone states (B, Tc, C) -> one state per id position (B, T, C) (see module docs)."""
+        return h.gather(1, self.back.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+
+def backbone_positions(n_prefix: int, n_step_ids: int, obs_len: int, step_len: int, vectors: int) -> int:
+    """Backbone positions of a row of ``n_prefix`` prefix ids and ``n_step_ids`` step ids that start at a step
+    boundary (an observation cut at the end counts as none of its cells)."""
+    whole, part = divmod(n_step_ids, step_len)
+    tail = 0 if part < obs_len else vectors + part - obs_len
+    return n_prefix + whole * (vectors + step_len - obs_len) + tail
+
+
+def step_positions(cfg, step_len: int) -> int:
+    """Model positions one world step of ``step_len`` ids takes for a model config (ModelConfig)."""
+    return cfg.obs_vectors + step_len - cfg.obs_len if cfg.obs_vectors else step_len

@@ -1,0 +1,168 @@
+"""Encoded observations (stream.obs=encoded, worldloom.modality): the frame encoder and decoder around
+the backbone, the compression plan, causality, and the runner against the training forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from worldloom.config import StreamConfig, build_config
+from worldloom.errors import ConfigError
+from worldloom.model import LWM
+from worldloom.modality import FrameDecoder, FrameEncoder, FramePlan, backbone_positions
+from worldloom.tokenize.grid import GridTokenizer
+from worldloom.world.data.episodes import load_dataset
+from worldloom.world.data.packing import EpisodeData
+from worldloom.world.stream import StreamLayout
+
+from conftest import TINY_WORLD
+
+
+@pytest.fixture(scope="module")
+def episodes(world_dataset):
+    ds = load_dataset(world_dataset)
+    return ds.episodes("train"), ds.episodes("val")
+
+
+@pytest.fixture(scope="module")
+def layout(episodes):
+    return StreamLayout.build([e.mission for e in episodes[0]], 7, StreamConfig(), GridTokenizer())
+
+
+def longest(eps):
+    return max(eps, key=lambda e: e.length)
+
+
+def encoded_model(layout, vectors=2, seed=0, backbone="transformer"):
+    cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}"]).model
+    cfg.vocab_size, cfg.slots = layout.vocab_size, layout.n_slots
+    cfg.obs_vectors, cfg.obs_len, cfg.obs_grid = vectors, layout.obs_len, 7
+    torch.manual_seed(seed)
+    return LWM(cfg).eval()
+
+
+def test_encoder_and_decoder_shapes():
+    enc = FrameEncoder(d_model=16, obs_len=50, grid=7, vectors=3)
+    assert enc(torch.randn(5, 50, 16)).shape == (5, 3, 16)
+    dec = FrameDecoder(d_model=16, obs_len=50, n_layer=1, n_head=2, d_ff=32)
+    assert dec(torch.randn(5, 16), torch.randn(5, 50, 16)).shape == (5, 50, 16)
+
+
+def test_plan_on_a_hand_made_row():
+    """Step = 2 cells + a, r, d (slots 1..5); prefix of 2 (slot 0); the last frame is cut by the row end."""
+    slots = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1]])
+    plan = FramePlan.build(slots, obs_len=2, step_len=5, vectors=1)
+    # backbone positions: p0 p1 F0 a r d F1 a r d (the cut frame dropped) = 10
+    assert plan.length == 10
+    assert plan.frame_src.tolist() == [2, 7] and plan.frame_dst.tolist() == [2, 6]
+    assert plan.keep_src.tolist() == [0, 1, 4, 5, 6, 9, 10, 11]
+    # first cells see the state before their frame; last cells see the frame; the cut cell the state before it
+    assert plan.back[0].tolist() == [0, 1, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 9]
+    assert plan.decode_at.tolist() == [6, 11] and plan.decode_prev.tolist() == [2, 7]
+    assert backbone_positions(2, 11, obs_len=2, step_len=5, vectors=1) == 10
+
+
+def test_encoded_forward_is_causal(layout, episodes):
+    """Changing a later observation changes no output (logits included) at earlier positions."""
+    model = encoded_model(layout)
+    data = EpisodeData(layout, [layout.episode(e) for e in episodes[0][:4]], [layout.episode(e) for e in episodes[1][:2]],
+                       StreamConfig())
+    batch = data.collate([[data.row(layout.episode(longest(episodes[0])), 400, start=0)]])
+    inp, slots = batch["input"], batch["slots"]
+    starts = torch.nonzero(slots[0] == 1).flatten()
+    assert len(starts) >= 3, "the fixture episode should have three observations"
+    cut = int(starts[2])
+    changed = inp.clone()
+    changed[0, cut : cut + 49] = layout.offset["obs"] + 1  # an arbitrary other frame from the third observation on
+    with torch.no_grad():
+        a, b = model(inp, slots=slots), model(changed, slots=slots)
+    torch.testing.assert_close(a.logits[:, :cut], b.logits[:, :cut])
+    assert not torch.allclose(a.logits[:, cut:], b.logits[:, cut:])
+
+
+def test_one_network_serves_policy_and_world_model(layout, episodes):
+    """The action logits and the frame decoder's logits both move when a backbone weight moves."""
+    model = encoded_model(layout)
+    data = EpisodeData(layout, [layout.episode(e) for e in episodes[0][:4]], [layout.episode(e) for e in episodes[1][:2]],
+                       StreamConfig())
+    batch = data.collate([[data.row(layout.episode(longest(episodes[0])), 400, start=0)]])
+    out = model(batch["input"], slots=batch["slots"])
+    kinds = layout.kinds_of(batch["target"].numpy())[0]
+    act = torch.from_numpy(np.flatnonzero(kinds == 3))  # K_ACTION targets
+    obs = torch.from_numpy(np.flatnonzero((kinds == 2) & (np.arange(len(kinds)) > 60)))  # next-frame targets
+    block = model.backbone.blocks[0]
+    grads = []
+    for pos in (act, obs):
+        model.zero_grad()
+        out = model(batch["input"], slots=batch["slots"])
+        out.logits[0, pos].logsumexp(-1).sum().backward()
+        grads.append(next(block.parameters()).grad.abs().sum().item())
+    assert min(grads) > 0
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+def test_runner_matches_the_training_forward(layout, episodes, backbone):
+    """Fed step by step through the runner (cache, chunks [a r d obs]), the policy's logits and the frame
+    decoder's logits are those of one forward over the whole row."""
+    from worldloom.world.rollout.runner import StreamRunner
+
+    model = encoded_model(layout, backbone=backbone)
+    ep = layout.episode(longest(episodes[1]))
+    T = min(ep.length, 4)
+    runner = StreamRunner(model, layout)
+    h = runner.reset([ep.prefix], ep.steps[:1, : layout.obs_len])
+    policy = [runner.logits(h)]
+    frames = []
+    for t in range(T - 1):
+        h_d = runner.feed(ep.steps[t : t + 1, layout.obs_len :])[:, -1]
+        frames.append(runner.frame(h_d))
+        h = runner.feed(ep.steps[t + 1 : t + 2, : layout.obs_len])[:, -1]
+        policy.append(runner.logits(h))
+    seq = torch.from_numpy(np.concatenate([ep.prefix, ep.steps[:T].reshape(-1)]))[None]
+    slots = torch.zeros_like(seq)
+    slots[0, len(ep.prefix):] = torch.from_numpy(layout.slots_at(0, T * layout.step_len))
+    with torch.no_grad():
+        full = model(seq, slots=slots).logits[0]
+    P, S, L = len(ep.prefix), layout.step_len, layout.obs_len
+    for t in range(T):
+        want = runner.logits(torch.zeros(1, model.cfg.d_model))  # only for the restriction's shape
+        got = policy[t][0]
+        ref = full[P + t * S + L - 1]
+        ok = torch.isfinite(got)
+        torch.testing.assert_close(got[ok], ref[ok], rtol=1e-4, atol=1e-4)
+        assert want.shape == policy[t].shape
+    for t in range(T - 1):
+        at = P + t * S + S - 1  # the d_t position predicts cell 1 of o_{t+1}, the cells after it the next ones
+        ref = full[at : at + L]
+        got = frames[t][0]
+        ok = torch.isfinite(got)
+        torch.testing.assert_close(got[ok], ref[ok], rtol=1e-4, atol=1e-4)
+
+
+def test_encoded_config_errors():
+    with pytest.raises(ConfigError, match="stream.obs must be"):
+        build_config(None, [*TINY_WORLD, "stream.obs=pixels"])
+    with pytest.raises(ConfigError, match="parallel_obs"):
+        build_config(None, [*TINY_WORLD, "stream.obs=encoded", "stream.parallel_obs=true"])
+    with pytest.raises(ConfigError, match="obs_vectors"):
+        build_config(None, [*TINY_WORLD, "stream.obs=encoded", "stream.obs_vectors=0"])
+
+
+def test_encoded_world_run_trains_acts_and_imagines(tmp_path, world_dataset):
+    """`worldloom train` with stream.obs=encoded: trains, evaluates (acting, teacher-forced frames, open loop,
+    planning) and reports, through the same pipeline as the token stream."""
+    import json
+
+    from worldloom.recipes import get_recipe
+
+    cfg = build_config(None, [*TINY_WORLD, f"data.path={world_dataset}", f"out_dir={tmp_path}", "name=enc",
+                              "stream.obs=encoded", "stream.obs_vectors=2"])
+    get_recipe(cfg.recipe).run(cfg, progress=False, log=lambda *a: None)
+    res = json.loads((cfg.run_dir / "eval.json").read_text())
+    wm = res["world_model"]["expert"]
+    assert wm["frame_n"] > 0 and wm["token_n"] == 50 * wm["frame_n"]  # the decoder's logits, read as the stream's
+    assert res["real"]["episodes"] == 6 and res["open_loop"]["horizons"]["1"]["n"] > 0
+    assert res["plan"]["mode"] == "parallel"
+    from worldloom.run import load_world_run
+
+    run = load_world_run(cfg.run_dir)
+    assert run.model.cfg.obs_vectors == 2 and run.model.obs_encoder is not None
