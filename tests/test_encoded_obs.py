@@ -166,3 +166,20 @@ def test_encoded_world_run_trains_acts_and_imagines(tmp_path, world_dataset):
 
     run = load_world_run(cfg.run_dir)
     assert run.model.cfg.obs_vectors == 2 and run.model.obs_encoder is not None
+
+
+def test_encoded_rows_fill_the_context_in_model_positions(layout, episodes):
+    """Rows are packed by model positions (obs_vectors + 3 per step) and cut at whole steps: each row's
+    backbone length stays within the context and is near it; the ids run far past it."""
+    cost = 2 + layout.step_len - layout.obs_len
+    data = EpisodeData(layout, [layout.episode(e) for e in episodes[0]], [layout.episode(e) for e in episodes[1]],
+                       StreamConfig(), step_cost=cost)
+    context = 200
+    batch = data.batch("train", 6, context, torch.Generator().manual_seed(0))
+    plan = FramePlan.build(batch["slots"], layout.obs_len, layout.step_len, 2, batch["input"])
+    lengths = [int(plan.back[b].max()) + 1 for b in range(6)]
+    assert max(lengths) <= context and min(lengths) > context - cost - 20  # a prefix + a step may not fit at the end
+    assert batch["input"].shape[1] > 3 * context
+    starts = batch["slots"] == 1
+    ends = torch.nonzero(batch["slots"] == layout.step_len)
+    assert int(starts.sum()) == len(ends) + 6  # whole steps only (each row's last d is a target, not an input)
