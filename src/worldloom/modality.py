@@ -129,7 +129,7 @@ class FramePlan:
         return out.view(B, self.length, C)
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
-        """Backbone states (B, Tc, C) -> one state per id position (B, T, C) (see module docs)."""
+        """Backbone states (B, Tc, C) (or anything per backbone position) -> one per id position (B, T, C)."""
         return h.gather(1, self.back.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 

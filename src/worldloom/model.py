@@ -134,7 +134,7 @@ class LWM(nn.Module):
         vectors = vectors + self.slot_embed.weight[1 : 1 + cfg.obs_vectors]
         hc, cache = self.backbone(self.drop(plan.compress(tokens, vectors, B)), cache, causal=causal)
         h = plan.expand(hc)  # (B, T, C)
-        logits = self.logits_of(h) if head else None
+        logits = plan.expand(self.logits_of(hc)) if head else None  # the head once per backbone position
         if logits is not None and len(plan.decode_at):
             frame = self.frame_logits(h.flatten(0, 1)[plan.decode_at], plan.frames(idx, plan.decode_prev, cfg.obs_len))
             at = plan.decode_at.unsqueeze(1) + self.obs_cell  # (D, obs_len) flat positions the frame's cells fill

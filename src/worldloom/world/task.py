@@ -31,6 +31,21 @@ def dataset_dir(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(cfg.data.path) if cfg.data.path else Path(run_dir) / DATA_DIR
 
 
+def stream_model_sizes(lay: StreamLayout, sc) -> dict:
+    """The ModelConfig fields a stream layout and the run's ``stream`` config fix (vocabulary, slots, step
+    skip, frame head or encoded observations)."""
+    grid = getattr(lay.obs, "view", 0)  # a grid view's cells are a step's first slots
+    encoded = sc.obs == "encoded"
+    if encoded and not grid:
+        raise DataError(f"stream.obs=encoded reads observations as a grid of cells; the {lay.obs.kind} tokenizer has none")
+    return {"vocab_size": lay.vocab_size, "slots": lay.n_slots,
+            "frame_tokens": lay.obs_len if sc.parallel_obs else 0,
+            "period": lay.step_len if sc.step_skip and not encoded else 0,
+            "slot_grid": grid if sc.grid_pos else 0,
+            "obs_vectors": sc.obs_vectors if encoded else 0, "obs_len": lay.obs_len if encoded else 0,
+            "obs_grid": grid if encoded else 0}
+
+
 class WorldTask:
     """Episodes as a training task (``worldloom.train.task.Task``): packed stream rows, the world-stream objective."""
 
@@ -61,17 +76,7 @@ class WorldTask:
         self.data.check_context(cfg.model.context)
 
     def model_sizes(self) -> dict:
-        lay, sc = self.layout, self.cfg.stream
-        grid = getattr(lay.obs, "view", 0)  # a grid view's cells are a step's first slots
-        encoded = sc.obs == "encoded"
-        if encoded and not grid:
-            raise DataError(f"stream.obs=encoded reads observations as a grid of cells; the {lay.obs.kind} tokenizer has none")
-        return {"vocab_size": lay.vocab_size, "slots": lay.n_slots,
-                "frame_tokens": lay.obs_len if sc.parallel_obs else 0,
-                "period": lay.step_len if sc.step_skip and not encoded else 0,
-                "slot_grid": grid if sc.grid_pos else 0,
-                "obs_vectors": sc.obs_vectors if encoded else 0, "obs_len": lay.obs_len if encoded else 0,
-                "obs_grid": grid if encoded else 0}
+        return stream_model_sizes(self.layout, self.cfg.stream)
 
     def save(self, run_dir: Path) -> None:
         self.layout.save(Path(run_dir) / STREAM_DIR)
