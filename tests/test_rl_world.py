@@ -61,7 +61,10 @@ def test_tune_ppo_writes_metrics_and_a_loadable_run(tuned, world_run):
     assert all(torch.equal(ref[k], src.model.state_dict()[k]) for k in ref)  # the frozen starting model
 
 
-def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("every", [1, 2])
+def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_path, monkeypatch, every):
+    """Killed while collecting update 2: from the checkpoint of update 1 (every=1) or of update 0 (every=2, whose
+    metrics row of update 1 was written but not checkpointed: it is dropped and played again)."""
     real = wrl.run_episodes
     calls = []
 
@@ -73,9 +76,11 @@ def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_
 
     monkeypatch.setattr(wrl, "run_episodes", dies_in_update_two)
     with pytest.raises(RuntimeError, match="killed"):
-        wrl.tune(world_run, [*TINY_RL, f"out_dir={tmp_path}", "name=ppo"], progress=False, log=lambda *a: None)
+        wrl.tune(world_run, [*TINY_RL, f"rl.checkpoint_every={every}", f"out_dir={tmp_path}", "name=ppo"],
+                 progress=False, log=lambda *a: None)
     monkeypatch.setattr(wrl, "run_episodes", real)
-    assert load_run(tmp_path / "ppo").state["step"] == 1
+    assert load_run(tmp_path / "ppo").state["step"] == (1 if every == 1 else 0)
+    assert len(rows(tmp_path / "ppo")) == 1
     assert tune_cli("--resume", str(tmp_path / "ppo")) == 0
     a, b = final_state(tuned), final_state(tmp_path / "ppo")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

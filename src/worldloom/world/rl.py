@@ -360,8 +360,10 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
     value_head = ValueHead(src.model.cfg.d_model)
     model = src.model
     log(f"tune ppo: {source} (step {src.state.get('step')}) -> {run_dir}")
-    return Tuner(run_dir, cfg, new.env.id, new.data.seed, model, _reference(model, weights), value_head,
-                 _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed))
+    tu = Tuner(run_dir, cfg, new.env.id, new.data.seed, model, _reference(model, weights), value_head,
+               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed))
+    save(tu)  # update 0: a run killed before its first checkpoint resumes from the start
+    return tu
 
 
 def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
