@@ -32,7 +32,7 @@ One update:
    world-model loss (next observation, reward and end tokens) on the collected transitions.
 
 The model stays in eval mode throughout (no dropout: the ratio must be exactly 1 before the
-first step). A tuned run is a run folder like any other (``config.yaml`` of the source with the
+first step) and computes in fp32 on the CPU (the acting agent's runner does too). A tuned run is a run folder like any other (``config.yaml`` of the source with the
 new name, its ``stream/``, checkpoints whose ``model.safetensors`` `load_run` reads — so
 `worldloom eval` and `imagine` work on it — plus ``value.safetensors``, ``rl.yaml`` and
 ``metrics.jsonl`` with one row per update). Resuming restores weights, value head, AdamW
