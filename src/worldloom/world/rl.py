@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import latest_checkpoint, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
-from ..config import from_dict, parse_override, read_yaml, save_yaml, to_dict
+from ..config import RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..io import load_tensors, save_tensors
 from ..losses.next_token import next_token_loss
@@ -342,8 +342,6 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
     run_cfg["name"] = run_keys.get("name", f"{src.cfg.name}-ppo")
     run_cfg["out_dir"] = run_keys.get("out_dir", src.cfg.out_dir)
     run_cfg["data"]["path"] = str(dataset_dir(src.cfg, src.run_dir))  # `worldloom eval` of the tuned run finds the data
-    from ..config import RunConfig
-
     new = from_dict(RunConfig, run_cfg)
     run_dir = new.run_dir
     if latest_checkpoint(run_dir) is not None or (run_dir / RL_FILE).exists():
