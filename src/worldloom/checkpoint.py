@@ -91,10 +91,12 @@ def rng_from_json(text: str) -> torch.Tensor:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict | None, state: dict,
-                    keep: int = 1) -> Path:
+                    keep: int = 1, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint folder and point checkpoint.json at it. ``model`` is a module or its
     weights (name -> tensor, shared tensors once); ``optimizer`` an optimizer or its state_dict
-    (a sharded run passes the whole, gathered states: worldloom.train.dist)."""
+    (a sharded run passes the whole, gathered states: worldloom.train.dist); ``extra`` more
+    tensor files of the same checkpoint (name -> tensors, written as ``<name>.safetensors``,
+    e.g. an RL run's value head beside the model weights that `load_run` reads)."""
     run_dir = Path(run_dir)
     name = f"step-{state['step']:08d}"
     final = run_dir / CHECKPOINTS / name
@@ -110,6 +112,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: tor
         tensors, groups = _optimizer_tensors(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         save_tensors(tmp / "optimizer.safetensors", tensors, metadata={"format": FORMAT})
         full_state["optimizer_groups"] = groups
+    for fname, tensors in (extra or {}).items():
+        save_tensors(tmp / f"{fname}.safetensors", tensors, metadata={"format": FORMAT})
     write_json(tmp / "state.json", full_state)
     if final.exists():
         shutil.rmtree(final)

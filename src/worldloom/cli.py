@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, export.
+"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -96,6 +96,19 @@ def _cmd_imagine(args) -> int:
     exact = sum(1 for f in frames[1:] if f[3]) if frames and len(frames[0]) > 3 else None
     print(f"wrote {args.out}: {len(frames)} frames of {run.cfg.env.id} seed {args.seed}, real (left) beside imagined (right)"
           + (f"; {exact}/{len(frames) - 1} imagined frames exactly right" if exact is not None else ""))
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .world.rl import tune
+
+    if args.run and "=" in args.run:  # `tune ppo --resume RL_RUN rl.updates=100`: an override, not a run
+        args.overrides.insert(0, args.run)
+        args.run = None
+    if bool(args.run) == bool(args.resume):
+        raise WorldloomError("give a world run to tune (worldloom tune ppo RUN) or --resume RL_RUN, not both or neither")
+    tune(Path(args.run) if args.run else None, args.overrides, resume=Path(args.resume) if args.resume else None,
+         progress=not args.no_progress)
     return 0
 
 
@@ -316,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=_out_path, default="rollout.gif", help="GIF to write")
     s.set_defaults(fn=_cmd_imagine)
 
+    s = sub.add_parser("tune", help="fine-tune a world run's policy by reinforcement learning in the real environment",
+                       epilog="examples:\n  worldloom tune ppo runs/babyai rl.updates=50 rl.envs=32 name=ppo\n"
+                              "  worldloom tune ppo --resume runs/ppo                 # continue after a kill\n"
+                              "  worldloom tune ppo --resume runs/ppo rl.updates=100  # more updates\n\n"
+                              "Keys: rl.<key> (worldloom.world.rl.RLConfig: updates, envs, episodes, lr, clip, kl_coef, "
+                              "value_warmup, ...), name, out_dir.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("method", choices=["ppo"], help="ppo: proximal policy optimisation against the frozen starting policy")
+    s.add_argument("run", nargs="?", help="the trained world run to start from")
+    s.add_argument("overrides", nargs="*", help="rl.key=value, name=..., out_dir=...")
+    s.add_argument("--resume", metavar="RL_RUN", help="continue the RL run in this folder from its last checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="print a line per update instead of a progress bar")
+    s.set_defaults(fn=_cmd_tune)
+
     s = sub.add_parser("export", help="export a run to another format")
     s.add_argument("format", choices=["hf"], help="hf: a transformers LlamaForCausalLM folder")
     s.add_argument("run", help="run folder")
@@ -390,7 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
-        if getattr(args, "verb", None) in ("train", "collect") and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "verb", None) in ("train", "collect", "tune") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -399,7 +426,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "export")
+VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export")
 _OOM = ("not enough memory", "can't allocate memory", "out of memory", "defaultcpuallocator")
 
 

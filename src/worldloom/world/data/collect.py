@@ -5,8 +5,9 @@ Seeds. Episode i of a split is played on environment seed ``split_seed(split, ba
     train: base_seed + 0         + i   (TRAIN_SEED_BASE)
     val:   base_seed + 1_000_000 + i   (VAL_SEED_BASE)
     eval:  base_seed + 2_000_000 + i   (EVAL_SEED_BASE, reserved for evaluating in the real env)
+    rl:    base_seed + 3_000_000 + i   (RL_SEED_BASE, episodes played by `worldloom tune ppo`)
 
-so the three splits never share a level layout (a split holds fewer than 1,000,000 seeds).
+so the splits never share a level layout (a split holds fewer than 1,000,000 seeds).
 
 Perturbation. Each episode has its own random stream, ``np.random.default_rng([base_seed,
 env_seed])``. It decides whether the episode is perturbed (probability ``perturbed_fraction``)
@@ -54,12 +55,13 @@ from .episodes import META_FILE, SCHEMA_VERSION, Episode, shard_name, write_shar
 TRAIN_SEED_BASE = 0
 VAL_SEED_BASE = 1_000_000
 EVAL_SEED_BASE = 2_000_000
-SEED_BASES = {"train": TRAIN_SEED_BASE, "val": VAL_SEED_BASE, "eval": EVAL_SEED_BASE}
+RL_SEED_BASE = 3_000_000  # reinforcement learning in the real environment (worldloom.world.rl)
+SEED_BASES = {"train": TRAIN_SEED_BASE, "val": VAL_SEED_BASE, "eval": EVAL_SEED_BASE, "rl": RL_SEED_BASE}
 SEEDS_PER_SPLIT = 1_000_000
 
 
 def split_seed(split: str, base_seed: int, i: int) -> int:
-    """The environment seed of episode i of a split ("train", "val" or "eval")."""
+    """The environment seed of episode i of a split ("train", "val", "eval" or "rl")."""
     if split not in SEED_BASES:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SEED_BASES)}")
     if not 0 <= i < SEEDS_PER_SPLIT:

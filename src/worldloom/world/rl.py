@@ -1,0 +1,476 @@
+"""PPO fine-tuning of a world run's policy in the real environment (`worldloom tune ppo RUN`).
+
+This module lives in ``world/`` because it needs what only a world run has (the environment
+adapter, the stream layout, the acting agent); the PPO core it drives, ``worldloom.rl``, knows
+nothing of worlds, so that RLHF can reuse it.
+
+One update:
+
+1. **Collect.** The current model plays ``rl.episodes`` real episodes (default ``rl.envs``),
+   ``rl.envs`` environments at once, through ``run_episodes`` (the ``StreamRunner``; actions
+   sampled at temperature 1 from the logits restricted to the action ids). Seeds come from the
+   split ``rl`` (``data.seed + 3_000_000 + i``, worldloom.world.data.collect): never the
+   training, validation or held-out evaluation levels.
+2. **Score.** Each episode is laid out as the stream the model was trained on (``StreamLayout.
+   episode``) and cut into windows that mirror the runner's roll-over (the first window holds
+   as many whole steps as fit the context; each later one restarts from the prefix and the
+   last ``keep`` steps, as ``StreamRunner`` does). One forward per batch of windows gives the
+   hidden state at the last observation token of every step — the policy position: its logits
+   over the action ids give log π(a_t) and the entropy, a ``ValueHead`` on it gives V(s_t), and
+   the same forward of the frozen **reference** (the starting, behaviour-cloned model, saved
+   once as ``reference.safetensors``) gives the exact KL(π ‖ π_ref) over the action ids.
+   The "old" log-probabilities are this forward with the parameters before the update, so
+   the first epoch starts at ratio 1 (the runner's roll-over moment can differ from these
+   windows by a step: a small, documented off-policy gap).
+3. **GAE** over the episodes (time-major, padded): an episode's last step is its end, whether
+   terminated or truncated — BabyAI's time limit means the level was failed (reward 0), as
+   BabyAI's own PPO treats it; nothing is bootstrapped past it.
+4. **PPO epochs** over minibatches of windows (``worldloom.rl.ppo_loss``), stopping early once
+   the approximate KL to the collecting policy passes ``rl.target_kl``. The first
+   ``rl.value_warmup`` updates train the value head only. ``rl.wm_coef`` (default 0: PPO alone,
+   the cloned world model is left as it was except through the shared network) adds the
+   world-model loss (next observation, reward and end tokens) on the collected transitions.
+
+The model stays in eval mode throughout (no dropout: the ratio must be exactly 1 before the
+first step) and computes in fp32 on the CPU (the acting agent's runner does too). A tuned run is a run folder like any other (``config.yaml`` of the source with the
+new name, its ``stream/``, checkpoints whose ``model.safetensors`` `load_run` reads — so
+`worldloom eval` and `imagine` work on it — plus ``value.safetensors``, ``rl.yaml`` and
+``metrics.jsonl`` with one row per update). Resuming restores weights, value head, AdamW
+moments and the RL generator (which draws each update's sampling seed and minibatch order), so
+a run resumed after a kill continues the same sequence as one never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import latest_checkpoint, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
+from ..config import RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
+from ..errors import CheckpointError, ConfigError
+from ..io import load_tensors, save_tensors
+from ..losses.next_token import next_token_loss
+from ..rl import PPOConfig, ValueHead, categorical_terms, gae, ppo_loss
+from ..run import CONFIG, METRICS, load_world_run
+from ..runtime import set_threads
+from .data.collect import SEEDS_PER_SPLIT, split_seed
+from .data.packing import skip_ids
+from .rollout.agent import run_episodes
+from .stream import K_DONE, K_OBS, K_REWARD, PAD, StreamLayout
+from .task import STREAM_DIR, dataset_dir
+
+RL_FILE = "rl.yaml"
+REFERENCE = "reference.safetensors"
+VALUE = "value"  # the checkpoint's value-head file: value.safetensors
+
+
+@dataclass
+class RLConfig(PPOConfig):
+    """The ``rl.*`` keys of `worldloom tune ppo`: the PPO settings and how the world run plays."""
+
+    updates: int = 50  # PPO updates (each: collect, score, epochs)
+    envs: int = 32  # real environments played at once
+    episodes: int = 0  # episodes collected per update (0 = rl.envs)
+    seed: int = 0  # the RL generator: sampling seeds, minibatch order, value-head init
+    wm_coef: float = 0.0  # world-model loss on the collected transitions (0 = off)
+    checkpoint_every: int = 1  # updates between checkpoints (the last update always saves)
+    batch_windows: int = 32  # windows per no-grad scoring forward
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("updates", "envs", "checkpoint_every", "batch_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.episodes < 0 or self.seed < 0 or self.wm_coef < 0:
+            raise ConfigError("rl.episodes, rl.seed and rl.wm_coef must be >= 0, got "
+                              f"{self.episodes}, {self.seed}, {self.wm_coef}")
+        if self.updates * self.per_update > SEEDS_PER_SPLIT:
+            raise ConfigError(f"rl.updates x episodes per update = {self.updates * self.per_update:,} is more than the "
+                              f"{SEEDS_PER_SPLIT:,} seeds of the rl split")
+
+    @property
+    def per_update(self) -> int:
+        return self.episodes or self.envs
+
+
+# ---------------------------------------------------------------- episodes -> scored stream windows
+
+
+def windows(prefix_len: int, steps: int, step_len: int, context: int) -> list[tuple[int, int, int]]:
+    """(start, first scored step, end) of each window of an episode, as StreamRunner rolls over: the
+    first window holds as many whole steps as fit; each later one restarts ``keep`` steps back."""
+    fit = (context - prefix_len) // step_len
+    if fit < 1:
+        raise ConfigError(f"the model context {context} cannot hold the mission ({prefix_len} tokens) and one step")
+    keep = min(fit - 1, max(1, (context // 2) // step_len))
+    out, s = [(0, 0, min(fit, steps))], fit
+    while s < steps:
+        start = s - keep
+        out.append((start, s, min(start + fit, steps)))
+        s = start + fit
+    return out
+
+
+@dataclass
+class Rollout:
+    """One update's episodes as flat per-step samples and the stream windows that score them."""
+
+    actions: torch.Tensor  # (M,) action index taken at each step (episodes one after the other)
+    rewards: np.ndarray  # (M,)
+    episode_of: np.ndarray  # (M,) episode index of each sample
+    step_of: np.ndarray  # (M,) step within its episode
+    rows: list  # per window: (ids, slots, skip, policy positions, sample indices)
+    success: list[bool]
+
+
+def build_rollout(layout: StreamLayout, results, context: int) -> Rollout:
+    lay = layout
+    actions, rewards, ep_of, step_of, rows = [], [], [], [], []
+    first = 0
+    for i, res in enumerate(results):
+        ep = res.episode
+        tok = lay.episode(ep)
+        P, T = len(tok.prefix), tok.length
+        for start, scored, end in windows(P, T, lay.step_len, context):
+            seq = np.concatenate([tok.prefix, tok.steps[start:end].reshape(-1)])
+            slots = np.zeros(len(seq), np.int64)
+            slots[P:] = lay.slots_at(0, len(seq) - P)
+            t = np.arange(scored, end)
+            pos = P + (t - start) * lay.step_len + lay.obs_len - 1  # the last observation token of step t
+            rows.append((seq, slots, skip_ids(seq, P, lay.step_len), pos, first + t))
+        actions.append(ep.action)
+        rewards.append(ep.reward)
+        ep_of.append(np.full(T, i))
+        step_of.append(np.arange(T))
+        first += T
+    return Rollout(torch.from_numpy(np.concatenate(actions)), np.concatenate(rewards).astype(np.float32),
+                   np.concatenate(ep_of), np.concatenate(step_of), rows, [r.success for r in results])
+
+
+def collate(rows: list, layout: StreamLayout, wm: bool) -> dict:
+    """Windows -> a right-padded batch: ids (B, L), slots, skip, the flat policy positions (b·L + i) and
+    their sample indices; with ``wm`` also next-token targets weighted on observation, reward and end."""
+    L = max(len(r[0]) for r in rows)
+    B = len(rows)
+    ids, slots, skip = (np.full((B, L), PAD, np.int64) for _ in range(3))
+    flat, samples = [], []
+    for b, (seq, sl, sk, pos, idx) in enumerate(rows):
+        n = len(seq)
+        ids[b, :n], slots[b, :n], skip[b, :n] = seq, sl, sk
+        flat.append(b * L + pos)
+        samples.append(idx)
+    batch = {"idx": torch.from_numpy(ids), "slots": torch.from_numpy(slots), "skip": torch.from_numpy(skip),
+             "flat": torch.from_numpy(np.concatenate(flat)), "samples": torch.from_numpy(np.concatenate(samples))}
+    if wm:
+        kinds = layout.kinds_of(ids[:, 1:])
+        weight = np.isin(kinds, (K_OBS, K_REWARD, K_DONE)) & (ids[:, 1:] != PAD)
+        batch["target"] = torch.from_numpy(ids[:, 1:])
+        batch["weight"] = torch.from_numpy(weight.astype(np.float32))
+    return batch
+
+
+def policy_forward(model, layout: StreamLayout, batch: dict, wm: bool = False):
+    """(action logits (M, A), hidden states (M, C) at the policy positions, world-model loss or None)."""
+    skip = batch["skip"] if model.skip_proj is not None else None
+    out = model(batch["idx"], slots=batch["slots"], skip=skip, head=wm)
+    h = out.hidden.flatten(0, 1)[batch["flat"]]  # (M, C)
+    lo = layout.offset["action"]
+    logits = model.logits_of(h)[:, lo : lo + layout.n_actions].float()
+    loss = next_token_loss(out.logits[:, :-1].contiguous(), batch["target"], batch["weight"]) if wm else None
+    return logits, h, loss
+
+
+# ---------------------------------------------------------------- one PPO update
+
+
+@dataclass
+class Scored:
+    old_logp: torch.Tensor  # (M,)
+    ref_logits: torch.Tensor  # (M, A)
+    advantages: torch.Tensor  # (M,)
+    returns: torch.Tensor  # (M,)
+    old_values: torch.Tensor  # (M,)
+
+
+@torch.no_grad()
+def score(model, reference, value_head, layout: StreamLayout, ro: Rollout, cfg: RLConfig) -> Scored:
+    """The policy's and the reference's view of every step before the update, then GAE."""
+    M, A = len(ro.actions), layout.n_actions
+    old_logp, values, ref_logits = torch.zeros(M), torch.zeros(M), torch.zeros(M, A)
+    for i in range(0, len(ro.rows), cfg.batch_windows):
+        batch = collate(ro.rows[i : i + cfg.batch_windows], layout, wm=False)
+        idx = batch["samples"]
+        logits, h, _ = policy_forward(model, layout, batch)
+        old_logp[idx] = torch.log_softmax(logits, -1).gather(-1, ro.actions[idx, None]).squeeze(-1)
+        values[idx] = value_head(h)
+        ref_logits[idx] = policy_forward(reference, layout, batch)[0]
+    adv, ret = gae(*time_major(ro, values), cfg.gamma, cfg.lam)
+    back = (torch.from_numpy(ro.step_of), torch.from_numpy(ro.episode_of))
+    return Scored(old_logp, ref_logits, adv[back], ret[back], values)
+
+
+def time_major(ro: Rollout, values: torch.Tensor):
+    """Flat samples -> (T_max, N) rewards, values, dones (padding after an episode's end counts as ended)
+    and a zero last value: every collected episode ran to its end."""
+    N, T = len(ro.success), int(ro.step_of.max()) + 1
+    rewards, vals = torch.zeros(T, N), torch.zeros(T, N)
+    dones = torch.ones(T, N, dtype=torch.bool)
+    t, n = torch.from_numpy(ro.step_of), torch.from_numpy(ro.episode_of)
+    rewards[t, n] = torch.from_numpy(ro.rewards)
+    vals[t, n] = values
+    last = torch.zeros(len(ro.step_of), dtype=torch.bool)
+    last[:-1] = n[1:] != n[:-1]
+    last[-1] = True
+    dones[t, n] = last
+    return rewards, vals, dones, torch.zeros(N)
+
+
+def minibatches(ro: Rollout, size: int, gen: torch.Generator) -> list[list]:
+    """Windows in a random order, grouped until each group scores at least ``size`` steps."""
+    order = torch.randperm(len(ro.rows), generator=gen).tolist()
+    groups, cur, n = [], [], 0
+    for w in order:
+        cur.append(ro.rows[w])
+        n += len(ro.rows[w][4])
+        if n >= size:
+            groups.append(cur)
+            cur, n = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def ppo_epochs(model, value_head, opt, layout, ro: Rollout, sc: Scored, cfg: RLConfig, value_only: bool,
+               gen: torch.Generator) -> dict:
+    """The PPO epochs of one update; the mean of each loss part over the minibatches that ran."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sums, steps, stopped = {}, 0, False
+    for _ in range(cfg.epochs):
+        for rows in minibatches(ro, cfg.minibatch, gen):
+            batch = collate(rows, layout, wm=cfg.wm_coef > 0 and not value_only)
+            idx = batch["samples"]
+            with torch.set_grad_enabled(not value_only):
+                logits, h, wm_loss = policy_forward(model, layout, batch, wm="target" in batch)
+            values = value_head(h if cfg.value_backbone and not value_only else h.detach())
+            logp, ent, kl = categorical_terms(logits, sc.ref_logits[idx], ro.actions[idx])
+            out = ppo_loss(logp, sc.old_logp[idx], sc.advantages[idx], values, sc.old_values[idx], sc.returns[idx],
+                           ent, kl, cfg, value_only=value_only)
+            total = out.total + cfg.wm_coef * wm_loss if wm_loss is not None else out.total
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            parts = dict(out.parts, **({"wm": float(wm_loss.detach())} if wm_loss is not None else {}))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            if not value_only and cfg.target_kl > 0 and out.parts["approx_kl"] > cfg.target_kl:
+                stopped = True
+                break
+        if stopped:
+            break
+    return {**{k: v / max(steps, 1) for k, v in sums.items()}, "minibatches": steps, "early_stop": stopped}
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+@dataclass
+class Tuner:
+    """Everything an RL run carries from update to update."""
+
+    run_dir: Path
+    cfg: RLConfig
+    env_id: str
+    data_seed: int
+    model: torch.nn.Module
+    reference: torch.nn.Module
+    value_head: ValueHead
+    opt: torch.optim.Optimizer
+    layout: StreamLayout
+    gen: torch.Generator
+    update: int = 0
+    episodes: int = 0
+    env_steps: int = 0
+    elapsed: float = 0.0
+
+
+def parse_rl_overrides(overrides: list[str], allow_run_keys: bool) -> tuple[dict, dict]:
+    """`rl.key=value` (and, for a new run, `name=` / `out_dir=`) -> (rl dict, run keys)."""
+    rl, run = {}, {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "rl" and len(keys) == 2:
+            rl[keys[1]] = value
+        elif allow_run_keys and keys in (["name"], ["out_dir"]):
+            run[keys[0]] = value
+        else:
+            allowed = "rl.<key>, name and out_dir" if allow_run_keys else "rl.<key> (name and out_dir are fixed once a run exists)"
+            raise ConfigError(f"tune ppo takes {allowed}; got '{'.'.join(keys)}'")
+    return rl, run
+
+
+def _optimizer(model, value_head, cfg: RLConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([{"params": list(model.parameters())}, {"params": list(value_head.parameters())}],
+                             lr=cfg.lr, weight_decay=0.0)
+
+
+def _reference(model, weights: dict) -> torch.nn.Module:
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(weights, strict=False)
+    ref.eval().requires_grad_(False)
+    return ref
+
+
+def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
+    """A new RL run folder from a trained world run (the source is only read)."""
+    from ..checkpoint import _unique_state
+
+    src = load_world_run(Path(source))
+    rl_dict, run_keys = parse_rl_overrides(overrides, allow_run_keys=True)
+    cfg = from_dict(RLConfig, rl_dict, prefix="rl.")
+    run_cfg = to_dict(src.cfg)
+    run_cfg["name"] = run_keys.get("name", f"{src.cfg.name}-ppo")
+    run_cfg["out_dir"] = run_keys.get("out_dir", src.cfg.out_dir)
+    run_cfg["data"]["path"] = str(dataset_dir(src.cfg, src.run_dir))  # `worldloom eval` of the tuned run finds the data
+    new = from_dict(RunConfig, run_cfg)
+    run_dir = new.run_dir
+    if latest_checkpoint(run_dir) is not None or (run_dir / RL_FILE).exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with `worldloom tune ppo --resume {run_dir}` "
+                          "or choose another name=")
+    if run_dir.resolve() == Path(source).resolve():
+        raise ConfigError("the tuned run needs its own folder; choose another name=")
+    src.layout.save(run_dir / STREAM_DIR)
+    save_yaml(run_cfg, run_dir / CONFIG)
+    weights = _unique_state(src.model)
+    save_tensors(run_dir / REFERENCE, {k: v.contiguous() for k, v in weights.items()})
+    save_yaml({"source": str(source), "source_step": src.state.get("step"), "rl": to_dict(cfg)}, run_dir / RL_FILE)
+    torch.manual_seed(cfg.seed)
+    value_head = ValueHead(src.model.cfg.d_model)
+    model = src.model
+    log(f"tune ppo: {source} (step {src.state.get('step')}) -> {run_dir}")
+    tu = Tuner(run_dir, cfg, new.env.id, new.data.seed, model, _reference(model, weights), value_head,
+               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed))
+    save(tu)  # update 0: a run killed before its first checkpoint resumes from the start
+    return tu
+
+
+def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
+    """An RL run folder back at its last checkpoint (``rl.*`` overrides, e.g. more updates, apply)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RL_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is not an RL run folder (no {RL_FILE}); start one with `worldloom tune ppo RUN`")
+    saved = read_yaml(run_dir / RL_FILE)
+    rl_dict, _ = parse_rl_overrides(overrides, allow_run_keys=False)
+    if not isinstance(saved.get("rl"), dict):
+        raise CheckpointError(f"{run_dir / RL_FILE} is damaged (no rl: mapping)")
+    cfg = from_dict(RLConfig, {**saved["rl"], **rl_dict}, prefix="rl.")
+    run = load_world_run(run_dir)
+    state = run.state
+    value_head = ValueHead(run.model.cfg.d_model)
+    value_head.load_state_dict(load_tensors(run.checkpoint / f"{VALUE}.safetensors", "value head"))
+    opt = _optimizer(run.model, value_head, cfg)
+    load_optimizer(opt, run.checkpoint, state)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr
+    gen = torch.Generator()
+    gen.set_state(rng_from_json(state["data_rng"]))
+    torch.set_rng_state(rng_from_json(state["torch_rng"]))
+    if rl_dict:
+        save_yaml({**saved, "rl": to_dict(cfg)}, run_dir / RL_FILE)
+    _trim_metrics(run_dir / METRICS, state["step"])
+    ref = _reference(run.model, load_tensors(run_dir / REFERENCE, "reference weights"))
+    log(f"tune ppo: resuming {run_dir} at update {state['step']}")
+    return Tuner(run_dir, cfg, run.cfg.env.id, run.cfg.data.seed, run.model, ref, value_head, opt, run.layout, gen,
+                 update=state["step"], episodes=int(state.get("episodes", 0)), env_steps=int(state.get("env_steps", 0)),
+                 elapsed=float(state["elapsed"]))
+
+
+def _trim_metrics(path: Path, upto: int) -> None:
+    """Drop the rows of updates after the checkpoint (a kill lost them; they are played again)."""
+    if not path.is_file():
+        return
+    from ..io import atomic_write_text
+
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("update", 0) <= upto]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def save(tu: Tuner) -> None:
+    state = {"step": tu.update, "elapsed": round(tu.elapsed, 3), "precision": "fp32", "episodes": tu.episodes,
+             "env_steps": tu.env_steps, "data_rng": rng_to_json(tu.gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state())}
+    save_checkpoint(tu.run_dir, tu.model, tu.opt, state, extra={VALUE: tu.value_head.state_dict()})
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def one_update(tu: Tuner, progress: bool = False) -> dict:
+    """Collect, score, PPO epochs; the metrics row of this update."""
+    cfg, n = tu.cfg, tu.cfg.per_update
+    seeds = [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n)]
+    sample_seed = int(torch.randint(2**31 - 1, (1,), generator=tu.gen))
+    res = run_episodes(tu.model, tu.layout, tu.env_id, seeds, envs=cfg.envs, greedy=False, seed=sample_seed,
+                       record=True, progress=progress, desc="rl episodes")
+    ro = build_rollout(tu.layout, res, tu.model.cfg.context)
+    sc = score(tu.model, tu.reference, tu.value_head, tu.layout, ro, cfg)
+    value_only = tu.update < cfg.value_warmup
+    parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen)
+    tu.update += 1
+    tu.episodes += n
+    tu.env_steps += len(ro.actions)
+    return {"update": tu.update, "success": float(np.mean(ro.success)), "return": float(np.mean([r.ret for r in res])),
+            "length": float(np.mean([r.length for r in res])), "episodes": tu.episodes, "env_steps": tu.env_steps,
+            "value_only": value_only, **parts}
+
+
+def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
+    """Run updates until rl.updates; checkpoint every rl.checkpoint_every and at the end."""
+    cfg = tu.cfg
+    tu.model.eval()
+    fmt = "{desc} {n_fmt}/{total_fmt}|{bar}| [{elapsed}<{remaining}{postfix}]"
+    bar = tqdm(total=cfg.updates, initial=min(tu.update, cfg.updates), desc="ppo", bar_format=fmt,
+               disable=not progress or None, dynamic_ncols=True)
+    row = {}
+    try:
+        while tu.update < cfg.updates:
+            t0 = time.perf_counter()
+            row = one_update(tu)
+            tu.elapsed += time.perf_counter() - t0
+            row["elapsed"] = round(tu.elapsed, 2)
+            with open(tu.run_dir / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if tu.update % cfg.checkpoint_every == 0 or tu.update == cfg.updates:
+                save(tu)
+            bar.update(1)
+            bar.set_postfix(success=f"{row['success']:.0%}", episodes=tu.episodes, kl=f"{row.get('kl', 0):.3f}")
+            if not progress:
+                log(f"update {tu.update}: success {row['success']:.1%}, {tu.episodes} episodes, {tu.env_steps} env steps")
+    except KeyboardInterrupt:
+        bar.close()
+        raise CheckpointError(f"interrupted at update {tu.update}; continue with `worldloom tune ppo --resume {tu.run_dir}`") from None
+    bar.close()
+    if latest_checkpoint(tu.run_dir) is None or read_state(latest_checkpoint(tu.run_dir))["step"] != tu.update:
+        save(tu)
+    log(f"done: {tu.update} updates, {tu.episodes} real episodes, {tu.env_steps} env steps; run folder {tu.run_dir} "
+        f"(evaluate with `worldloom eval {tu.run_dir}`)")
+    return {"run_dir": str(tu.run_dir), "updates": tu.update, "episodes": tu.episodes, "env_steps": tu.env_steps,
+            "success": row.get("success")}
+
+
+def tune(source: Path | None, overrides: list[str], resume: Path | None = None, progress: bool = True, log=print) -> dict:
+    """`worldloom tune ppo`: a new RL run from ``source``, or ``resume`` an RL run folder."""
+    tu = resume_tune(resume, overrides, log) if resume is not None else start_tune(source, overrides, log)
+    set_threads(read_yaml(tu.run_dir / CONFIG).get("train", {}).get("threads", 0))
+    return tune_ppo(tu, progress=progress, log=log)

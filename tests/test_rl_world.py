@@ -1,0 +1,142 @@
+"""PPO fine-tuning of a world run in the real environment (worldloom.world.rl, `worldloom tune ppo`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldloom.cli import main
+from worldloom.io import load_tensors
+from worldloom.run import load_run
+from worldloom.world import rl as wrl
+from worldloom.world.data.collect import split_seed
+from worldloom.world.data.episodes import load_dataset
+from worldloom.world.rollout.agent import EpisodeResult
+from worldloom.world.rollout.runner import StreamRunner
+
+TINY_RL = ["rl.updates=2", "rl.envs=3", "rl.episodes=3", "rl.epochs=2", "rl.minibatch=40", "rl.value_warmup=1",
+           "rl.target_kl=0", "rl.seed=5"]
+
+
+def tune_cli(*args: str) -> int:
+    return main(["tune", "ppo", *args, "--no-progress"])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    run = load_run(run_dir)
+    return {**run.model.state_dict(), **{f"value.{k}": v for k, v in load_tensors(run.checkpoint / "value.safetensors").items()}}
+
+
+@pytest.fixture(scope="module")
+def tuned(world_run, tmp_path_factory) -> Path:
+    """The tiny world run tuned for 2 updates, uninterrupted."""
+    out = tmp_path_factory.mktemp("rl")
+    assert tune_cli(str(world_run), *TINY_RL, f"out_dir={out}", "name=ppo") == 0
+    return out / "ppo"
+
+
+def test_tune_ppo_writes_metrics_and_a_loadable_run(tuned, world_run):
+    got = rows(tuned)
+    assert [r["update"] for r in got] == [1, 2]
+    assert [r["episodes"] for r in got] == [3, 6]
+    assert 0 < got[0]["env_steps"] < got[1]["env_steps"]
+    assert [r["value_only"] for r in got] == [True, False]
+    assert all(0.0 <= r["success"] <= 1.0 for r in got)
+    assert got[0]["kl"] == 0.0  # the value warm-up leaves the policy equal to the reference: KL exactly 0
+    run = load_run(tuned)  # what `worldloom eval` / `imagine` read
+    assert run.state["step"] == 2 and run.is_world
+    assert (run.checkpoint / "value.safetensors").is_file()
+    src = load_run(world_run)
+    changed = [k for k, v in run.model.state_dict().items() if not torch.equal(v, src.model.state_dict()[k])]
+    assert changed, "the PPO update (update 2) should have moved the policy"
+    ref = load_tensors(tuned / "reference.safetensors")
+    assert all(torch.equal(ref[k], src.model.state_dict()[k]) for k in ref)  # the frozen starting model
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_path, monkeypatch, every):
+    """Killed while collecting update 2: from the checkpoint of update 1 (every=1) or of update 0 (every=2, whose
+    metrics row of update 1 was written but not checkpointed: it is dropped and played again)."""
+    real = wrl.run_episodes
+    calls = []
+
+    def dies_in_update_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(wrl, "run_episodes", dies_in_update_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        wrl.tune(world_run, [*TINY_RL, f"rl.checkpoint_every={every}", f"out_dir={tmp_path}", "name=ppo"],
+                 progress=False, log=lambda *a: None)
+    monkeypatch.setattr(wrl, "run_episodes", real)
+    assert load_run(tmp_path / "ppo").state["step"] == (1 if every == 1 else 0)
+    assert len(rows(tmp_path / "ppo")) == 1
+    assert tune_cli("--resume", str(tmp_path / "ppo")) == 0
+    a, b = final_state(tuned), final_state(tmp_path / "ppo")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed"} for r in rs]  # noqa: E731
+    assert strip(rows(tuned)) == strip(rows(tmp_path / "ppo"))
+
+
+def test_scored_log_probs_match_the_runner_that_acted(world_run, world_dataset):
+    """The stream windows reproduce what StreamRunner showed the policy, roll-over included."""
+    run = load_run(world_run)
+    lay, model = run.layout, run.model
+    ep = max(load_dataset(world_dataset).episodes("train"), key=lambda e: e.length)
+    tok = lay.episode(ep)
+    assert len(wrl.windows(len(tok.prefix), tok.length, lay.step_len, model.cfg.context)) > 1, "need a rolled-over episode"
+    ro = wrl.build_rollout(lay, [EpisodeResult(ep.seed, True, 1.0, ep.length, ep)], model.cfg.context)
+    sc = wrl.score(model, model, wrl.ValueHead(model.cfg.d_model), lay, ro, wrl.RLConfig())
+    runner = StreamRunner(model, lay)
+    h = runner.reset([tok.prefix], tok.steps[:1, : lay.obs_len])
+    lo = lay.offset["action"]
+    want = []
+    for t in range(tok.length):
+        lp = torch.log_softmax(runner.logits(h)[0, lo : lo + lay.n_actions], -1)
+        want.append(float(lp[ep.action[t]]))
+        if t + 1 < tok.length:
+            h = runner.feed(np.concatenate([tok.steps[t, lay.obs_len :], tok.steps[t + 1, : lay.obs_len]])[None])[:, -1]
+    assert runner.rebuilds > 0
+    assert np.allclose(sc.old_logp.numpy(), want, atol=1e-4)
+
+
+def test_rl_seeds_are_their_own_split():
+    seeds = {split_seed(s, 0, i) for s in ("train", "val", "eval") for i in (0, 999_999)}
+    assert not seeds & {split_seed("rl", 0, 0), split_seed("rl", 0, 999_999)}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["rl.clipp=0.1"], "rl.clipp"),
+    (["model.n_layer=2"], "tune ppo takes rl.<key>"),
+    (["rl.envs=0"], "rl.envs must be >= 1"),
+])
+def test_tune_config_errors_are_one_line(world_run, tmp_path, capsys, args, message):
+    assert tune_cli(str(world_run), *args, f"out_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("worldloom: error:") and len(err.splitlines()) == 1
+
+
+def test_tune_refuses_to_overwrite_or_resume_the_wrong_folder(tuned, world_run, capsys):
+    assert tune_cli(str(world_run), f"out_dir={tuned.parent}", "name=ppo") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert tune_cli("--resume", str(world_run)) == 2  # a world run, not an RL run
+    assert "not an RL run folder" in capsys.readouterr().err
+    assert tune_cli("--resume", str(tuned), "name=other") == 2
+    assert "fixed once a run exists" in capsys.readouterr().err
+
+
+def test_world_model_loss_on_collected_transitions(world_run, tmp_path):
+    wrl.tune(world_run, ["rl.updates=1", "rl.envs=2", "rl.episodes=2", "rl.epochs=1", "rl.value_warmup=0",
+                         "rl.wm_coef=0.5", f"out_dir={tmp_path}", "name=wm"], progress=False, log=lambda *a: None)
+    row = rows(tmp_path / "wm")[0]
+    assert row["wm"] > 0 and not row["value_only"]
