@@ -32,8 +32,8 @@ def longest(eps):
     return max(eps, key=lambda e: e.length)
 
 
-def encoded_model(layout, vectors=2, seed=0, backbone="transformer"):
-    cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}"]).model
+def encoded_model(layout, vectors=2, seed=0, backbone="transformer", context=256):
+    cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}", f"model.context={context}"]).model
     cfg.vocab_size, cfg.slots = layout.vocab_size, layout.n_slots
     cfg.obs_vectors, cfg.obs_len, cfg.obs_grid = vectors, layout.obs_len, 7
     torch.manual_seed(seed)
@@ -147,24 +147,29 @@ def test_encoded_config_errors():
         build_config(None, [*TINY_WORLD, "stream.obs=encoded", "stream.obs_vectors=0"])
 
 
-def test_encoded_world_run_trains_acts_and_imagines(tmp_path, world_dataset):
+@pytest.fixture(scope="module")
+def encoded_run(tmp_path_factory, world_dataset):
+    from worldloom.recipes import get_recipe
+
+    cfg = build_config(None, [*TINY_WORLD, f"data.path={world_dataset}", f"out_dir={tmp_path_factory.mktemp('enc')}",
+                              "name=enc", "stream.obs=encoded", "stream.obs_vectors=2"])
+    get_recipe(cfg.recipe).run(cfg, progress=False, log=lambda *a: None)
+    return cfg.run_dir
+
+
+def test_encoded_world_run_trains_acts_and_imagines(encoded_run):
     """`worldloom train` with stream.obs=encoded: trains, evaluates (acting, teacher-forced frames, open loop,
     planning) and reports, through the same pipeline as the token stream."""
     import json
 
-    from worldloom.recipes import get_recipe
-
-    cfg = build_config(None, [*TINY_WORLD, f"data.path={world_dataset}", f"out_dir={tmp_path}", "name=enc",
-                              "stream.obs=encoded", "stream.obs_vectors=2"])
-    get_recipe(cfg.recipe).run(cfg, progress=False, log=lambda *a: None)
-    res = json.loads((cfg.run_dir / "eval.json").read_text())
+    res = json.loads((encoded_run / "eval.json").read_text())
     wm = res["world_model"]["expert"]
     assert wm["frame_n"] > 0 and wm["token_n"] == 50 * wm["frame_n"]  # the decoder's logits, read as the stream's
     assert res["real"]["episodes"] == 6 and res["open_loop"]["horizons"]["1"]["n"] > 0
     assert res["plan"]["mode"] == "parallel"
     from worldloom.run import load_world_run
 
-    run = load_world_run(cfg.run_dir)
+    run = load_world_run(encoded_run)
     assert run.model.cfg.obs_vectors == 2 and run.model.obs_encoder is not None
 
 
@@ -183,3 +188,38 @@ def test_encoded_rows_fill_the_context_in_model_positions(layout, episodes):
     starts = batch["slots"] == 1
     ends = torch.nonzero(batch["slots"] == layout.step_len)
     assert int(starts.sum()) == len(ends) + 6  # whole steps only (each row's last d is a target, not an input)
+
+
+def test_ppo_scores_what_the_runner_showed_an_encoded_policy(layout, episodes):
+    """The RL stage's stream windows, counted in model positions, reproduce the runner's roll-over."""
+    from worldloom.world import rl as wrl
+    from worldloom.world.rollout.agent import EpisodeResult
+    from worldloom.world.rollout.runner import StreamRunner
+
+    model = encoded_model(layout, context=40)
+    ep = longest(episodes[0])
+    tok = layout.episode(ep)
+    cost = 2 + layout.step_len - layout.obs_len
+    assert len(wrl.windows(len(tok.prefix), tok.length, cost, 40, 2)) > 1, "need a rolled-over episode"
+    ro = wrl.build_rollout(layout, [EpisodeResult(ep.seed, True, 1.0, ep.length, ep)], 40, cost, 2)
+    sc = wrl.score(model, model, wrl.ValueHead(model.cfg.d_model), layout, ro, wrl.RLConfig())
+    runner = StreamRunner(model, layout)
+    h = runner.reset([tok.prefix], tok.steps[:1, : layout.obs_len])
+    lo, want = layout.offset["action"], []
+    for t in range(tok.length):
+        want.append(float(torch.log_softmax(runner.logits(h)[0, lo : lo + layout.n_actions], -1)[ep.action[t]]))
+        if t + 1 < tok.length:
+            h = runner.feed(np.concatenate([tok.steps[t, layout.obs_len :], tok.steps[t + 1, : layout.obs_len]])[None])[:, -1]
+    assert runner.rebuilds > 0
+    assert np.allclose(sc.old_logp.numpy(), want, atol=1e-4), np.round(sc.old_logp.numpy() - np.array(want), 4)
+
+
+def test_tune_ppo_on_an_encoded_run(encoded_run, tmp_path):
+    import json
+
+    from worldloom.world import rl as wrl
+
+    wrl.tune(encoded_run, ["rl.updates=1", "rl.envs=2", "rl.episodes=2", "rl.epochs=1", "rl.value_warmup=0",
+                           f"out_dir={tmp_path}", "name=ppo"], progress=False, log=lambda *a: None)
+    row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["episodes"] == 2 and row["kl"] == 0.0

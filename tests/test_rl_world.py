@@ -94,7 +94,7 @@ def test_scored_log_probs_match_the_runner_that_acted(world_run, world_dataset):
     lay, model = run.layout, run.model
     ep = max(load_dataset(world_dataset).episodes("train"), key=lambda e: e.length)
     tok = lay.episode(ep)
-    assert len(wrl.windows(len(tok.prefix), tok.length, lay.step_len, model.cfg.context)) > 1, "need a rolled-over episode"
+    assert len(wrl.windows(len(tok.prefix), tok.length, lay.step_len, model.cfg.context, lay.obs_len)) > 1, "need a rolled-over episode"
     ro = wrl.build_rollout(lay, [EpisodeResult(ep.seed, True, 1.0, ep.length, ep)], model.cfg.context)
     sc = wrl.score(model, model, wrl.ValueHead(model.cfg.d_model), lay, ro, wrl.RLConfig())
     runner = StreamRunner(model, lay)

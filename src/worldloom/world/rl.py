@@ -56,6 +56,7 @@ from ..config import RunConfig, from_dict, parse_override, read_yaml, save_yaml,
 from ..errors import CheckpointError, ConfigError
 from ..io import load_tensors, save_tensors
 from ..losses.next_token import next_token_loss
+from ..modality import step_positions
 from ..rl import PPOConfig, ValueHead, categorical_terms, gae, ppo_loss
 from ..run import CONFIG, METRICS, load_world_run
 from ..runtime import set_threads
@@ -102,13 +103,15 @@ class RLConfig(PPOConfig):
 # ---------------------------------------------------------------- episodes -> scored stream windows
 
 
-def windows(prefix_len: int, steps: int, step_len: int, context: int) -> list[tuple[int, int, int]]:
-    """(start, first scored step, end) of each window of an episode, as StreamRunner rolls over: the
-    first window holds as many whole steps as fit; each later one restarts ``keep`` steps back."""
-    fit = (context - prefix_len) // step_len
+def windows(prefix_len: int, steps: int, step_cost: int, context: int, obs_cost: int) -> list[tuple[int, int, int]]:
+    """(start, first scored step, end) of each window of an episode, as StreamRunner rolls over. Counted in
+    model positions: a step costs ``step_cost``, its observation ``obs_cost``. A window takes steps while
+    their observation (where the policy reads) still fits the context; then the runner rebuilds from the
+    prefix, the ``keep`` latest whole steps and the new observation."""
+    fit = (context - prefix_len - obs_cost) // step_cost + 1  # steps whose observation fits behind the prefix
     if fit < 1:
-        raise ConfigError(f"the model context {context} cannot hold the mission ({prefix_len} tokens) and one step")
-    keep = min(fit - 1, max(1, (context // 2) // step_len))
+        raise ConfigError(f"the model context {context} cannot hold the mission ({prefix_len} tokens) and one observation")
+    keep = min(fit - 1, max(1, (context // 2) // step_cost))
     out, s = [(0, 0, min(fit, steps))], fit
     while s < steps:
         start = s - keep
@@ -129,16 +132,23 @@ class Rollout:
     success: list[bool]
 
 
-def build_rollout(layout: StreamLayout, results, context: int) -> Rollout:
+def build_rollout(layout: StreamLayout, results, context: int, step_cost: int | None = None,
+                  obs_cost: int | None = None) -> Rollout:
+    """``step_cost`` / ``obs_cost``: model positions of a step and of an observation (encoded observations
+    take fewer than their ids; default: the ids). A window's last step ends at its observation when its
+    action, reward and end would overflow the context (the next window holds them)."""
     lay = layout
+    step_cost, obs_cost = step_cost or lay.step_len, obs_cost or lay.obs_len
     actions, rewards, ep_of, step_of, rows = [], [], [], [], []
     first = 0
     for i, res in enumerate(results):
         ep = res.episode
         tok = lay.episode(ep)
         P, T = len(tok.prefix), tok.length
-        for start, scored, end in windows(P, T, lay.step_len, context):
+        for start, scored, end in windows(P, T, step_cost, context, obs_cost):
             seq = np.concatenate([tok.prefix, tok.steps[start:end].reshape(-1)])
+            if P + (end - start) * step_cost > context:
+                seq = seq[: len(seq) - (lay.step_len - lay.obs_len)]
             slots = np.zeros(len(seq), np.int64)
             slots[P:] = lay.slots_at(0, len(seq) - P)
             t = np.arange(scored, end)
@@ -423,7 +433,8 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     sample_seed = int(torch.randint(2**31 - 1, (1,), generator=tu.gen))
     res = run_episodes(tu.model, tu.layout, tu.env_id, seeds, envs=cfg.envs, greedy=False, seed=sample_seed,
                        record=True, progress=progress, desc="rl episodes")
-    ro = build_rollout(tu.layout, res, tu.model.cfg.context)
+    mc, lay = tu.model.cfg, tu.layout
+    ro = build_rollout(lay, res, mc.context, step_positions(mc, lay.step_len), mc.obs_vectors or lay.obs_len)
     sc = score(tu.model, tu.reference, tu.value_head, tu.layout, ro, cfg)
     value_only = tu.update < cfg.value_warmup
     parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen)
