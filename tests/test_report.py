@@ -137,3 +137,27 @@ def test_novelty_and_frame_head_rows_only_when_measured(tmp_path):
     md = write_report(tmp_path / "b", plain).read_text()
     assert "never-seen object (unpredictable)" not in md and "revealed nothing new" not in md
     assert "exact frame in one pass" not in md
+
+
+def test_seen_cell_rows_and_curves(tmp_path):
+    """The restated open-loop rows appear when the seen cells were scored; the plot draws every design's curve."""
+    import copy
+
+    from worldloom.world.eval.report import open_loop_curves, plot_open_loop
+
+    res = copy.deepcopy(FULL)
+    for (k, h), fs, cs in zip(res["open_loop"]["horizons"].items(), (0.97, 0.81, 0.62), (0.999, 0.991, 0.983)):
+        h.update(frame_seen=fs, cell_seen=cs, n_seen=h["n"], cells_seen=40 * h["n"])
+    res["open_loop"]["mode"] = "tokens"
+    res["open_loop_parallel"] = {"curve": [{"k": k, "frame": 0.5, "frame_seen": 0.6, "cell_seen": 0.9} for k in range(1, 11)]}
+    md = write_report(tmp_path / "a", res).read_text()
+    assert "| Open loop on the cells seen before (restated): exact frame after 1 / 5 / 10 steps | 97.0% / 81.0% / 62.0% |" in md
+    assert "share of those cells right after 1 / 5 / 10 steps | 99.9% / 99.1% / 98.3% |" in md
+    assert "earlier REAL observation" in md  # the definition
+    assert list(open_loop_curves(res)) == ["tokens", "parallel"]
+    assert (tmp_path / "a" / PLOTS["open_loop"]).read_bytes()[:4] == b"\x89PNG"
+    md = write_report(tmp_path / "b", FULL).read_text()
+    assert "cells seen before (restated)" not in md
+    # tiny inputs: one point draws, nothing usable does not
+    assert plot_open_loop([{"k": 1, "frame_seen": 1.0}], tmp_path / "one.png") and (tmp_path / "one.png").is_file()
+    assert not plot_open_loop({"x": [{"k": 1}], "y": "junk"}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
