@@ -162,7 +162,9 @@ def test_choose_with_wrapped_imagination(world, monkeypatch):
 
     monkeypatch.setattr(planner, "imagine", fake)
     assert np.array_equal(planner.choose(runner, h), [a] * runner.batch)
-    planner.discount = 0.5  # 0.5 * 0.25 = 0.125 still beats 0
+    planner.discount = 0.5  # 0.5 * 0.25 = 0.125 beats 0 by the margin, but it is not a confident foresight
+    assert np.array_equal(planner.choose(runner, h), preferred)
+    planner.confidence, planner.margin = 0.1, 0.05  # once it counts as one, it wins
     assert np.array_equal(planner.choose(runner, h), [a] * runner.batch)
 
 

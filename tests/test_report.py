@@ -161,3 +161,13 @@ def test_seen_cell_rows_and_curves(tmp_path):
     # tiny inputs: one point draws, nothing usable does not
     assert plot_open_loop([{"k": 1, "frame_seen": 1.0}], tmp_path / "one.png") and (tmp_path / "one.png").is_file()
     assert not plot_open_loop({"x": [{"k": 1}], "y": "junk"}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_planning_override_row(tmp_path):
+    import copy
+
+    res = copy.deepcopy(FULL)
+    res["plan"].update(overrides=0.034, policy_success_same_seeds=0.91)
+    md = write_report(tmp_path / "a", res).read_text()
+    assert "| Planning: plain policy on the same seeds / share of actions where imagination overrode the policy | 91.0% / 3.4% |" in md
+    assert "overrode" not in write_report(tmp_path / "b", FULL).read_text()

@@ -140,6 +140,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         result["plan"] = _summary(pres, plan_seeds, time.perf_counter() - t)
         result["plan"]["horizon"] = ec.plan_horizon
         result["plan"]["mode"] = "parallel" if model.frame is not None else "tokens"
+        result["plan"]["overrides"] = planner.overrides / max(planner.decisions, 1)  # actions not the policy's own
         same = res[:n_plan]
         result["plan"]["policy_success_same_seeds"] = float(np.mean([r.success for r in same]))
         log(f"planning in imagination (horizon {ec.plan_horizon}): success {result['plan']['success']:.1%} on {n_plan} seeds "

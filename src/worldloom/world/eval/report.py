@@ -233,6 +233,9 @@ def _table(result) -> list[str]:
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", pct(_get(plan, "success"))),
         ("Mean return, planning", _fmt(_get(plan, "mean_return"))),
+        *([("Planning: plain policy on the same seeds / share of actions where imagination overrode the policy",
+            f"{pct(_get(plan, 'policy_success_same_seeds'))} / {pct(_get(plan, 'overrides'))}")]
+          if _num(_get(plan, "overrides")) is not None else []),
         ("Next observation, exact frame: expert / perturbed / after random action", groups("frame")),
         *([("Next observations that reveal a never-seen object (unpredictable): expert / perturbed", groups("novel", ("expert", "perturbed"))),
            ("Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed", groups("frame_known", ("expert", "perturbed")))]
@@ -283,9 +286,11 @@ def _how_measured(result) -> list[str]:
         "(observation tokens in, an action token out: the likeliest one unless eval.greedy is off) and receives the real rewards, ends and "
         "next observations.",
         f"- **Planning** (worldloom.world.rollout.plan) tries every first action inside the world model, follows the "
-        f"model's own policy for the rest of a horizon of {_int(_get(plan, 'horizon'))} imagined steps, and takes the "
-        "first action with the highest predicted return (ties go to the policy's own choice), on held-out seeds "
-        f"as well ({_int(_get(plan, 'episodes'))} episodes).",
+        f"model's own policy for the rest of a horizon of {_int(_get(plan, 'horizon'))} imagined steps, and falls "
+        "back on the policy: its own action stands unless another of its top actions foresees a confident reward "
+        "(one imagined step's expected reward at least the planner's confidence; smaller foreseen rewards count for "
+        "nothing) and beats the imagined return of the policy's action by a margin; ties go to the policy. On held-out "
+        f"seeds as well ({_int(_get(plan, 'episodes'))} episodes).",
         "- **Next-observation accuracy** is teacher-forced on held-out episodes: given the true history and action, "
         "the likeliest token at each of the next observation's positions is compared with the truth. A frame counts "
         "as exact when all its tokens are right, which is exactly when a greedy token-by-token one-step imagination "
