@@ -453,37 +453,60 @@ def _action_name(frame, names: tuple[str, ...]) -> str:
     return names[action] if 0 <= action < len(names) else str(action)
 
 
-def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...] | None = None) -> Path:
+def _gif_font(px: int):
+    """PIL's default font at px pixels (a small bitmap font on a Pillow without FreeType)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1, or no FreeType
+        return ImageFont.load_default()
+
+
+def _gif_frame(t: int, frame, names: tuple[str, ...], scale: int, font):
+    """One GIF frame: the two views enlarged ``scale`` times by nearest neighbour (cells stay sharp),
+    "real" | "imagined" labels over them, a caption under them (step, action, exact or wrong)."""
+    from PIL import Image, ImageDraw
+
+    gap, band = 4 * scale, 14 * scale  # pixels between the views; height of the label and caption bands
+    real, imag, action = np.asarray(frame[0], np.uint8), np.asarray(frame[1], np.uint8), frame[2]
+    exact = bool(frame[3]) if len(frame) > 3 else bool(np.array_equal(real, imag))
+    real, imag = (v.repeat(scale, axis=0).repeat(scale, axis=1) for v in (real, imag))  # nearest neighbour
+    h = max(real.shape[0], imag.shape[0])
+    canvas = np.full((band + h + band, real.shape[1] + gap + imag.shape[1], 3), 255, np.uint8)
+    canvas[band : band + real.shape[0], : real.shape[1]] = real
+    canvas[band : band + imag.shape[0], real.shape[1] + gap :] = imag
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    pad = 2 * scale
+    draw.text((pad, scale), "real", fill=(0, 0, 0), font=font)
+    draw.text((real.shape[1] + gap + pad, scale), "imagined", fill=(0, 0, 0), font=font)
+    if action is None:
+        text, color = f"step {t}: start", (0, 0, 0)
+    else:
+        text = f"step {t}: {_action_name(frame, names)}, {'exact' if exact else 'wrong'}"
+        color = (0, 110, 0) if exact else (190, 0, 0)
+    draw.text((pad, band + h + scale), text, fill=color, font=font)
+    return img
+
+
+def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...] | None = None, scale: int = 4) -> Path:
     """Frames (`RolloutFrame`s, or (real_rgb, imagined_rgb, action[, exact[, action_name]]) tuples) ->
-    an animated GIF: real | imagined side by side over a one-line caption (step, action, whether the
-    imagined frame is exactly right; from the pixels when a tuple has no ``exact``). The action is
+    an animated GIF: "real" | "imagined" side by side under their labels, over a one-line caption
+    (step, action, whether the imagined frame is exactly right; from the pixels when a tuple has no
+    ``exact``), the views enlarged ``scale`` times by nearest neighbour (4: a 7x7 view drawn with
+    16-pixel tiles becomes 448 pixels wide) and the text drawn at the same scale. The action is
     named by the frame's ``action_name``, else by ``action_names`` (e.g. ``adapter.action_names``),
     else by its number. Written atomically."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if not len(frames):
         raise ValueError("write_rollout_gif needs at least one frame")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    names = tuple(action_names or ())
-    font = ImageFont.load_default()
-    gap, caption_h = 4, 14
-    images = []
-    for t, f in enumerate(frames):
-        real, imag, action = np.asarray(f[0], np.uint8), np.asarray(f[1], np.uint8), f[2]
-        exact = bool(f[3]) if len(f) > 3 else bool(np.array_equal(real, imag))
-        h = max(real.shape[0], imag.shape[0])
-        canvas = np.full((h + caption_h, real.shape[1] + gap + imag.shape[1], 3), 255, np.uint8)
-        canvas[: real.shape[0], : real.shape[1]] = real
-        canvas[: imag.shape[0], real.shape[1] + gap :] = imag
-        img = Image.fromarray(canvas)
-        if action is None:
-            text = f"step {t}: start (real | imagined)"
-        else:
-            name = _action_name(f, names)
-            text = f"step {t}: {name}, {'exact' if exact else 'wrong'}"
-        ImageDraw.Draw(img).text((2, h + 1), text, fill=(0, 0, 0), font=font)
-        images.append(img)
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive whole number, got {scale}")
+    scale = int(scale)
+    names, font = tuple(action_names or ()), _gif_font(11 * scale)
+    images = [_gif_frame(t, f, names, scale, font) for t, f in enumerate(frames)]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0)
     path = Path(path)
