@@ -7,6 +7,7 @@ evaluation result (a dict, as the evaluation produces it) and writes, in the run
 * ``open_loop.png`` — exact-frame and per-cell accuracy against the imagination horizon, on every
   cell and on the cells seen before (the restated metric), for every stream design measured;
 * ``success.png`` — real-environment success of the plain policy and of planning;
+* ``rl_success.png`` — success against RL update (BC -> RL), when ``metrics.jsonl`` has RL rows;
 * ``report.md`` — a table of the headline figures, the plots, the GIF (if given) and how
   everything was measured.
 
@@ -26,7 +27,9 @@ from ...train.plots import read_metrics
 
 DASH = "—"
 REPORT = "report.md"
-PLOTS = {"curves": "learning_curves.png", "open_loop": "open_loop.png", "success": "success.png"}
+PLOTS = {"curves": "learning_curves.png", "open_loop": "open_loop.png", "success": "success.png",
+         "rl_success": "rl_success.png"}
+RL_UPDATE = ("rl_update", "update")  # the update number of an RL metrics row (the first key present)
 LOSS_PARTS = ("loss_obs", "loss_action", "loss_reward", "loss_done", "loss_frame")
 
 
@@ -203,6 +206,41 @@ def plot_success(result, path: Path, title: str = "") -> bool:
     return True
 
 
+def rl_success_rows(rows: list[dict]) -> list[tuple[float, float]]:
+    """(update, success) of the RL stage's metrics rows: those with a numeric ``success`` and an
+    update number (``rl_update``, else ``update``), in update order (a resumed run's repeats: the last)."""
+    pts = {}
+    for r in rows:
+        if not isinstance(r, dict) or _num(r.get("success")) is None:
+            continue
+        update = next((_num(r.get(k)) for k in RL_UPDATE if _num(r.get(k)) is not None), None)
+        if update is not None:
+            pts[update] = _num(r["success"])
+    return sorted(pts.items())
+
+
+def plot_rl_success(rows: list[dict], path: Path, title: str = "", final=None) -> bool:
+    """Success of the episodes each RL update collected against the update (BC -> RL), with the
+    final held-out success (``final``, a fraction) as a dashed line; False (nothing drawn) without
+    RL rows."""
+    pts = rl_success_rows(rows)
+    if not pts:
+        return False
+    fig, ax = _figure()
+    x, y = zip(*pts)
+    ax.plot(x, [100 * v for v in y], "o-", ms=3, label="RL episodes of each update (sampled policy)")
+    if _num(final) is not None:
+        ax.axhline(100 * _num(final), color="tab:green", ls="--", label=f"held-out evaluation ({100 * _num(final):.1f}%)")
+    ax.set_xlabel("RL update")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(title or "success during reinforcement learning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
 # -- the report
 def _table(result) -> list[str]:
     real, plan, wm = _get(result, "real"), _get(result, "plan"), _get(result, "world_model")
@@ -333,7 +371,9 @@ def write_report(run_dir, result: dict, gif: Path | None = None) -> Path:
     made = {}
     for key, draw in (("curves", lambda p: plot_learning_curves(rows, p, f"{title}: learning curves")),
                       ("open_loop", lambda p: plot_open_loop(open_loop_curves(result), p, f"{title}: open-loop imagination")),
-                      ("success", lambda p: plot_success(result, p, f"{title}: success"))):
+                      ("success", lambda p: plot_success(result, p, f"{title}: success")),
+                      ("rl_success", lambda p: plot_rl_success(rows, p, f"{title}: success, BC -> RL",
+                                                               _get(result, "real", "success")))):
         path = run_dir / PLOTS[key]
         try:
             made[key] = draw(path)
@@ -345,7 +385,8 @@ def write_report(run_dir, result: dict, gif: Path | None = None) -> Path:
     md = [f"# World model report — {env_id or DASH}, run `{run}`", "", *_table(result), ""]
     captions = {"curves": ("Learning curves", "training loss per modality and held-out loss (log scale)"),
                 "open_loop": ("Accuracy against imagination horizon", "exact-frame and per-cell accuracy of the k-th imagined frame, on all cells and on the cells seen before"),
-                "success": ("Success", "plain policy against planning in imagination, real environment")}
+                "success": ("Success", "plain policy against planning in imagination, real environment"),
+                "rl_success": ("Success during reinforcement learning", "success of each RL update's episodes")}
     if any(made.values()):
         md += ["## Plots", ""]
         for key, ok in made.items():
