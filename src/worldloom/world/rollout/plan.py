@@ -86,10 +86,13 @@ class ImaginationPlanner:
     top_k: only the policy's k likeliest candidates may override its action (None: any). The
         world model has rarely or never seen the consequences of actions the expert does not
         take, and its reward predictions for them are not to be trusted.
-    See the module's docs for the rule (`decide`).
     mode: how imagined observations are predicted — "tokens" (token by token), "parallel"
         (the frame head, one pass; the model must have one) or "auto" (parallel when the
         model has a frame head).
+
+    The rule that makes the policy's action stand unless imagination confidently knows better is
+    in the module's docs and `decide`; ``decisions`` / ``overrides`` count the actions chosen and
+    those that were not the policy's own.
     """
 
     def __init__(self, horizon: int = 4, candidates=None, greedy_rollout: bool = True, discount: float = 1.0,
