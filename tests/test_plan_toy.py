@@ -71,20 +71,22 @@ class ScriptedPlanner(ImaginationPlanner):
         super().__init__(**kw)
         self.kind = kind
 
-    def imagine(self, runner, h):
-        B, K, H = len(h), 3, self.horizon
+    def imagine(self, runner, h, cand=None):
+        cand = np.tile(np.arange(3), (len(h), 1)) if cand is None else cand
+        (B, K), H = cand.shape, self.horizon
+        self.imagined_rows = B * K
         rewards, ends = np.zeros((B, K, H)), np.zeros((B, K, H), bool)
         actions = np.zeros((B, K, H), np.int64)
         for b, k in itertools.product(range(B), range(K)):
             pos, t = int(h[b, 0]), int(h[b, 1])
             for j in range(H):
-                a = k if j == 0 else int(runner.policy([pos])[0].argmax())
+                a = int(cand[b, k]) if j == 0 else int(runner.policy([pos])[0].argmax())
                 actions[b, k, j] = a
                 pos, t, r, end = step(pos, t, a)
                 rewards[b, k, j], ends[b, k, j] = self.foresee(a, r), end
                 if end:
                     break
-        return Imagined(np.arange(K), rewards, ends, actions)
+        return Imagined(cand, rewards, ends, actions)
 
     def foresee(self, action: int, reward: float) -> float:
         true = reward if self.kind in ("exact", "noisy") else reward / 2 if self.kind == "pessimist" else 0.0
@@ -170,3 +172,17 @@ def test_overrides_are_counted():
     pref = torch.tensor([[3.0, 2.0, 0.0], [3.0, 2.0, 0.0]])
     p.decide(pref, np.array([[0.0, 0.9, 0.0], [0.0, 0.1, 0.0]]))
     assert (p.decisions, p.overrides) == (2, 1)
+
+
+def test_only_the_policys_top_actions_are_imagined():
+    """Greedy: the policy's top-2 per stream; sampled: its own draw too when it lies outside them."""
+    p = ScriptedPlanner("exact", horizon=1)
+    p.choose(ToyRunner((5,)), torch.tensor([[5, 0], [2, 0]]))
+    assert p.imagined_rows == 4 and p.last_imagined.candidates.tolist() == [[BACK, FORWARD], [FORWARD, BACK]]
+    everything = ScriptedPlanner("exact", horizon=1, top_k=None)
+    everything.choose(ToyRunner(()), torch.tensor([[2, 0]]))
+    assert everything.imagined_rows == 3
+    own = np.array([WAIT, FORWARD])  # a sampled WAIT is imagined beside the top-2; a row without one gets the 3rd likeliest
+    cols = p._columns(torch.tensor([[1.0, 3.0, 0.0], [1.0, 3.0, 0.0]]), own)
+    assert cols.tolist() == [[FORWARD, BACK, WAIT], [FORWARD, BACK, WAIT]]
+    assert p._columns(torch.tensor([[1.0, 3.0, 0.0]]), np.array([FORWARD])).tolist() == [[FORWARD, BACK]]
