@@ -323,7 +323,8 @@ def _how_measured(result) -> list[str]:
         f"seeds {_seeds(real)} — never used for training or validation data. The model acts from its own stream "
         "(observation tokens in, an action token out: the likeliest one unless eval.greedy is off) and receives the real rewards, ends and "
         "next observations.",
-        f"- **Planning** (worldloom.world.rollout.plan) tries every first action inside the world model, follows the "
+        f"- **Planning** (worldloom.world.rollout.plan) tries the policy's likeliest first actions (its top 2 and its "
+        "own choice) inside the world model, follows the "
         f"model's own policy for the rest of a horizon of {_int(_get(plan, 'horizon'))} imagined steps, and falls "
         "back on the policy: its own action stands unless another of its top actions foresees a confident reward "
         "(one imagined step's expected reward at least the planner's confidence; smaller foreseen rewards count for "
