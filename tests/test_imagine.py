@@ -291,12 +291,26 @@ def test_rollout_gif(run, tmp_path):
     write_rollout_gif(frames, path, fps=3)
     with Image.open(path) as im:
         assert im.format == "GIF" and getattr(im, "n_frames", 1) == len(frames)
-        assert im.size == (112 * 2 + 4, 112 + 14) and im.info.get("loop") == 0
+        old = (112 * 2 + 4, 112 + 14)  # the GIF frame before issue 12: views at 16-pixel tiles, a caption band
+        assert im.size[0] >= 4 * old[0] and im.size[1] >= 4 * old[1] and im.info.get("loop") == 0
+        assert im.size == (4 * (112 * 2 + 4), 4 * (14 + 112 + 14))  # labels above, caption below, all x4
+        im.seek(len(frames) - 1)
+        last = np.asarray(im.convert("RGB"))
+    # the views are enlarged by nearest neighbour: each source pixel is a 4x4 block of the GIF frame
+    real = frames[-1].real
+    np.testing.assert_array_equal(last[56 : 56 + 448 : 4, 0:448:4], real)
+    assert (last[56 : 56 + 448, 0:448] == real.repeat(4, 0).repeat(4, 1)).all()
     assert not [p for p in path.parent.iterdir() if p.name != "rollout.gif"]  # no temp files left
     # plain (real, imagined, action) tuples work too
     write_rollout_gif([(f.real, f.imagined, f.action) for f in frames], tmp_path / "plain.gif")
     with Image.open(tmp_path / "plain.gif") as im:
         assert im.n_frames == len(frames)
+    write_rollout_gif(frames[:1], tmp_path / "small.gif", scale=1)
+    with Image.open(tmp_path / "small.gif") as im:
+        assert im.size == (112 * 2 + 4, 14 + 112 + 14)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="scale"):
+            write_rollout_gif(frames, tmp_path / "bad.gif", scale=bad)
 
 
 def test_throughput(run, val_episodes):

@@ -50,7 +50,7 @@ def policy_action(runner, h):
 @pytest.mark.parametrize("mode", ["tokens", "parallel", "auto"])
 def test_choose_returns_valid_actions(world, mode):
     runner, h, _, _ = start(world, steps=1)
-    planner = ImaginationPlanner(horizon=2, mode=mode)
+    planner = ImaginationPlanner(horizon=2, mode=mode, top_k=None)
     actions = planner.choose(runner, h)
     assert actions.shape == (2,) and actions.dtype == np.int64
     assert ((actions >= 0) & (actions < world.layout.n_actions)).all()
@@ -59,6 +59,12 @@ def test_choose_returns_valid_actions(world, mode):
     im = planner.last_imagined
     assert im.rewards.shape == im.ends.shape == im.actions.shape == (2, K, 2)
     assert (im.actions[:, :, 0] == np.arange(K)).all()  # every candidate tried first, in every stream
+    # by default only the policy's top-2 actions are imagined, its favourite first
+    top = ImaginationPlanner(horizon=2, mode=mode)
+    top.choose(runner, h)
+    order = runner.logits(h)[:, torch.from_numpy(world.layout.action_ids(np.arange(K)))].argsort(dim=1, descending=True)
+    assert top.last_scores.shape == (2, 2)
+    assert np.array_equal(top.last_imagined.actions[:, :, 0], order[:, :2].numpy())
 
 
 def test_candidates_subset_and_bad_options(world):
@@ -152,8 +158,8 @@ def test_choose_with_wrapped_imagination(world, monkeypatch):
     K = world.layout.n_actions
     a, b = int((preferred[0] + 1) % K), int((preferred[0] + 2) % K)
 
-    def fake(r, hh):
-        im = real_imagine(r, hh)
+    def fake(r, hh, cand=None):
+        im = real_imagine(r, hh, cand)
         rew, ends = np.zeros_like(im.rewards), np.zeros_like(im.ends)
         rew[:, a, 2] = 0.5  # reward two steps later
         ends[:, b, 0] = True  # ends at once, then "reward" that must not count
@@ -162,7 +168,9 @@ def test_choose_with_wrapped_imagination(world, monkeypatch):
 
     monkeypatch.setattr(planner, "imagine", fake)
     assert np.array_equal(planner.choose(runner, h), [a] * runner.batch)
-    planner.discount = 0.5  # 0.5 * 0.25 = 0.125 still beats 0
+    planner.discount = 0.5  # 0.5 * 0.25 = 0.125 beats 0 by the margin, but it is not a confident foresight
+    assert np.array_equal(planner.choose(runner, h), preferred)
+    planner.confidence, planner.margin = 0.1, 0.05  # once it counts as one, it wins
     assert np.array_equal(planner.choose(runner, h), [a] * runner.batch)
 
 

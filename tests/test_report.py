@@ -27,7 +27,7 @@ FULL = {
 }
 
 
-def fake_metrics(run_dir, frame: bool = True):
+def fake_metrics(run_dir, frame: bool = True, rl: bool = False):
     rows = []
     for s in range(1, 41):
         row = {"step": s, "loss": 5 / s, "loss_obs": 4 / s, "loss_action": 2 / s, "loss_reward": 0.5 / s,
@@ -37,6 +37,8 @@ def fake_metrics(run_dir, frame: bool = True):
         rows.append(json.dumps(row))
         if s % 10 == 0:
             rows.append(json.dumps({"step": s, "val_loss": 5.5 / s, "elapsed": s * 0.1}))
+    if rl:  # the RL stage's rows: one per update
+        rows += [json.dumps({"rl_update": u, "success": 0.8 + 0.01 * u, "episodes": 64 * u}) for u in range(1, 11)]
     rows.append('{"step": 41, "loss": 0.1')  # a line cut mid-write
     (run_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n")
 
@@ -48,7 +50,7 @@ def linked_images(md: str) -> list[str]:
 def test_full_report(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    fake_metrics(run)
+    fake_metrics(run, rl=True)
     gif = run / "episode.gif"
     gif.write_bytes(b"GIF89a")
     path = write_report(run, FULL, gif=gif)
@@ -137,3 +139,58 @@ def test_novelty_and_frame_head_rows_only_when_measured(tmp_path):
     md = write_report(tmp_path / "b", plain).read_text()
     assert "never-seen object (unpredictable)" not in md and "revealed nothing new" not in md
     assert "exact frame in one pass" not in md
+
+
+def test_seen_cell_rows_and_curves(tmp_path):
+    """The restated open-loop rows appear when the seen cells were scored; the plot draws every design's curve."""
+    import copy
+
+    from worldloom.world.eval.report import open_loop_curves, plot_open_loop
+
+    res = copy.deepcopy(FULL)
+    for (k, h), fs, cs in zip(res["open_loop"]["horizons"].items(), (0.97, 0.81, 0.62), (0.999, 0.991, 0.983)):
+        h.update(frame_seen=fs, cell_seen=cs, n_seen=h["n"], cells_seen=40 * h["n"])
+    res["open_loop"]["mode"] = "tokens"
+    res["open_loop_parallel"] = {"curve": [{"k": k, "frame": 0.5, "frame_seen": 0.6, "cell_seen": 0.9} for k in range(1, 11)]}
+    md = write_report(tmp_path / "a", res).read_text()
+    assert "| Open loop on the cells seen before (restated): exact frame after 1 / 5 / 10 steps | 97.0% / 81.0% / 62.0% |" in md
+    assert "share of those cells right after 1 / 5 / 10 steps | 99.9% / 99.1% / 98.3% |" in md
+    assert "earlier REAL observation" in md  # the definition
+    assert list(open_loop_curves(res)) == ["tokens", "parallel"]
+    assert (tmp_path / "a" / PLOTS["open_loop"]).read_bytes()[:4] == b"\x89PNG"
+    md = write_report(tmp_path / "b", FULL).read_text()
+    assert "cells seen before (restated)" not in md
+    # tiny inputs: one point draws, nothing usable does not
+    assert plot_open_loop([{"k": 1, "frame_seen": 1.0}], tmp_path / "one.png") and (tmp_path / "one.png").is_file()
+    assert not plot_open_loop({"x": [{"k": 1}], "y": "junk"}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_planning_override_row(tmp_path):
+    import copy
+
+    res = copy.deepcopy(FULL)
+    res["plan"].update(overrides=0.034, policy_success_same_seeds=0.91)
+    md = write_report(tmp_path / "a", res).read_text()
+    assert "| Planning: plain policy on the same seeds / share of actions where imagination overrode the policy | 91.0% / 3.4% |" in md
+    assert "overrode" not in write_report(tmp_path / "b", FULL).read_text()
+
+
+def test_rl_success_curve(tmp_path):
+    """Drawn from the RL rows of metrics.jsonl (rl_update, or the tuner's update), the last row of a repeated
+    update kept; no RL rows: no plot and no link, silently."""
+    from worldloom.world.eval.report import plot_rl_success, rl_success_rows
+
+    rows = [{"step": 3, "loss": 1.0}, {"rl_update": 2, "success": 0.5}, {"rl_update": 1, "success": 0.25},
+            {"update": 3, "success": 0.75}, {"rl_update": 2, "success": 0.6}, {"rl_update": 4, "success": "x"}]
+    assert rl_success_rows(rows) == [(1.0, 0.25), (2.0, 0.6), (3.0, 0.75)]
+    assert plot_rl_success(rows[1:2], tmp_path / "one.png", final=0.9)
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot_rl_success(rows[:1], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    fake_metrics(run, rl=True)
+    md = write_report(run, FULL).read_text()
+    assert PLOTS["rl_success"] in linked_images(md) and (run / PLOTS["rl_success"]).stat().st_size > 1000
+    fake_metrics(run)
+    md = write_report(run, FULL).read_text()
+    assert PLOTS["rl_success"] not in linked_images(md) and not (run / PLOTS["rl_success"]).exists()

@@ -94,12 +94,15 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     # token by token (the accurate way); with a frame head, also in one pass per frame
     order = sorted(range(len(val)), key=lambda i: -val[i].length)[: ec.open_loop]
     ol_eps, ol_novel = [val[i] for i in order], [novel[i] for i in order]
-    ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision, novel=ol_novel)
+    ol_seen = make_adapter(cfg.env.id).seen_cells(ol_eps)  # the cells an earlier real observation showed (or None)
+    ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision, novel=ol_novel,
+                            seen=ol_seen)
     ol["curve"] = curve_rows(ol["curve"])
     result["open_loop"] = ol
     if model.frame is not None:
-        olp = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="parallel", precision=precision)
-        result["open_loop_parallel"] = {"horizons": olp["horizons"]}
+        olp = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="parallel", precision=precision,
+                                 seen=ol_seen)
+        result["open_loop_parallel"] = {"horizons": olp["horizons"], "curve": curve_rows(olp["curve"])}
     log("open-loop imagination, exact frames: " + ", ".join(
         f"{k} steps {ol['horizons'][str(k)]['frame']:.1%} (n={ol['horizons'][str(k)]['n']})" for k in HORIZONS
         if ol["horizons"].get(str(k), {}).get("n")))
@@ -107,6 +110,10 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         log("  on the episodes that reveal nothing new by then: " + ", ".join(
             f"{k} steps {pct(ol['horizons'], str(k), 'frame_known')} (n={ol['horizons'][str(k)]['n_known']})" for k in HORIZONS
             if ol["horizons"].get(str(k), {}).get("n")))
+    if any(ol["horizons"].get(str(k), {}).get("n_seen") for k in HORIZONS):
+        log("  on the cells an earlier real observation showed, exact frames / cells right: " + ", ".join(
+            f"{k} steps {pct(ol['horizons'], str(k), 'frame_seen')} / {pct(ol['horizons'], str(k), 'cell_seen')}"
+            for k in HORIZONS if ol["horizons"].get(str(k), {}).get("n_seen")))
 
     # the policy in the real environment, on seeds never used for training or validation
     seeds = [split_seed("eval", cfg.data.seed, i) for i in range(n_real)]
@@ -133,6 +140,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         result["plan"] = _summary(pres, plan_seeds, time.perf_counter() - t)
         result["plan"]["horizon"] = ec.plan_horizon
         result["plan"]["mode"] = "parallel" if model.frame is not None or model.obs_decoder is not None else "tokens"
+        result["plan"]["overrides"] = planner.overrides / max(planner.decisions, 1)  # actions not the policy's own
         same = res[:n_plan]
         result["plan"]["policy_success_same_seeds"] = float(np.mean([r.success for r in same]))
         log(f"planning in imagination (horizon {ec.plan_horizon}): success {result['plan']['success']:.1%} on {n_plan} seeds "

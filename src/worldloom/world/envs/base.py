@@ -15,7 +15,9 @@ An adapter turns a gymnasium environment into the fields of the episode schema
   streams this family's observations, e.g. MiniGrid's ``GridTokenizer`` of its view size;
 - ``env_obs(fields, mission)`` / ``observation_space()``: one observation back in the
   environment's own form, and its gymnasium space (what an imagined environment returns);
-- ``render(fields, tile_size)``: one observation as an RGB picture (the GIFs, ``render()``).
+- ``render(fields, tile_size)``: one observation as an RGB picture (the GIFs, ``render()``);
+- ``novel_objects(episodes)`` / ``seen_cells(episodes)``: by replay, what each observation
+  reveals for the first time / which of its cells show places seen before (the evaluation).
 
 ``make_adapter(env_id)`` picks the adapter class whose ``handles(env_id)`` is true. Today that
 is ``MiniGridAdapter`` for every registered ``MiniGrid-*`` and ``BabyAI-*`` id; another family
@@ -99,6 +101,12 @@ class EnvAdapter:
         A next observation that reveals such an object cannot be predicted exactly from the
         history by any model: the evaluation reports exact-frame accuracy with and without them.
         """
+        return [None for _ in episodes]
+
+    def seen_cells(self, episodes: list) -> list[np.ndarray | None]:
+        """For each Episode, (T+1, *cells) bool: which cells of each observation o_t show a place that
+        an earlier real observation o_0..o_{t-1} of the episode showed (None where this environment
+        cannot tell). Open-loop imagination is scored on those cells only (the rest were never seen)."""
         return [None for _ in episodes]
 
     def describe(self) -> dict:

@@ -96,42 +96,83 @@ class MiniGridAdapter(EnvAdapter):
         """Replays each episode from its seed and actions and maps every visible view cell to its
         place in the grid (minigrid's ``relative_coords``); an object is any cell that is neither
         empty nor wall. An episode whose replay does not reproduce its stored observations gets None."""
+        return self._per_episode(episodes, self._novel)
+
+    def seen_cells(self, episodes: list) -> list[np.ndarray | None]:
+        """For each Episode, (T+1, V, V) bool over the view cells ``image[vx, vy]`` of o_0..o_T: the
+        cell's place in the grid was shown (visible, not "unseen") by an earlier REAL observation
+        o_0..o_{t-1} of the episode. Places outside the grid are never counted; o_0 has none.
+        By replay, as ``novel_objects``; None where the replay does not reproduce the episode."""
+        return self._per_episode(episodes, self._seen)
+
+    def _per_episode(self, episodes: list, fn) -> list:
         env = self.make()
-        out = []
         try:
-            for ep in episodes:
-                out.append(self._novel(env, ep))
+            return [fn(env, ep) for ep in episodes]
         finally:
             env.close()
-        return out
 
     @staticmethod
-    def _novel(env: gym.Env, ep) -> np.ndarray | None:
-        from minigrid.core.constants import OBJECT_TO_IDX
-
-        plain = (OBJECT_TO_IDX["unseen"], OBJECT_TO_IDX["empty"], OBJECT_TO_IDX["wall"])
+    def _places(env: gym.Env, ep) -> list[dict] | None:
+        """Replays ep: for o_0..o_T, grid place (x, y) -> view cell (vx, vy) of every in-grid place the
+        view covers (minigrid's ``get_view_exts`` + ``relative_coords``); None if the replay diverges."""
         obs, _ = env.reset(seed=int(ep.seed))
         u = env.unwrapped
         W, H = u.grid.width, u.grid.height
 
-        def visible(img) -> dict:
-            vis = {}
+        def places() -> dict:
             x0, y0, x1, y1 = u.get_view_exts()  # the square of grid cells the view can cover
+            out = {}
             for x, y in ((x, y) for x in range(max(x0, 0), min(x1, W)) for y in range(max(y0, 0), min(y1, H))):
                 rc = u.relative_coords(x, y)
-                if rc is not None and img[rc[0], rc[1], 0] != plain[0]:
-                    vis[(x, y)] = int(img[rc[0], rc[1], 0])
-            return vis
+                if rc is not None:
+                    out[(x, y)] = (int(rc[0]), int(rc[1]))
+            return out
 
         if not np.array_equal(obs["image"], ep.obs["image"][0]):
             return None
-        seen = set(visible(obs["image"]))
-        counts = np.zeros(ep.length, np.int64)
+        out = [places()]
         for t, a in enumerate(ep.action):
             obs, *_ = env.step(int(a))
             if not np.array_equal(obs["image"], ep.obs["image"][t + 1]):
                 return None
-            vis = visible(obs["image"])
+            out.append(places())
+        return out
+
+    @staticmethod
+    def _visible(place: dict, img: np.ndarray) -> dict:
+        """grid place -> object index of the places a view shows (not "unseen")."""
+        from minigrid.core.constants import OBJECT_TO_IDX
+
+        unseen = OBJECT_TO_IDX["unseen"]
+        return {p: int(img[v][0]) for p, v in place.items() if img[v][0] != unseen}
+
+    @classmethod
+    def _novel(cls, env: gym.Env, ep) -> np.ndarray | None:
+        from minigrid.core.constants import OBJECT_TO_IDX
+
+        plain = (OBJECT_TO_IDX["unseen"], OBJECT_TO_IDX["empty"], OBJECT_TO_IDX["wall"])
+        places = cls._places(env, ep)
+        if places is None:
+            return None
+        seen = set(cls._visible(places[0], ep.obs["image"][0]))
+        counts = np.zeros(ep.length, np.int64)
+        for t in range(ep.length):
+            vis = cls._visible(places[t + 1], ep.obs["image"][t + 1])
             counts[t] = sum(1 for k, v in vis.items() if k not in seen and v not in plain)
             seen.update(vis)
         return counts
+
+    @classmethod
+    def _seen(cls, env: gym.Env, ep) -> np.ndarray | None:
+        places = cls._places(env, ep)
+        if places is None:
+            return None
+        V = ep.obs["image"].shape[1]
+        mask = np.zeros((ep.length + 1, V, V), bool)
+        seen: set = set()
+        for t, place in enumerate(places):
+            for p, v in place.items():
+                mask[t][v] = p in seen
+            seen.update(cls._visible(place, ep.obs["image"][t]))
+        return mask

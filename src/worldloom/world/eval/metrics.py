@@ -128,6 +128,28 @@ def _weights_all():
     return StreamConfig()
 
 
+def seen_cell_accuracy(pred_image: np.ndarray, real_image: np.ndarray, pred_dir: np.ndarray, real_dir: np.ndarray,
+                       seen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Imagined frames scored on the cells seen before (the restated open-loop metric).
+
+    pred_image, real_image (N, V, V, C); pred_dir, real_dir (N,); seen (N, V, V) bool: the view
+    cells whose place in the world an earlier REAL observation of the episode showed (an env
+    adapter's ``seen_cells``; the egocentric views are mapped into the world by the agent's
+    position and direction, so a cell counts wherever in the view it now lies). A cell is right
+    when every channel (object, color, state) equals the truth. Returns, per frame:
+    ``exact`` (N,) bool — every seen cell right and the direction right (the direction follows
+    from the actions alone, so it is always predictable); ``right`` (N,) and ``counted`` (N,)
+    — how many seen cells are right, out of how many. Cells never seen before (a part of the
+    world this episode had not shown) are not scored: no model could know them.
+    """
+    N = len(real_image)
+    ok = (np.asarray(pred_image) == np.asarray(real_image)).all(-1).reshape(N, -1)  # (N, V*V)
+    seen = np.asarray(seen, bool).reshape(N, -1)  # (N, V*V)
+    dirs = np.asarray(pred_dir).astype(np.int64) == np.asarray(real_dir).astype(np.int64)
+    exact = (ok | ~seen).all(1) & dirs
+    return exact, (ok & seen).sum(1), seen.sum(1)
+
+
 def episode_flags(episodes) -> tuple[list[bool], list[np.ndarray]]:
     """(perturbed flag, after-random-action mask) of each Episode."""
     return [bool(e.perturbed) for e in episodes], [np.asarray(e.random_action, bool) for e in episodes]

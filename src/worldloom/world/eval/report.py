@@ -4,8 +4,10 @@
 evaluation result (a dict, as the evaluation produces it) and writes, in the run folder:
 
 * ``learning_curves.png`` — training loss per modality and the held-out loss against step;
-* ``open_loop.png`` — exact-frame and per-cell accuracy against the imagination horizon;
+* ``open_loop.png`` — exact-frame and per-cell accuracy against the imagination horizon, on every
+  cell and on the cells seen before (the restated metric), for every stream design measured;
 * ``success.png`` — real-environment success of the plain policy and of planning;
+* ``rl_success.png`` — success against RL update (BC -> RL), when ``metrics.jsonl`` has RL rows;
 * ``report.md`` — a table of the headline figures, the plots, the GIF (if given) and how
   everything was measured.
 
@@ -25,7 +27,9 @@ from ...train.plots import read_metrics
 
 DASH = "—"
 REPORT = "report.md"
-PLOTS = {"curves": "learning_curves.png", "open_loop": "open_loop.png", "success": "success.png"}
+PLOTS = {"curves": "learning_curves.png", "open_loop": "open_loop.png", "success": "success.png",
+         "rl_success": "rl_success.png"}
+RL_UPDATE = ("rl_update", "update")  # the update number of an RL metrics row (the first key present)
 LOSS_PARTS = ("loss_obs", "loss_action", "loss_reward", "loss_done", "loss_frame")
 
 
@@ -135,29 +139,51 @@ def plot_learning_curves(rows: list[dict], path: Path, title: str = "") -> bool:
     return True
 
 
-def plot_open_loop(curve, path: Path, title: str = "") -> bool:
-    if not isinstance(curve, list):
-        return False
-    pts = sorted(((_num(r.get("k")), _num(r.get("frame")), _num(r.get("cell")), _num(r.get("frame_known"))) for r in curve
-                  if isinstance(r, dict) and _num(r.get("k")) is not None), key=lambda p: p[0])
-    exact = [(k, 100 * e) for k, e, _, _ in pts if e is not None]
-    cell = [(k, 100 * c) for k, _, c, _ in pts if c is not None]
-    known = [(k, 100 * e) for k, _, _, e in pts if e is not None]
-    if not exact and not cell:
+OPEN_LOOP_LINES = (("frame", "exact frame", "tab:blue", "o"), ("frame_seen", "exact on the cells seen before", "tab:green", "^"),
+                   ("frame_known", "exact, episodes that revealed nothing new", "tab:purple", "v"),
+                   ("cell", "cells right", "tab:orange", "s"), ("cell_seen", "seen-before cells right", "tab:red", "D"))
+DESIGN_STYLES = ("-", "--", ":", "-.")
+
+
+def open_loop_curves(result) -> dict[str, list]:
+    """Every open-loop curve of a result: design label -> rows ({"k", "frame", ...}). ``open_loop`` is
+    labelled by its ``label`` or ``mode`` ("tokens"), any other ``open_loop_<name>`` entry (e.g. the frame
+    head's ``open_loop_parallel``, another stream design) by its label, mode or name."""
+    out = {}
+    for key in [k for k in (result if isinstance(result, dict) else {}) if str(k).startswith("open_loop")]:
+        curve = _get(result, key, "curve")
+        if isinstance(curve, list):
+            name = _get(result, key, "label") or (str(key).removeprefix("open_loop_") if key != "open_loop" else None)
+            name = str(name or _get(result, key, "mode") or "open loop")
+            out[name if name not in out else str(key)] = curve
+    return out
+
+
+def plot_open_loop(curves, path: Path, title: str = "") -> bool:
+    """Accuracy of the k-th imagined frame against k: one colour per figure (OPEN_LOOP_LINES), one line
+    style per design; ``curves`` is a list of rows (one design) or {design label: rows}."""
+    curves = {"": curves} if isinstance(curves, list) else curves if isinstance(curves, dict) else {}
+    lines = []
+    for d, (design, rows) in enumerate(curves.items()):
+        if not isinstance(rows, list):
+            continue
+        rows = [r for r in rows if isinstance(r, dict) and _num(r.get("k")) is not None]
+        for key, label, color, marker in OPEN_LOOP_LINES:
+            pts = sorted((_num(r["k"]), 100 * _num(r.get(key))) for r in rows if _num(r.get(key)) is not None)
+            if pts:
+                name = f"{label} ({design})" if design and len(curves) > 1 else label
+                lines.append((pts, name, color, marker + DESIGN_STYLES[d % len(DESIGN_STYLES)]))
+    if not lines:
         return False
     fig, ax = _figure()
-    if exact:
-        ax.plot(*zip(*exact), "o-", label="exact frame", ms=3)
-    if known:
-        ax.plot(*zip(*known), "^--", label="exact frame, episodes that revealed nothing new", ms=3)
-    if cell:
-        ax.plot(*zip(*cell), "s-", label="per cell", ms=3)
+    for pts, name, color, style in lines:
+        ax.plot(*zip(*pts), style, color=color, label=name, ms=3)
     ax.set_xlabel("imagined steps k (open loop, the real actions fed)")
     ax.set_ylabel("accuracy of the k-th imagined frame (%)")
     ax.set_ylim(0, 102)
     ax.set_title(title or "accuracy against imagination horizon")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     _save(fig, path)
     return True
 
@@ -176,6 +202,41 @@ def plot_success(result, path: Path, title: str = "") -> bool:
     ax.set_ylabel("success on held-out seeds (%)")
     ax.set_title(title or "real-environment success")
     ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return True
+
+
+def rl_success_rows(rows: list[dict]) -> list[tuple[float, float]]:
+    """(update, success) of the RL stage's metrics rows: those with a numeric ``success`` and an
+    update number (``rl_update``, else ``update``), in update order (a resumed run's repeats: the last)."""
+    pts = {}
+    for r in rows:
+        if not isinstance(r, dict) or _num(r.get("success")) is None:
+            continue
+        update = next((_num(r.get(k)) for k in RL_UPDATE if _num(r.get(k)) is not None), None)
+        if update is not None:
+            pts[update] = _num(r["success"])
+    return sorted(pts.items())
+
+
+def plot_rl_success(rows: list[dict], path: Path, title: str = "", final=None) -> bool:
+    """Success of the episodes each RL update collected against the update (BC -> RL), with the
+    final held-out success (``final``, a fraction) as a dashed line; False (nothing drawn) without
+    RL rows."""
+    pts = rl_success_rows(rows)
+    if not pts:
+        return False
+    fig, ax = _figure()
+    x, y = zip(*pts)
+    ax.plot(x, [100 * v for v in y], "o-", ms=3, label="RL episodes of each update (sampled policy)")
+    if _num(final) is not None:
+        ax.axhline(100 * _num(final), color="tab:green", ls="--", label=f"held-out evaluation ({100 * _num(final):.1f}%)")
+    ax.set_xlabel("RL update")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(title or "success during reinforcement learning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
     return True
 
@@ -210,6 +271,9 @@ def _table(result) -> list[str]:
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", pct(_get(plan, "success"))),
         ("Mean return, planning", _fmt(_get(plan, "mean_return"))),
+        *([("Planning: plain policy on the same seeds / share of actions where imagination overrode the policy",
+            f"{pct(_get(plan, 'policy_success_same_seeds'))} / {pct(_get(plan, 'overrides'))}")]
+          if _num(_get(plan, "overrides")) is not None else []),
         ("Next observation, exact frame: expert / perturbed / after random action", groups("frame")),
         *([("Next observations that reveal a never-seen object (unpredictable): expert / perturbed", groups("novel", ("expert", "perturbed"))),
            ("Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed", groups("frame_known", ("expert", "perturbed")))]
@@ -224,6 +288,11 @@ def _table(result) -> list[str]:
         *([("Open loop, exact frame after 1 / 5 / 10 steps on episodes that revealed nothing new by then",
             " / ".join(f"{pct(_get(o, 'frame_known'))} (n={_int(_get(o, 'n_known'))})" for o in ol))] if replayed else []),
         ("Open loop, per-cell accuracy after 1 / 5 / 10 steps", " / ".join(pct(_get(o, "cell")) for o in ol)),
+        *([("Open loop on the cells seen before (restated): exact frame after 1 / 5 / 10 steps",
+            " / ".join(pct(_get(o, "frame_seen")) for o in ol)),
+           ("Open loop on the cells seen before (restated): share of those cells right after 1 / 5 / 10 steps",
+            " / ".join(pct(_get(o, "cell_seen")) for o in ol))]
+          if any(_num(_get(o, "n_seen")) for o in ol) else []),
         *([("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
             " / ".join(pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10)))]
           if has_frame_head else []),
@@ -254,10 +323,13 @@ def _how_measured(result) -> list[str]:
         f"seeds {_seeds(real)} — never used for training or validation data. The model acts from its own stream "
         "(observation tokens in, an action token out: the likeliest one unless eval.greedy is off) and receives the real rewards, ends and "
         "next observations.",
-        f"- **Planning** (worldloom.world.rollout.plan) tries every first action inside the world model, follows the "
-        f"model's own policy for the rest of a horizon of {_int(_get(plan, 'horizon'))} imagined steps, and takes the "
-        "first action with the highest predicted return (ties go to the policy's own choice), on held-out seeds "
-        f"as well ({_int(_get(plan, 'episodes'))} episodes).",
+        f"- **Planning** (worldloom.world.rollout.plan) tries the policy's likeliest first actions (its top 2 and its "
+        "own choice) inside the world model, follows the "
+        f"model's own policy for the rest of a horizon of {_int(_get(plan, 'horizon'))} imagined steps, and falls "
+        "back on the policy: its own action stands unless another of its top actions foresees a confident reward "
+        "(one imagined step's expected reward at least the planner's confidence; smaller foreseen rewards count for "
+        "nothing) and beats the imagined return of the policy's action by a margin; ties go to the policy. On held-out "
+        f"seeds as well ({_int(_get(plan, 'episodes'))} episodes).",
         "- **Next-observation accuracy** is teacher-forced on held-out episodes: given the true history and action, "
         "the likeliest token at each of the next observation's positions is compared with the truth. A frame counts "
         "as exact when all its tokens are right, which is exactly when a greedy token-by-token one-step imagination "
@@ -274,6 +346,13 @@ def _how_measured(result) -> list[str]:
         "- **Open loop**: from the start of a held-out episode the model imagines every observation itself, fed "
         "only the real actions; the k-th imagined frame is compared with the real one (exact frame, and share of "
         "correct cells)" + (f" over {_int(ol_n)} episodes." if _num(ol_n) is not None else "."),
+        "- **Open loop on the cells seen before** (the restated target): the k-th imagined frame is scored only on "
+        "the cells that show a place of the world an earlier REAL observation of the episode (o_0 .. o_k-1) "
+        "showed; the cells a never-seen part of the world would fill are left out (no model can know them). The "
+        "views are egocentric, so each view cell is mapped to its place in the world with the agent's position "
+        "and direction, found by replaying the episode in the environment (places outside the grid never count). "
+        "A frame is *exact* when every such cell (object, color, state) and the agent's direction are right; the "
+        "second figure is the share of such cells right over all scored frames.",
         "- **Losses** are per-modality cross-entropies of the training batches (nats per token); the held-out loss "
         "is the weighted next-token loss on the validation episodes.",
     ]
@@ -292,8 +371,10 @@ def write_report(run_dir, result: dict, gif: Path | None = None) -> Path:
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r, dict)]
     made = {}
     for key, draw in (("curves", lambda p: plot_learning_curves(rows, p, f"{title}: learning curves")),
-                      ("open_loop", lambda p: plot_open_loop(_get(result, "open_loop", "curve"), p, f"{title}: open-loop imagination")),
-                      ("success", lambda p: plot_success(result, p, f"{title}: success"))):
+                      ("open_loop", lambda p: plot_open_loop(open_loop_curves(result), p, f"{title}: open-loop imagination")),
+                      ("success", lambda p: plot_success(result, p, f"{title}: success")),
+                      ("rl_success", lambda p: plot_rl_success(rows, p, f"{title}: success, BC -> RL",
+                                                               _get(result, "real", "success")))):
         path = run_dir / PLOTS[key]
         try:
             made[key] = draw(path)
@@ -304,8 +385,9 @@ def write_report(run_dir, result: dict, gif: Path | None = None) -> Path:
 
     md = [f"# World model report — {env_id or DASH}, run `{run}`", "", *_table(result), ""]
     captions = {"curves": ("Learning curves", "training loss per modality and held-out loss (log scale)"),
-                "open_loop": ("Accuracy against imagination horizon", "exact-frame and per-cell accuracy of the k-th imagined frame"),
-                "success": ("Success", "plain policy against planning in imagination, real environment")}
+                "open_loop": ("Accuracy against imagination horizon", "exact-frame and per-cell accuracy of the k-th imagined frame, on all cells and on the cells seen before"),
+                "success": ("Success", "plain policy against planning in imagination, real environment"),
+                "rl_success": ("Success during reinforcement learning", "success of each RL update's episodes")}
     if any(made.values()):
         md += ["## Plots", ""]
         for key, ok in made.items():

@@ -39,6 +39,7 @@ import torch
 
 from ...io import atomic_write_bytes
 from ..envs import make_adapter
+from ..eval.metrics import seen_cell_accuracy
 from ...inference.sampling import sample
 from .runner import StreamRunner
 from ..stream import StreamLayout
@@ -272,10 +273,61 @@ class WorldModelEnv(gym.Env):
 # ---------------------------------------------------------------------- open-loop accuracy
 
 
+class _OpenLoopTally:
+    """Counts of right imagined frames and cells per horizon k = 1..K (see open_loop_accuracy)."""
+
+    NAMES = ("frame", "cell", "dir", "n", "known", "n_known", "seen", "seen_right", "seen_cells", "n_seen")
+
+    def __init__(self, K: int, n_cells: int, novel, seen):
+        self.K, self.n_cells, self.seen = K, n_cells, seen
+        self.c = {name: np.zeros(K, np.int64) for name in self.NAMES}
+        # per episode, (T,) bool: o_1..o_k revealed nothing new (None: the adapter cannot tell)
+        self.clean = None if novel is None else [None if v is None else np.cumsum(np.asarray(v) > 0) == 0 for v in novel]
+
+    def add(self, k: int, episodes: list[int], obs: dict, real_img: np.ndarray, real_dir: np.ndarray) -> None:
+        """Imagined o_k (fields ``obs``, one row per episode index in ``episodes``) against the real one."""
+        c, i = self.c, k - 1
+        cells = (obs["image"] == real_img).all(-1).reshape(len(real_img), -1)  # (n, cells)
+        dirs = obs["direction"].astype(np.int64) == real_dir
+        c["frame"][i] += int((cells.all(1) & dirs).sum())
+        c["cell"][i] += int(cells.sum())
+        c["dir"][i] += int(dirs.sum())
+        c["n"][i] += len(real_img)
+        if self.clean is not None:
+            for j, e in enumerate(episodes):
+                if self.clean[e] is not None and self.clean[e][i]:
+                    c["n_known"][i] += 1
+                    c["known"][i] += int(cells[j].all() and dirs[j])
+        have = [j for j, e in enumerate(episodes) if self.seen is not None and self.seen[e] is not None]
+        if have:
+            exact, right, counted = seen_cell_accuracy(obs["image"][have], real_img[have], obs["direction"][have],
+                                                       real_dir[have], np.stack([self.seen[episodes[j]][k] for j in have]))
+            c["seen"][i] += int(exact.sum())
+            c["seen_right"][i] += int(right.sum())
+            c["seen_cells"][i] += int(counted.sum())
+            c["n_seen"][i] += len(have)
+
+    def curve(self) -> dict:
+        c, K = self.c, self.K
+
+        def ratio(a, b):
+            return [float(x) / float(y) if y else None for x, y in zip(a, b)]
+
+        curve = {"k": list(range(1, K + 1)), "frame": ratio(c["frame"], c["n"]),
+                 "cell": ratio(c["cell"], c["n"] * self.n_cells), "direction": ratio(c["dir"], c["n"]),
+                 "n": c["n"].tolist()}
+        if self.clean is not None:
+            curve.update(frame_known=ratio(c["known"], c["n_known"]), n_known=c["n_known"].tolist())
+        if self.seen is not None:
+            curve.update(frame_seen=ratio(c["seen"], c["n_seen"]), cell_seen=ratio(c["seen_right"], c["seen_cells"]),
+                         n_seen=c["n_seen"].tolist(), cells_seen=c["seen_cells"].tolist())
+        return curve
+
+
 @torch.no_grad()
 def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1, 5, 10), mode: str = "tokens",
                        batch: int = 64, precision: str = "fp32", device: str | torch.device = "cpu",
-                       novel: list[np.ndarray | None] | None = None) -> dict:
+                       novel: list[np.ndarray | None] | None = None, seen: list[np.ndarray | None] | None = None) -> dict:
     """Greedy open-loop imagination of held-out episodes under their real actions.
 
     Each episode starts from its real o_0 and mission; the model imagines every observation from
@@ -292,6 +344,13 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
     counts of never-seen objects each o_{t+1} reveals, as ``EnvAdapter.novel_objects`` gives them),
     each horizon also gets ``frame_known`` and ``n_known``: exact frames among the episodes whose
     o_1..o_k reveal nothing that o_0 did not show (the frames a perfect model could imagine).
+
+    With ``seen`` (per episode, (T+1, V, V) bool as ``EnvAdapter.seen_cells`` gives them: the cells
+    of each real o_t whose place an earlier real observation showed; None where the adapter cannot
+    tell), each horizon also gets the restated figures (`eval.metrics.seen_cell_accuracy`):
+    ``frame_seen`` = the fraction of imagined o_k exact on every cell an earlier real observation
+    of the episode showed (and the direction), ``cell_seen`` = the fraction of those cells right,
+    ``n_seen`` = frames scored and ``cells_seen`` = cells scored.
     """
     horizons = sorted({int(k) for k in horizons})
     if not horizons or horizons[0] < 1:
@@ -300,11 +359,7 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
         raise ValueError(f"batch must be at least 1, got {batch}")
     model.eval()
     K = horizons[-1]
-    frame_ok, cell_ok, dir_ok, n, known_ok, n_known = (np.zeros(K, np.int64) for _ in range(6))
-    clean = None  # per episode, (T,) bool: o_1..o_k revealed nothing new (None: the adapter cannot tell)
-    if novel is not None:
-        clean = [None if v is None else np.cumsum(np.asarray(v) > 0) == 0 for v in novel]
-    n_cells = layout.obs.n_cells
+    tally = _OpenLoopTally(K, layout.obs.n_cells, novel, seen)
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
     for i0 in range(0, len(episodes), batch):
         index = [i for i in range(i0, min(i0 + batch, len(episodes))) if episodes[i].length > 0]
@@ -320,41 +375,18 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
             obs, *_ = sim.step(acts)
             live = lengths[rows] >= k
             if live.any():
-                real_img = np.stack([chunk[e].obs["image"][k] for e in rows[live]])
-                real_dir = np.array([chunk[e].obs["direction"][k] for e in rows[live]], np.int64)
-                cells = (obs["image"][live] == real_img).all(-1).reshape(len(real_img), -1)  # (n, cells)
-                dirs = obs["direction"][live].astype(np.int64) == real_dir
-                frame_ok[k - 1] += int((cells.all(1) & dirs).sum())
-                cell_ok[k - 1] += int(cells.sum())
-                dir_ok[k - 1] += int(dirs.sum())
-                n[k - 1] += len(real_img)
-                if clean is not None:
-                    for j, e in enumerate(rows[live]):
-                        upto = clean[index[e]]
-                        if upto is not None and upto[k - 1]:
-                            n_known[k - 1] += 1
-                            known_ok[k - 1] += int(cells[j].all() and dirs[j])
+                tally.add(k, [index[e] for e in rows[live]], {f: v[live] for f, v in obs.items()},
+                          np.stack([chunk[e].obs["image"][k] for e in rows[live]]),
+                          np.array([chunk[e].obs["direction"][k] for e in rows[live]], np.int64))
             still = lengths[rows] > k  # these need another step
             if k < last and still.sum() <= 0.75 * len(rows):  # drop finished episodes (one re-prefill)
                 keep = np.flatnonzero(still)
                 sim.keep(keep)
                 rows = rows[keep]
 
-    def ratio(a, b):
-        return float(a) / float(b) if b else None
-
-    curve = {"k": list(range(1, K + 1)),
-             "frame": [ratio(frame_ok[i], n[i]) for i in range(K)],
-             "cell": [ratio(cell_ok[i], n[i] * n_cells) for i in range(K)],
-             "direction": [ratio(dir_ok[i], n[i]) for i in range(K)],
-             "n": [int(x) for x in n]}
-    at = {str(k): {"frame": curve["frame"][k - 1], "cell": curve["cell"][k - 1],
-                   "direction": curve["direction"][k - 1], "n": curve["n"][k - 1]} for k in horizons}
-    if novel is not None:
-        curve["frame_known"] = [ratio(known_ok[i], n_known[i]) for i in range(K)]
-        curve["n_known"] = [int(x) for x in n_known]
-        for k in horizons:
-            at[str(k)].update(frame_known=curve["frame_known"][k - 1], n_known=curve["n_known"][k - 1])
+    curve = tally.curve()
+    per_k = [key for key in curve if key != "k"]
+    at = {str(k): {key: curve[key][k - 1] for key in per_k} for k in horizons}
     return {"mode": mode, "episodes": len(episodes), "horizons": at, "curve": curve}
 
 
@@ -426,37 +458,60 @@ def _action_name(frame, names: tuple[str, ...]) -> str:
     return names[action] if 0 <= action < len(names) else str(action)
 
 
-def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...] | None = None) -> Path:
+def _gif_font(px: int):
+    """PIL's default font at px pixels (a small bitmap font on a Pillow without FreeType)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1, or no FreeType
+        return ImageFont.load_default()
+
+
+def _gif_frame(t: int, frame, names: tuple[str, ...], scale: int, font):
+    """One GIF frame: the two views enlarged ``scale`` times by nearest neighbour (cells stay sharp),
+    "real" | "imagined" labels over them, a caption under them (step, action, exact or wrong)."""
+    from PIL import Image, ImageDraw
+
+    gap, band = 4 * scale, 14 * scale  # pixels between the views; height of the label and caption bands
+    real, imag, action = np.asarray(frame[0], np.uint8), np.asarray(frame[1], np.uint8), frame[2]
+    exact = bool(frame[3]) if len(frame) > 3 else bool(np.array_equal(real, imag))
+    real, imag = (v.repeat(scale, axis=0).repeat(scale, axis=1) for v in (real, imag))  # nearest neighbour
+    h = max(real.shape[0], imag.shape[0])
+    canvas = np.full((band + h + band, real.shape[1] + gap + imag.shape[1], 3), 255, np.uint8)
+    canvas[band : band + real.shape[0], : real.shape[1]] = real
+    canvas[band : band + imag.shape[0], real.shape[1] + gap :] = imag
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    pad = 2 * scale
+    draw.text((pad, scale), "real", fill=(0, 0, 0), font=font)
+    draw.text((real.shape[1] + gap + pad, scale), "imagined", fill=(0, 0, 0), font=font)
+    if action is None:
+        text, color = f"step {t}: start", (0, 0, 0)
+    else:
+        text = f"step {t}: {_action_name(frame, names)}, {'exact' if exact else 'wrong'}"
+        color = (0, 110, 0) if exact else (190, 0, 0)
+    draw.text((pad, band + h + scale), text, fill=color, font=font)
+    return img
+
+
+def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...] | None = None, scale: int = 4) -> Path:
     """Frames (`RolloutFrame`s, or (real_rgb, imagined_rgb, action[, exact[, action_name]]) tuples) ->
-    an animated GIF: real | imagined side by side over a one-line caption (step, action, whether the
-    imagined frame is exactly right; from the pixels when a tuple has no ``exact``). The action is
+    an animated GIF: "real" | "imagined" side by side under their labels, over a one-line caption
+    (step, action, whether the imagined frame is exactly right; from the pixels when a tuple has no
+    ``exact``), the views enlarged ``scale`` times by nearest neighbour (4: a 7x7 view drawn with
+    16-pixel tiles becomes 448 pixels wide) and the text drawn at the same scale. The action is
     named by the frame's ``action_name``, else by ``action_names`` (e.g. ``adapter.action_names``),
     else by its number. Written atomically."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if not len(frames):
         raise ValueError("write_rollout_gif needs at least one frame")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    names = tuple(action_names or ())
-    font = ImageFont.load_default()
-    gap, caption_h = 4, 14
-    images = []
-    for t, f in enumerate(frames):
-        real, imag, action = np.asarray(f[0], np.uint8), np.asarray(f[1], np.uint8), f[2]
-        exact = bool(f[3]) if len(f) > 3 else bool(np.array_equal(real, imag))
-        h = max(real.shape[0], imag.shape[0])
-        canvas = np.full((h + caption_h, real.shape[1] + gap + imag.shape[1], 3), 255, np.uint8)
-        canvas[: real.shape[0], : real.shape[1]] = real
-        canvas[: imag.shape[0], real.shape[1] + gap :] = imag
-        img = Image.fromarray(canvas)
-        if action is None:
-            text = f"step {t}: start (real | imagined)"
-        else:
-            name = _action_name(f, names)
-            text = f"step {t}: {name}, {'exact' if exact else 'wrong'}"
-        ImageDraw.Draw(img).text((2, h + 1), text, fill=(0, 0, 0), font=font)
-        images.append(img)
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive whole number, got {scale}")
+    scale = int(scale)
+    names, font = tuple(action_names or ()), _gif_font(11 * scale)
+    images = [_gif_frame(t, f, names, scale, font) for t, f in enumerate(frames)]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0)
     path = Path(path)

@@ -1,8 +1,10 @@
-"""Planning in imagination: try every first action inside the world model, act on the best.
+"""Planning in imagination: try the policy's likeliest first actions inside the world model, and
+take another than the policy's own only when imagination confidently foresees it is better.
 
 At a real step every stream ends right after its current observation. For each of the B real
-streams and each of K candidate first actions, `ImaginationPlanner` continues the stream with
-the model alone:
+streams and each of its K candidate first actions (the policy's ``top_k`` actions and its own
+choice — K = 2 by default, 3 when a sampled choice lies outside the top 2 — or every action
+with ``top_k=None``), `ImaginationPlanner` continues the stream with the model alone:
 
     a (candidate) -> r, d predicted -> o' predicted -> a' (the model's policy) -> r', d' -> ...
 
@@ -10,9 +12,29 @@ for ``horizon`` imagined steps, and scores the candidate by the predicted reward
 value of the reward-token distribution, discounted, nothing counted after a predicted end;
 the likeliest reward token is what the imagined stream continues with). The next observation is
 predicted token by token (greedy, each token restricted to the ids its position may hold), or,
-with a frame head, in one pass (``mode``). The best-scoring first action is taken when its score beats the score of the policy's own
-action by more than ``margin``; otherwise the policy's action is taken (its argmax, or a sample
-with ``greedy=False``), so a planner that foresees nothing acts exactly like the plain policy.
+with a frame head, in one pass (``mode``).
+
+Planning that never hurts: the planner falls back on the policy. It acts on the policy's own
+action (its argmax, or a sample with ``greedy=False``) unless ANOTHER first action passes every
+test of `ImaginationPlanner.decide`:
+
+1. it is among the policy's ``top_k`` likeliest actions (the world model has rarely or never
+   seen what follows actions the expert does not take; its predictions there are not trusted);
+2. one imagined step along it foresees a reward of at least ``confidence`` (expected value of
+   the reward distribution): a success-sized event, not the fraction of one that a doubtful
+   reward distribution gives, nor a sum of such fractions over the horizon (BENCHMARKS.md "Why
+   planning still hurts": false alarms of 0.2-0.4 after turns made the agent loop). Rewards
+   foreseen below ``confidence`` count for nothing in any return (the policy's action's too), so
+   doubtful fractions can neither make a candidate nor tip a comparison. Made for sparse rewards
+   such as BabyAI's single success reward; ``confidence=0`` turns it off;
+3. its imagined return beats the imagined return of the policy's own action by more than
+   ``margin`` (both imagined by the same model, so a bias shared by both cancels);
+4. among those, the best; a tie with the policy's action goes to the policy.
+
+So a planner whose imagination foresees nothing (or only doubtful rewards) acts exactly like
+the plain policy, and one whose confident foresight is right can only trade the policy's action
+for one that reaches reward sooner. What remains is the risk of a CONFIDENT wrong prediction
+about one of the policy's top actions — the one thing a better world model has to remove.
 
 Before imagining, the real runner makes room for the horizon (``make_room``: one roll-over of
 its B rows, the same one it would do by itself a little later) so that the imagined streams
@@ -27,7 +49,8 @@ Cost per real step: a copy of B*K cache rows, then per imagined step three singl
 ("tokens") or one frame-head pass plus one ``obs_len``-token forward ("parallel"); the last
 imagined step skips the observation. With token-by-token frames and horizon 4 that is about
 3*4 + 3*50 = 162 batched one-token forwards of B*K rows per real action; with the frame head,
-3*4 + 3*2 = 18 forwards (the observation chunks are 50 tokens each).
+3*4 + 3*2 = 18 forwards (the observation chunks are 50 tokens each). Imagining only the
+policy's top 2 instead of all 7 BabyAI actions makes those rows 3.5 times fewer.
 """
 
 from __future__ import annotations
@@ -47,7 +70,7 @@ MODES = ("auto", "tokens", "parallel")
 class Imagined:
     """What the model foresaw for every (real stream, candidate first action)."""
 
-    candidates: np.ndarray  # (K,) env action indices tried first
+    candidates: np.ndarray  # (B, K) env action indices tried first, per real stream
     rewards: np.ndarray  # (B, K, H) predicted reward of each imagined step
     ends: np.ndarray  # (B, K, H) bool: the imagined step was predicted to end the episode
     actions: np.ndarray  # (B, K, H) env actions of the imagined steps (the first is the candidate)
@@ -61,6 +84,7 @@ class ImaginationPlanner:
     greedy_rollout: after the first action, follow the policy's likeliest action (False: sample).
     discount: weight ``discount**t`` of the reward predicted t steps ahead.
     margin: how much better (in predicted return) a candidate must be than the policy's action to override it.
+    confidence: the least reward one imagined step must foresee for a candidate to override the policy.
     greedy: the policy's own action is its argmax (False: a sample from it).
     top_k: only the policy's k likeliest candidates may override its action (None: any). The
         world model has rarely or never seen the consequences of actions the expert does not
@@ -68,10 +92,15 @@ class ImaginationPlanner:
     mode: how imagined observations are predicted — "tokens" (token by token), "parallel"
         (the frame head, one pass; the model must have one) or "auto" (parallel when the
         model has a frame head).
+
+    The rule that makes the policy's action stand unless imagination confidently knows better is
+    in the module's docs and `decide`; ``decisions`` / ``overrides`` count the actions chosen and
+    those that were not the policy's own.
     """
 
     def __init__(self, horizon: int = 4, candidates=None, greedy_rollout: bool = True, discount: float = 1.0,
-                 mode: str = "auto", seed: int = 0, margin: float = 0.05, greedy: bool = True, top_k: int | None = 3):
+                 mode: str = "auto", seed: int = 0, margin: float = 0.2, greedy: bool = True, top_k: int | None = 2,
+                 confidence: float = 0.5):
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if mode not in MODES:
@@ -79,7 +108,9 @@ class ImaginationPlanner:
         if not 0.0 <= discount <= 1.0:
             raise ValueError(f"discount must be in [0, 1], got {discount}")
         self.horizon, self.greedy_rollout, self.discount, self.mode = int(horizon), bool(greedy_rollout), float(discount), mode
-        self.margin, self.greedy = float(margin), bool(greedy)
+        if margin < 0 or confidence < 0:
+            raise ValueError(f"margin and confidence must be >= 0, got {margin} and {confidence}")
+        self.margin, self.confidence, self.greedy = float(margin), float(confidence), bool(greedy)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be at least 1 (or None), got {top_k}")
         self.top_k = top_k
@@ -90,6 +121,8 @@ class ImaginationPlanner:
         self.last_scores: np.ndarray | None = None  # (B, K) scores of the last choose()
         self.last_imagined: Imagined | None = None
         self.calls = 0
+        self.decisions = 0  # real actions chosen (rows of every choose())
+        self.overrides = 0  # of them, how many were not the policy's own action
 
     # -- helpers
     def _candidates(self, layout) -> np.ndarray:
@@ -106,25 +139,35 @@ class ImaginationPlanner:
             raise ValueError("mode='parallel' needs a model with a frame head (train with stream.parallel_obs=true)")
         return self.mode == "parallel" or (self.mode == "auto" and has_frame)
 
-    def score(self, imagined: Imagined) -> np.ndarray:
-        """(B, K) discounted sum of predicted rewards, counting the step that ends an episode but nothing after."""
-        H = imagined.rewards.shape[-1]
+    @staticmethod
+    def counted(imagined: Imagined) -> np.ndarray:
+        """(B, K, H) predicted rewards, counting the step that ends an episode but nothing after."""
         ended_before = np.zeros_like(imagined.ends)
         ended_before[..., 1:] = np.cumsum(imagined.ends, axis=-1)[..., :-1] > 0
-        weight = self.discount ** np.arange(H)
-        return (imagined.rewards * ~ended_before * weight).sum(-1)
+        return imagined.rewards * ~ended_before
+
+    def score(self, imagined: Imagined) -> np.ndarray:
+        """(B, K) discounted sum of the confident predicted rewards (those of at least ``confidence``),
+        counting the step that ends an episode but nothing after."""
+        r = self.counted(imagined)
+        return (np.where(r >= self.confidence, r, 0.0) * self.discount ** np.arange(r.shape[-1])).sum(-1)
 
     # -- imagination
     @torch.no_grad()
-    def imagine(self, runner: StreamRunner, h: torch.Tensor | None = None) -> Imagined:
+    def imagine(self, runner: StreamRunner, h: torch.Tensor | None = None, cand: np.ndarray | None = None) -> Imagined:
         """Roll every (stream, candidate) pair ``horizon`` steps forward in the model; h (B, C) is the
-        real runner's last hidden state (recomputed by a prefill when not given)."""
+        real runner's last hidden state (recomputed by a prefill when not given); cand (B, K) the
+        env actions each stream tries first (None: every candidate action in every stream)."""
         lay, model = runner.layout, runner.model
         if runner.pos != lay.obs_len:
             raise ValueError(f"the planner acts right after an observation (stream position {lay.obs_len}), "
                              f"but the runner is at position {runner.pos}")
-        cand = self._candidates(lay)
-        B, K, H = runner.batch, len(cand), self.horizon
+        if cand is None:
+            cand = np.tile(self._candidates(lay), (runner.batch, 1))
+        cand = np.asarray(cand, np.int64)
+        B, K, H = runner.batch, cand.shape[1], self.horizon
+        if cand.shape[0] != B:
+            raise ValueError(f"cand needs one row of first actions per stream ({B}), got shape {cand.shape}")
         parallel = self._parallel(model)
 
         # room for the whole imagined horizon: at most one rebuild of the B real rows now, instead
@@ -145,7 +188,7 @@ class ImaginationPlanner:
         actions = np.zeros((B * K, H), np.int64)
         for t in range(H):
             if t == 0:
-                act = np.tile(cand, B)
+                act = cand.reshape(-1)  # row b*K + k
             else:
                 act = lay.decode_action(sample(scratch.logits(h), 0.0 if self.greedy_rollout else 1.0,
                                                      generator=self.generator).cpu().numpy())
@@ -178,26 +221,60 @@ class ImaginationPlanner:
         probs = logits[:, lo : lo + len(ids)].float().softmax(-1).cpu().numpy()
         return probs @ np.asarray(layout.decode_reward(ids), np.float64)
 
+    def decide(self, pref: torch.Tensor, scores: np.ndarray, peaks: np.ndarray | None = None,
+               own: np.ndarray | None = None) -> np.ndarray:
+        """(B,) index into the candidates: the policy's own choice unless another candidate passes
+        every test of the module's rule (top_k, confidence, margin; ties to the policy).
+
+        pref (B, K): the policy's logits over the candidates (which hold its top_k actions);
+        scores (B, K): their imagined returns; peaks (B, K): the largest reward one imagined step
+        foresees along each (None: the scores); own (B,): the policy's choice (None: drawn from pref)."""
+        if own is None:
+            own = sample(pref, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()  # (B,)
+        rows = np.arange(scores.shape[0])
+        peaks = scores if peaks is None else peaks
+        eligible = np.where(peaks >= self.confidence, scores, -np.inf)
+        eligible[rows, own] = -np.inf  # the policy's own action needs no override
+        if self.top_k is not None and self.top_k < scores.shape[1]:
+            rank = (-pref).argsort(dim=1).argsort(dim=1).cpu().numpy()  # 0 = the policy's favourite
+            eligible[rank >= self.top_k] = -np.inf
+        best = eligible.argmax(axis=1)
+        choice = np.where(eligible[rows, best] > scores[rows, own] + self.margin, best, own)
+        self.decisions += len(rows)
+        self.overrides += int((choice != own).sum())
+        return choice
+
+    def _columns(self, pref: torch.Tensor, own: np.ndarray) -> np.ndarray:
+        """(B, K) indices into the candidate actions that each stream imagines: all of them, or only
+        the policy's top_k and its own choice (a sampled choice may lie outside the top_k)."""
+        B, A = pref.shape
+        if self.top_k is None or self.top_k >= A:
+            return np.tile(np.arange(A), (B, 1))
+        order = (-pref).argsort(dim=1).cpu().numpy()  # (B, A) the policy's likeliest first
+        cols = order[:, : self.top_k]
+        outside = ~(cols == own[:, None]).any(1)
+        if outside.any():  # one more column: the own choice where it is outside, else the next likeliest
+            cols = np.concatenate([cols, np.where(outside, own, order[:, self.top_k])[:, None]], axis=1)
+        return cols
+
     def choose(self, runner: StreamRunner, h: torch.Tensor) -> np.ndarray:
-        """The env action (B,) for every real stream: the candidate with the best imagined return
-        if it beats the policy's own action by more than ``margin``, else the policy's action."""
+        """The env action (B,) for every real stream: the policy's own action unless another candidate's
+        imagined return passes the tests of `decide`. Only the candidates that may be chosen are
+        imagined: the policy's own action and (with top_k) its top_k actions."""
         lay = runner.layout
         rebuilt = runner.make_room(self.horizon * lay.step_len)  # see imagine()
         if rebuilt is not None:
             h = rebuilt
-        logits = runner.logits(h, lay.obs_len)  # (B, V), action ids only
-        imagined = self.imagine(runner, h)
-        cand = imagined.candidates
+        actions = self._candidates(lay)
+        pref = runner.logits(h, lay.obs_len)[:, torch.from_numpy(lay.action_ids(actions))]  # (B, A) the policy over them
+        own = sample(pref, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()  # (B,) index into actions
+        cols = self._columns(pref, own)  # (B, K)
+        imagined = self.imagine(runner, h, actions[cols])
         scores = self.score(imagined)  # (B, K)
-        pref = logits[:, torch.from_numpy(lay.action_ids(cand))]  # (B, K) the policy over the candidates
-        own = sample(pref, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()  # (B,) index into cand
-        eligible = scores.copy()
-        if self.top_k is not None and self.top_k < len(cand):
-            rank = (-pref).argsort(dim=1).argsort(dim=1).cpu().numpy()  # 0 = the policy's favourite
-            eligible[rank >= self.top_k] = -np.inf
-        best = eligible.argmax(axis=1)
-        rows = np.arange(scores.shape[0])
-        choice = np.where(eligible[rows, best] > scores[rows, own] + self.margin, best, own)
+        peaks = self.counted(imagined).max(-1)  # (B, K)
+        rows = np.arange(len(cols))[:, None]
+        choice = self.decide(pref[torch.from_numpy(rows), torch.from_numpy(cols)], scores, peaks,
+                             own=(cols == own[:, None]).argmax(1))
         self.last_scores, self.last_imagined = scores, imagined
         self.calls += 1
-        return cand[choice].astype(np.int64)
+        return actions[cols[rows[:, 0], choice]].astype(np.int64)
