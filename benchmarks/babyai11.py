@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from worldloom.errors import DataError
+
 CELL_VALUES = 32  # embedding slots per cell field (MiniGrid uses at most 11); larger values share the last slot
 PAD, UNK = 0, 1  # mission word ids
 
@@ -172,9 +174,9 @@ class Demos:
     def from_episodes(cls, episodes, field: str = "image") -> "Demos":
         episodes = [ep for ep in episodes if ep.length > 0]
         if not episodes:
-            raise ValueError("no episode with at least one step to learn from")
+            raise DataError("no episode with at least one step to learn from")
         if field not in episodes[0].obs or episodes[0].obs[field].ndim != 4:
-            raise ValueError(f"the baseline reads a grid view field {field!r} of shape (V, V, 3); "
+            raise DataError(f"the baseline reads a grid view field {field!r} of shape (V, V, 3); "
                              f"these episodes have {sorted(episodes[0].obs)}")
         lengths = np.array([ep.length for ep in episodes])
         return cls(images=np.concatenate([ep.obs[field][:-1] for ep in episodes]),
@@ -313,7 +315,6 @@ def run_baseline(data_dir, env_id: str, seeds: list[int], minutes: float, envs: 
                  log=print) -> dict:
     """Train the baseline on a worldloom episode folder's train split for ``minutes`` and evaluate
     it, sampled and greedy, on ``seeds`` in the real environment. Returns the figures as a dict."""
-    from worldloom.errors import DataError
     from worldloom.world.data.episodes import load_dataset
     from worldloom.world.envs import make_adapter
 

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny run in seconds (smoke test; includes a tiny baseline)")
     ap.add_argument("--baseline", action="store_true",
                     help="also train the BabyAI-1.1-style baseline on the run's data for the run's minutes and compare")
-    ap.add_argument("--baseline-minutes", type=float, help="the baseline's training minutes (default: the run's)")
+    ap.add_argument("--baseline-minutes", type=float, help="the baseline's training minutes (default: the run's; implies --baseline)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "babyai.json"))
     args = ap.parse_args(argv)
     if args.baseline_minutes is not None and not args.baseline_minutes > 0:
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             cfg = build_config("babyai", [f"out_dir={tmp}", "name=bench", *(QUICK if args.quick else [])])
             run_dir, res = Path(cfg.run_dir), run_world(cfg, progress=False)
         base = None
-        if args.baseline or args.quick:
+        if args.baseline or args.quick or args.baseline_minutes is not None:
             try:
                 base = baseline_for(run_dir, res, args.baseline_minutes, args.quick)
             except WorldloomError as e:

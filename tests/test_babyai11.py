@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from worldloom.errors import DataError
 from worldloom.world.data.episodes import Episode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_the_memory_carries_earlier_steps_and_forward_matches_stepping():
 def episode(seed: int, mission: str, T: int, actions, random_first: bool = False) -> Episode:
     obs = {"image": views(T + 1, seed=seed).numpy(), "direction": np.zeros(T + 1, np.uint8)}
     rand = np.zeros(T, bool)
-    rand[0] = random_first
+    rand[:1] = random_first
     return Episode(seed=seed, mission=mission, obs=obs, action=np.array(actions), reward=np.zeros(T, np.float32),
                    terminated=True, truncated=False, random_action=rand)
 
@@ -119,6 +120,10 @@ def test_behaviour_cloning_updates_reduce_the_loss_on_a_tiny_batch():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = [B.bc_update(model, opt, batch, bptt=3) for _ in range(25)]
     assert losses[-1] < 0.3 * losses[0]
+    with pytest.raises(DataError, match="no episode"):
+        B.Demos.from_episodes([episode(3, "", 0, [])])
+    with pytest.raises(DataError, match="grid view field 'pixels'"):
+        B.Demos.from_episodes(eps, field="pixels")
     fit = B.train_bc(model, demos, vocab, minutes=5.0, batch_episodes=2, max_updates=4)
     assert fit["updates"] == 4 and fit["epochs"] > 0 and fit["minutes"] < 5.0
 
