@@ -103,11 +103,12 @@ def baseline_for(run_dir: Path, res: dict, minutes: float | None, quick: bool) -
                         f"held-out seeds {seeds[0]}..{seeds[-1]}; run `worldloom eval {run_dir}` again")
     trained = run_minutes(run_dir)
     minutes = trained if minutes is None else minutes
-    if quick:  # a quick baseline ends after its few updates, not on the clock of a run that trained for seconds
+    if quick:  # a quick (tiny) baseline ends after its few updates, not on the clock of a run that trained for seconds
         minutes = max(minutes, 1.0)
     set_threads(cfg.train.threads)
+    tiny = {"max_updates": 3, "dim": 32, "batch_episodes": 8} if quick else {}
     base = babyai11.run_baseline(dataset_dir(cfg, run_dir), cfg.env.id, seeds, minutes, envs=cfg.eval.envs,
-                                 max_updates=3 if quick else None, seed=cfg.train.seed)
+                                 seed=cfg.train.seed, **tiny)
     base["run_minutes"] = round(trained, 2)
     if (run_dir / ONPOLICY_DIR / META_FILE).is_file():
         n = load_dataset(run_dir / ONPOLICY_DIR).meta["splits"]["train"]["episodes"]
