@@ -3,13 +3,20 @@
 
     python benchmarks/bench_babyai.py                      # runs the main job (preset babyai, ~14 min) into a temp folder
     python benchmarks/bench_babyai.py --run runs/babyai    # reads a finished run's eval.json instead (seconds)
-    python benchmarks/bench_babyai.py --quick              # a tiny run (smoke test)
+    python benchmarks/bench_babyai.py --quick              # a tiny run (smoke test), baseline included
+    python benchmarks/bench_babyai.py --run runs/babyai --baseline   # + the BabyAI-1.1-style baseline beside it
 
 Every figure comes from the run's ``eval.json`` (written by ``worldloom train`` / ``worldloom
 eval``): success of the sampled policy on the held-out evaluation seeds, next-frame exact
 accuracy on held-out expert and perturbed transitions (all frames, and those that reveal no
 never-seen object), open-loop exact frames after 1/5/10 steps, planning beside plain acting on
 the same seeds, and the main job's wall time (collect + train + evaluate) against 15 minutes.
+
+With ``--baseline`` (always with ``--quick``) a BabyAI-1.1-style imitation learner
+(``benchmarks/babyai11.py``) is trained by behaviour cloning on the run's own demonstrations
+(its data folder) for the minutes the run trained (its last checkpoint's clock, or
+``--baseline-minutes``), evaluated on the same held-out seeds, and the table adds its success
+and the ratios worldloom / baseline, sampled and greedy (target: at least 1, i.e. ahead).
 Writes ``benchmarks/results/babyai.json``.
 """
 
@@ -66,40 +73,127 @@ def figures(res: dict) -> list[dict]:
     return out
 
 
+def run_minutes(run_dir: Path) -> float:
+    """The minutes a run trained: the clock of its last checkpoint (pauses for on-policy collection excluded)."""
+    from worldloom.checkpoint import latest_checkpoint, read_state
+    from worldloom.errors import CheckpointError
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"run folder {run_dir} holds no checkpoint, so its training minutes are unknown; "
+                              "pass --baseline-minutes")
+    return float(read_state(ckpt).get("elapsed", 0.0)) / 60
+
+
+def baseline_for(run_dir: Path, res: dict, minutes: float | None, quick: bool) -> dict:
+    """Train and evaluate the BabyAI-1.1-style baseline on a world run's demonstrations, minutes and eval seeds."""
+    import babyai11
+    from worldloom.errors import DataError
+    from worldloom.run import read_run_config
+    from worldloom.runtime import set_threads
+    from worldloom.world.data.episodes import META_FILE, load_dataset
+    from worldloom.world.data.onpolicy import ONPOLICY_DIR
+    from worldloom.world.pipeline import eval_seeds
+    from worldloom.world.task import dataset_dir
+
+    cfg = read_run_config(run_dir)
+    seeds = eval_seeds(cfg, int(_get(res, "real", "episodes") or cfg.eval.episodes))
+    if _get(res, "real", "seeds") not in (None, [seeds[0], seeds[-1]]):
+        raise DataError(f"{run_dir}'s eval.json was evaluated on seeds {res['real']['seeds']}, not on {cfg.data.seed}'s "
+                        f"held-out seeds {seeds[0]}..{seeds[-1]}; run `worldloom eval {run_dir}` again")
+    trained = run_minutes(run_dir)
+    minutes = trained if minutes is None else minutes
+    if quick:  # a quick (tiny) baseline ends after its few updates, not on the clock of a run that trained for seconds
+        minutes = max(minutes, 1.0)
+    set_threads(cfg.train.threads)
+    tiny = {"max_updates": 3, "dim": 32, "batch_episodes": 8} if quick else {}
+    base = babyai11.run_baseline(dataset_dir(cfg, run_dir), cfg.env.id, seeds, minutes, envs=cfg.eval.envs,
+                                 seed=cfg.train.seed, **tiny)
+    base["run_minutes"] = round(trained, 2)
+    if (run_dir / ONPOLICY_DIR / META_FILE).is_file():
+        n = load_dataset(run_dir / ONPOLICY_DIR).meta["splits"]["train"]["episodes"]
+        base["note"] = (f"the run also trained on {n} on-policy episodes of its own (DAgger); "
+                        "the baseline trains on the demonstrations only")
+    return base
+
+
+def world_success(res: dict, what: str) -> float | None:
+    """The run's success with the sampled or the greedy policy (eval.json's ``real`` is whichever
+    ``eval.greedy`` chose; ``real_greedy`` the greedy one beside a sampled ``real``)."""
+    real = res.get("real") or {}
+    if real.get("policy", "sampled") == what:
+        return real.get("success")
+    return _get(res, "real_greedy", "success") if what == "greedy" else None
+
+
+def baseline_rows(res: dict, base: dict) -> list[dict]:
+    """The baseline's success and the ratios worldloom / baseline (None where the baseline never succeeded)."""
+    rows = []
+    for key, what in (("real", "sampled"), ("real_greedy", "greedy")):
+        wl, bl = world_success(res, what), _get(base, key, "success")
+        ratio = wl / bl if wl is not None and bl else None
+        base.setdefault("ratio", {})[what] = ratio
+        rows += [{"figure": f"baseline (BabyAI-1.1-style) success, {what} policy, same seeds", "value": bl,
+                  "target": None, "met": None},
+                 {"figure": f"ratio worldloom / baseline, {what} success", "value": ratio, "target": 1.0,
+                  "met": None if ratio is None else ratio >= 1.0}]
+    return rows
+
+
+def _fmt(figure: str, x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1f}" if "minutes" in figure else f"{x:.2f}x" if "ratio" in figure else f"{100 * x:.1f}%"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", help="a finished world run folder: read its eval.json instead of running the main job")
-    ap.add_argument("--quick", action="store_true", help="a tiny run in seconds (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="a tiny run in seconds (smoke test; includes a tiny baseline)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also train the BabyAI-1.1-style baseline on the run's data for the run's minutes and compare")
+    ap.add_argument("--baseline-minutes", type=float, help="the baseline's training minutes (default: the run's; implies --baseline)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "babyai.json"))
     args = ap.parse_args(argv)
+    if args.baseline_minutes is not None and not args.baseline_minutes > 0:
+        ap.error("--baseline-minutes must be > 0")
 
+    from worldloom.errors import WorldloomError
     from worldloom.world.pipeline import machine, read_eval
 
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
-    if args.run:
-        res = read_eval(Path(args.run))
-        if res is None:
-            print(f"error: no eval.json in {args.run}; run `worldloom train` (or `worldloom eval {args.run}`) first", file=sys.stderr)
-            return 2
-    else:
-        from worldloom.config import build_config
-        from worldloom.world.pipeline import run_world
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.run:
+            run_dir, res = Path(args.run), read_eval(Path(args.run))
+            if res is None:
+                print(f"error: no eval.json in {args.run}; run `worldloom train` (or `worldloom eval {args.run}`) first",
+                      file=sys.stderr)
+                return 2
+        else:
+            from worldloom.config import build_config
+            from worldloom.world.pipeline import run_world
 
-        with tempfile.TemporaryDirectory() as tmp:
             cfg = build_config("babyai", [f"out_dir={tmp}", "name=bench", *(QUICK if args.quick else [])])
-            res = run_world(cfg, progress=False)
-    rows = figures(res)
+            run_dir, res = Path(cfg.run_dir), run_world(cfg, progress=False)
+        base = None
+        if args.baseline or args.quick or args.baseline_minutes is not None:
+            try:
+                base = baseline_for(run_dir, res, args.baseline_minutes, args.quick)
+            except WorldloomError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+    rows = figures(res) + (baseline_rows(res, base) if base is not None else [])
     width = max(len(r["figure"]) for r in rows)
     print(f"{'figure':<{width}}  value    target   met")
     for r in rows:
-        v, t = r["value"], r["target"]
-        fmt = (lambda x: "-" if x is None else f"{x:.1f}") if "minutes" in r["figure"] else (lambda x: "-" if x is None else f"{100 * x:.1f}%")
-        print(f"{r['figure']:<{width}}  {fmt(v):<8} {fmt(t):<8} {'-' if r['met'] is None else ('yes' if r['met'] else 'NO')}")
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        print(f"{r['figure']:<{width}}  {_fmt(r['figure'], r['value']):<8} {_fmt(r['figure'], r['target']):<8} {met}")
     out = {"machine": res.get("machine") or machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": command, "run": res.get("run"), "env_id": res.get("env_id"), "steps": res.get("step"),
-           "seconds": round(time.perf_counter() - t0, 1), "figures": rows}
+           "minutes": res.get("minutes"), "seconds": round(time.perf_counter() - t0, 1), "figures": rows,
+           "baseline": base}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
         return code
     finally:
-        if _leave_process_group() and code is not None:
+        if _leave_process_group() and code is not None and argv is None:  # a program (torchrun's rank), not a caller
             _exit_now(code)
 
 

@@ -43,6 +43,13 @@ def collect_for(cfg: RunConfig, out_dir: Path, progress: bool = True, log=print)
                            epsilon=d.epsilon, workers=d.workers, bot_timeout=d.bot_timeout, progress=progress, log=log)
 
 
+def eval_seeds(cfg: RunConfig, n: int) -> list[int]:
+    """The n held-out seeds a run's policy is evaluated on in the real environment (never collected)."""
+    from .data.collect import split_seed
+
+    return [split_seed("eval", cfg.data.seed, i) for i in range(n)]
+
+
 def machine() -> str:
     import os
 
@@ -61,7 +68,6 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
                    precision: str = "fp32") -> dict:
     """Every figure of a world run (see the module docs of metrics, agent, imagine, plan)."""
     from .rollout.agent import run_episodes
-    from .data.collect import split_seed
     from .envs import make_adapter
     from .data.episodes import load_dataset
     from .rollout.imagine import open_loop_accuracy
@@ -116,7 +122,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
             for k in HORIZONS if ol["horizons"].get(str(k), {}).get("n_seen")))
 
     # the policy in the real environment, on seeds never used for training or validation
-    seeds = [split_seed("eval", cfg.data.seed, i) for i in range(n_real)]
+    seeds = eval_seeds(cfg, n_real)
     t = time.perf_counter()
     res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision,
                        seed=ec.seed, progress=progress, desc="eval episodes")
@@ -163,13 +169,12 @@ def _summary(results, seeds, seconds: float) -> dict:
 
 def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif_steps: int = 20) -> Path:
     """eval.json, the GIF of imagined beside real frames, and report.md in the run folder."""
-    from .data.collect import split_seed
     from .rollout.imagine import imagined_vs_real, write_rollout_gif
     from .eval.report import write_report
 
     run_dir = Path(run.run_dir)
     write_json(run_dir / EVAL_JSON, result)
-    seed = gif_seed if gif_seed is not None else split_seed("eval", run.cfg.data.seed, 0)
+    seed = gif_seed if gif_seed is not None else eval_seeds(run.cfg, 1)[0]
     frames = imagined_vs_real(run, run.cfg.env.id, seed, gif_steps)
     gif = run_dir / "imagined.gif"
     write_rollout_gif(frames, gif)
