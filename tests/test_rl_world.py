@@ -136,6 +136,7 @@ def test_tune_refuses_to_overwrite_or_resume_the_wrong_folder(tuned, world_run, 
 
 
 def test_world_model_loss_on_collected_transitions(world_run, tmp_path):
+    assert wrl.RLConfig().wm_coef > 0  # on by default: one network, the world model must not drift
     wrl.tune(world_run, ["rl.updates=1", "rl.envs=2", "rl.episodes=2", "rl.epochs=1", "rl.value_warmup=0",
                          "rl.wm_coef=0.5", f"out_dir={tmp_path}", "name=wm"], progress=False, log=lambda *a: None)
     row = rows(tmp_path / "wm")[0]

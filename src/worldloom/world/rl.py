@@ -27,9 +27,10 @@ One update:
    BabyAI's own PPO treats it; nothing is bootstrapped past it.
 4. **PPO epochs** over minibatches of windows (``worldloom.rl.ppo_loss``), stopping early once
    the approximate KL to the collecting policy passes ``rl.target_kl``. The first
-   ``rl.value_warmup`` updates train the value head only. ``rl.wm_coef`` (default 0: PPO alone,
-   the cloned world model is left as it was except through the shared network) adds the
-   world-model loss (next observation, reward and end tokens) on the collected transitions.
+   ``rl.value_warmup`` updates train the value head only. ``rl.wm_coef`` (default 1) adds the
+   world-model loss (next observation, reward and end tokens) on the collected transitions: the
+   policy and the world model are one network, and PPO alone (``rl.wm_coef=0``) was measured to
+   wreck the world model (next frames exact 61.6% -> 4.7% after 28 updates; 60.9% with 1.0).
 
 The model stays in eval mode throughout (no dropout: the ratio must be exactly 1 before the
 first step) and computes in fp32 on the CPU (the acting agent's runner does too). A tuned run is a run folder like any other (``config.yaml`` of the source with the
@@ -79,7 +80,7 @@ class RLConfig(PPOConfig):
     envs: int = 32  # real environments played at once
     episodes: int = 0  # episodes collected per update (0 = rl.envs)
     seed: int = 0  # the RL generator: sampling seeds, minibatch order, value-head init
-    wm_coef: float = 0.0  # world-model loss on the collected transitions (0 = off)
+    wm_coef: float = 1.0  # world-model loss on the collected transitions (0 = PPO alone: the shared world model drifts)
     checkpoint_every: int = 1  # updates between checkpoints (the last update always saves)
     batch_windows: int = 32  # windows per no-grad scoring forward
 
