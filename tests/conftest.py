@@ -146,6 +146,25 @@ def world_run(tmp_path_factory, world_dataset) -> Path:
     return cfg.run_dir
 
 
+@pytest.fixture(scope="module")
+def episodes(world_dataset):
+    """The training and validation episodes of `world_dataset`."""
+    from worldloom.world.data.episodes import load_dataset
+
+    ds = load_dataset(world_dataset)
+    return ds.episodes("train"), ds.episodes("val")
+
+
+@pytest.fixture(scope="module")
+def layout(episodes):
+    """A stream layout built from `episodes` (GoToLocal: 7 actions, a grid view)."""
+    from worldloom.config import StreamConfig
+    from worldloom.tokenize.grid import GridTokenizer
+    from worldloom.world.stream import StreamLayout
+
+    return StreamLayout.build([e.mission for e in episodes[0]], 7, StreamConfig(), GridTokenizer())
+
+
 def run_benchmark(script: str, *args: str, out: Path, timeout: int = 300) -> tuple[dict, str]:
     """Run ``benchmarks/<script> *args --out out`` from the repository root; it must exit 0.
     Returns the JSON it wrote and its stdout (the benchmarks' smoke tests)."""

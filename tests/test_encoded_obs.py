@@ -9,23 +9,9 @@ from worldloom.config import StreamConfig, build_config
 from worldloom.errors import ConfigError
 from worldloom.model import LWM
 from worldloom.modality import FrameDecoder, FrameEncoder, FramePlan, backbone_positions
-from worldloom.tokenize.grid import GridTokenizer
-from worldloom.world.data.episodes import load_dataset
 from worldloom.world.data.packing import EpisodeData
-from worldloom.world.stream import StreamLayout
 
 from conftest import TINY_WORLD
-
-
-@pytest.fixture(scope="module")
-def episodes(world_dataset):
-    ds = load_dataset(world_dataset)
-    return ds.episodes("train"), ds.episodes("val")
-
-
-@pytest.fixture(scope="module")
-def layout(episodes):
-    return StreamLayout.build([e.mission for e in episodes[0]], 7, StreamConfig(), GridTokenizer())
 
 
 def longest(eps):

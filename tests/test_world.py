@@ -11,21 +11,9 @@ from hypothesis import strategies as st
 from worldloom.config import StreamConfig, build_config
 from worldloom.tokenize import GridTokenizer, ScalarBins
 from worldloom.world.data.packing import EpisodeData
-from worldloom.world.data.episodes import load_dataset
 from worldloom.world.stream import K_ACTION, K_OBS, StreamLayout
 
 from conftest import TINY_WORLD
-
-
-@pytest.fixture(scope="module")
-def episodes(world_dataset):
-    ds = load_dataset(world_dataset)
-    return ds.episodes("train"), ds.episodes("val")
-
-
-@pytest.fixture(scope="module")
-def layout(episodes):
-    return StreamLayout.build([e.mission for e in episodes[0]], 7, StreamConfig(), GridTokenizer())
 
 
 # ---------------------------------------------------------------- tokenizers

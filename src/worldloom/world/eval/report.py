@@ -97,6 +97,18 @@ def _open_loop(result, k: int):
 
 
 # -- plots
+def _finish_percent(fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size: int) -> bool:
+    """Label a plot whose y axis is a percentage (0..100), add grid and legend, save it; True."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    _save(fig, path)
+    return True
+
+
 def _figure(w: float = 7, h: float = 4):
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless, no pyplot global state
     from matplotlib.figure import Figure
@@ -178,14 +190,8 @@ def plot_open_loop(curves, path: Path, title: str = "") -> bool:
     fig, ax = _figure()
     for pts, name, color, style in lines:
         ax.plot(*zip(*pts), style, color=color, label=name, ms=3)
-    ax.set_xlabel("imagined steps k (open loop, the real actions fed)")
-    ax.set_ylabel("accuracy of the k-th imagined frame (%)")
-    ax.set_ylim(0, 102)
-    ax.set_title(title or "accuracy against imagination horizon")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
-    return True
+    return _finish_percent(fig, ax, path, "imagined steps k (open loop, the real actions fed)",
+                           "accuracy of the k-th imagined frame (%)", title or "accuracy against imagination horizon", 7)
 
 
 def plot_success(result, path: Path, title: str = "") -> bool:
@@ -231,14 +237,7 @@ def plot_rl_success(rows: list[dict], path: Path, title: str = "", final=None) -
     ax.plot(x, [100 * v for v in y], "o-", ms=3, label="RL episodes of each update (sampled policy)")
     if _num(final) is not None:
         ax.axhline(100 * _num(final), color="tab:green", ls="--", label=f"held-out evaluation ({100 * _num(final):.1f}%)")
-    ax.set_xlabel("RL update")
-    ax.set_ylabel("success (%)")
-    ax.set_ylim(0, 102)
-    ax.set_title(title or "success during reinforcement learning")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return True
+    return _finish_percent(fig, ax, path, "RL update", "success (%)", title or "success during reinforcement learning", 8)
 
 
 # -- the report
