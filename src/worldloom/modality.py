@@ -133,14 +133,18 @@ class FramePlan:
         return h.gather(1, self.back.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
+def step_positions(step_len: int, obs_len: int = 0, vectors: int = 0) -> int:
+    """Model positions of one world step of ``step_len`` ids: the ids, or with ``vectors`` > 0 (encoded
+    observations) the observation's ``obs_len`` ids replaced by that many vectors."""
+    return vectors + step_len - obs_len if vectors else step_len
+
+
 def backbone_positions(n_prefix: int, n_step_ids: int, obs_len: int, step_len: int, vectors: int) -> int:
-    """Backbone positions of a row of ``n_prefix`` prefix ids and ``n_step_ids`` step ids that start at a step
-    boundary (an observation cut at the end counts as none of its cells)."""
+    """Model positions of a row of ``n_prefix`` prefix ids and ``n_step_ids`` step ids that start at a step
+    boundary: the ids themselves when ``vectors`` is 0 (the token stream); else an observation cut at
+    the end counts as none of its cells."""
+    if not vectors:
+        return n_prefix + n_step_ids
     whole, part = divmod(n_step_ids, step_len)
     tail = 0 if part < obs_len else vectors + part - obs_len
-    return n_prefix + whole * (vectors + step_len - obs_len) + tail
-
-
-def step_positions(cfg, step_len: int) -> int:
-    """Model positions one world step of ``step_len`` ids takes for a model config (ModelConfig)."""
-    return cfg.obs_vectors + step_len - cfg.obs_len if cfg.obs_vectors else step_len
+    return n_prefix + whole * step_positions(step_len, obs_len, vectors) + tail

@@ -138,8 +138,7 @@ class LWM(nn.Module):
         if logits is not None and len(plan.decode_at):
             frame = self.frame_logits(h.flatten(0, 1)[plan.decode_at], plan.frames(idx, plan.decode_prev, cfg.obs_len))
             at = plan.decode_at.unsqueeze(1) + self.obs_cell  # (D, obs_len) flat positions the frame's cells fill
-            ok = (at % T) >= (plan.decode_at % T).unsqueeze(1)  # still in the same row
-            ok &= at < (plan.decode_at // T + 1).unsqueeze(1) * T
+            ok = at < (plan.decode_at // T + 1).unsqueeze(1) * T  # still in the same row
             V = logits.shape[-1]
             logits = logits.reshape(-1, V).index_copy(0, at[ok], frame[ok].to(logits.dtype)).view(B, T, V)
         return ModelOutput(logits, h, cache, None, self._moe_aux())

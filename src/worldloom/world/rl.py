@@ -435,7 +435,8 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     res = run_episodes(tu.model, tu.layout, tu.env_id, seeds, envs=cfg.envs, greedy=False, seed=sample_seed,
                        record=True, progress=progress, desc="rl episodes")
     mc, lay = tu.model.cfg, tu.layout
-    ro = build_rollout(lay, res, mc.context, step_positions(mc, lay.step_len), mc.obs_vectors or lay.obs_len)
+    ro = build_rollout(lay, res, mc.context, step_positions(lay.step_len, mc.obs_len, mc.obs_vectors),
+                       mc.obs_vectors or lay.obs_len)
     sc = score(tu.model, tu.reference, tu.value_head, tu.layout, ro, cfg)
     value_only = tu.update < cfg.value_warmup
     parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen)

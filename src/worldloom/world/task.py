@@ -17,6 +17,7 @@ from ..config import RunConfig
 from ..errors import DataError
 from ..evaluate import sampled_loss
 from ..losses import world_stream_loss
+from ..modality import step_positions
 from .data.packing import EpisodeData
 from .envs import make_adapter
 from .data.episodes import META_FILE, load_dataset
@@ -68,9 +69,10 @@ class WorldTask:
             obs = make_adapter(cfg.env.id).obs_tokenizer(ds.meta)  # the environment declares its observation tokenizer
             self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream, obs)
         lay = self.layout
+        sizes = stream_model_sizes(lay, cfg.stream)  # the model's stream inputs decide the batches' shape
         self.data = EpisodeData(lay, [lay.episode(e) for e in train_eps], [lay.episode(e) for e in val_eps], cfg.stream,
-                                frame_head=cfg.stream.parallel_obs, step_skip=cfg.stream.step_skip and cfg.stream.obs == "tokens",
-                                step_cost=cfg.stream.obs_vectors + lay.step_len - lay.obs_len if cfg.stream.obs == "encoded" else None)
+                                frame_head=bool(sizes["frame_tokens"]), step_skip=bool(sizes["period"]),
+                                step_cost=step_positions(lay.step_len, sizes["obs_len"], sizes["obs_vectors"]))
         self.n_train, self.n_val = len(train_eps), len(val_eps)
         self.n_train_steps = sum(e.length for e in train_eps)
         self.data.check_context(cfg.model.context)

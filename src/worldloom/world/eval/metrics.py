@@ -64,7 +64,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
     """
     model.eval()
     data = EpisodeData(layout, episodes, episodes, _weights_all(), frame_head=model.frame is not None,
-                       step_skip=model.skip_proj is not None, step_cost=step_positions(model.cfg, layout.step_len))
+                       step_skip=model.skip_proj is not None, step_cost=step_positions(layout.step_len, model.cfg.obs_len, model.cfg.obs_vectors))
     tally = _Tally()
     L, S = layout.obs_len, layout.step_len
     i0 = 0

@@ -46,8 +46,6 @@ class StreamRunner:
         """Model positions (the context's unit) of a prefix and step ids: the ids themselves, or fewer where
         the model encodes each observation as a few vectors (worldloom.modality)."""
         cfg = self.model.cfg
-        if not cfg.obs_vectors:
-            return n_prefix + n_step_ids
         return backbone_positions(n_prefix, n_step_ids, cfg.obs_len, self.layout.step_len, cfg.obs_vectors)
 
     @property
