@@ -64,6 +64,7 @@ from ..runtime import set_threads
 from .data.collect import SEEDS_PER_SPLIT, split_seed
 from .data.packing import skip_ids
 from .rollout.agent import run_episodes
+from .rollout.runner import steps_to_keep
 from .stream import K_DONE, K_OBS, K_REWARD, PAD, StreamLayout
 from .task import STREAM_DIR, dataset_dir
 
@@ -112,7 +113,7 @@ def windows(prefix_len: int, steps: int, step_cost: int, context: int, obs_cost:
     fit = (context - prefix_len - obs_cost) // step_cost + 1  # steps whose observation fits behind the prefix
     if fit < 1:
         raise ConfigError(f"the model context {context} cannot hold the mission ({prefix_len} tokens) and one observation")
-    keep = min(fit - 1, max(1, (context // 2) // step_cost))
+    keep = steps_to_keep(context, prefix_len, obs_cost, step_cost)  # = min(fit - 1, about half the context)
     out, s = [(0, 0, min(fit, steps))], fit
     while s < steps:
         start = s - keep

@@ -28,6 +28,15 @@ from ...runtime import autocast
 from ..stream import PAD, StreamLayout
 
 
+def steps_to_keep(context: int, prefix: int, partial: int, step: int) -> int:
+    """Whole steps (``step`` model positions each) a roll-over keeps behind a prefix of ``prefix`` positions:
+    about half the context, never more than fit beside ``partial`` positions that must also stay (the
+    current partial step, room asked for); negative when even none fit. The one rule, shared with the
+    PPO stage's stream windows (worldloom.world.rl.windows), which must reproduce it."""
+    fit = (context - prefix - partial) // step
+    return fit if fit < 0 else min(fit, max(1, (context // 2) // step))
+
+
 class StreamRunner:
     def __init__(self, model, layout: StreamLayout, precision: str = "fp32", device: str | torch.device = "cpu"):
         self.model, self.layout = model, layout
@@ -139,11 +148,11 @@ class StreamRunner:
         P = max(len(p) for p in self.prefixes)
         partial = self._positions(0, self.steps.shape[1] % lay.step_len)
         step = self._positions(0, lay.step_len)
-        fit = (self.context - P - partial - self._positions(0, room)) // step
-        if fit < 0:
+        keep = steps_to_keep(self.context, P, partial + self._positions(0, room), step)
+        if keep < 0:
             raise ValueError(f"the mission prefix ({P} tokens), the current step and {room} more tokens do not fit "
                              f"in the model context {self.context}")
-        return min(fit, max(1, (self.context // 2) // step))
+        return keep
 
     def make_room(self, n: int) -> torch.Tensor | None:
         """Make sure `n` more tokens fit without a rebuild (rebuilding now, once, if they would not).
