@@ -1,0 +1,1 @@
+"""Adapters: small trainable modules beside a frozen model (LoRA)."""
