@@ -105,7 +105,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: tor
         shutil.rmtree(stale, ignore_errors=True)
     remove_stale_temporaries(run_dir)  # e.g. a half-written checkpoint.json beside the real one
     tmp.mkdir(parents=True)
-    weights = model if isinstance(model, dict) else _unique_state(model)
+    weights = model if isinstance(model, dict) else model_state(model)
     save_tensors(tmp / "model.safetensors", weights, metadata={"format": FORMAT})
     full_state = dict(state, format=FORMAT)
     if optimizer is not None:
@@ -123,6 +123,15 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: tor
     for p in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint keeps: all of them, or, when some parameters are frozen (a LoRA
+    run), only the trained ones (its adapters, a new head): the rest comes from the base run."""
+    if all(p.requires_grad for p in model.parameters()):
+        return _unique_state(model)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in _unique_state(model).items() if k in trained}
 
 
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -160,7 +169,9 @@ def read_state(ckpt: Path) -> dict:
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     tensors = load_tensors(Path(ckpt) / "model.safetensors", "model weights")
     own = model.state_dict()
-    missing = [k for k in own if k not in tensors and not _is_tied_alias(model, k)]
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # from a base run (model_state)
+    frozen |= {name for name, _ in model.named_buffers()} if frozen else set()
+    missing = [k for k in own if k not in tensors and not _is_tied_alias(model, k) and k not in frozen]
     unexpected = [k for k in tensors if k not in own]
     wrong = [k for k in tensors if k in own and tensors[k].shape != own[k].shape]
     if missing or unexpected or wrong:

@@ -244,6 +244,7 @@ class ModelConfig:
     obs_len: int = 0  # tokens of one observation (encoded observations); set from the stream
     obs_grid: int = 0  # the observation's first obs_grid**2 tokens are a square grid of cells (encoded observations); set from the stream
     obs_decoder_layers: int = 2  # encoded observations: bidirectional layers of the frame decoder (next frame from the step's state and the previous frame)
+    value_head: bool = False  # a scalar head on the last hidden state (reward models); set by the reward recipe
 
     def __post_init__(self):
         for name, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("mamba2", Mamba2Config)):
@@ -383,6 +384,68 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (worldloom.adapters.lora) for the tuning recipes: rank 0 trains every weight."""
+
+    rank: int = 0  # 0 = full fine-tuning; >= 1: frozen base + trainable low-rank adapters of this rank
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: str = "qkv,proj,gate_up,down,qkvg,in_proj,out_proj"  # glob patterns on layer names (qkv, mlp.*, blocks.0.attn.proj)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TuneConfig:
+    """What a tuned run (recipes sft, dpo, orpo, reward) keeps of where it came from and how it reads rows."""
+
+    base: str = ""  # the run folder it was tuned from ("" = not a tuned run); set by `worldloom tune`
+    base_hash: str = ""  # sha256 of the base's checkpoint weights, checked whenever the run is loaded
+    prompt_format: str = "Q: {prompt}\nA: "  # the chat template: a prompt as the model reads it
+    stop: str = "\n"  # a response ends with this text (sampling stops there)
+    val_fraction: float = 0.05  # rows held out for the validation loss
+    eval_rows: int = 200  # held-out rows scored by the checker at the end of a run (0 = off)
+
+    def __post_init__(self):
+        if "{prompt}" not in self.prompt_format:
+            raise ConfigError(f"tune.prompt_format must contain {{prompt}}, got {self.prompt_format!r}")
+        if not self.stop:
+            raise ConfigError("tune.stop is empty; give the text that ends a response (default a newline)")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"tune.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.eval_rows < 0:
+            raise ConfigError(f"tune.eval_rows must be >= 0, got {self.eval_rows}")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # strength of the implicit KL to the reference (sigmoid) / 1/(2 beta) target margin (ipo)
+    loss: str = "sigmoid"  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(f"dpo.loss must be sigmoid or ipo, got {self.loss!r}")
+
+
+@dataclass
+class ORPOConfig:
+    lam: float = 0.1  # weight of the odds-ratio term beside the SFT loss (Hong et al. 2024's lambda)
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise ConfigError(f"orpo.lam must be >= 0, got {self.lam}")
+
+
+
 STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid", "obs_vectors", "obs_len", "obs_grid")  # model fields the world stream layout sets
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
@@ -410,6 +473,10 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe

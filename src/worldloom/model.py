@@ -50,6 +50,7 @@ class ModelOutput:
     cache: object = None  # the decoding cache, when one was passed
     frame_logits: torch.Tensor | None = None  # (N, frame_tokens, V) at ``frame_index`` (models with a frame head)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE: moe_aux (loss), moe_load (E,), moe_dropped
+    values: torch.Tensor | None = None  # (B, T) the value head's scalar at every position (models with model.value_head)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -79,6 +80,7 @@ class LWM(nn.Module):
             self.register_buffer("slot_col", torch.where(is_cell, cells % g + 1 + g, 0), persistent=False)
             self.grid_embed = nn.Embedding(2 * g + 1, cfg.d_model, padding_idx=0)
         self.frame = FrameHead(cfg.d_model, cfg.frame_tokens, cfg.ff_dim) if cfg.frame_tokens else None
+        self.value = nn.Linear(cfg.d_model, 1) if cfg.value_head else None  # reward models: a scalar per position
         self.obs_encoder = self.obs_decoder = None
         if cfg.obs_vectors:
             self.obs_encoder = FrameEncoder(cfg.d_model, cfg.obs_len, cfg.obs_grid, cfg.obs_vectors)
@@ -119,7 +121,10 @@ class LWM(nn.Module):
         frame = None
         if frame_index is not None and self.frame is not None and frame_index.numel():
             frame = self.frame_logits(h.flatten(0, 1)[frame_index])  # (N, F, V)
-        return ModelOutput(logits, h, cache, frame, self._moe_aux())
+        return ModelOutput(logits, h, cache, frame, self._moe_aux(), self._values(h))
+
+    def _values(self, h: torch.Tensor) -> torch.Tensor | None:
+        return self.value(self.norm(h)).squeeze(-1).float() if self.value is not None else None
 
     def _forward_encoded(self, idx, cache, slots, head, causal) -> ModelOutput:
         """Encoded observations (worldloom.modality): compress, run the backbone, expand back to the ids,
@@ -141,7 +146,7 @@ class LWM(nn.Module):
             ok = at < (plan.decode_at // T + 1).unsqueeze(1) * T  # still in the same row
             V = logits.shape[-1]
             logits = logits.reshape(-1, V).index_copy(0, at[ok], frame[ok].to(logits.dtype)).view(B, T, V)
-        return ModelOutput(logits, h, cache, None, self._moe_aux())
+        return ModelOutput(logits, h, cache, None, self._moe_aux(), self._values(h))
 
     def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, T, C), plus slot, 2-D cell position and step-skip inputs where the model has them."""

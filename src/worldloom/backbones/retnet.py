@@ -84,6 +84,10 @@ class MultiScaleRetention(RecurrentMixer):
         dtype = dtype or torch.float32
         return RetentionState(torch.zeros(batch, self.n_head, self.dk, self.dv, device=device, dtype=dtype), 0)
 
+    def fused_slices(self) -> dict[str, tuple[int, ...]]:
+        H, dk, dv = self.n_head, self.dk, self.dv
+        return {"qkvg": (H * dk, H * dk, H * dv, H * dv)}
+
     def forward(self, x, state: RetentionState | None = None, mode: str = "auto", return_state: bool = False,
                 valid: torch.Tensor | None = None):
         """x (B, T, C) -> (y (B, T, C), final state or None). ``state`` is never modified in place.

@@ -122,6 +122,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.hd, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
+    def fused_slices(self) -> dict[str, tuple[int, ...]]:
+        """The projections fused in one layer (LoRA adapts each slice on its own): qkv -> q, k, v."""
+        return {"qkv": (self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd)}
+
     def _qkv(self, x, cos, sin):
         """Queries (B, H, T, D), rotated keys and values (B, KV, T, D)."""
         B, T, _ = x.shape
@@ -177,6 +181,9 @@ class SwiGLU(nn.Module):
         self.ff = cfg.ff_dim
         self.gate_up = nn.Linear(cfg.d_model, 2 * self.ff, bias=False)
         self.down = nn.Linear(self.ff, cfg.d_model, bias=False)
+
+    def fused_slices(self) -> dict[str, tuple[int, ...]]:
+        return {"gate_up": (self.ff, self.ff)}
 
     def forward(self, x):
         g, u = self.gate_up(x).split(self.ff, dim=-1)

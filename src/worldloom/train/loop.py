@@ -136,7 +136,10 @@ def setup(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> t
     cfg = replace(cfg, model=replace(cfg.model, **task.model_sizes()))
     check_fits(cfg, device)  # a one-line refusal instead of an allocator traceback
     torch.manual_seed(tc.seed)
-    model = LWM(cfg.model).to(device)
+    model = LWM(cfg.model)
+    if hasattr(task, "prepare_model"):  # tuning recipes: the base run's weights, adapters, frozen layers
+        task.prepare_model(model)
+    model = model.to(device)
     if ckpt:
         load_model_weights(model, ckpt)  # whole weights, before any sharding
     net = D.wrap(model, dist, device)

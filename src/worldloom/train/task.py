@@ -34,3 +34,7 @@ class Task(Protocol):
 
     def describe(self) -> str:
         """One line about the data, for the start-of-run message."""
+
+    # Optional: ``prepare_model(model)`` is called on the freshly built model before it is moved,
+    # wrapped or restored (the tuning recipes load their base run's weights and add LoRA
+    # adapters there); a model with frozen parameters checkpoints only its trained ones.
