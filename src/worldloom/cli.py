@@ -31,6 +31,23 @@ model, train, eval; top-level: name, out_dir, recipe). `worldloom presets --show
 """
 
 
+EPILOG_TUNE = """\
+examples (docs/tuning.md has the whole path, data formats included):
+  worldloom tune sft  runs/base data.path=data/instr/train.jsonl lora.rank=8 name=sft
+  worldloom tune prefs runs/sft data.path=data/instr/prompts.jsonl --samples 4 --out data/prefs
+  worldloom tune dpo  runs/sft data.path=data/prefs/train.jsonl dpo.beta=0.1 name=dpo   # dpo.loss=ipo: IPO
+  worldloom tune orpo runs/base data.path=data/prefs/train.jsonl name=orpo
+  worldloom tune reward runs/sft data.path=data/prefs/train.jsonl name=rm
+  worldloom tune ppo  runs/sft data.path=data/instr/prompts.jsonl reward=checker name=ppo
+  worldloom tune ppo  runs/babyai rl.updates=50 rl.envs=32 name=ppo       # a world run: PPO in BabyAI
+  worldloom tune dpo --resume runs/dpo                                      # continue after a kill
+
+Keys: lora.* (rank: 0 = every weight trains; alpha, dropout, targets), dpo.* (beta, loss), orpo.lam,
+tune.* (prompt_format, stop, val_fraction, eval_rows), train.* (max_steps, lr, batch_size, ...),
+rl.* (ppo), name, out_dir.
+"""
+
+
 def _cmd_presets(args) -> int:
     import yaml
 
@@ -100,16 +117,41 @@ def _cmd_imagine(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from .world.rl import tune
-
+    """`tune sft|dpo|orpo|reward RUN` (text runs, through the training loop), `tune prefs RUN`
+    (sample preference pairs), `tune ppo RUN` (a world run: PPO in its environment; a text run: RLHF)."""
     if args.run and "=" in args.run:  # `tune ppo --resume RL_RUN rl.updates=100`: an override, not a run
         args.overrides.insert(0, args.run)
         args.run = None
     if bool(args.run) == bool(args.resume):
-        raise WorldloomError("give a world run to tune (worldloom tune ppo RUN) or --resume RL_RUN, not both or neither")
-    tune(Path(args.run) if args.run else None, args.overrides, resume=Path(args.resume) if args.resume else None,
-         progress=not args.no_progress)
+        raise WorldloomError(f"give a run to tune (worldloom tune {args.method} RUN) or --resume TUNED_RUN, not both or neither")
+    run = Path(args.run) if args.run else None
+    resume = Path(args.resume) if args.resume else None
+    if args.method == "prefs":
+        from .tune.prefs import sample_prefs
+
+        if resume:
+            raise WorldloomError("tune prefs has nothing to resume; run it again (it overwrites --out only when finished)")
+        sample_prefs(run, args.overrides, samples=args.samples, out=args.out, progress=not args.no_progress)
+    elif args.method == "ppo" and _is_world(run or resume):
+        from .world.rl import tune
+
+        tune(run, args.overrides, resume=resume, progress=not args.no_progress)
+    elif args.method == "ppo":
+        from .tune.ppo import tune_text
+
+        tune_text(run, args.overrides, resume=resume, progress=not args.no_progress)
+    else:
+        from .tune.common import tune_recipe
+
+        tune_recipe(args.method, run, args.overrides, resume=resume, progress=not args.no_progress)
     return 0
+
+
+def _is_world(run_dir: Path) -> bool:
+    """Whether a run folder (or a world PPO run, whose config is its source's) holds a world run."""
+    from .run import read_run_config
+
+    return read_run_config(run_dir).recipe == "world"
 
 
 def _sampling(args):
@@ -329,18 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=_out_path, default="rollout.gif", help="GIF to write")
     s.set_defaults(fn=_cmd_imagine)
 
-    s = sub.add_parser("tune", help="fine-tune a world run's policy by reinforcement learning in the real environment",
-                       epilog="examples:\n  worldloom tune ppo runs/babyai rl.updates=50 rl.envs=32 name=ppo\n"
-                              "  worldloom tune ppo --resume runs/ppo                 # continue after a kill\n"
-                              "  worldloom tune ppo --resume runs/ppo rl.updates=100  # more updates\n\n"
-                              "Keys: rl.<key> (worldloom.world.rl.RLConfig: updates, envs, episodes, lr, clip, kl_coef, "
-                              "value_warmup, ...), name, out_dir.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("method", choices=["ppo"], help="ppo: proximal policy optimisation against the frozen starting policy")
-    s.add_argument("run", nargs="?", help="the trained world run to start from")
-    s.add_argument("overrides", nargs="*", help="rl.key=value, name=..., out_dir=...")
-    s.add_argument("--resume", metavar="RL_RUN", help="continue the RL run in this folder from its last checkpoint")
-    s.add_argument("--no-progress", action="store_true", help="print a line per update instead of a progress bar")
+    s = sub.add_parser("tune", help="adapt and align a run: SFT, DPO/IPO, ORPO, reward model, preference pairs, PPO",
+                       epilog=EPILOG_TUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("method", choices=["sft", "dpo", "orpo", "reward", "prefs", "ppo"],
+                   help="sft: supervised fine-tuning on responses | dpo: direct preference optimisation (dpo.loss=ipo: IPO) | "
+                        "orpo: SFT + odds ratio, no reference | reward: a Bradley-Terry reward model | prefs: sample and "
+                        "label preference pairs | ppo: RL against a reward (world runs: in their environment)")
+    s.add_argument("run", nargs="?", help="the run to start from")
+    s.add_argument("overrides", nargs="*", help="key=value: data.path=..., lora.rank=8, dpo.beta=0.1, train.max_steps=..., name=...")
+    s.add_argument("--resume", metavar="TUNED_RUN", help="continue a tuning run in this folder from its last checkpoint")
+    s.add_argument("--samples", type=_int_in(2, 64), default=4, help="prefs: samples per prompt (default 4)")
+    s.add_argument("--out", type=_out_path, help="prefs: output folder of the preference pairs")
+    s.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a progress bar")
     s.set_defaults(fn=_cmd_tune)
 
     s = sub.add_parser("export", help="export a run to another format")
