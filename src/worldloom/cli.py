@@ -232,6 +232,12 @@ def _cmd_eval(args) -> int:
         raise WorldloomError(f"--batch-size must be at least 1, got {args.batch_size}")
     set_threads(0)
     run = load_run(Path(args.run))
+    if args.tasks or args.baseline:
+        if run.is_world or not args.tasks:
+            raise WorldloomError("--tasks FILE scores a text run's answers (--baseline RUN goes with it)")
+        from .tune.evaluate import evaluate_tasks
+
+        return evaluate_tasks(args, run)
     return get_recipe(run.cfg.recipe).evaluate(args, run)
 
 
@@ -360,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--episodes", type=_int_in(1, 10**6), help="world runs: real-environment episodes on held-out seeds (default eval.episodes)")
     s.add_argument("--plan-episodes", type=_int_in(0, 10**6), help="world runs: episodes acted by planning in imagination (0 = skip)")
     s.add_argument("--data", help="evaluate on the held-out part of another text file")
+    s.add_argument("--tasks", metavar="FILE", help="text runs: exact-answer accuracy on the task rows of a JSONL file (worldloom data instruct's test.jsonl)")
+    s.add_argument("--baseline", metavar="RUN", help="with --tasks: answer the same rows with this run too and report the win-rate")
     s.add_argument("--batch-size", type=_int_in(1, 2**20), default=16)
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     s.set_defaults(fn=_cmd_eval)

@@ -28,6 +28,10 @@ from ..errors import ConfigError
 _MODULES = {  # recipe name -> the module that defines its RECIPE
     "text": "worldloom.recipes.text",
     "world": "worldloom.recipes.world",
+    "sft": "worldloom.recipes.sft",
+    "dpo": "worldloom.recipes.dpo",
+    "orpo": "worldloom.recipes.orpo",
+    "reward": "worldloom.recipes.reward",
 }
 
 
