@@ -230,7 +230,9 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     restore(tr, ckpt, state)
     say = log if tr.dist.main else (lambda *a: None)
     n_params = tr.model.num_params()
-    say(f"run {tr.run_dir}: {n_params / 1e6:.2f}M parameters, {tr.task.describe()}, {tr.device} {tr.precision}"
+    trained = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
+    frozen = f" ({trained:,} trained, the rest frozen)" if trained < n_params else ""
+    say(f"run {tr.run_dir}: {n_params / 1e6:.2f}M parameters{frozen}, {tr.task.describe()}, {tr.device} {tr.precision}"
         + (f", resuming at step {tr.step}" if ckpt else ""))
     tc = tr.cfg.train
     bar = _Progress(progress and tr.dist.main, tr.fraction())
