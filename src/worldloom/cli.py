@@ -132,6 +132,12 @@ def _cmd_tune(args) -> int:
         if resume:
             raise WorldloomError("tune prefs has nothing to resume; run it again (it overwrites --out only when finished)")
         sample_prefs(run, args.overrides, samples=args.samples, out=args.out, progress=not args.no_progress)
+    elif args.method == "dpo" and _is_world(run or resume):
+        from .world.dpo import tune_world_dpo
+
+        if resume:
+            raise WorldloomError("trajectory DPO of a world run is not resumable yet; run it again (it takes minutes)")
+        tune_world_dpo(run, args.overrides, progress=not args.no_progress)
     elif args.method == "ppo" and _is_world(run or resume):
         from .world.rl import tune
 
