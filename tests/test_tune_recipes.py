@@ -196,3 +196,11 @@ def test_a_changed_base_is_refused_when_loading(base_run, instr, tmp_path):
         text = (cfg_dir / "config.yaml").read_text().replace("recipe: text", "recipe: world")
         (cfg_dir / "config.yaml").write_text(text)
         tuned_config(cfg_dir, "sft", [], {})
+
+
+def test_eval_of_a_tuned_run_reports_its_held_out_figures(base_run, prefs_file, tmp_path, capsys):
+    tune_recipe("reward", base_run, [f"data.path={prefs_file}", *tiny_tune(tmp_path, "rm2")], **QUIET)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "rm2"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["recipe"] == "reward" and res["step"] == 4 and 0 <= res["pair_accuracy"] <= 1 and res["val_loss"] > 0

@@ -277,7 +277,7 @@ def _finish(tr: Trainer, say) -> dict:
         say(f"paused at step {tr.step} ({tr.fraction():.0%} of the budget), held-out loss {tr.val_loss:.4f}, "
             f"{tr.elapsed() / 60:.1f} min")
     else:
-        say(f"done: step {tr.step}, held-out loss {tr.val_loss:.4f} (sampled windows), {tr.elapsed() / 60:.1f} min; "
+        say(f"done: step {tr.step}, held-out loss {tr.val_loss:.4f}, {tr.elapsed() / 60:.1f} min; "
             f"run folder {tr.run_dir} (loss curve: {tr.run_dir / 'loss.png'})")
     return {"run_dir": str(tr.run_dir), "step": tr.step, "val_loss": tr.val_loss, "minutes": round(tr.elapsed() / 60, 2),
             "params": tr.model.num_params(), "precision": tr.precision}
