@@ -211,6 +211,14 @@ def test_reward_model_scores_the_last_token_of_prompt_answer_and_stop(reward_run
     rows = metrics(tmp_path / "ppo")
     assert len(rows) == 2 and "accuracy" not in rows[0]
     assert (tmp_path / "ppo" / "rl.yaml").read_text().count(str(reward_run)) == 1
+    # more updates on the command line: the run goes on with the reward model it was started with
+    assert main(["tune", "ppo", "--resume", str(tmp_path / "ppo"), "rl.updates=3", "--no-progress"]) == 0
+    assert [r["update"] for r in metrics(tmp_path / "ppo")] == [1, 2, 3]
+
+
+def test_wall_clock_budget_stops_the_run(trained_run, prompts, tmp_path):
+    result = tune(trained_run, prompts, tmp_path, *FAST, "rl.updates=50", "rl.max_minutes=0.000001")
+    assert result["updates"] == 1 and load_run(tmp_path / "ppo").state["step"] == 1
 
 
 def test_checker_reward_asks_the_task_checker(monkeypatch):
@@ -232,13 +240,22 @@ def test_checker_reward_asks_the_task_checker(monkeypatch):
     ("missing prompts", "no such file"),
     ("too long", "more than the model's context"),
     ("bad rl key", "rl.clipp"),
+    ("model key", "cannot change when tuning"),
 ])
 def test_bad_input_is_one_line(trained_run, prompts, tmp_path, capsys, case, message):
     args = {"no reward": [], "unknown reward": ["reward=nonsense"], "no value head": [f"reward={trained_run}"],
             "missing prompts": ["reward=checker", f"data.path={tmp_path / 'nope.jsonl'}"],
-            "too long": ["reward=checker", "rl.max_new_tokens=30"], "bad rl key": ["reward=checker", "rl.clipp=1"]}[case]
+            "too long": ["reward=checker", "rl.max_new_tokens=30"], "bad rl key": ["reward=checker", "rl.clipp=1"],
+            "model key": ["reward=checker", "model.n_layer=3"]}[case]
     data = [] if case == "missing prompts" else [f"data.path={prompts}"]
     assert main(["tune", "ppo", str(trained_run), *data, *FAST, *args, f"out_dir={tmp_path}", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("worldloom: error:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "trained-ppo").exists()  # nothing is written before the input is checked
+
+
+def test_resume_refuses_other_keys_and_other_folders(trained_run, tmp_path, capsys):
+    assert main(["tune", "ppo", "--resume", str(trained_run), "--no-progress"]) == 2
+    assert "not an RL run folder" in capsys.readouterr().err
+    assert main(["tune", "ppo", "--resume", str(trained_run), "name=other", "--no-progress"]) == 2
+    assert "fixed once a run exists" in capsys.readouterr().err
