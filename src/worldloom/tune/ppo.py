@@ -349,16 +349,16 @@ def _data(tokenizer, run_cfg: RunConfig, cfg: TextRLConfig) -> dict:
 
 def start_text(source: Path, overrides: list[str], reward: Reward | None = None, log=print) -> Tuner:
     """A new PPO run folder from a text run (the source is only read)."""
-    from ..tokenize import TextTokenizer
+    from ..recipes import get_recipe
     from .base import prepare_tuned, tuned_config
 
     source = Path(source)
     spec, rest = _split_reward(overrides)
     rl_dict, rest = parse_rl_overrides(rest, lambda keys: True, "")
     cfg = from_dict(TextRLConfig, rl_dict, prefix="rl.")
-    run_cfg = tuned_config(source, RECIPE, [f"name={read_run_config(source).name}-ppo", *rest],
-                           {"precision": "fp32", "device": "cpu"})
-    args = _data(TextTokenizer.load(source / TOKENIZER_DIR), run_cfg, cfg)
+    src_cfg = read_run_config(source)
+    run_cfg = tuned_config(source, RECIPE, [f"name={src_cfg.name}-ppo", *rest], {"precision": "fp32", "device": "cpu"})
+    args = _data(get_recipe(src_cfg.recipe).load(source)[1]["tokenizer"], run_cfg, cfg)  # the source's tokenizer
     reward = reward or make_reward(spec)
     run_dir = run_cfg.run_dir
     if latest_checkpoint(run_dir) is not None or (run_dir / RL_FILE).exists():
