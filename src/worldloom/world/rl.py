@@ -43,22 +43,22 @@ a run resumed after a kill continues the same sequence as one never stopped.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..checkpoint import latest_checkpoint, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
+from ..checkpoint import latest_checkpoint, save_checkpoint
 from ..config import RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..io import load_tensors, save_tensors
 from ..losses.next_token import next_token_loss
 from ..modality import step_positions
 from ..rl import PPOConfig, ValueHead, categorical_terms, gae, ppo_loss
+from ..rl.runs import (RL_FILE, VALUE, minibatch_groups, parse_rl_overrides, read_rl_file, restore_rng, resume_optimizer,
+                       rng_state, run_updates, trim_metrics)
+from ..rl.runs import ppo_epochs as run_epochs
 from ..run import CONFIG, METRICS, load_world_run
 from ..runtime import set_threads
 from .data.collect import SEEDS_PER_SPLIT, split_seed
@@ -68,9 +68,7 @@ from .rollout.runner import steps_to_keep
 from .stream import K_DONE, K_OBS, K_REWARD, PAD, StreamLayout
 from .task import STREAM_DIR, dataset_dir
 
-RL_FILE = "rl.yaml"
 REFERENCE = "reference.safetensors"
-VALUE = "value"  # the checkpoint's value-head file: value.safetensors
 
 
 @dataclass
@@ -245,50 +243,27 @@ def time_major(ro: Rollout, values: torch.Tensor):
 
 def minibatches(ro: Rollout, size: int, gen: torch.Generator) -> list[list]:
     """Windows in a random order, grouped until each group scores at least ``size`` steps."""
-    order = torch.randperm(len(ro.rows), generator=gen).tolist()
-    groups, cur, n = [], [], 0
-    for w in order:
-        cur.append(ro.rows[w])
-        n += len(ro.rows[w][4])
-        if n >= size:
-            groups.append(cur)
-            cur, n = [], 0
-    if cur:
-        groups.append(cur)
-    return groups
+    return [[ro.rows[w] for w in group] for group in minibatch_groups([len(r[4]) for r in ro.rows], size, gen)]
 
 
 def ppo_epochs(model, value_head, opt, layout, ro: Rollout, sc: Scored, cfg: RLConfig, value_only: bool,
                gen: torch.Generator) -> dict:
-    """The PPO epochs of one update; the mean of each loss part over the minibatches that ran."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    sums, steps, stopped = {}, 0, False
-    for _ in range(cfg.epochs):
-        for rows in minibatches(ro, cfg.minibatch, gen):
-            batch = collate(rows, layout, wm=cfg.wm_coef > 0 and not value_only)
-            idx = batch["samples"]
-            with torch.set_grad_enabled(not value_only):
-                logits, h, wm_loss = policy_forward(model, layout, batch, wm="target" in batch)
-            values = value_head(h if cfg.value_backbone and not value_only else h.detach())
-            logp, ent, kl = categorical_terms(logits, sc.ref_logits[idx], ro.actions[idx])
-            out = ppo_loss(logp, sc.old_logp[idx], sc.advantages[idx], values, sc.old_values[idx], sc.returns[idx],
-                           ent, kl, cfg, value_only=value_only)
-            total = out.total + cfg.wm_coef * wm_loss if wm_loss is not None else out.total
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            parts = dict(out.parts, **({"wm": float(wm_loss.detach())} if wm_loss is not None else {}))
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-            if not value_only and cfg.target_kl > 0 and out.parts["approx_kl"] > cfg.target_kl:
-                stopped = True
-                break
-        if stopped:
-            break
-    return {**{k: v / max(steps, 1) for k, v in sums.items()}, "minibatches": steps, "early_stop": stopped}
+    """The PPO epochs of one update (worldloom.rl.runs.ppo_epochs) over minibatches of windows."""
+
+    def minibatch_loss(rows):
+        batch = collate(rows, layout, wm=cfg.wm_coef > 0 and not value_only)
+        idx = batch["samples"]
+        with torch.set_grad_enabled(not value_only):
+            logits, h, wm_loss = policy_forward(model, layout, batch, wm="target" in batch)
+        values = value_head(h if cfg.value_backbone and not value_only else h.detach())
+        logp, ent, kl = categorical_terms(logits, sc.ref_logits[idx], ro.actions[idx])
+        out = ppo_loss(logp, sc.old_logp[idx], sc.advantages[idx], values, sc.old_values[idx], sc.returns[idx],
+                       ent, kl, cfg, value_only=value_only)
+        if wm_loss is None:
+            return out.total, out.parts
+        return out.total + cfg.wm_coef * wm_loss, dict(out.parts, wm=float(wm_loss.detach()))
+
+    return run_epochs(lambda: minibatches(ro, cfg.minibatch, gen), minibatch_loss, opt, cfg, value_only)
 
 
 # ---------------------------------------------------------------- the run folder
@@ -314,19 +289,11 @@ class Tuner:
     elapsed: float = 0.0
 
 
-def parse_rl_overrides(overrides: list[str], allow_run_keys: bool) -> tuple[dict, dict]:
+def parse_run_overrides(overrides: list[str], allow_run_keys: bool) -> tuple[dict, dict]:
     """`rl.key=value` (and, for a new run, `name=` / `out_dir=`) -> (rl dict, run keys)."""
-    rl, run = {}, {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] == "rl" and len(keys) == 2:
-            rl[keys[1]] = value
-        elif allow_run_keys and keys in (["name"], ["out_dir"]):
-            run[keys[0]] = value
-        else:
-            allowed = "rl.<key>, name and out_dir" if allow_run_keys else "rl.<key> (name and out_dir are fixed once a run exists)"
-            raise ConfigError(f"tune ppo takes {allowed}; got '{'.'.join(keys)}'")
-    return rl, run
+    allowed = "rl.<key>, name and out_dir" if allow_run_keys else "rl.<key> (name and out_dir are fixed once a run exists)"
+    rl, rest = parse_rl_overrides(overrides, lambda keys: allow_run_keys and keys in (["name"], ["out_dir"]), allowed)
+    return rl, dict((parse_override(t)[0][0], parse_override(t)[1]) for t in rest)
 
 
 def _optimizer(model, value_head, cfg: RLConfig) -> torch.optim.Optimizer:
@@ -348,7 +315,7 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
     from ..checkpoint import _unique_state
 
     src = load_world_run(Path(source))
-    rl_dict, run_keys = parse_rl_overrides(overrides, allow_run_keys=True)
+    rl_dict, run_keys = parse_run_overrides(overrides, allow_run_keys=True)
     cfg = from_dict(RLConfig, rl_dict, prefix="rl.")
     run_cfg = to_dict(src.cfg)
     run_cfg["name"] = run_keys.get("name", f"{src.cfg.name}-ppo")
@@ -378,28 +345,16 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
 
 def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
     """An RL run folder back at its last checkpoint (``rl.*`` overrides, e.g. more updates, apply)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RL_FILE).is_file():
-        raise CheckpointError(f"{run_dir} is not an RL run folder (no {RL_FILE}); start one with `worldloom tune ppo RUN`")
-    saved = read_yaml(run_dir / RL_FILE)
-    rl_dict, _ = parse_rl_overrides(overrides, allow_run_keys=False)
-    if not isinstance(saved.get("rl"), dict):
-        raise CheckpointError(f"{run_dir / RL_FILE} is damaged (no rl: mapping)")
-    cfg = from_dict(RLConfig, {**saved["rl"], **rl_dict}, prefix="rl.")
+    rl_dict, _ = parse_run_overrides(overrides, allow_run_keys=False)
+    _, cfg = read_rl_file(run_dir, RLConfig, rl_dict)
     run = load_world_run(run_dir)
     state = run.state
     value_head = ValueHead(run.model.cfg.d_model)
     value_head.load_state_dict(load_tensors(run.checkpoint / f"{VALUE}.safetensors", "value head"))
     opt = _optimizer(run.model, value_head, cfg)
-    load_optimizer(opt, run.checkpoint, state)
-    for g in opt.param_groups:
-        g["lr"] = cfg.lr
-    gen = torch.Generator()
-    gen.set_state(rng_from_json(state["data_rng"]))
-    torch.set_rng_state(rng_from_json(state["torch_rng"]))
-    if rl_dict:
-        save_yaml({**saved, "rl": to_dict(cfg)}, run_dir / RL_FILE)
-    _trim_metrics(run_dir / METRICS, state["step"])
+    resume_optimizer(opt, run.checkpoint, state, cfg.lr)
+    gen = restore_rng(state)
+    trim_metrics(Path(run_dir) / METRICS, state["step"])
     ref = _reference(run.model, load_tensors(run_dir / REFERENCE, "reference weights"))
     log(f"tune ppo: resuming {run_dir} at update {state['step']}")
     return Tuner(run_dir, cfg, run.cfg.env.id, run.cfg.data.seed, run.model, ref, value_head, opt, run.layout, gen,
@@ -407,21 +362,9 @@ def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
                  elapsed=float(state["elapsed"]))
 
 
-def _trim_metrics(path: Path, upto: int) -> None:
-    """Drop the rows of updates after the checkpoint (a kill lost them; they are played again)."""
-    if not path.is_file():
-        return
-    from ..io import atomic_write_text
-
-    lines = path.read_text().splitlines()
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("update", 0) <= upto]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-
 def save(tu: Tuner) -> None:
     state = {"step": tu.update, "elapsed": round(tu.elapsed, 3), "precision": "fp32", "episodes": tu.episodes,
-             "env_steps": tu.env_steps, "data_rng": rng_to_json(tu.gen.get_state()), "torch_rng": rng_to_json(torch.get_rng_state())}
+             "env_steps": tu.env_steps, **rng_state(tu.gen)}
     save_checkpoint(tu.run_dir, tu.model, tu.opt, state, extra={VALUE: tu.value_head.state_dict()})
 
 
@@ -451,32 +394,11 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
 
 def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
     """Run updates until rl.updates; checkpoint every rl.checkpoint_every and at the end."""
-    cfg = tu.cfg
     tu.model.eval()
-    fmt = "{desc} {n_fmt}/{total_fmt}|{bar}| [{elapsed}<{remaining}{postfix}]"
-    bar = tqdm(total=cfg.updates, initial=min(tu.update, cfg.updates), desc="ppo", bar_format=fmt,
-               disable=not progress or None, dynamic_ncols=True)
-    row = {}
-    try:
-        while tu.update < cfg.updates:
-            t0 = time.perf_counter()
-            row = one_update(tu)
-            tu.elapsed += time.perf_counter() - t0
-            row["elapsed"] = round(tu.elapsed, 2)
-            with open(tu.run_dir / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if tu.update % cfg.checkpoint_every == 0 or tu.update == cfg.updates:
-                save(tu)
-            bar.update(1)
-            bar.set_postfix(success=f"{row['success']:.0%}", episodes=tu.episodes, kl=f"{row.get('kl', 0):.3f}")
-            if not progress:
-                log(f"update {tu.update}: success {row['success']:.1%}, {tu.episodes} episodes, {tu.env_steps} env steps")
-    except KeyboardInterrupt:
-        bar.close()
-        raise CheckpointError(f"interrupted at update {tu.update}; continue with `worldloom tune ppo --resume {tu.run_dir}`") from None
-    bar.close()
-    if latest_checkpoint(tu.run_dir) is None or read_state(latest_checkpoint(tu.run_dir))["step"] != tu.update:
-        save(tu)
+    row = run_updates(tu, lambda: one_update(tu), lambda: save(tu),
+                      lambda r: {"success": f"{r['success']:.0%}", "episodes": tu.episodes, "kl": f"{r.get('kl', 0):.3f}"},
+                      lambda r: f"update {tu.update}: success {r['success']:.1%}, {tu.episodes} episodes, {tu.env_steps} env steps",
+                      progress=progress, log=log)
     log(f"done: {tu.update} updates, {tu.episodes} real episodes, {tu.env_steps} env steps; run folder {tu.run_dir} "
         f"(evaluate with `worldloom eval {tu.run_dir}`)")
     return {"run_dir": str(tu.run_dir), "updates": tu.update, "episodes": tu.episodes, "env_steps": tu.env_steps,
