@@ -32,6 +32,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "dpo": "worldloom.recipes.dpo",
     "orpo": "worldloom.recipes.orpo",
     "reward": "worldloom.recipes.reward",
+    "ppo": "worldloom.recipes.ppo",
 }
 
 

@@ -63,13 +63,14 @@ def evaluate_tuned(args, run) -> int:
         return evaluate_tasks(args, run)
     rows = [json.loads(line) for line in (run.run_dir / METRICS).read_text().splitlines() if line.strip()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
-    done = run.run_dir / "tune_eval.json"
+    done = next((f for f in (run.run_dir / "tune_eval.json", run.run_dir / "eval.json") if f.is_file()), run.run_dir / "tune_eval.json")
     out = {"run": str(args.run), "recipe": run.cfg.recipe, "step": run.state["step"], "val_loss": val[-1] if val else None,
            **(read_json(done) if done.is_file() else {})}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{args.run} ({run.cfg.recipe}, step {out['step']}): held-out loss {out['val_loss']:.4f}"
+        loss = f"held-out loss {out['val_loss']:.4f}" if out["val_loss"] is not None else "no held-out loss"
+        print(f"{args.run} ({run.cfg.recipe}, step {out['step']}): {loss}"
               + (f", held-out accuracy {out['accuracy']:.1%}" if "accuracy" in out else "")
               + (f", held-out pair accuracy {out['pair_accuracy']:.1%}" if "pair_accuracy" in out else "")
               + " (score any task file with --tasks FILE)")

@@ -65,7 +65,7 @@ from ..run import CONFIG, TOKENIZER_DIR, load_run, read_run_config
 from ..runtime import set_threads
 from .rewards import Reward, make_reward
 
-RECIPE = "text"  # a PPO run's folder is a text run's: load_run, generate and eval read it as one
+RECIPE = "ppo"  # worldloom.recipes.ppo: load_run, generate and eval read its folders
 EVAL = "eval.json"
 
 
