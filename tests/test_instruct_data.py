@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worldloom.cli import main
 from worldloom.errors import ConfigError
@@ -112,6 +114,11 @@ def test_babyai_view_matches_the_world():
             assert (cell.color, cell.type) == (s.colour, s.kind), (seed, s)
             total += 1
     assert total > 40  # the views are not empty
+
+
+@given(task=st.sampled_from(list(FAMILIES)), prompt=st.text(max_size=80), answer=st.text(max_size=10))
+def test_checkers_take_any_text(task, prompt, answer):
+    assert check({"task": task, "prompt": prompt}, answer) in (True, False)
 
 
 # ---------------------------------------------------------------- make_instruct
@@ -304,6 +311,19 @@ def test_prompt_files(tmp_path, instr):
     assert _error(read_prompts, path).startswith(f'{path}:2: missing key "prompt"')
     assert "over the limit of 3" in _error(read_prompts, _file(tmp_path, [{"prompt": "abcd"}]), max_chars=3)
     assert STOP == "\n" and render_prompt("x") == "Q: x\nA: "
+
+
+@given(lines=st.lists(st.one_of(st.binary(max_size=30), st.sampled_from(
+    [b'{"prompt": "a", "response": "b"}', b'{"prompt": "a", "chosen": "b", "rejected": "c"}', b'{"messages": [1]}',
+     b'{"prompt": {"x": 1}}', b"[[[[[[", b"1e999", b'"\\ud800"', b'{"messages": [{"role": "user"}]}'])), max_size=6))
+def test_readers_fail_only_with_data_errors(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("hostile") / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    for fn in (read_instructions, read_preferences, read_prompts):
+        try:
+            assert all(isinstance(r, dict) and isinstance(r["prompt"], str) for r in fn(path))
+        except DataError as e:
+            assert "\n" not in str(e) and str(e).startswith(str(path))
 
 
 # ---------------------------------------------------------------- CLI

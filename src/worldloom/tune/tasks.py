@@ -256,7 +256,7 @@ def answer_of(task: str, prompt: str) -> str:
 def check(row: dict, answer: str) -> bool:
     """Whether `answer` (surrounding whitespace ignored, any case) answers row["prompt"] of family row["task"]."""
     try:
-        reference = answer_of(row["task"], row["prompt"])
+        reference = answer_of(row.get("task"), row.get("prompt"))
     except DataError:
         return False
     return isinstance(answer, str) and answer.strip().casefold() == reference.casefold()
@@ -294,8 +294,9 @@ def family_rows(task: str, n_train: int, n_test: int, seed: int, tick: Callable[
     stale = 0
     while len(got[False]) < n_train or len(got[True]) < n_test:
         prompt, answer = make(rng)
-        split = got[is_test_prompt(prompt)]
-        if len(split) >= want[is_test_prompt(prompt)] or prompt in split or len(prompt) > MAX_PROMPT:
+        held_out = is_test_prompt(prompt)
+        split = got[held_out]
+        if len(split) >= want[held_out] or prompt in split or len(prompt) > MAX_PROMPT:
             stale += 1
             if stale >= _STALE:
                 raise DataError(f"task {task} ran out of distinct prompts after {len(got[False]):,} training and "
