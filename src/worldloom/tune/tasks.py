@@ -141,12 +141,11 @@ def _where(dx: int, ahead: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _babyai_env():
-    """One BabyAI env (reset prints silenced), made once and reused; minigrid's index names."""
-    from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
-
+    """One BabyAI env (reset prints silenced), made once and reused; MiniGrid's object and colour names."""
     from ..world.envs import make_adapter
 
-    return make_adapter(BABYAI_ENV).make(), IDX_TO_OBJECT, IDX_TO_COLOR
+    adapter = make_adapter(BABYAI_ENV)
+    return (adapter.make(), *adapter.cell_names())
 
 
 def babyai_view(seed: int) -> list[_Seen]:
