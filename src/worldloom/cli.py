@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export.
+"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, data.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -158,6 +158,18 @@ def _is_world(run_dir: Path) -> bool:
     from .run import read_run_config
 
     return read_run_config(run_dir).recipe == "world"
+
+
+def _cmd_data(args) -> int:
+    from .tune.tasks import FAMILIES, make_instruct
+
+    tasks = args.tasks.split(",") if args.tasks is not None else list(FAMILIES)
+    meta = make_instruct(tasks, args.n, Path(args.out), seed=args.seed, test_n=args.test_n, progress=not args.no_progress)
+    per_task = ", ".join(f"{t} {c:,}" for t, c in meta["counts"]["train"].items())
+    print(f"wrote {args.out}: train.jsonl {meta['rows']['train']:,} rows ({per_task}), test.jsonl {meta['rows']['test']:,}, "
+          f"prompts.jsonl {meta['rows']['prompts']:,}, pretrain.txt; next: worldloom train text-bpe "
+          f"data.path={Path(args.out) / 'pretrain.txt'} name=base")
+    return 0
 
 
 def _sampling(args):
@@ -399,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a progress bar")
     s.set_defaults(fn=_cmd_tune)
 
+    s = sub.add_parser("data", help="make a dataset: synthetic instruction tasks with programmatic checkers")
+    kinds = s.add_subparsers(dest="kind", metavar="KIND", required=True)
+    d = kinds.add_parser("instruct", help="checkable instruction tasks as JSONL (train/test/prompts) plus a pretraining text",
+                         epilog="examples:\n  worldloom data instruct --tasks arith,reverse,sort,count --n 20000 --out data/instr\n"
+                                "  worldloom data instruct --tasks babyai --n 5000 --test-n 500 --out data/views --seed 1\n\n"
+                                "Families: arith, reverse, sort, count, babyai (questions about a described BabyAI view). "
+                                "A prompt is a test prompt iff sha256(prompt) % 10 == 0, so no test prompt is ever trained on.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--tasks", help="comma-separated task families (default: all five)")
+    d.add_argument("--n", type=_int_in(1, 10**7), default=20000, help="training rows, split evenly over the families")
+    d.add_argument("--out", type=_out_path, default="data/instr", help="output folder (new, empty, or an earlier output)")
+    d.add_argument("--seed", type=_int_in(0), default=0)
+    d.add_argument("--test-n", type=_int_in(1, 10**7), help="held-out rows (default max(100, n // 10))")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(fn=_cmd_data)
+
     s = sub.add_parser("export", help="export a run to another format")
     s.add_argument("format", choices=["hf"], help="hf: a transformers LlamaForCausalLM folder")
     s.add_argument("run", help="run folder")
@@ -482,7 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export")
+VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export", "data")
 _OOM = ("not enough memory", "can't allocate memory", "out of memory", "defaultcpuallocator")
 
 

@@ -92,6 +92,13 @@ class MiniGridAdapter(EnvAdapter):
         grid, vis_mask = Grid.decode(image)
         return grid.render(tile_size, agent_pos=(view // 2, view - 1), agent_dir=3, highlight_mask=vis_mask)
 
+    @staticmethod
+    def cell_names() -> tuple[dict[int, str], dict[int, str]]:
+        """MiniGrid's names of a cell's object and colour indices (``image[..., 0]``, ``image[..., 1]``)."""
+        from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
+
+        return dict(IDX_TO_OBJECT), dict(IDX_TO_COLOR)
+
     def novel_objects(self, episodes: list) -> list[np.ndarray | None]:
         """Replays each episode from its seed and actions and maps every visible view cell to its
         place in the grid (minigrid's ``relative_coords``); an object is any cell that is neither
