@@ -218,13 +218,14 @@ def make_text_run(run_dir: Path, *, tie: bool, n_head: int = 4, n_kv_head: int =
     save_checkpoint(run_dir, m, None, {"step": 0, "elapsed": 0.0})
     tok.save(run_dir / "tokenizer")
     save_yaml(to_dict(cfg), run_dir / "config.yaml")
-    return run_dir
+    return run_dir, model
 
 
 def make_adapter_run(base: Path, run_dir: Path, *, rank: int = 4, alpha: float = 8.0, targets: str | None = None,
-                     seed: int = 1) -> Path:
+                     seed: int = 1):
     """A LoRA run folder on `base`, as `worldloom tune` writes one (config with tune.base, tune.base_hash and
-    lora.*; the base's tokenizer; a checkpoint of the adapters only), its B's random so the adapter shows."""
+    lora.*; the base's tokenizer; a checkpoint of the adapters only), its B's random so the adapter shows.
+    Returns (the folder, the adapted model in memory)."""
     from worldloom.checkpoint import save_checkpoint
     from worldloom.config import from_dict, save_yaml, to_dict
     from worldloom.model import LWM
@@ -246,4 +247,4 @@ def make_adapter_run(base: Path, run_dir: Path, *, rank: int = 4, alpha: float =
     save_checkpoint(run_dir, model, None, {"step": 1, "elapsed": 0.0})
     shutil.copytree(Path(base) / "tokenizer", run_dir / "tokenizer")
     save_yaml(to_dict(cfg), run_dir / "config.yaml")
-    return run_dir
+    return run_dir, model
