@@ -218,7 +218,7 @@ def make_text_run(run_dir: Path, *, tie: bool, n_head: int = 4, n_kv_head: int =
     save_checkpoint(run_dir, m, None, {"step": 0, "elapsed": 0.0})
     tok.save(run_dir / "tokenizer")
     save_yaml(to_dict(cfg), run_dir / "config.yaml")
-    return run_dir, model
+    return run_dir
 
 
 def make_adapter_run(base: Path, run_dir: Path, *, rank: int = 4, alpha: float = 8.0, targets: str | None = None,
