@@ -113,7 +113,7 @@ def test_merge_is_a_plain_run_with_the_same_logits(runs, tmp_path, capsys):
     want = logits(adapted.model, x)  # logits of O(1) weights: |logit| up to ~10, so fp32 rounding is ~1e-6 of them
     assert (logits(merged.model, x) - want).abs().max() < 1e-5 * want.abs().max()
     # a plain run again: another adapter can start from it, and it exports
-    _, again = make_adapter_run(out, tmp_path / "again")
+    make_adapter_run(out, tmp_path / "again")
     assert lora.has_lora(load_run(tmp_path / "again").model)
     hf = transformers.LlamaForCausalLM.from_pretrained(export_hf(merged, tmp_path / "hf"), dtype=torch.float32).eval()
     assert (hf(x).logits.detach() - logits(adapted.model, x)).abs().max() < TOL
@@ -277,7 +277,7 @@ def test_imported_run_generates_tunes_and_asks_for_eval_data(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(WORDS * 40))
     assert main(["eval", str(run_dir), "--data", str(text), "--json"]) == 0
-    _, tuned = make_adapter_run(run_dir, tmp_path / "tuned")  # a LoRA run on the imported base loads
+    make_adapter_run(run_dir, tmp_path / "tuned")  # a LoRA run on the imported base loads
     assert lora.has_lora(load_run(tmp_path / "tuned").model)
 
 

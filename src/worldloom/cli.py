@@ -236,7 +236,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export.hf import export_hf
+    from .export.hf import ADAPTER_DIR, export_hf
     from .run import load_run
 
     run = load_run(Path(args.run))
@@ -244,8 +244,8 @@ def _cmd_export(args) -> int:
         raise WorldloomError(f"{args.run} is a world model (slot embeddings, stream layout); `export hf` takes text models only")
     out = export_hf(run, Path(args.out), merged=args.merged)
     print(f"wrote {out} (load with transformers.LlamaForCausalLM.from_pretrained('{out}'))")
-    if (out / "adapter").is_dir() and not args.merged:
-        print(f"its LoRA adapter: peft.PeftModel.from_pretrained(model, '{out / 'adapter'}')")
+    if (out / ADAPTER_DIR).is_dir():
+        print(f"its LoRA adapter: peft.PeftModel.from_pretrained(model, '{out / ADAPTER_DIR}')")
     return 0
 
 
