@@ -43,7 +43,7 @@ from .hf import LLAMA_LAYERS
 CONTEXT_CAP = 4096
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-                  "max_position_embeddings": 2048}  # LlamaConfig's, for keys a config.json leaves out
+                  "max_position_embeddings": 2048}  # LlamaConfig's, for the keys a config.json leaves out
 
 
 class HFImportError(WorldloomError):
@@ -74,16 +74,16 @@ def import_hf(path: Path, overrides: list[str]) -> Path:
 
 def model_config(hf: dict) -> ModelConfig:
     """The transformer ModelConfig of a LlamaConfig dict; HFImportError for what worldloom cannot represent."""
-    _refuse_unrepresentable(hf)
-    get = lambda key: hf.get(key, LLAMA_DEFAULTS.get(key))  # noqa: E731
+    hf = {**LLAMA_DEFAULTS, **hf}
     try:
+        _refuse_unrepresentable(hf)
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         return ModelConfig(
             backbone="transformer", ffn="swiglu", vocab_size=int(hf["vocab_size"]), d_model=d,
             n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_kv_head=int(hf.get("num_key_value_heads") or heads),
-            d_ff=int(hf["intermediate_size"]), context=min(int(get("max_position_embeddings")), CONTEXT_CAP),
-            rope_theta=float(_rope_theta(hf)), norm_eps=float(get("rms_norm_eps")),
-            tie_weights=bool(get("tie_word_embeddings")))
+            d_ff=int(hf["intermediate_size"]), context=min(int(hf["max_position_embeddings"]), CONTEXT_CAP),
+            rope_theta=float(_rope_theta(hf)), norm_eps=float(hf["rms_norm_eps"]),
+            tie_weights=bool(hf["tie_word_embeddings"]))
     except KeyError as e:
         raise HFImportError(f"config.json lacks {e.args[0]!r}; is this a LlamaForCausalLM folder?") from None
     except (TypeError, ValueError) as e:
@@ -98,7 +98,7 @@ def _refuse_unrepresentable(hf: dict) -> None:
         raise HFImportError("the model uses rope scaling; worldloom has only plain rotary positions (rope_type default)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise HFImportError("the model has attention or MLP biases; worldloom's transformer has none")
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf["hidden_act"] not in ("silu", "swish"):
         raise HFImportError(f"the model's activation is {hf['hidden_act']}; worldloom's SwiGLU uses silu")
     head_dim, d, heads = hf.get("head_dim"), hf.get("hidden_size"), hf.get("num_attention_heads")
     if head_dim and d and heads and head_dim * heads != d:
@@ -108,7 +108,7 @@ def _refuse_unrepresentable(hf: dict) -> None:
 
 def _rope_theta(hf: dict) -> float:
     """rope_theta of transformers 4 (top level) or 5 (rope_parameters)."""
-    return (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", LLAMA_DEFAULTS["rope_theta"]))
+    return (hf.get("rope_parameters") or {}).get("rope_theta", hf["rope_theta"])
 
 
 def run_config(mc: ModelConfig, name: str, overrides: list[str]) -> RunConfig:
