@@ -297,6 +297,7 @@ REFUSALS = {
     "other": ("describes a mistral model", dict(model_type="mistral", architectures=["MistralForCausalLM"])),
     "vocab": ("has 12 tokens but the model embeds only vocab_size=8", dict(vocab_size=8)),
     "override": ("model.n_layer is the imported model's", None),
+    "extra": ("tensors a plain Llama has not (model.layers.0.self_attn.q_proj.bias)", None),
     "used": ("not empty", None),
 }
 
@@ -316,6 +317,9 @@ def test_import_refusals_are_one_line(llama_folder, tmp_path, capsys, case):
         (src / "model.safetensors").rename(src / "pytorch_model.bin")  # never opened: the name is enough
     elif case == "override":
         args.append("model.n_layer=1")
+    elif case == "extra":
+        tensors = load_file(str(src / "model.safetensors"))
+        save_file({**tensors, "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}, str(src / "model.safetensors"))
     elif case == "used":
         (tmp_path / "runs" / "x").mkdir(parents=True)
         (tmp_path / "runs" / "x" / "keep.txt").write_text("mine")
