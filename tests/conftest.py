@@ -183,3 +183,68 @@ def small_corpus(folder: Path) -> Path:
     text = Path(folder) / "corpus.txt"
     text.write_text("".join(f"line {i % 37}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
     return text
+
+
+# ---------------------------------------------------------------- text runs built directly, LoRA adapter runs (export, interop)
+
+SHORT_TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 4
+
+
+def make_text_run(run_dir: Path, *, tie: bool, n_head: int = 4, n_kv_head: int = 0, kind: str = "char", seed: int = 0,
+                  **model) -> Path:
+    """A text run folder with random O(1) weights (not the 0.02 init, so a wrong mapping shows in the
+    logits), saved through the real checkpoint path; no training loop runs."""
+    import math
+
+    from worldloom.checkpoint import save_checkpoint
+    from worldloom.config import ModelConfig, save_yaml, to_dict
+    from worldloom.model import LWM
+    from worldloom.tokenize import TextTokenizer
+
+    tok = TextTokenizer.train(kind, SHORT_TEXT, vocab_size=300)
+    mc = ModelConfig(n_layer=2, n_head=n_head, n_kv_head=n_kv_head, d_model=32, context=32,
+                     tie_weights=tie, vocab_size=tok.vocab_size, **model)
+    cfg = RunConfig(name=run_dir.name, out_dir=str(run_dir.parent), model=mc)
+    torch.manual_seed(seed)
+    m = LWM(mc)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name == "embed.weight":
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+    save_checkpoint(run_dir, m, None, {"step": 0, "elapsed": 0.0})
+    tok.save(run_dir / "tokenizer")
+    save_yaml(to_dict(cfg), run_dir / "config.yaml")
+    return run_dir
+
+
+def make_adapter_run(base: Path, run_dir: Path, *, rank: int = 4, alpha: float = 8.0, targets: str | None = None,
+                     seed: int = 1):
+    """A LoRA run folder on `base`, as `worldloom tune` writes one (config with tune.base, tune.base_hash and
+    lora.*; the base's tokenizer; a checkpoint of the adapters only), its B's random so the adapter shows.
+    Returns (the folder, the adapted model in memory)."""
+    from worldloom.checkpoint import save_checkpoint
+    from worldloom.config import from_dict, save_yaml, to_dict
+    from worldloom.model import LWM
+    from worldloom.run import read_run_config
+    from worldloom.tune.base import prepare_tuned, weights_hash
+
+    data = to_dict(read_run_config(base))
+    data.update(name=run_dir.name, out_dir=str(run_dir.parent))
+    data["tune"].update(base=str(Path(base).resolve()), base_hash=weights_hash(base))
+    data["lora"].update(rank=rank, alpha=alpha, **({"targets": targets} if targets else {}))
+    cfg = from_dict(RunConfig, data)
+    model = LWM(cfg.model)
+    prepare_tuned(model, cfg, run_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".B." in name:
+                p.normal_(0.0, 0.2)
+    save_checkpoint(run_dir, model, None, {"step": 1, "elapsed": 0.0})
+    shutil.copytree(Path(base) / "tokenizer", run_dir / "tokenizer")
+    save_yaml(to_dict(cfg), run_dir / "config.yaml")
+    return run_dir, model

@@ -7,8 +7,6 @@ training loop runs here.
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,38 +15,12 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors import safe_open  # noqa: E402
 
+from conftest import make_text_run as make_run  # noqa: E402
 from worldloom.cli import main  # noqa: E402
-from worldloom.config import ModelConfig, RunConfig, save_yaml, to_dict  # noqa: E402
 from worldloom.export import export_hf  # noqa: E402
-from worldloom.model import LWM  # noqa: E402
 from worldloom.run import load_run  # noqa: E402
-from worldloom.tokenize import TextTokenizer  # noqa: E402
-from worldloom.checkpoint import save_checkpoint  # noqa: E402
 
-TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 4
 TOL = 1e-4
-
-
-def make_run(run_dir: Path, *, tie: bool, n_head: int = 4, n_kv_head: int = 0, kind: str = "char", seed: int = 0, **model) -> Path:
-    tok = TextTokenizer.train(kind, TEXT, vocab_size=300)
-    mc = ModelConfig(n_layer=2, n_head=n_head, n_kv_head=n_kv_head, d_model=32, context=32,
-                     tie_weights=tie, vocab_size=tok.vocab_size, **model)
-    cfg = RunConfig(name=run_dir.name, out_dir=str(run_dir.parent), model=mc)
-    torch.manual_seed(seed)
-    m = LWM(mc)
-    with torch.no_grad():  # O(1) weights (not the 0.02 init), so a wrong mapping shows in the logits
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name == "embed.weight":
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-    save_checkpoint(run_dir, m, None, {"step": 0, "elapsed": 0.0})
-    tok.save(run_dir / "tokenizer")
-    save_yaml(to_dict(cfg), run_dir / "config.yaml")
-    return run_dir
-
 
 CASES = {
     "gqa-tied": dict(tie=True, n_head=4, n_kv_head=2),

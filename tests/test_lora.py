@@ -98,3 +98,17 @@ def test_bad_targets_and_rank_are_one_line_errors():
         lora.apply_lora(m, rank=2, alpha=4, targets="q_proj")
     with pytest.raises(ConfigError, match="rank"):
         lora.apply_lora(m, rank=0, alpha=4)
+
+
+def test_base_state_is_the_base_merged_or_not():
+    m = tiny()
+    plain = {k: v.clone() for k, v in m.state_dict().items()}
+    lora.apply_lora(m, rank=2, alpha=4)
+    randomize(m)
+    for merged in (False, True):
+        if merged:
+            lora.merge(m)
+        base = lora.base_state(m)
+        assert set(base) == set(plain)
+        assert max((base[k] - plain[k]).abs().max().item() for k in plain) < 1e-6
+    assert (lora.merged_state(m)["backbone.blocks.0.attn.qkv.weight"] - plain["backbone.blocks.0.attn.qkv.weight"]).abs().max() > 1e-3

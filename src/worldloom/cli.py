@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, data.
+"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, lora, import, data.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -262,14 +262,32 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export.hf import export_hf
+    from .export.hf import ADAPTER_DIR, export_hf
     from .run import load_run
 
     run = load_run(Path(args.run))
     if run.is_world:
         raise WorldloomError(f"{args.run} is a world model (slot embeddings, stream layout); `export hf` takes text models only")
-    out = export_hf(run, Path(args.out))
+    out = export_hf(run, Path(args.out), merged=args.merged)
     print(f"wrote {out} (load with transformers.LlamaForCausalLM.from_pretrained('{out}'))")
+    if (out / ADAPTER_DIR).is_dir():
+        print(f"its LoRA adapter: peft.PeftModel.from_pretrained(model, '{out / ADAPTER_DIR}')")
+    return 0
+
+
+def _cmd_lora(args) -> int:
+    from .adapters.folder import merge_run
+
+    out = merge_run(Path(args.run), Path(args.out))
+    print(f"wrote {out}: a plain run with the adapters of {args.run} merged into its weights")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from .export.import_hf import import_hf
+
+    out = import_hf(Path(args.path), args.overrides)
+    print(f"wrote {out}; try: worldloom generate {out} \"Hello\"   (eval needs --data FILE)")
     return 0
 
 
@@ -433,7 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("format", choices=["hf"], help="hf: a transformers LlamaForCausalLM folder")
     s.add_argument("run", help="run folder")
     s.add_argument("out", type=_out_path, help="output folder")
+    s.add_argument("--merged", action="store_true", help="a LoRA run: fold its adapters into the weights (default: the base + a PEFT adapter folder in OUT/adapter)")
     s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("lora", help="LoRA runs: merge the adapters into a plain run folder",
+                       epilog="example:\n  worldloom lora merge runs/dpo out/merged   # loads, generates, exports and tunes as any run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("action", choices=["merge"], help="merge: write a plain, self-contained run with the adapters folded in")
+    s.add_argument("run", help="a LoRA run folder (lora.rank >= 1)")
+    s.add_argument("out", type=_out_path, help="the new run folder (must not exist, or be empty)")
+    s.set_defaults(fn=_cmd_lora)
+
+    s = sub.add_parser("import", help="import a model from another format as a run folder",
+                       epilog="example:\n  worldloom import hf path/to/llama-folder name=base out_dir=runs   # docs/interop.md",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("format", choices=["hf"], help="hf: a local transformers LlamaForCausalLM folder (config.json, *.safetensors, tokenizer.json)")
+    s.add_argument("path", help="the folder to import (nothing is downloaded)")
+    s.add_argument("overrides", nargs="*", help="name=..., out_dir=..., model.context=... (default name: the folder's name)")
+    s.set_defaults(fn=_cmd_import)
     return p
 
 
@@ -503,7 +538,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
-        if getattr(args, "verb", None) in ("train", "collect", "tune") and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "verb", None) in ("train", "collect", "tune", "import") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -512,7 +547,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export", "data")
+VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export", "lora", "import", "data")
 _OOM = ("not enough memory", "can't allocate memory", "out of memory", "defaultcpuallocator")
 
 

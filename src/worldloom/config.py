@@ -117,12 +117,12 @@ class EvalConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "char"  # char | bpe
+    kind: str = "char"  # char | bpe (learned by a new run) | hf (imported with its model: `worldloom import hf`)
     vocab_size: int = 4096  # bpe only: size of the learned vocabulary
 
     def __post_init__(self):
-        if self.kind not in ("char", "bpe"):
-            raise ConfigError(f"tokenizer.kind must be 'char' or 'bpe', got {self.kind!r}")
+        if self.kind not in ("char", "bpe", "hf"):
+            raise ConfigError(f"tokenizer.kind must be 'char' or 'bpe' (or 'hf', imported), got {self.kind!r}")
         if self.kind == "bpe" and self.vocab_size < 300:
             raise ConfigError(f"tokenizer.vocab_size must be at least 300 for bpe (256 bytes + merges), got {self.vocab_size}")
 

@@ -5,8 +5,10 @@ Weights go to safetensors, metadata to JSON/YAML. Nothing here unpickles or exec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,6 +57,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def check_new_folder(out: Path) -> None:
+    """A folder about to be written whole (`atomic_folder`): CheckpointError if it is a file or a non-empty folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} is a file, not a folder; choose another")
+    if out.is_dir() and any(out.iterdir()):
+        raise CheckpointError(f"output folder {out} exists and is not empty; choose another (nothing was written)")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path):
+    """Yield a temporary folder beside ``out``, renamed to ``out`` when the block ends without an
+    error (an empty ``out`` is replaced); on an error it is removed, so ``out`` is whole or absent."""
+    out = Path(out)
+    check_new_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would give (mkdtemp's folders are 0700)
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty: check_new_folder said so
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

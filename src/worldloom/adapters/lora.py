@@ -193,10 +193,20 @@ def adapter_state(model: nn.Module, name: str | None = None) -> dict[str, torch.
     return {k: v for k, v in model.state_dict().items() if key in k}
 
 
-@torch.no_grad()
 def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights with the active adapters folded in, under the plain model's names
     (``...qkv.base.weight`` -> ``...qkv.weight``); the model itself is left as it was."""
+    return _plain_state(model, fold=True)
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base's weights under the plain model's names: no adapter's update in them
+    (merged ones are taken out again); the model itself is left as it was."""
+    return _plain_state(model, fold=False)
+
+
+@torch.no_grad()
+def _plain_state(model: nn.Module, fold: bool) -> dict[str, torch.Tensor]:
     out = {}
     layers = lora_layers(model)
     for k, v in model.state_dict().items():
@@ -206,9 +216,11 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if owner in layers and leaf == "weight":
             layer = layers[owner]
             w = v.clone()
-            for name in layer.active:
+            for name in layer.active if fold else []:
                 if name not in layer.merged:
                     w += layer.adapters[name].delta().to(w.dtype)
+            for name in [] if fold else layer.merged:
+                w -= layer.adapters[name].delta().to(w.dtype)
             out[f"{owner}.weight"] = w
         elif owner in layers:
             out[f"{owner}.{leaf}"] = v

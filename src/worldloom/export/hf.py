@@ -9,30 +9,39 @@ order, SwiGLU, RMSNorm, no biases), so the export renames tensors and splits the
     tokenizer.json           the run's tokenizer, unchanged
     tokenizer_config.json    PreTrainedTokenizerFast, no special tokens, no space clean-up
 
+A LoRA run exports its base (the frozen weights, no update folded in) into that folder and its
+adapter as a PEFT folder in ``adapter/`` (``export/peft.py``: ``adapter_config.json``,
+``adapter_model.safetensors``); ``merged=True`` writes the weights with the adapter folded in
+instead, as a plain Llama folder.
+
 Every file is written atomically. ``config.json`` carries a ``worldloom_export`` key, which
 is how a later export recognises a folder it may overwrite.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
+from ..adapters.lora import base_state, has_lora, merged_state
 from ..errors import WorldloomError
 from ..io import atomic_write_text, read_json, save_tensors, write_json
 from ..run import LoadedRun
 
 FORMAT = "worldloom-hf-export/1"
 MARKER = "worldloom_export"
+ADAPTER_DIR = "adapter"  # the PEFT adapter folder of a LoRA run's export
 
 
 class ExportError(WorldloomError):
     """The run cannot be exported, or the output folder cannot be written."""
 
 
-def export_hf(run: LoadedRun, out: Path) -> Path:
-    """Write `run` as a Hugging Face Llama folder at `out`; return `out`."""
+def export_hf(run: LoadedRun, out: Path, merged: bool = False) -> Path:
+    """Write `run` as a Hugging Face Llama folder at `out` (a LoRA run: its base, and its adapter in
+    `out/adapter` as a PEFT folder; with `merged`, the adapted weights as one plain model); return `out`."""
     out = Path(out)
     mc = run.cfg.model
     if mc.backbone != "transformer":
@@ -40,17 +49,35 @@ def export_hf(run: LoadedRun, out: Path) -> Path:
     if mc.ffn != "swiglu":
         raise ExportError(f"only the SwiGLU feed-forward can be exported to hf (Llama), this run uses model.ffn={mc.ffn}")
     _check_out(out)
-    tensors = hf_state_dict(run.model)
+    adapter = None
+    if has_lora(run.model) and not merged:
+        from .peft import peft_adapter
+
+        adapter = peft_adapter(run.model, run.cfg.lora.dropout, str(out.resolve()))
+    tensors = hf_state_dict(run.model, merged_state(run.model) if merged else base_state(run.model))
     dtype = next(iter(tensors.values())).dtype
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
         atomic_write_text(out / "tokenizer.json", run.tokenizer.tok.to_str())
         write_json(out / "tokenizer_config.json", tokenizer_config(mc.context))
+        _write_adapter(out / ADAPTER_DIR, adapter)
         write_json(out / "config.json", llama_config(run, dtype))  # last: marks a complete export
     except OSError as e:
         raise ExportError(f"cannot write the export to {out}: {e.strerror or e}") from None
     return out
+
+
+def _write_adapter(folder: Path, adapter: tuple[dict, dict] | None) -> None:
+    """The PEFT adapter folder, or none (one left by an earlier export of this folder is removed)."""
+    if adapter is None:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        return
+    config, tensors = adapter
+    folder.mkdir(exist_ok=True)
+    save_tensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    write_json(folder / "adapter_config.json", config)
 
 
 def _check_out(out: Path) -> None:
@@ -70,11 +97,27 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"output folder {out} is not empty and is not a previous worldloom export; pick another folder")
 
 
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """worldloom LWM weights under `LlamaForCausalLM` names (lm_head left out when tied)."""
+LLAMA_LAYERS = {  # a block's worldloom weight -> the Llama weights it holds, in order (fused ones: along the output)
+    "attn_norm": ("input_layernorm",),
+    "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.proj": ("self_attn.o_proj",),
+    "mlp_norm": ("post_attention_layernorm",),
+    "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down": ("mlp.down_proj",),
+}
+
+
+def fused_sizes(mc) -> dict[str, list[int]]:
+    """Output rows of each Llama weight inside a fused worldloom one (a transformer ModelConfig `mc`)."""
+    H, KV, D, F = mc.n_head, mc.kv_heads, mc.head_dim, mc.ff_dim
+    return {"attn.qkv": [H * D, KV * D, KV * D], "mlp.gate_up": [F, F]}
+
+
+def hf_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """worldloom LWM weights (the model's, or `sd` under a plain model's names) under
+    `LlamaForCausalLM` names (lm_head left out when tied)."""
     cfg = model.cfg
-    H, KV, D, F = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
-    sd = model.state_dict()
+    sd = model.state_dict() if sd is None else sd
     used: set[str] = set()
 
     def take(name: str) -> torch.Tensor:
@@ -82,25 +125,14 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return sd[name].detach().cpu()
 
     out = {"model.embed_tokens.weight": take("embed.weight"), "model.norm.weight": take("norm.weight")}
-    tied = cfg.tie_weights
     head = take("head.weight")
-    if not tied:
+    if not cfg.tie_weights:
         out["lm_head.weight"] = head
     for i in range(cfg.n_layer):
-        src, dst = f"backbone.blocks.{i}.", f"model.layers.{i}."
-        q, k, v = take(src + "attn.qkv.weight").split([H * D, KV * D, KV * D], dim=0)
-        gate, up = take(src + "mlp.gate_up.weight").split([F, F], dim=0)
-        out.update({
-            dst + "input_layernorm.weight": take(src + "attn_norm.weight"),
-            dst + "self_attn.q_proj.weight": q,
-            dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v,
-            dst + "self_attn.o_proj.weight": take(src + "attn.proj.weight"),
-            dst + "post_attention_layernorm.weight": take(src + "mlp_norm.weight"),
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": take(src + "mlp.down.weight"),
-        })
+        for ours, theirs in LLAMA_LAYERS.items():
+            w = take(f"backbone.blocks.{i}.{ours}.weight")
+            parts = w.split(fused_sizes(cfg)[ours], dim=0) if len(theirs) > 1 else (w,)
+            out.update({f"model.layers.{i}.{t}.weight": part for t, part in zip(theirs, parts)})
     left = sorted(set(sd) - used)
     if left:
         raise ExportError(f"the model has weights with no Llama counterpart ({', '.join(left[:3])}); cannot export to hf")

@@ -23,7 +23,7 @@ import torch
 from ..config import RunConfig
 from ..data.masking import masked_batch
 from ..data.text import TextData, read_corpus, split_text
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluate import sampled_loss
 from ..losses import masked_token_loss, text_objective
 from ..model import model_inputs
@@ -151,6 +151,9 @@ def evaluate(args, run) -> int:
 
     if args.data:
         run.cfg.data.path = args.data
+    elif not run.cfg.data.path:
+        raise DataError(f"{args.run} names no text file (data.path is empty, as in an imported run); "
+                        f"give one: worldloom eval {args.run} --data FILE")
     data, _ = prepare_text(run.cfg, run.tokenizer)
     device = torch.device("cpu")
     precision = resolve_precision(args.precision, device)

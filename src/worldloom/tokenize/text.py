@@ -8,6 +8,8 @@
   the small closed vocabularies of environment missions ("go to the red ball").
 
 Both save one ``tokenizer.json`` that `transformers.PreTrainedTokenizerFast` also loads.
+* ``hf``: a ``tokenizer.json`` that came with a Hugging Face model (`worldloom import hf`),
+  used as it is (``TextTokenizer.from_file``); a run never learns one.
 
 Runs trained with a masked objective (``train.objective=masked|combined``) get one more token,
 ``<mask>``, added as a special token after every other (``mask=True``): the ids of the others
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_write_text, read_json, write_json
 
 
@@ -44,6 +46,9 @@ class TextTokenizer:
         """A tokenizer learned from ``text``; ``mask``: with a ``<mask>`` token as its last id."""
         if not text:
             raise DataError("cannot train a tokenizer on empty text")
+        if kind == "hf":
+            raise ConfigError("tokenizer.kind=hf is a tokenizer imported with its model (worldloom import hf); "
+                              "a new run learns tokenizer.kind=char or bpe")
         builders = {"char": _char_tokenizer, "bpe": lambda t: _bpe_tokenizer(t, vocab_size), "word": _word_tokenizer}
         if kind not in builders:
             raise ValueError(f"unknown text tokenizer kind {kind!r}")
@@ -87,14 +92,19 @@ class TextTokenizer:
     def load(cls, folder: Path) -> "TextTokenizer":
         folder = Path(folder)
         meta = read_json(folder / "tokenizer_meta.json", "tokenizer metadata")
-        path = folder / "tokenizer.json"
+        return cls.from_file(folder / "tokenizer.json", meta.get("kind", "bpe"))
+
+    @classmethod
+    def from_file(cls, path: Path, kind: str = "hf") -> "TextTokenizer":
+        """A ``tokenizer.json`` as it is (a run folder's, or one from a Hugging Face model folder)."""
+        path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"tokenizer file not found: {path}")
         try:
-            tok = Tokenizer.from_str(path.read_text())
+            tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise CheckpointError(f"tokenizer file {path} is corrupt ({str(e).splitlines()[0][:100]})") from None
-        return cls(tok, meta.get("kind", "bpe"))
+        return cls(tok, kind)
 
 
 def _char_tokenizer(text: str) -> Tokenizer:
