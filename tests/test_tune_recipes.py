@@ -102,6 +102,21 @@ def test_dpo_starts_at_log2_and_its_reference_is_the_base(base_run, prefs_file, 
     assert out.total.item() == pytest.approx(expect, abs=1e-5)
 
 
+def test_dpo_sft_coef_adds_the_chosen_cross_entropy(base_run, prefs_file, tmp_path):
+    from worldloom.model import LWM, model_inputs
+    from worldloom.recipes.dpo import DPOTask
+    from worldloom.tune.base import tuned_config
+
+    cfg = tuned_config(base_run, "dpo", [f"data.path={prefs_file}", "dpo.sft_coef=0.5", f"out_dir={tmp_path}"], {})
+    task = DPOTask(cfg, cfg.run_dir, resuming=False)
+    model = LWM(cfg.model)
+    task.prepare_model(model)
+    b = task.batch(4, torch.Generator().manual_seed(1))
+    out = task.objective(model.eval()(**model_inputs(b)), b)
+    nll = out.parts["nll_chosen"]
+    assert nll > 0 and out.total.item() == pytest.approx(math.log(2) + 0.5 * nll, abs=1e-5)
+
+
 def test_dpo_resume_reproduces_the_losses(base_run, prefs_file, tmp_path):
     common = [f"data.path={prefs_file}", "lora.rank=4", "train.lr=0.001", "train.min_lr=0.001"]  # a schedule that does not depend on max_steps
     tune_recipe("dpo", base_run, [*common, *tiny_tune(tmp_path, "a"), "train.max_steps=6", "train.eval_interval=3"], **QUIET)

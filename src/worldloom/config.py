@@ -428,8 +428,11 @@ class TuneConfig:
 class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL to the reference (sigmoid) / 1/(2 beta) target margin (ipo)
     loss: str = "sigmoid"  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
+    sft_coef: float = 0.0  # + this x the chosen responses' cross-entropy (RPO, Pang et al. 2024); 0 = plain DPO
 
     def __post_init__(self):
+        if self.sft_coef < 0:
+            raise ConfigError(f"dpo.sft_coef must be >= 0, got {self.sft_coef}")
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
         if self.loss not in ("sigmoid", "ipo"):
