@@ -49,7 +49,7 @@ class DPOTask(PairTask):
             res = dpo_loss(logp[:B], logp[B:], ref[:B], ref[B:], dc.beta, dc.loss)
             if dc.sft_coef:  # RPO: keep the chosen responses likely while the margin grows
                 nll = -total[:B].sum() / n[:B].sum().clamp(min=1)
-                res = LossOutput(res.total + dc.sft_coef * nll, {**res.parts, "nll_chosen": float(nll)})
+                res = LossOutput(res.total + dc.sft_coef * nll, {**res.parts, "nll_chosen": float(nll.detach())})
             return res
 
         self.objective = objective
