@@ -113,9 +113,37 @@ def evaluate(d: Path, run: str, log) -> dict:
 
 def params_of(d: Path, run: str) -> dict:
     """Parameters of a run's model and how many it trained (from its start line in the stage's output)."""
+    text = (d / "runs" / run / "stage.txt").read_text() if (d / "runs" / run / "stage.txt").is_file() else ""
+    return params_text(text)
+
+
+def memory(d: Path, quick: bool, log) -> dict:
+    """Peak resident memory of a few SFT steps, LoRA against full fine-tuning, of a model large enough
+    for its weights and optimizer states to show (the task models are ~1M parameters: the Python and
+    torch overhead hides them). Fresh processes; the base is one training step of the same config."""
+    size = ["model.n_layer=2", "model.d_model=64", "model.n_head=2"] if quick else ["model.n_layer=12", "model.d_model=768",
+                                                                                    "model.n_head=12"]
+    runs, data = d / "mem", d / "data" / "instr"
+    common = [f"out_dir={runs}", "--no-progress"]
+    out = {}
+    if not (runs / "base" / "checkpoint.json").is_file():
+        worldloom(["train", "shakespeare-char", f"data.path={data / 'pretrain.txt'}", *size, "model.context=128",
+                   "train.batch_size=8", "train.max_steps=1", "train.eval_batches=1", "name=base", *common], log)
+    for name, extra in (("lora", ["lora.rank=8"]), ("full", [])):
+        if (runs / name).exists():
+            import shutil
+
+            shutil.rmtree(runs / name)
+        r = worldloom(["tune", "sft", str(runs / "base"), f"data.path={data / 'train.jsonl'}", *extra, "train.max_steps=3",
+                       "train.batch_size=8", "train.eval_interval=3", "train.eval_batches=1", "tune.eval_rows=0",
+                       f"name={name}", *common], log)
+        out[name] = {"peak_rss_mb": r["peak_rss_mb"], "seconds": r["seconds"], **params_text(r["stdout"])}
+    return out
+
+
+def params_text(text: str) -> dict:
     import re
 
-    text = (d / "runs" / run / "stage.txt").read_text() if (d / "runs" / run / "stage.txt").is_file() else ""
     m = re.search(r"([\d.]+)M parameters(?: \(([\d,]+) trained)?", text)
     if not m:
         return {}
@@ -129,6 +157,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole path")
     ap.add_argument("--only", help="comma-separated stages to (re)run: data, base, sft, sft_full, prefs, dpo, dpo_rpo, orpo, reward, ppo")
     ap.add_argument("--skip", default="", help="comma-separated stages to leave out (e.g. ppo)")
+    ap.add_argument("--memory", action="store_true", help="also: peak memory of LoRA vs full SFT steps on an 85M-parameter model")
     a = ap.parse_args()
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -157,6 +186,8 @@ def main() -> int:
         res["reward_pair_accuracy"] = json.loads((d / "runs/rm/tune_eval.json").read_text())["pair_accuracy"]
     if (d / "data/prefs/meta.json").is_file():
         res["prefs"] = json.loads((d / "data/prefs/meta.json").read_text())
+    if a.memory:
+        res["memory"] = memory(d, a.quick, log)
     res["machine"] = f"{platform.processor() or platform.machine()}, {platform.node()}"
     res["date"] = datetime.date.today().isoformat()
     out_path.write_text(json.dumps(res, indent=2))
@@ -176,6 +207,9 @@ def table(res: dict) -> str:
         rows.append(f"| {run} | {e['accuracy']:.1%} | {diff} | {e.get('baseline', {}).get('win_rate', 0):.1%} | "
                     f"{s.get('seconds', 0) / 60:.1f} | {s.get('peak_rss_mb', 0):.0f} | {e.get('trained', 0):,.0f} | "
                     f"{targets.get(run, '')} |")
+    for name, m in res.get("memory", {}).items():
+        rows.append(f"| memory: SFT steps, {name}, {m.get('params', 0) / 1e6:.0f}M model | | | | {m['seconds'] / 60:.1f} | "
+                    f"{m['peak_rss_mb']:.0f} | {m.get('trained', 0):,.0f} | |")
     return "\n".join(rows)
 
 

@@ -26,5 +26,7 @@ def test_bench_align_quick(tmp_path):
     assert 0 <= res["reward_pair_accuracy"] <= 1 and res["prefs"]["prompts"] > 0
     assert "| dpo |" in proc.stdout
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_align.py"), "--dir", str(tmp_path), "--quick",
-                            "--skip", "ppo"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            "--skip", "ppo", "--memory"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == 9  # an interrupted benchmark continues
+    mem = json.loads((tmp_path / "align.json").read_text())["memory"]
+    assert mem["lora"]["trained"] < mem["full"]["trained"] and mem["lora"]["peak_rss_mb"] > 50

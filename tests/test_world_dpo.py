@@ -51,7 +51,7 @@ def test_dpo_steps_start_at_log2_and_raise_the_chosen_episodes(played):
     model = run.model
     start = {k: v.clone() for k, v in model.state_dict().items()}
     scorer = wdpo.Scorer(model, run.layout, res)
-    cfg = wdpo.TrajDPOConfig(epochs=6, batch=3, lr=3e-3, beta=0.5, wm_coef=0.0)
+    cfg = wdpo.TrajDPOConfig(epochs=6, batch=3, lr=3e-3, beta=0.5, wm_coef=0.0, sft_coef=0.0)
     rows = wdpo.train_pairs(scorer, [(0, 1), (2, 3), (4, 5)], cfg, progress=False, log=lambda *a: None)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05 and rows[-1]["reward_acc"] == 1.0
@@ -74,3 +74,19 @@ def test_cli_errors_are_one_line(world_run, tmp_path, capsys, args, needle):
     assert main(["tune", "dpo", str(world_run), *args, f"out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def test_rpo_term_keeps_the_chosen_episodes_likely(played):
+    run, res = played
+    model = run.model
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    scorer = wdpo.Scorer(model, run.layout, res)
+    pairs = [(0, 1), (2, 3), (4, 5)]
+    with torch.no_grad():
+        before = scorer.logp([0, 2, 4], wm=False)[0]
+    cfg = wdpo.TrajDPOConfig(epochs=4, batch=3, lr=3e-3, beta=0.5, wm_coef=0.0, sft_coef=1.0)
+    wdpo.train_pairs(scorer, pairs, cfg, progress=False, log=lambda *a: None)
+    with torch.no_grad():
+        after = scorer.logp([0, 2, 4], wm=False)[0]
+    model.load_state_dict(start)
+    assert (after > before).all()

@@ -14,7 +14,10 @@ episode the policy played and its log-probability the sum of log π(a_t) over th
 4. **Train.** ``wdpo.epochs`` passes over the pairs in minibatches of ``wdpo.batch`` pairs; each
    episode is scored through the stream windows the acting runner saw (``world.rl.build_rollout``),
    and ``wdpo.wm_coef`` (default 1) adds the world-model loss on the same windows so that the
-   preference update does not wreck the model's imagination (PPO alone was measured to).
+   preference update does not wreck the model's imagination (PPO alone was measured to);
+   ``wdpo.sft_coef`` (default 1) adds the chosen episodes' action cross-entropy (RPO): plain DPO
+   lowered the chosen episodes' likelihood with the rejected ones' and cut held-out success
+   (BENCHMARKS.md).
 5. **Compare.** The aligned and the plain policy play the same ``wdpo.eval_episodes`` held-out
    evaluation levels (sampled and greedy); the figures go to ``dpo_eval.json``.
 
@@ -58,6 +61,7 @@ class TrajDPOConfig:
     epochs: int = 2
     batch: int = 16  # pairs per step
     wm_coef: float = 1.0  # world-model loss on the same windows (0 = preference loss only)
+    sft_coef: float = 1.0  # + this x the chosen episodes' action cross-entropy (RPO); 0 = plain DPO, measured to wreck the policy
     envs: int = 64  # environments stepped together
     eval_episodes: int = 500  # held-out levels both policies play
     seed: int = 0
@@ -66,8 +70,9 @@ class TrajDPOConfig:
         for k in ("seeds", "samples", "epochs", "batch", "envs"):
             if getattr(self, k) < 1 or (k == "samples" and self.samples < 2):
                 raise ConfigError(f"wdpo.{k} must be >= {2 if k == 'samples' else 1}, got {getattr(self, k)}")
-        if self.beta <= 0 or self.lr <= 0 or self.wm_coef < 0 or self.eval_episodes < 0 or self.min_gap < 1:
-            raise ConfigError("wdpo.beta and wdpo.lr must be positive, wdpo.wm_coef and wdpo.eval_episodes >= 0, wdpo.min_gap >= 1")
+        if self.beta <= 0 or self.lr <= 0 or self.wm_coef < 0 or self.sft_coef < 0 or self.eval_episodes < 0 or self.min_gap < 1:
+            raise ConfigError("wdpo.beta and wdpo.lr must be positive, wdpo.wm_coef, wdpo.sft_coef and wdpo.eval_episodes >= 0, "
+                              "wdpo.min_gap >= 1")
 
 
 def pair_episodes(results, min_gap: int = 2) -> list[tuple[int, int]]:
@@ -97,6 +102,7 @@ class Scorer:
         self.model, self.layout = model, layout
         self.ro = build_rollout(layout, results, mc.context, step_positions(layout.step_len, mc.obs_len, mc.obs_vectors),
                                 mc.obs_vectors or layout.obs_len)
+        self.length = np.bincount(self.ro.episode_of)  # actions per episode
         self.windows: dict[int, list[int]] = {}  # episode -> its windows
         for w, row in enumerate(self.ro.rows):
             self.windows.setdefault(int(self.ro.episode_of[row[4][0]]), []).append(w)
@@ -156,6 +162,8 @@ def train_pairs(scorer: Scorer, pairs, cfg: TrajDPOConfig, progress: bool, log) 
             B = len(chunk)
             out = dpo_loss(lp[:B], lp[B:], rf[:B], rf[B:], cfg.beta)
             loss = out.total + (cfg.wm_coef * wm_loss if wm_loss is not None else 0.0)
+            if cfg.sft_coef:  # RPO: the chosen episodes' actions stay likely while the margin grows
+                loss = loss - cfg.sft_coef * lp[:B].sum() / float(sum(scorer.length[c] for c, _ in chunk))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
