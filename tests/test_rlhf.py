@@ -259,3 +259,20 @@ def test_resume_refuses_other_keys_and_other_folders(trained_run, tmp_path, caps
     assert "not an RL run folder" in capsys.readouterr().err
     assert main(["tune", "ppo", "--resume", str(trained_run), "name=other", "--no-progress"]) == 2
     assert "fixed once a run exists" in capsys.readouterr().err
+
+
+def test_group_baseline_is_leave_one_out():
+    from worldloom.tune.ppo import group_baseline
+
+    s = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    assert torch.allclose(group_baseline(s, 3), torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0]))
+    assert torch.equal(group_baseline(s, 1), s)
+
+
+def test_group_must_divide_the_batch():
+    from worldloom.errors import ConfigError
+    from worldloom.tune.ppo import TextRLConfig
+
+    with pytest.raises(ConfigError, match="rl.group"):
+        TextRLConfig(batch=10, group=4)
+    assert TextRLConfig(batch=12, group=4).group == 4

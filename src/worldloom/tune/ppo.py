@@ -87,9 +87,12 @@ class TextRLConfig(PPOConfig):
     gamma: float = 1.0
     value_warmup: int = 0
     minibatch: int = 64  # response tokens per gradient step (whole responses)
+    group: int = 1  # samples per prompt (rl.batch counts samples); > 1: each reward minus its group's other samples' mean (RLOO)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.group < 1 or self.batch % self.group:
+            raise ConfigError(f"rl.group must be >= 1 and divide rl.batch ({self.batch}), got {self.group}")
         for name in ("updates", "batch", "max_new_tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
@@ -99,6 +102,15 @@ class TextRLConfig(PPOConfig):
 
 
 # ---------------------------------------------------------------- pure pieces: rewards per token, GAE per response
+
+
+def group_baseline(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Scores (N,) of N/group prompts sampled ``group`` times each (consecutive) -> each minus the mean of the
+    other samples of its prompt (the leave-one-out baseline of RLOO, Ahmadian et al. 2024)."""
+    if group == 1:
+        return scores
+    g = scores.float().view(-1, group)
+    return ((g - (g.sum(1, keepdim=True) - g) / (group - 1))).view(-1)
 
 
 def token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, lengths: list[int],
@@ -228,7 +240,7 @@ def score(tu: "Tuner", ro: Rollout) -> Scored:
     logp, entropy, kl = categorical_terms(logits, ref_logits, tok)
     ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tok[:, None]).squeeze(-1)
     values = tu.value_head(h)
-    rewards = token_rewards(logp, ref_logp, ro.scores, ro.lengths, tu.cfg.kl_reward)
+    rewards = token_rewards(logp, ref_logp, group_baseline(ro.scores, tu.cfg.group), ro.lengths, tu.cfg.kl_reward)
     adv, ret = response_gae(rewards, values, ro.lengths, tu.cfg.gamma, tu.cfg.lam)
     return Scored(logp, ref_logits, values, adv, ret, kl, entropy)
 
@@ -255,7 +267,7 @@ def epochs(tu: "Tuner", ro: Rollout, sc: Scored, value_only: bool) -> dict:
 def one_update(tu: "Tuner") -> dict:
     """Sample, reward, score, PPO epochs; the metrics row of this update."""
     cfg, t0 = tu.cfg, time.perf_counter()
-    pick = torch.randint(len(tu.rows), (cfg.batch,), generator=tu.gen).tolist()
+    pick = [i for i in torch.randint(len(tu.rows), (cfg.batch // cfg.group,), generator=tu.gen).tolist() for _ in range(cfg.group)]
     ro = rollout(tu, pick, int(torch.randint(2**31 - 1, (1,), generator=tu.gen)))
     sc = score(tu, ro)
     value_only = tu.update < cfg.value_warmup
