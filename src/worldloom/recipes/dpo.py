@@ -59,27 +59,21 @@ class DPOTask(PairTask):
         """The base's weights (and adapters); then the reference log-probabilities of every pair, from that model."""
         super().prepare_model(model)
         model.eval()
-        self.ref_train = self._reference(model, (self.pair_batch(self.train[i : i + 32]) for i in range(0, len(self.train), 32)))
-        self.ref_val = self._reference(model, (b for b in self.val_batches(32)))
+        self.ref = {split: self._reference(model, pairs) for split, pairs in (("train", self.train), ("val", self.val))}
         model.train()
 
-    def _reference(self, model, batches) -> torch.Tensor:
+    def _reference(self, model, pairs) -> torch.Tensor:
         """(N, 2) log-probabilities (chosen, rejected) of the pairs, in fp32."""
         out = []
-        for b in batches:
+        for i in range(0, len(pairs), 32):
+            b = self.pair_batch(pairs[i : i + 32])
             logp = pair_logprobs(model(b["input"]).logits, b, self.mean)
             B = logp.shape[0] // 2
             out.append(torch.stack([logp[:B], logp[B:]], dim=1))
         return torch.cat(out)
 
-    def batch(self, batch_size: int, gen: torch.Generator) -> dict:
-        b = super().batch(batch_size, gen)
-        ref = self.ref_train[b.pop("pair")]
-        b["ref"] = torch.cat([ref[:, 0], ref[:, 1]])
-        return b
-
-    def held_out_batch(self, b: dict) -> dict:
-        ref = self.ref_val[b.pop("pair")]
+    def extras(self, b: dict, pairs: torch.Tensor, split: str) -> dict:
+        ref = self.ref[split][pairs]
         b["ref"] = torch.cat([ref[:, 0], ref[:, 1]])
         return b
 

@@ -34,15 +34,6 @@ class ORPOTask(PairTask):
 
         self.objective = objective
 
-    def batch(self, batch_size, gen):
-        b = super().batch(batch_size, gen)
-        b.pop("pair")
-        return b
-
-    def held_out_batch(self, b: dict) -> dict:
-        b.pop("pair")
-        return b
-
 
 RECIPE = Recipe("orpo", "SFT + odds-ratio preference optimisation in one stage (no reference)", ORPOTask, run_tuned,
                 resume_tuned, load, evaluate_tuned)

@@ -47,15 +47,6 @@ class RewardTask(PairTask):
     def model_sizes(self) -> dict:
         return {**super().model_sizes(), "value_head": True}
 
-    def batch(self, batch_size, gen):
-        b = super().batch(batch_size, gen)
-        b.pop("pair")
-        return b
-
-    def held_out_batch(self, b: dict) -> dict:
-        b.pop("pair")
-        return b
-
 
 @torch.no_grad()
 def pair_accuracy(model, task: RewardTask) -> float:

@@ -212,17 +212,18 @@ class PairTask(TunedTask):
         return padded([e.ids for e in rows], [response_weights(e) for e in rows], self.shift)
 
     def batch(self, batch_size: int, gen: torch.Generator) -> dict:
-        idx = torch.randint(len(self.train), (batch_size,), generator=gen).tolist()
-        b = self.pair_batch([self.train[i] for i in idx])
-        b["pair"] = torch.tensor(idx)  # which pairs: a recipe may look up what it precomputed for them
+        idx = torch.randint(len(self.train), (batch_size,), generator=gen)
+        return self.extras(self.pair_batch([self.train[i] for i in idx.tolist()]), idx, "train")
+
+    def extras(self, b: dict, pairs: torch.Tensor, split: str) -> dict:
+        """A batch of the given pairs (indices into the split) as the objective reads it (DPO adds the
+        reference's log-probabilities)."""
         return b
 
     def val_batches(self, batch_size: int):
-        """Every held-out pair once, in order, with its index."""
+        """Every held-out pair once, in order."""
         for i in range(0, len(self.val), batch_size):
-            b = self.pair_batch(self.val[i : i + batch_size])
-            b["pair"] = torch.arange(i, min(i + batch_size, len(self.val)))
-            yield b
+            yield self.extras(self.pair_batch(self.val[i : i + batch_size]), torch.arange(i, min(i + batch_size, len(self.val))), "val")
 
     @torch.no_grad()
     def val_loss(self, model, precision: str, device) -> float:
@@ -234,7 +235,6 @@ class PairTask(TunedTask):
         model.eval()
         total, n = 0.0, 0
         for b in self.val_batches(self.cfg.train.batch_size):
-            b = self.held_out_batch(b)
             b = {k: v.to(device) for k, v in b.items()}
             with autocast(precision, device):
                 out = self.objective(model(**model_inputs(b)), b)
@@ -242,10 +242,6 @@ class PairTask(TunedTask):
             total, n = total + float(out.total) * k, n + k
         model.train(was)
         return total / max(n, 1)
-
-    def held_out_batch(self, b: dict) -> dict:
-        """A held-out batch as the objective reads it (DPO adds the reference's log-probabilities)."""
-        return b
 
     def describe(self) -> str:
         return f"{len(self.train):,} preference pairs, {len(self.val):,} held out, vocab {self.tokenizer.vocab_size}"
