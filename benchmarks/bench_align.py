@@ -204,8 +204,9 @@ def table(res: dict) -> str:
     for run, e in ev.items():
         s = st.get({"rm": "reward"}.get(run, run), {})
         diff = f"{100 * (e['accuracy'] - sft):+.1f}" if sft is not None else "-"
+        trained = f"{e['trained']:,.0f}" if e.get("trained") else "-"
         rows.append(f"| {run} | {e['accuracy']:.1%} | {diff} | {e.get('baseline', {}).get('win_rate', 0):.1%} | "
-                    f"{s.get('seconds', 0) / 60:.1f} | {s.get('peak_rss_mb', 0):.0f} | {f"{e['trained']:,.0f}" if e.get('trained') else '-'} | "
+                    f"{s.get('seconds', 0) / 60:.1f} | {s.get('peak_rss_mb', 0):.0f} | {trained} | "
                     f"{targets.get(run, '')} |")
     for name, m in res.get("memory", {}).items():
         rows.append(f"| memory: SFT steps, {name}, {m.get('params', 0) / 1e6:.0f}M model | | | | {m['seconds'] / 60:.1f} | "
