@@ -187,8 +187,7 @@ def tune_recipe(method: str, run: Path | None, overrides: list[str], resume: Pat
     module = importlib.import_module(f"worldloom.recipes.{method}")
     if resume is None:
         return run_tuned(tuned_config(run, method, overrides, module.TRAIN_DEFAULTS), progress, log)
-    summary = train(resume=resume, overrides=overrides, progress=progress, log=log)
-    return getattr(module, "after", finish)(summary, Path(summary["run_dir"]), log)
+    return _after(method, train(resume=resume, overrides=overrides, progress=progress, log=log), log)
 
 
 class PairTask(TunedTask):
@@ -252,12 +251,16 @@ class PairTask(TunedTask):
 
 def run_tuned(cfg: RunConfig, progress: bool = True, log=print) -> dict:
     """Train a tuned run's config (made by `worldloom tune`), then score its held-out rows."""
-    import importlib
-
     from ..train import train
 
-    module = importlib.import_module(f"worldloom.recipes.{cfg.recipe}")
-    summary = train(cfg, progress=progress, log=log)
+    return _after(cfg.recipe, train(cfg, progress=progress, log=log), log)
+
+
+def _after(recipe: str, summary: dict, log) -> dict:
+    """What a tuning recipe does once its training is over: its module's ``after``, else ``finish``."""
+    import importlib
+
+    module = importlib.import_module(f"worldloom.recipes.{recipe}")
     return getattr(module, "after", finish)(summary, Path(summary["run_dir"]), log)
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from ..io import read_json
 from ..run import METRICS, load_run
+from ..train.plots import read_metrics
 from .common import task_accuracy
 
 
@@ -61,8 +62,7 @@ def evaluate_tuned(args, run) -> int:
     """`worldloom eval TUNED_RUN` without --tasks: the last held-out loss and the end-of-run scores."""
     if getattr(args, "tasks", None):
         return evaluate_tasks(args, run)
-    rows = [json.loads(line) for line in (run.run_dir / METRICS).read_text().splitlines() if line.strip()]
-    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    val = [r["val_loss"] for r in read_metrics(run.run_dir / METRICS) if "val_loss" in r]
     done = next((f for f in (run.run_dir / "tune_eval.json", run.run_dir / "eval.json") if f.is_file()), run.run_dir / "tune_eval.json")
     out = {"run": str(args.run), "recipe": run.cfg.recipe, "step": run.state["step"], "val_loss": val[-1] if val else None,
            **(read_json(done) if done.is_file() else {})}

@@ -69,11 +69,11 @@ def _check_out(out: Path) -> None:
 def pairs_of(row: dict, got: list[str], right: list[bool], reference: str | None) -> list[dict]:
     """The preference rows of one prompt from its K answers and their marks."""
     good = [a for a, ok in zip(got, right) if ok and a.strip()]
+    src = {}
     if not good and reference is not None:
-        good = [reference]
+        good, src = [reference], {"source": "reference"}
     bad = list(dict.fromkeys(a for a, ok in zip(got, right) if not ok and a.strip()))
     base = {"prompt": row["prompt"], "task": row["task"]}
-    src = {"source": "reference"} if good == [reference] and not any(right) else {}
     return [{**base, "chosen": good[i % len(good)], "rejected": b, "margin": 1.0, **src} for i, b in enumerate(bad)] if good else []
 
 
