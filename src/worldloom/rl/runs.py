@@ -28,8 +28,8 @@ from tqdm import tqdm
 from ..checkpoint import latest_checkpoint, load_optimizer, read_state, rng_from_json, rng_to_json
 from ..config import from_dict, parse_override, read_yaml, save_yaml, to_dict
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write_text
 from ..run import METRICS
+from ..train.plots import truncate_metrics
 
 RL_FILE = "rl.yaml"
 VALUE = "value"  # the checkpoint's value-head file: value.safetensors
@@ -89,12 +89,7 @@ def resume_optimizer(opt: torch.optim.Optimizer, ckpt: Path, state: dict, lr: fl
 
 def trim_metrics(path: Path, upto: int) -> None:
     """Drop the rows of updates after the checkpoint (a kill lost them; they are played again)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("update", 0) <= upto]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+    truncate_metrics(path, upto, key="update")
 
 
 def minibatch_groups(sizes: list[int], size: int, gen: torch.Generator) -> list[list[int]]:

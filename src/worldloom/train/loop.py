@@ -31,7 +31,6 @@ from tqdm import tqdm
 from ..checkpoint import latest_checkpoint, load_model_weights, load_optimizer, read_state, rng_from_json, rng_to_json, save_checkpoint
 from ..config import RunConfig, apply_overrides, from_dict, save_yaml, to_dict
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write_text
 from ..memory import check_fits
 from ..model import LWM, model_inputs
 from ..recipes import get_recipe
@@ -40,7 +39,7 @@ from ..runtime import autocast, resolve_device, resolve_precision, set_threads
 from . import dist as D
 from .dist import Dist
 from .optim import lr_at, make_optimizer
-from .plots import plot_loss, read_metrics
+from .plots import plot_loss, truncate_metrics
 from .task import Task
 
 
@@ -165,7 +164,7 @@ def restore(tr: Trainer, ckpt: Path | None, state: dict) -> None:
     if not tr.dist.main:
         return
     if ckpt:
-        _truncate_metrics(tr.run_dir / METRICS, tr.step)
+        truncate_metrics(tr.run_dir / METRICS, tr.step)
     else:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         (tr.run_dir / METRICS).unlink(missing_ok=True)
@@ -305,9 +304,3 @@ class _Progress:
 def _append(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,4 +1,5 @@
-"""Loss curves from a run's metrics.jsonl, drawn headless (matplotlib's Agg backend)."""
+"""A run's metrics.jsonl: read it, trim it back to a checkpoint, and draw its loss curves headless
+(matplotlib's Agg backend)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write is skipped, not fatal
     return rows
+
+
+def truncate_metrics(path: Path, upto: int, key: str = "step") -> None:
+    """Drop the rows logged after the checkpoint a run resumes from (their ``key``, the step or the RL
+    update, past ``upto``): a kill lost them and they are logged again."""
+    from ..io import atomic_write_text
+
+    if Path(path).exists():
+        rows = [r for r in read_metrics(path) if r.get(key, 0) <= upto]
+        atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_loss(metrics_path: Path, png_path: Path, title: str = "") -> None:
