@@ -47,13 +47,23 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 @torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache: bool = True, autocast_ctx=None,
-                 compile: bool = False) -> Iterator[torch.Tensor]:
+                 compile: bool = False, drafter=None, draft_tokens: int = 4, stats=None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), max_new_tokens times.
 
     ``compile=True`` runs each one-token step through ``torch.compile`` of the model's
     fixed-shape ``decode_step`` (one graph per batch shape, compiled on first use and kept
     on the model): slower to start (~20 s on CPU), faster per token.
+    ``drafter`` (`inference.speculative`: a draft model or prompt lookup) makes it speculative:
+    up to ``draft_tokens`` proposed tokens verified per forward pass, the same greedy output,
+    the same distribution when sampling; ``stats`` (a `SpecStats`) counts what happened.
     """
+    if drafter is not None:
+        if compile or not use_cache:
+            raise ValueError("speculative decoding runs on the cache, uncompiled")
+        from .inference.speculative import speculative_ids
+
+        yield from speculative_ids(model, prompts, sc, drafter, draft_tokens, autocast_ctx, stats)
+        return
     ctx_len = model.cfg.context
     gen = torch.Generator().manual_seed(sc.seed) if sc.seed is not None else None
     device = next(model.parameters()).device
@@ -109,16 +119,17 @@ def _compiled_step(model):
 
 
 def generate(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None,
-             compile: bool = False) -> list[str]:
-    """Completions (without the prompt) for a batch of text prompts."""
+             compile: bool = False, **speculative) -> list[str]:
+    """Completions (without the prompt) for a batch of text prompts (``speculative``: `generate_ids`'
+    drafter, draft_tokens, stats)."""
     outs = [""] * len(prompts)
-    for i, text in stream_batch(model, tokenizer, prompts, sc, stop, autocast_ctx, compile):
+    for i, text in stream_batch(model, tokenizer, prompts, sc, stop, autocast_ctx, compile, **speculative):
         outs[i] += text
     return outs
 
 
 def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None,
-                 compile: bool = False) -> Iterator[tuple[int, str]]:
+                 compile: bool = False, **speculative) -> Iterator[tuple[int, str]]:
     """Yield (row, new text) as tokens arrive; a row ends at its first stop string (excluded)."""
     stop = [s for s in (stop or []) if s]
     ids = [tokenizer.encode(p).tolist() for p in prompts]
@@ -126,7 +137,7 @@ def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop:
     emitted = [""] * len(prompts)
     done = [False] * len(prompts)
     hold = max((len(s) for s in stop), default=1) - 1  # text that may yet become a stop string
-    for nxt in generate_ids(model, ids, sc, autocast_ctx=autocast_ctx, compile=compile):
+    for nxt in generate_ids(model, ids, sc, autocast_ctx=autocast_ctx, compile=compile, **speculative):
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
                 continue

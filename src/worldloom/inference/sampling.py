@@ -85,10 +85,17 @@ def sample(logits: torch.Tensor, temperature: float, *, top_k: int = 0, top_p: f
     logits = restrict(logits, allowed)
     if temperature == 0:
         return logits.argmax(dim=-1)
+    p = probs(logits, temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
+
+
+def probs(logits: torch.Tensor, temperature: float, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution (..., V) fp32 that `sample` draws from at temperature > 0 (steps 3 of the
+    module doc; speculative sampling compares the target's and the draft's)."""
     lead, V = logits.shape[:-1], logits.shape[-1]
     flat = logits.float().reshape(-1, V) / temperature  # (N, V)
     if top_k and top_k < V:
         flat = _top_k(flat, top_k)
     if top_p < 1.0:
         flat = _top_p(flat, top_p)
-    return torch.multinomial(flat.softmax(dim=-1), 1, generator=generator).reshape(lead)
+    return flat.softmax(dim=-1).reshape(*lead, V)
