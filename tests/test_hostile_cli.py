@@ -163,7 +163,8 @@ FLAG_VALUE = st.one_of(st.integers(-3, 30).map(str), st.integers(10**8, 10**30).
                        st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False).map(repr), HOSTILE_TEXT,
                        st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8))
 TEXT_FLAGS = {
-    "generate": ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--precision", "--stop", "--num-samples"],
+    "generate": ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--precision", "--stop", "--num-samples",
+                 "--draft", "--draft-tokens"],
     "eval": ["--batch-size", "--precision", "--data"],
 }
 

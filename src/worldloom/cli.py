@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from .errors import WorldloomError
@@ -212,7 +213,9 @@ def _cmd_generate(args) -> int:
     precision = resolve_precision(args.precision, torch.device("cpu"))
     ctx = (lambda: autocast(precision, torch.device("cpu"))) if precision != "fp32" else None
     prompts = [args.prompt] * args.num_samples
-    stream = stream_batch(run.model, run.tokenizer, prompts, sc, args.stop, ctx, args.compile)
+    speculative = _speculative_args(args, run)
+    t0 = time.perf_counter()
+    stream = stream_batch(run.model, run.tokenizer, prompts, sc, args.stop, ctx, args.compile, **speculative)
     try:
         if args.num_samples == 1:
             sys.stdout.write(args.prompt)
@@ -220,15 +223,51 @@ def _cmd_generate(args) -> int:
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-            return 0
-        outs = [""] * len(prompts)
-        for i, text in stream:
-            outs[i] += text
+        else:
+            outs = [""] * len(prompts)
+            for i, text in stream:
+                outs[i] += text
+            for i, text in enumerate(outs):
+                print(f"--- sample {i + 1}\n{args.prompt}{text}")
     except ValueError as e:  # a sampling setting decode refuses (it validates as it samples)
         raise WorldloomError(f"cannot sample: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    for i, text in enumerate(outs):
-        print(f"--- sample {i + 1}\n{args.prompt}{text}")
+    _print_decode_stats(speculative.get("stats"), time.perf_counter() - t0, args.quiet)
     return 0
+
+
+def _speculative_args(args, run) -> dict:
+    """generate's --draft / --lookup as decode.generate_ids arguments (a SpecStats always counts)."""
+    from .inference.speculative import LookupDrafter, ModelDrafter, SpecStats
+
+    if args.draft and args.lookup:
+        raise WorldloomError("--draft and --lookup are two drafters; choose one")
+    if (args.draft or args.lookup) and args.compile:
+        raise WorldloomError("speculative decoding (--draft/--lookup) runs uncompiled; drop --compile")
+    out = {"stats": SpecStats(), "draft_tokens": args.draft_tokens}
+    if args.lookup:
+        out["drafter"] = LookupDrafter()
+    elif args.draft:
+        from .run import load_run
+
+        draft = load_run(Path(args.draft))
+        if draft.is_world:
+            raise WorldloomError(f"--draft {args.draft} is a world model; a draft is a text run with {args.run}'s tokenizer")
+        if draft.tokenizer.tok.to_str() != run.tokenizer.tok.to_str():
+            raise WorldloomError(f"--draft {args.draft} has another tokenizer than {args.run}; a draft must share the "
+                                 f"target's tokenizer (train it on the same data with the same tokenizer.* settings)")
+        out["drafter"] = ModelDrafter(draft.model)
+    return out
+
+
+def _print_decode_stats(stats, seconds: float, quiet: bool) -> None:
+    """The closing line of generate (stderr): tokens/s and, when speculative, acceptance."""
+    if quiet or stats is None or not stats.tokens and not stats.forwards:
+        return
+    line = f"[{stats.tokens} tokens in {seconds:.2f} s: {stats.tokens / max(seconds, 1e-9):.1f} tokens/s"
+    if stats.verifications:
+        line += (f"; {stats.verifications} verifications, mean accepted length {stats.mean_accepted:.2f}, "
+                 f"drafts accepted {100 * stats.acceptance:.0f}%, {stats.tokens_per_forward:.2f} tokens per target pass")
+    print(line + "]", file=sys.stderr)
 
 
 def _cmd_fill(args) -> int:
@@ -386,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     s.add_argument("--num-samples", type=_int_in(1, 4096), default=1, help="sample several continuations as one batch")
     s.add_argument("--compile", action="store_true", help="torch.compile the one-token step: ~20 s to start, then ~1.3x faster")
+    s.add_argument("--draft", metavar="RUN", help="speculative decoding: a smaller run with the same tokenizer proposes, "
+                   "this one verifies (same greedy output)")
+    s.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup drafts (no draft model)")
+    s.add_argument("--draft-tokens", type=_int_in(1, 64), default=4, metavar="K",
+                   help="most tokens proposed per verification (adapts down when drafts fail; default 4)")
+    s.add_argument("--quiet", action="store_true", help="no closing tokens/s line on stderr")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("fill", help="fill <mask> spans of a text (runs trained with train.objective=masked or combined)",

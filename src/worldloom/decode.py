@@ -95,6 +95,9 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
     cache, logits = prefill(min(seq.shape[1], ctx_len))
     for _ in range(sc.max_new_tokens):
         nxt = sample(logits, sc.temperature, top_k=sc.top_k, top_p=sc.top_p, generator=gen)
+        if stats is not None:
+            stats.tokens += 1
+            stats.forwards += 1
         yield nxt
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if not use_cache:
