@@ -272,7 +272,8 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
 
 def _finish(tr: Trainer, say) -> dict:
     """The summary of a run that stopped (budget spent or paused at stop_at), said in one line."""
-    if tr.budget_left():  # the loop ended at stop_at
+    if tr.budget_left() and tr.fraction() < 1.0:  # the loop ended at stop_at (a schedule at its end is done,
+        # also when the clock extrapolated from the last checkpoint reached max_minutes before the wall clock did)
         say(f"paused at step {tr.step} ({tr.fraction():.0%} of the budget), held-out loss {tr.val_loss:.4f}, "
             f"{tr.elapsed() / 60:.1f} min")
     else:
