@@ -14,41 +14,12 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 httpx = pytest.importorskip("httpx", reason="the serve extra's test client httpx is not installed")
 
 import torch  # noqa: E402
-from conftest import SHORT_TEXT  # noqa: E402
+from serve_helpers import text_run  # noqa: E402
 
-from worldloom.config import RunConfig, save_yaml, to_dict  # noqa: E402
 from worldloom.decode import SamplingConfig, generate  # noqa: E402
 from worldloom.serve.app import Settings, create_app  # noqa: E402
 
 PROMPT = "To be, or not"
-
-
-def text_run(folder: Path, chat: bool = False, **model) -> Path:
-    """A random text run with O(1) weights (untied head: a distribution flat enough that samples differ);
-    ``chat``: marked as tuned, so it has a chat template."""
-    from worldloom.checkpoint import save_checkpoint
-    from worldloom.config import ModelConfig
-    from worldloom.model import LWM
-    from worldloom.tokenize import TextTokenizer
-
-    tok = TextTokenizer.train("char", SHORT_TEXT, vocab_size=300)
-    mc = ModelConfig(n_layer=2, n_head=2, d_model=32, context=96, tie_weights=False, vocab_size=tok.vocab_size, **model)
-    cfg = RunConfig(name=folder.name, out_dir=str(folder.parent), model=mc)
-    if chat:
-        cfg.tune.base = str(folder)  # provenance only: a run without LoRA loads its own weights
-    torch.manual_seed(0)
-    m = LWM(mc)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
-        byte = torch.tensor([tok.tok.id_to_token(i).startswith("<0x") for i in range(tok.vocab_size)])
-        m.head.weight[byte] = 0.0  # byte-fallback tokens unlikely: the text stays readable, token by token
-        m.head.weight[~byte] *= 5.0
-    save_checkpoint(folder, m, None, {"step": 0, "elapsed": 0.0})
-    tok.save(folder / "tokenizer")
-    save_yaml(to_dict(cfg), folder / "config.yaml")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -196,6 +196,8 @@ class Engine:
 
     def _deliver(self, tokens: list[int], logprobs: list) -> None:
         now = time.monotonic()
+        if self.metrics:
+            self.metrics.completion_tokens.inc(len(tokens), model=self.name)
         for row, tok, lp in zip(self.rows, tokens, logprobs):
             job = row.job
             if job.first_token is None:
@@ -228,7 +230,6 @@ class Engine:
     def _finish(self, job: Job, now: float) -> None:
         if self.metrics:
             self.metrics.latency.observe(now - job.t0, model=self.name)
-            self.metrics.completion_tokens.inc(job.generated, model=self.name)
         job.queue.put_nowait(None)
 
     # ------------------------------------------------------------------ the worker thread's side
