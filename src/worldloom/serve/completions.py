@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from .engine import Event, Job, QueueFull, Sampling
 from .protocol import APIError, ChatRequest, CompletionRequest, new_id, now, usage
@@ -79,7 +80,8 @@ def submit(engine, jobs: list[Job]) -> None:
 
 
 async def events(jobs: list[Job], engine, request=None):
-    """The jobs' events as they come (a job error raises); cancels every job if the consumer stops."""
+    """The jobs' events as they come (a job error raises); cancels every job if the consumer stops
+    (a stream's client went away) or, for a whole answer, when ``request`` reports a disconnect."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(job):
@@ -88,14 +90,18 @@ async def events(jobs: list[Job], engine, request=None):
         await queue.put(job)
 
     tasks = [asyncio.create_task(pump(j)) for j in jobs]
-    left = len(jobs)
+    left, checked = len(jobs), time.monotonic()
     try:
         while left:
             try:
                 item = await asyncio.wait_for(queue.get(), 0.5)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                item = None
+            if request is not None and time.monotonic() - checked > 0.5:  # a client that left frees its rows
+                checked = time.monotonic()
+                if await request.is_disconnected():
                     return
+            if item is None:
                 continue
             if isinstance(item, Job):
                 left -= 1
@@ -124,7 +130,7 @@ class Completion:
     def piece(self, ev: Event) -> dict:
         return {"index": ev.index, "text": ev.text, "logprobs": self.logprobs(ev), "finish_reason": ev.finish_reason}
 
-    def logprobs(self, ev: Event, want: bool = True) -> dict | None:
+    def logprobs(self, ev: Event) -> dict | None:
         if not ev.logprobs:
             return None
         off = self.offsets.get(ev.index, 0)
@@ -156,7 +162,7 @@ class Chat(Completion):
         delta = {"content": ev.text} if ev.text else {}
         return {"index": ev.index, "delta": delta, "logprobs": self.logprobs(ev), "finish_reason": ev.finish_reason}
 
-    def logprobs(self, ev: Event, want: bool = True) -> dict | None:
+    def logprobs(self, ev: Event) -> dict | None:
         if not ev.logprobs:
             return None
 
