@@ -10,9 +10,9 @@ from conftest import SHORT_TEXT
 from worldloom.config import ModelConfig, RunConfig, save_yaml, to_dict
 
 
-def text_run(folder: Path, chat: bool = False, context: int = 96, **model) -> Path:
+def text_run(folder: Path, chat: str | None = None, context: int = 96, **model) -> Path:
     """A random text run with O(1) weights (untied head: a distribution flat enough that samples differ);
-    ``chat``: marked as tuned, so it has a chat template."""
+    ``chat``: marked as tuned, so it has a chat template, whose answers end at the string ``chat``."""
     from worldloom.checkpoint import save_checkpoint
     from worldloom.model import LWM
     from worldloom.tokenize import TextTokenizer
@@ -23,6 +23,7 @@ def text_run(folder: Path, chat: bool = False, context: int = 96, **model) -> Pa
     cfg = RunConfig(name=folder.name, out_dir=str(folder.parent), model=mc)
     if chat:
         cfg.tune.base = str(folder)  # provenance only: a run without LoRA loads its own weights
+        cfg.tune.stop = chat
     torch.manual_seed(0)
     m = LWM(mc)
     with torch.no_grad():

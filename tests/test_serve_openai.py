@@ -35,7 +35,7 @@ def free_port() -> int:
 def server(tmp_path_factory):
     """`worldloom serve plain chat` in its own process; yields its base URL."""
     root = tmp_path_factory.mktemp("served")
-    runs = [text_run(root / "plain", context=512), text_run(root / "chat", chat=True)]
+    runs = [text_run(root / "plain", context=512), text_run(root / "chat", chat="o")]
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     log = open(root / "server.log", "w+")

@@ -48,14 +48,15 @@ def _token_budget(req, served, n_prompt: int, default: int | None) -> int:
     return asked
 
 
-def make_jobs(served, req, prompts: list[str], logprobs: int | None, default_tokens: int | None) -> list[Job]:
-    """One job per prompt (each with n rows), validated before any is queued."""
+def make_jobs(served, req, prompts: list[str], logprobs: int | None, default_tokens: int | None,
+              stops: list[str]) -> list[Job]:
+    """One job per prompt (each with n rows), validated before any is queued; ``stops`` besides the request's."""
     n = req.n or 1
     if n > served.engine.max_batch:
         raise APIError(400, f"n={n} is more than this server's batch of {served.engine.max_batch} rows (--max-batch)", param="n")
     if getattr(req, "echo", False):
         raise APIError(400, "echo is not supported", param="echo")
-    stops = req.stops()
+    stops = req.stops() + [s for s in stops if s not in req.stops()]
     jobs = []
     for i, text in enumerate(prompts):
         ids = served.tokenizer.encode(text).tolist() if text else []
@@ -216,9 +217,10 @@ async def stream(fmt: Completion, name: str, jobs: list[Job], engine, include_us
     yield "data: [DONE]\n\n"
 
 
-async def respond(fmt_cls, served, req, prompts: list[str], logprobs: int | None, default_tokens: int | None, request):
+async def respond(fmt_cls, served, req, prompts: list[str], logprobs: int | None, default_tokens: int | None, request,
+                  stops: tuple[str, ...] = ()):
     """Check, queue and answer (a dict) or stream (an async iterator of SSE lines) one request."""
-    jobs = make_jobs(served, req, prompts, logprobs, default_tokens)
+    jobs = make_jobs(served, req, prompts, logprobs, default_tokens, list(stops))
     submit(served.engine, jobs)
     fmt = fmt_cls(served.tokenizer)
     if req.stream:
@@ -238,4 +240,5 @@ async def chat(served, req: ChatRequest, request):
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return await respond(Chat, served, req, [prompt_of_messages(served, req.messages)], logprobs, None, request)
+    prompt = prompt_of_messages(served, req.messages)  # an answer ends at the template's stop string
+    return await respond(Chat, served, req, [prompt], logprobs, None, request, (served.run.cfg.tune.stop,))
