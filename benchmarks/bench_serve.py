@@ -92,10 +92,9 @@ def start_server(run: Path, max_batch: int, queue: int, threads: int) -> tuple[s
     import httpx
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "worldloom", "serve", str(run), "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", str(queue)],
+                             "--max-batch", str(max_batch), "--max-queue", str(queue), "--threads", str(threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=32, help="the continuous-batching server's --max-batch")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per mode; requests still running are cancelled")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the server (OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the server (its --threads)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--context", type=int, default=512)

@@ -306,3 +306,19 @@ def test_world_sessions_are_bounded_and_expire(app):
     sessions.table[ids[0]].used -= sessions.ttl + 1  # as if unused for longer than the ttl
     assert call(app, lambda c: c.get(f"/v1/worlds/world/sessions/{ids[0]}")).status_code == 404
     assert post(app, "/v1/worlds/world/sessions", {"seed": 9}).status_code == 200
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def test_cli_errors_are_one_line(runs, tmp_path, capsys):
+    from worldloom.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("worldloom: error:") and "run folder not found" in err and len(err.strip().splitlines()) == 1
+    twin = tmp_path / "other" / "plain"
+    twin.parent.mkdir()
+    twin.symlink_to(runs["plain"])
+    assert main(["serve", str(runs["plain"]), str(twin), "--port", "1"]) == 2
+    assert "two runs are named 'plain'" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     log = open(root / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "worldloom", "serve", *map(str, runs), "--port", str(port),
-                             "--api-key", KEY, "--max-batch", "8"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "--api-key", KEY, "--max-batch", "8", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

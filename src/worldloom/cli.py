@@ -284,8 +284,11 @@ def _cmd_lora(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from .serve import serve
+    from .runtime import set_threads
+    from .serve import check_installed, serve
 
+    check_installed()
+    set_threads(args.threads)
     serve(args.runs, args.host, args.port, args.api_key, args.max_batch, args.max_queue, args.max_sessions,
           args.session_ttl)
     return 0
@@ -487,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=_int_in(1, 100_000), default=64, help="requests that may wait; more get 503")
     s.add_argument("--max-sessions", type=_int_in(1, 10_000), default=32, help="open sessions per world run")
     s.add_argument("--session-ttl", type=_float_in(1, 86_400), default=600.0, help="seconds before an unused session expires")
+    s.add_argument("--threads", type=_int_in(0, 4096), default=0, help="torch threads (default 0: every core)")
     s.set_defaults(fn=_cmd_serve)
     return p
 
