@@ -322,3 +322,21 @@ def test_cli_errors_are_one_line(runs, tmp_path, capsys):
     twin.symlink_to(runs["plain"])
     assert main(["serve", str(runs["plain"]), str(twin), "--port", "1"]) == 2
     assert "two runs are named 'plain'" in capsys.readouterr().err
+
+
+def test_a_failed_step_answers_500_and_the_server_goes_on(runs, monkeypatch):
+    app = create_app([runs["plain"]])
+    engine = app.state.served["plain"].engine
+    body = {"model": "plain", "prompt": PROMPT, "max_tokens": 4}
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_advance", boom)
+        r = post(app, "/v1/completions", body)
+        assert r.status_code == 500 and r.json()["error"] == {"message": "decoding failed: boom", "type": "server_error",
+                                                              "param": None, "code": None}
+        chunks = post(app, "/v1/completions", {**body, "stream": True}).text
+        assert '"decoding failed: boom"' in chunks and "[DONE]" not in chunks
+    assert post(app, "/v1/completions", body).status_code == 200

@@ -8,6 +8,7 @@ through `/v1/worlds` (`worlds.py`). Every run is listed by `/v1/models` under it
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,7 @@ def _add_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def bug(request, e: Exception):
+        logging.getLogger("worldloom.serve").error("%s %s failed", request.method, request.url.path, exc_info=e)
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"), status_code=500)
 
 

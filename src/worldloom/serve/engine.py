@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from ..decode import left_pad
 from ..inference.sampling import sample
 from .rows import compact, join, retention_thetas
 from .text import TextStream
+
+log = logging.getLogger("worldloom.serve")
 
 
 class QueueFull(Exception):
@@ -188,6 +191,7 @@ class Engine:
         return jobs
 
     def _fail(self, rows: list[Row], e: Exception) -> None:
+        log.error("model %s: a decoding step failed", self.name, exc_info=e)
         message = f"decoding failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         for job in {id(r.job): r.job for r in rows}.values():
             job.error, job.open = message, 0
