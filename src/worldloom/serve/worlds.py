@@ -192,8 +192,8 @@ def add_world_routes(app, served: dict) -> None:
             for s in served.values() if s.is_world]}
 
     @app.post("/v1/worlds/{name}/sessions")
-    async def open_session(name: str, body: SessionRequest):
-        return (await world(name).open(body)).describe()
+    async def open_session(name: str, body: SessionRequest | None = None):
+        return (await world(name).open(body or SessionRequest())).describe()
 
     @app.get("/v1/worlds/{name}/sessions/{sid}")
     async def show(name: str, sid: str):
