@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, lora, import, data.
+"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, lora, import, data, serve.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -322,6 +322,17 @@ def _cmd_lora(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .runtime import set_threads
+    from .serve import check_installed, serve
+
+    check_installed()
+    set_threads(args.threads)
+    serve(args.runs, args.host, args.port, args.api_key, args.max_batch, args.max_queue, args.max_sessions,
+          args.session_ttl)
+    return 0
+
+
 def _cmd_import(args) -> int:
     from .export.import_hf import import_hf
 
@@ -514,6 +525,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="the folder to import (nothing is downloaded)")
     s.add_argument("overrides", nargs="*", help="name=..., out_dir=..., model.context=... (default name: the folder's name)")
     s.set_defaults(fn=_cmd_import)
+
+    s = sub.add_parser("serve", help="serve runs over HTTP: OpenAI-compatible completions/chat, world sessions (docs/serving.md)")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (text and world runs; each served under its folder's name)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: open)")
+    s.add_argument("--max-batch", type=_int_in(1, 1024), default=16, help="rows decoded together per model")
+    s.add_argument("--max-queue", type=_int_in(1, 100_000), default=64, help="requests that may wait; more get 503")
+    s.add_argument("--max-sessions", type=_int_in(1, 10_000), default=32, help="open sessions per world run")
+    s.add_argument("--session-ttl", type=_float_in(1, 86_400), default=600.0, help="seconds before an unused session expires")
+    s.add_argument("--threads", type=_int_in(0, 4096), default=0, help="torch threads (default 0: every core)")
+    s.set_defaults(fn=_cmd_serve)
     return p
 
 
@@ -592,7 +615,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export", "lora", "import", "data")
+VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export", "lora", "import", "data",
+         "serve")
 _OOM = ("not enough memory", "can't allocate memory", "out of memory", "defaultcpuallocator")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import ConfigError, DataError
 
 __all__ = ["DataError", "PROMPT_FORMAT", "STOP", "read_instructions", "read_preferences", "read_prompts",
-           "render_prompt"]
+           "render_prompt", "render_turn"]
 
 PROMPT_FORMAT = "Q: {prompt}\nA: "
 STOP = "\n"
@@ -34,6 +34,14 @@ def render_prompt(prompt: str, fmt: str = PROMPT_FORMAT) -> str:
     if not isinstance(fmt, str) or fmt.count("{prompt}") != 1:
         raise ConfigError(f"a prompt format must contain {{prompt}} exactly once, got {fmt!r}")
     return fmt.replace("{prompt}", prompt)
+
+
+def render_turn(role: str, content: str, fmt: str = PROMPT_FORMAT, stop: str = STOP) -> str:
+    """One chat turn as the model reads it: a user's through `fmt`, an assistant's followed by `stop`,
+    a system's (or developer's) on a line of its own. A conversation is its turns joined."""
+    if role == "user":
+        return render_prompt(content, fmt)
+    return content + (stop if role == "assistant" else "\n")
 
 
 def _kind(value) -> str:
@@ -121,8 +129,7 @@ def _chat_row(row: dict, where: str, fmt: str, stop: str) -> dict:
             raise DataError(f'{at}: "role" is {role!r}, expected one of {", ".join(ROLES)}')
         content = _text(m, "content", at, 'a message has "role" and "content"')
         if i < len(messages) - 1:
-            parts.append(render_prompt(content, fmt) if role == "user" else
-                         content + (stop if role == "assistant" else "\n"))
+            parts.append(render_turn(role, content, fmt, stop))
     if messages[-1]["role"] != "assistant":
         raise DataError(f'{where}: the last message is the {messages[-1]["role"]}\'s, expected the assistant\'s (the response)')
     if not any(m["role"] == "user" for m in messages):

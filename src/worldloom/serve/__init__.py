@@ -1,0 +1,40 @@
+"""`worldloom serve`: an OpenAI-compatible server for text runs and play endpoints for world runs.
+
+    worldloom serve runs/chat runs/babyai --port 8000 [--api-key KEY] [--max-batch 16] [--max-queue 64]
+
+Modules: `app` (the FastAPI application: routes, the API key, errors, /health, /metrics),
+`completions` (/v1/completions, /v1/chat/completions, SSE), `engine` (continuous batching: one decode
+loop per text model), `rows` (joining and compacting cache rows), `text` (a row's text: stop strings,
+UTF-8), `worlds` (/v1/worlds sessions), `protocol` (request bodies, OpenAI's error shape), `metrics`
+(Prometheus text). FastAPI and uvicorn come with the optional extra: ``pip install 'worldloom[serve]'``.
+docs/serving.md has the whole story.
+"""
+
+from __future__ import annotations
+
+from ..errors import WorldloomError
+
+
+def check_installed() -> None:
+    """WorldloomError (one line) unless the serve extra (fastapi, uvicorn) is installed."""
+    missing = []
+    for name in ("fastapi", "uvicorn"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise WorldloomError(f"`worldloom serve` needs {' and '.join(missing)}: pip install 'worldloom[serve]'")
+
+
+def serve(runs, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
+          max_queue: int = 64, max_sessions: int = 32, session_ttl: float = 600.0, log_level: str = "info") -> None:
+    """Load the runs and serve them until interrupted."""
+    check_installed()
+    import uvicorn
+
+    from .app import Settings, create_app
+
+    settings = Settings(api_key or None, max_batch, max_queue, max_sessions, session_ttl)
+    app = create_app(list(runs), settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
