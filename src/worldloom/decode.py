@@ -134,31 +134,16 @@ def generate(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: lis
 def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None,
                  compile: bool = False, **speculative) -> Iterator[tuple[int, str]]:
     """Yield (row, new text) as tokens arrive; a row ends at its first stop string (excluded)."""
-    stop = [s for s in (stop or []) if s]
+    from .inference.textstream import TextStream
+
+    rows = [TextStream(tokenizer, stop) for _ in prompts]
     ids = [tokenizer.encode(p).tolist() for p in prompts]
-    gen_ids: list[list[int]] = [[] for _ in prompts]
-    emitted = [""] * len(prompts)
-    done = [False] * len(prompts)
-    hold = max((len(s) for s in stop), default=1) - 1  # text that may yet become a stop string
     for nxt in generate_ids(model, ids, sc, autocast_ctx=autocast_ctx, compile=compile, **speculative):
         for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            gen_ids[i].append(t)
-            text = tokenizer.decode(gen_ids[i])
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text, done[i] = text[:cut], True
-                safe = len(text)
-            else:  # an incomplete UTF-8 sequence decodes to U+FFFD (one per byte with byte fallback): wait for the rest
-                safe = len(text.rstrip("\ufffd")) - hold
-            if safe > len(emitted[i]):
-                yield i, text[len(emitted[i]):safe]
-                emitted[i] = text[:safe]
-        if all(done):
+            if not rows[i].stopped and (text := rows[i].push(t)):
+                yield i, text
+        if all(r.stopped for r in rows):
             return
-    for i in range(len(prompts)):  # flush what was held back at the end
-        if not done[i]:
-            text = tokenizer.decode(gen_ids[i])
-            if len(text) > len(emitted[i]):
-                yield i, text[len(emitted[i]):]
+    for i, r in enumerate(rows):  # flush what was held back at the end
+        if text := r.flush():
+            yield i, text

@@ -4,8 +4,8 @@
 
 Modules: `app` (the FastAPI application: routes, the API key, errors, /health, /metrics),
 `completions` (/v1/completions, /v1/chat/completions, SSE), `engine` (continuous batching: one decode
-loop per text model), `rows` (joining and compacting cache rows), `text` (a row's text: stop strings,
-UTF-8), `worlds` (/v1/worlds sessions), `protocol` (request bodies, OpenAI's error shape), `metrics`
+loop per text model), `rows` (joining and compacting cache rows; a row's text, stop strings and
+UTF-8 come from `worldloom.inference.textstream`), `worlds` (/v1/worlds sessions), `protocol` (request bodies, OpenAI's error shape), `metrics`
 (Prometheus text). FastAPI and uvicorn come with the optional extra: ``pip install 'worldloom[serve]'``.
 docs/serving.md has the whole story.
 """

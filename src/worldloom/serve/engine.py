@@ -11,7 +11,7 @@ Requests (`Job`: a prompt, its sampling settings and ``n`` choices) wait in a bo
 4. samples the next token of every row with the row's own settings and generator (so a request's
    seed gives the same output whatever else is in the batch, up to rounding),
 
-then hands each row's new text (`text.TextStream`: stop strings, UTF-8) and log-probabilities to
+then hands each row's new text (`inference.textstream.TextStream`: stop strings, UTF-8) and log-probabilities to
 its job's asyncio queue. The model work (steps 1-4) runs in one worker thread per model, so the
 event loop keeps serving; everything else runs on the event loop, which owns the rows.
 """
@@ -30,7 +30,7 @@ import torch
 from ..decode import left_pad
 from ..inference.sampling import sample
 from .rows import compact, join, retention_thetas
-from .text import TextStream
+from ..inference.textstream import TextStream
 
 log = logging.getLogger("worldloom.serve")
 

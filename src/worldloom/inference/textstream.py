@@ -1,8 +1,8 @@
 """One generated row's text as tokens arrive: UTF-8-safe deltas, stop strings, which tokens were shown.
 
-The same rules as `decode.stream_batch` (a row ends at its first stop string, excluded; text that
-may still become a stop string, or an incomplete UTF-8 sequence, is held back), for one row whose
-tokens come from a running batch. It also tells which tokens a delta covers, so per-token
+`decode.stream_batch` keeps one per row, and so does the server's running batch: a row ends at its
+first stop string (excluded); text that may still become a stop string, or an incomplete UTF-8
+sequence, is held back until it cannot. It also tells which tokens a delta covers, so per-token
 log-probabilities travel with the text they produced (a token is reported once all of its text
 is out, or, when the row ends, if any of its text was kept).
 """
