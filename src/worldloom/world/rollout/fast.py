@@ -76,9 +76,15 @@ class ImagineStats:
         """Drafts accepted / drafts verified (a draft checked again after a rejection counts again)."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    @property
+    def verifications_per_frame(self) -> float:
+        """Verification forwards per drafted frame (1: every draft right; obs_len: none)."""
+        return self.verifications / self.frame_passes if self.frame_passes else 0.0
+
     def as_dict(self) -> dict:
         return {"steps": self.steps, "forwards": self.forwards, "forwards_per_step": round(self.forwards_per_step, 3),
-                "frame_passes": self.frame_passes, "verifications": self.verifications, "drafted": self.drafted,
+                "frame_passes": self.frame_passes, "verifications": self.verifications,
+                "verifications_per_frame": round(self.verifications_per_frame, 3), "drafted": self.drafted,
                 "accepted": self.accepted, "acceptance": round(self.acceptance, 4)}
 
 
