@@ -277,6 +277,14 @@ def test_open_loop_throughput_and_the_gif_rollout_take_fast(run, val_episodes, c
     frames_fast = imagined_vs_real(run, seed=3, steps=3, mode="fast")
     for a, b in zip(frames_tok, frames_fast):
         np.testing.assert_array_equal(a.imagined, b.imagined)
+    envs = [WorldModelEnv(run, mode=mode) for mode in ("tokens", "fast")]
+    for env in envs:
+        env.reset(seed=5)
+    for a in (2, 1, 2, 0):
+        (o1, *rest1), (o2, *rest2) = (env.step(a) for env in envs)
+        np.testing.assert_array_equal(o1["image"], o2["image"])
+        assert o1["direction"] == o2["direction"] and rest1 == rest2
+    assert envs[1]._sim.stats.frame_passes == 4
     rc = main(["imagine", str(world_run), "--seed", "3", "--steps", "3", "--fast", "--out", str(tmp_path / "f.gif")])
     out = capsys.readouterr().out
     assert rc == 0 and "forwards per imagined step" in out and "drafts accepted" in out

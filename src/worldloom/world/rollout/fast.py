@@ -136,7 +136,7 @@ def imagine_frame(run: StreamRunner, h: torch.Tensor, greedy: bool = True, gener
         hs = run.feed(fed)[:, r:]  # (B, 1+k, C): at the known token and at each draft
         logits = _choices(run, hs, p + 1)  # (B, 1+k, V): positions p+1 .. p+1+k
         drafts = frame[:, p + 1 : p + 1 + k]
-        n, fix = accept(logits, drafts, torch.full((run.batch,), k), temperature,
+        n, fix = accept(logits, drafts, torch.full((run.batch,), k, device=drafts.device), temperature,
                         draft_probs=None if q is None else q[:, p + 1 : p + 1 + k], generator=generator)
         stats.verifications += 1
         stats.drafted += run.batch * k
