@@ -22,8 +22,8 @@ costs ``obs_len`` forwards, as token by token does (each longer, so slower there
 **Redrafting** (``redraft``): after a rejection, the drafts for the positions after the
 correction are either the head's own (``"head"``) or the verification's choices there
 (``"verify"``, as Jacobi decoding: the model's token at each later position given the drafts
-before it, one of which was wrong). On the tiny test models ``verify`` accepts more (see
-docs/decoding-imagination.md for the figures), so it is the default.
+before it, one of which was wrong). On small trained models ``verify`` needs fewer verifications
+for a transformer and ``head`` for Mamba (docs/decoding-imagination.md); ``verify`` is the default.
 
 **Batched rows** accept different numbers of drafts, but the runner's cache has one length:
 every row keeps the batch's smallest accepted count plus one token (`verify.emit`); a row that
