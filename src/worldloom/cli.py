@@ -119,7 +119,9 @@ def _cmd_imagine(args) -> int:
     exact = sum(1 for f in frames[1:] if f[3]) if frames and len(frames[0]) > 3 else None
     print(f"wrote {args.out}: {len(frames)} frames of {run.cfg.env.id} seed {args.seed}, real (left) beside imagined (right)"
           + (f"; {exact}/{len(frames) - 1} imagined frames exactly right" if exact is not None else ""))
-    if args.fast:
+    if args.fast and run.model.obs_decoder is not None:
+        print("--fast: this model encodes observations; its frame decoder predicts whole frames in every mode")
+    elif args.fast:
         print(f"fast imagination: {stats.forwards_per_step:.1f} forwards per imagined step "
               f"(token by token: {run.layout.step_len}), {stats.acceptance:.1%} of frame-head drafts accepted")
     return 0
