@@ -105,17 +105,26 @@ def _cmd_collect(args) -> int:
 def _cmd_imagine(args) -> int:
     from .run import load_world_run
     from .runtime import set_threads
-    from .world.rollout.imagine import imagined_vs_real, write_rollout_gif
+    from .world.rollout.imagine import ImagineStats, imagined_vs_real, write_rollout_gif
 
     if args.steps < 1:
         raise WorldloomError(f"--steps must be at least 1, got {args.steps}")
     set_threads(0)
     run = load_world_run(Path(args.run))
-    frames = imagined_vs_real(run, run.cfg.env.id, args.seed, args.steps)
+    if args.fast and run.model.frame is None and run.model.obs_decoder is None:
+        raise WorldloomError(f"--fast drafts with the frame head, which {args.run} lacks (train with "
+                             "stream.parallel_obs=true); drop --fast")
+    stats = ImagineStats()
+    frames = imagined_vs_real(run, run.cfg.env.id, args.seed, args.steps, mode="fast" if args.fast else "tokens", stats=stats)
     write_rollout_gif(frames, Path(args.out))
     exact = sum(1 for f in frames[1:] if f[3]) if frames and len(frames[0]) > 3 else None
     print(f"wrote {args.out}: {len(frames)} frames of {run.cfg.env.id} seed {args.seed}, real (left) beside imagined (right)"
           + (f"; {exact}/{len(frames) - 1} imagined frames exactly right" if exact is not None else ""))
+    if args.fast and run.model.obs_decoder is not None:
+        print("--fast: this model encodes observations; its frame decoder predicts whole frames in every mode")
+    elif args.fast:
+        print(f"fast imagination: {stats.forwards_per_step:.1f} forwards per imagined step "
+              f"(token by token: {run.layout.step_len}), {stats.acceptance:.1%} of frame-head drafts accepted")
     return 0
 
 
@@ -471,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="environment seed of the real episode (its first frame starts the imagination)")
     s.add_argument("--steps", type=_int_in(1, 10**4), default=20, help="steps to imagine (the real episode may end sooner)")
     s.add_argument("--out", type=_out_path, default="rollout.gif", help="GIF to write")
+    s.add_argument("--fast", action="store_true", help="frame-head drafts verified token by token: the same frames, fewer forwards")
     s.set_defaults(fn=_cmd_imagine)
 
     s = sub.add_parser("tune", help="adapt and align a run: SFT, DPO/IPO, ORPO, reward model, preference pairs, PPO",

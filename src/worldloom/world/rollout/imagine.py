@@ -10,9 +10,12 @@ observation, feeding its own predictions back (the cache lives in a `StreamRunne
 The next observation is predicted either token by token (``mode="tokens"``: one single-token
 forward per token, so 53 forwards per step: a, r, d and the 50 observation tokens), or with
 the frame head (``mode="parallel"``: r and d token by token, then all 50 observation tokens in
-one frame-head pass, fed back as one chunk of 50: 4 forwards per step). Every predicted token
-is restricted to the ids its position may hold, and chosen greedily (argmax) or sampled
-(from a seeded ``torch.Generator``).
+one frame-head pass, fed back as one chunk of 50: 4 forwards per step), or with the frame head's
+frame verified token by token (``mode="fast"``, `worldloom.world.rollout.fast`: exactly the
+``tokens`` frame when greedy, the same distribution when sampling, in 4 forwards per step where
+the head is right). Every predicted token is restricted to the ids its position may hold, and
+chosen greedily (argmax) or sampled (from a seeded ``torch.Generator``). ``stats``
+(`ImagineStats`) counts forwards per imagined step and, in fast mode, the drafts accepted.
 
 Imagined streams never stop by themselves: a stream that imagined an end (or reached the step
 limit) keeps stepping on whatever actions it gets, harmlessly; callers ignore its outputs
@@ -41,19 +44,22 @@ from ...io import atomic_write_bytes
 from ..envs import make_adapter
 from ..eval.metrics import seen_cell_accuracy
 from ...inference.sampling import sample
+from .fast import ImagineStats, check_fast, imagine_frame
 from .runner import StreamRunner
 from ..stream import StreamLayout
 
-MODES = ("tokens", "parallel")
+MODES = ("tokens", "parallel", "fast")
 
 
 def _check_mode(model, mode: str) -> str:
     """The mode a model imagines in: ``mode``, except that a model with encoded observations
-    (worldloom.modality) always predicts whole frames ("parallel")."""
+    (worldloom.modality) always predicts whole frames ("parallel": its decoder's frame is its own answer)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if getattr(model, "obs_decoder", None) is not None:
         return "parallel"
+    if mode == "fast":
+        check_fast(model)
     if mode == "parallel" and getattr(model, "frame", None) is None:
         raise ValueError("mode='parallel' needs a model with a frame head (train with stream.parallel_obs=true); "
                          "use mode='tokens' for this model")
@@ -78,30 +84,34 @@ class BatchedWorldModelEnv:
     """B imagined environments stepped together by the model.
 
     model, layout: a world model (`LWM`) and its `StreamLayout`.
-    mode: "tokens" (token-by-token observations) or "parallel" (the frame head; ValueError
-        if the model has none).
+    mode: "tokens" (token-by-token observations), "parallel" (the frame head) or "fast" (the frame
+        head's drafts verified: the tokens result; worldloom.world.rollout.fast). The last two
+        need a frame head (ValueError otherwise); ``redraft``: fast mode's drafts after a
+        rejection ("verify" or "head", see worldloom.world.rollout.fast).
     greedy: argmax tokens (deterministic) or samples from the softmax (seeded by ``seed``).
     max_steps: imagined episodes are truncated after this many steps (None: ``env_id``'s own
         limit when an env id is given, otherwise no limit besides the model's own predictions).
 
     After ``reset`` and after every ``step``, ``h`` (B, C) is the hidden state after the latest
     observation (the policy's input: ``policy_logits()``), ``t`` (B,) the steps taken and
-    ``done`` (B,) whether each row has imagined an end (terminated or truncated).
+    ``done`` (B,) whether each row has imagined an end (terminated or truncated); ``stats``
+    (`ImagineStats`) the forwards per imagined step and (fast) the drafts accepted, since creation.
     """
 
     def __init__(self, model, layout: StreamLayout, mode: str = "tokens", greedy: bool = True, seed: int = 0,
                  max_steps: int | None = None, env_id: str | None = None, precision: str = "fp32",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", redraft: str = "verify"):
         mode = _check_mode(model, mode)
         if max_steps is None and env_id is not None:
             max_steps = env_max_steps(env_id)
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
         self.model, self.layout, self.mode, self.greedy = model, layout, mode, bool(greedy)
-        self.max_steps = max_steps
+        self.max_steps, self.redraft = max_steps, redraft
         self.runner = StreamRunner(model, layout, precision, device)
         self.generator = torch.Generator(device=self.runner.device)
         self.reseed(seed)
+        self.stats = ImagineStats()
         self.h: torch.Tensor | None = None
         self.t = np.zeros(0, np.int64)
         self.done = np.zeros(0, bool)
@@ -153,6 +163,7 @@ class BatchedWorldModelEnv:
             raise ValueError(f"step needs {B} actions (one per stream), got {len(actions)}")
         if actions.min() < 0 or actions.max() >= lay.n_actions:
             raise ValueError(f"actions must be in [0, {lay.n_actions}), got {actions.tolist()}")
+        before = run.forwards
         h = run.feed(lay.action_ids(actions)[:, None])[:, -1]
         r_id = self._pick(run.logits(h))
         h = run.feed(r_id[:, None])[:, -1]
@@ -160,13 +171,18 @@ class BatchedWorldModelEnv:
         h = run.feed(d_id[:, None])[:, -1]
         if self.mode == "parallel":
             obs = self._pick(run.frame(h)).reshape(B, lay.obs_len)  # the whole next observation at once
+            self.stats.frame_passes += 1
             h = run.feed(obs)[:, -1]
+        elif self.mode == "fast":
+            obs, h = imagine_frame(run, h, self.greedy, self.generator, self.stats, self.redraft)
         else:
             obs = np.empty((B, lay.obs_len), np.int64)
             for i in range(lay.obs_len):
                 obs[:, i] = self._pick(run.logits(h))
                 h = run.feed(obs[:, i : i + 1])[:, -1]
         self.h = h
+        self.stats.steps += 1
+        self.stats.forwards += run.forwards - before
         self.t = self.t + 1
         fields = lay.decode_obs(obs)
         reward = lay.decode_reward(r_id).astype(np.float32)
@@ -407,9 +423,11 @@ class RolloutFrame(NamedTuple):
 
 @torch.no_grad()
 def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int = 20, greedy: bool = True,
-                     mode: str = "tokens", tile_size: int = 16, precision: str = "fp32") -> list[RolloutFrame]:
+                     mode: str = "tokens", tile_size: int = 16, precision: str = "fp32",
+                     stats: ImagineStats | None = None) -> list[RolloutFrame]:
     """Play the real env with the model's own policy (its action from the REAL stream: greedy, or
-    sampled with ``seed``) and imagine the same actions from the same start in the world model.
+    sampled with ``seed``) and imagine the same actions from the same start in the world model
+    (``mode`` as `BatchedWorldModelEnv`'s; ``stats`` gets the imagination's counts added).
 
     Returns 1 + (steps taken) `RolloutFrame`s (real_rgb, imagined_rgb, action, exact, action_name): the
     shared first observation, then the observations after each action (the real episode may end
@@ -425,6 +443,8 @@ def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int =
         policy = StreamRunner(model, layout, precision)
         h = policy.reset([layout.prefix(mission)], layout.encode_obs(fields))
         sim = BatchedWorldModelEnv(model, layout, mode, greedy, seed=seed, precision=precision)
+        if stats is not None:
+            sim.stats = stats
         sim.reset([mission], fields)
         gen = torch.Generator().manual_seed(int(seed))
         def draw(batched: dict) -> np.ndarray:
@@ -525,14 +545,17 @@ def write_rollout_gif(frames, path, fps: float = 3, action_names: tuple[str, ...
 @torch.no_grad()
 def imagination_throughput(model, layout: StreamLayout, first_obs: dict, missions: list[str], batch: int = 64,
                            steps: int = 20, mode: str = "tokens", precision: str = "fp32",
-                           device: str | torch.device = "cpu", seed: int = 0) -> float:
+                           device: str | torch.device = "cpu", seed: int = 0, stats: ImagineStats | None = None) -> float:
     """Imagined environment steps per second of `BatchedWorldModelEnv` with ``batch`` streams
     (the given first observations and missions repeated to fill the batch), uniformly random
-    actions, greedy decoding. The reset (prefill) is not timed; context rebuilds are."""
+    actions, greedy decoding. The reset (prefill) is not timed; context rebuilds are. ``stats``
+    gets the counts (forwards per step, fast mode's acceptance) added."""
     if batch < 1 or steps < 1:
         raise ValueError("batch and steps must be at least 1")
     idx = np.arange(batch) % len(missions)
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
+    if stats is not None:
+        sim.stats = stats
     sim.reset([missions[i] for i in idx], {k: np.asarray(v)[idx] for k, v in first_obs.items()})
     rng = np.random.default_rng(seed)
     actions = rng.integers(layout.n_actions, size=(steps, batch))

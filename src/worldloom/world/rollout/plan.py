@@ -49,7 +49,9 @@ Cost per real step: a copy of B*K cache rows, then per imagined step three singl
 ("tokens") or one frame-head pass plus one ``obs_len``-token forward ("parallel"); the last
 imagined step skips the observation. With token-by-token frames and horizon 4 that is about
 3*4 + 3*50 = 162 batched one-token forwards of B*K rows per real action; with the frame head,
-3*4 + 3*2 = 18 forwards (the observation chunks are 50 tokens each). Imagining only the
+3*4 + 3*2 = 18 forwards (the observation chunks are 50 tokens each). ``mode="fast"`` verifies the
+frame head's observations token by token (worldloom.world.rollout.fast): the imagined streams are
+exactly the token-by-token ones, at 18 forwards where the head's drafts are right (``stats``). Imagining only the
 policy's top 2 instead of all 7 BabyAI actions makes those rows 3.5 times fewer.
 """
 
@@ -61,9 +63,10 @@ import numpy as np
 import torch
 
 from ...inference.sampling import sample
+from .fast import ImagineStats, check_fast, imagine_frame
 from .runner import StreamRunner
 
-MODES = ("auto", "tokens", "parallel")
+MODES = ("auto", "tokens", "parallel", "fast")
 
 
 @dataclass
@@ -90,8 +93,10 @@ class ImaginationPlanner:
         world model has rarely or never seen the consequences of actions the expert does not
         take, and its reward predictions for them are not to be trusted.
     mode: how imagined observations are predicted — "tokens" (token by token), "parallel"
-        (the frame head, one pass; the model must have one) or "auto" (parallel when the
-        model has a frame head).
+        (the frame head, one pass; the model must have one), "fast" (the frame head's drafts
+        verified: exactly "tokens", faster where the head is right; needs one too) or "auto"
+        (parallel when the model has a frame head). ``stats`` (`ImagineStats`) counts imagined
+        steps, forwards and (fast) drafts accepted.
 
     The rule that makes the policy's action stand unless imagination confidently knows better is
     in the module's docs and `decide`; ``decisions`` / ``overrides`` count the actions chosen and
@@ -123,6 +128,7 @@ class ImaginationPlanner:
         self.calls = 0
         self.decisions = 0  # real actions chosen (rows of every choose())
         self.overrides = 0  # of them, how many were not the policy's own action
+        self.stats = ImagineStats()
 
     # -- helpers
     def _candidates(self, layout) -> np.ndarray:
@@ -131,13 +137,18 @@ class ImaginationPlanner:
             raise ValueError(f"candidate actions must be in [0, {layout.n_actions}), got {cand.tolist()}")
         return cand
 
-    def _parallel(self, model) -> bool:
+    def _obs_mode(self, model) -> str:
+        """How this model's imagined observations are predicted: "tokens", "parallel" or "fast"."""
         if getattr(model, "obs_decoder", None) is not None:
-            return True  # encoded observations: whole frames are the only way this model predicts them
+            return "parallel"  # encoded observations: whole frames are the only way this model predicts them
         has_frame = getattr(model, "frame", None) is not None
         if self.mode == "parallel" and not has_frame:
             raise ValueError("mode='parallel' needs a model with a frame head (train with stream.parallel_obs=true)")
-        return self.mode == "parallel" or (self.mode == "auto" and has_frame)
+        if self.mode == "fast":
+            check_fast(model)
+        if self.mode == "auto":
+            return "parallel" if has_frame else "tokens"
+        return self.mode
 
     @staticmethod
     def counted(imagined: Imagined) -> np.ndarray:
@@ -168,7 +179,7 @@ class ImaginationPlanner:
         B, K, H = runner.batch, cand.shape[1], self.horizon
         if cand.shape[0] != B:
             raise ValueError(f"cand needs one row of first actions per stream ({B}), got shape {cand.shape}")
-        parallel = self._parallel(model)
+        obs_mode = self._obs_mode(model)
 
         # room for the whole imagined horizon: at most one rebuild of the B real rows now, instead
         # of rebuilds of all B*K imagined rows inside the horizon
@@ -186,7 +197,9 @@ class ImaginationPlanner:
         rewards = np.zeros((B * K, H))
         ends = np.zeros((B * K, H), bool)
         actions = np.zeros((B * K, H), np.int64)
+        before = scratch.forwards
         for t in range(H):
+            self.stats.steps += 1
             if t == 0:
                 act = cand.reshape(-1)  # row b*K + k
             else:
@@ -204,13 +217,17 @@ class ImaginationPlanner:
             ends[:, t] = term | trunc
             if t == H - 1 or ends[:, : t + 1].any(axis=1).all():
                 break
-            if parallel:  # the whole next observation from the hidden state after d
+            if obs_mode == "parallel":  # the whole next observation from the hidden state after d
                 obs = sample(scratch.frame(h), 0.0).cpu().numpy()  # (B*K, obs_len)
+                self.stats.frame_passes += 1
                 h = scratch.feed(obs)[:, -1]
+            elif obs_mode == "fast":  # the same observation as token by token, from verified drafts
+                _, h = imagine_frame(scratch, h, stats=self.stats)
             else:
                 for _ in range(lay.obs_len):
                     tok = sample(scratch.logits(h), 0.0).cpu().numpy()
                     h = scratch.feed(tok[:, None])[:, -1]
+        self.stats.forwards += scratch.forwards - before
         return Imagined(cand, rewards.reshape(B, K, H), ends.reshape(B, K, H), actions.reshape(B, K, H))
 
     @staticmethod

@@ -15,6 +15,12 @@ The moment of that rebuild depends on the longest prefix in the batch, so a stre
 exactly the same predictions batched and alone until its first rebuild, not necessarily after.
 `keep(rows)` drops finished streams (re-prefilling the survivors), so a batch of
 environments costs only as much as the ones still running.
+
+Fast imagination (worldloom.world.rollout.fast) feeds drafted tokens and takes back the ones the
+model would not have produced: `room()` says how many ids fit before the next roll-over (a
+verification never straddles one, so roll-overs happen where token-by-token feeding has them),
+`mark()` / `rewind(m, drop)` cut the streams back through `worldloom.inference.verify`.
+`forwards` counts the model passes.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...inference import verify
 from ...inference.sampling import restrict
 from ...modality import backbone_positions
 from ...runtime import autocast
@@ -46,6 +53,7 @@ class StreamRunner:
         self.steps = np.zeros((0, 0), np.int64)  # (B, n) step tokens fed so far, all rows aligned
         self.cache = None
         self.rebuilds = 0
+        self.forwards = 0  # model passes so far (prefills included)
 
     @property
     def batch(self) -> int:
@@ -69,6 +77,7 @@ class StreamRunner:
         skip_t = torch.from_numpy(np.ascontiguousarray(skip)).to(dev) if self.model.skip_proj is not None else None
         with autocast(self.precision, dev):
             out = self.model(torch.from_numpy(ids).to(dev), self.cache, torch.from_numpy(slots).to(dev), skip_t, head=False)
+        self.forwards += 1
         h, self.cache = out.hidden, out.cache
         return h
 
@@ -116,8 +125,7 @@ class StreamRunner:
         n = ids.shape[1]
         lay = self.layout
         P = max(len(p) for p in self.prefixes)
-        capacity = self.context if self.cache is None else min(self.context, self.cache.max_len)
-        if self._positions(P, self.steps.shape[1] + n) > capacity:  # full: keep the prefix and the latest steps
+        if self._positions(P, self.steps.shape[1] + n) > self._capacity():  # full: keep the prefix and the latest steps
             self.rebuilds += 1
             self.steps = np.concatenate([self.steps, ids], axis=1)
             return self._prefill(self._steps_to_keep())[:, -n:]
@@ -125,6 +133,33 @@ class StreamRunner:
         start = self.steps.shape[1]
         self.steps = np.concatenate([self.steps, ids], axis=1)
         return self._forward(ids, np.broadcast_to(slots, ids.shape).copy(), self._skip(start, n))
+
+    def _capacity(self) -> int:
+        return self.context if self.cache is None else min(self.context, self.cache.max_len)
+
+    def room(self) -> int:
+        """How many more step ids `feed` takes without rolling over (token streams: one position per id)."""
+        P = max(len(p) for p in self.prefixes)
+        return self._capacity() - self._positions(P, self.steps.shape[1])
+
+    def mark(self) -> tuple[verify.Mark, int]:
+        """The streams as they are now (before feeding drafts), for `rewind`."""
+        return verify.mark(self.cache), self.steps.shape[1]
+
+    def rewind(self, m: tuple[verify.Mark, int], drop: int) -> np.ndarray:
+        """Take back the last ``drop`` step ids of every stream (fed since the mark ``m``, with no
+        roll-over between; drop=0 does nothing, roll-over or not). Returns the ids (B, r) the caller
+        must feed again before its next tokens: none for an attention cache (cut), the kept ones
+        after the mark for a recurrent one (its states go back to the mark; worldloom.inference.verify)."""
+        cache_mark, at = m
+        fed = self.steps.shape[1]
+        if drop == 0:
+            return self.steps[:, fed:]
+        keep = fed - drop
+        refeed = verify.rewind(self.cache, cache_mark, cache_mark.length + keep - at)
+        out = self.steps[:, at:keep] if refeed else self.steps[:, keep:keep]
+        self.steps = self.steps[:, : at if refeed else keep]
+        return out
 
     def keep(self, rows, append: np.ndarray | None = None) -> torch.Tensor | None:
         """Continue only the given rows (e.g. the environments still running), optionally appending
