@@ -23,7 +23,7 @@ costs ``obs_len`` forwards, as token by token does (each longer, so slower there
 correction are either the head's own (``"head"``) or the verification's choices there
 (``"verify"``, as Jacobi decoding: the model's token at each later position given the drafts
 before it, one of which was wrong). On small trained models ``verify`` needs fewer verifications
-for a transformer and ``head`` for Mamba (docs/decoding-imagination.md); ``verify`` is the default.
+for a transformer and ``head`` for Mamba (docs/decoding.md, "Fast imagination"); ``verify`` is the default.
 
 **Batched rows** accept different numbers of drafts, but the runner's cache has one length:
 every row keeps the batch's smallest accepted count plus one token (`verify.emit`); a row that
