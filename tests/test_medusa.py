@@ -179,3 +179,23 @@ def test_tune_medusa_end_to_end(trained_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["tune", "medusa", str(trained_run), "heads=0", f"out_dir={tmp_path}", "name=bad"]) == 2
     assert "medusa.heads must be from 1 to 16" in capsys.readouterr().err
+
+
+def test_resume_trains_on_the_cached_generations(trained_run, tmp_path, monkeypatch):
+    from worldloom.recipes.medusa import MedusaTask
+    from worldloom.tune.common import tune_recipe
+
+    quiet = {"progress": False, "log": lambda *a: None}
+    tiny = ["heads=1", f"out_dir={tmp_path}", "name=m", "medusa.samples=8", "medusa.prompt=4", "medusa.length=8",
+            "train.max_steps=2", "train.eval_interval=2", "train.threads=1"]
+    tune_recipe("medusa", trained_run, tiny, **quiet)
+    before = load_tensors(tmp_path / "m" / "distill.safetensors")
+
+    def no(*a):
+        raise AssertionError("generated again on resume")
+
+    monkeypatch.setattr(MedusaTask, "_generate", no)
+    s = tune_recipe("medusa", None, ["train.max_steps=4"], resume=tmp_path / "m", **quiet)
+    assert s["step"] == 4 and len(s["head_accuracy"]) == 1
+    assert torch.equal(load_tensors(tmp_path / "m" / "distill.safetensors")["train"], before["train"])
+    assert before["train"].shape[1] == 4 + 8

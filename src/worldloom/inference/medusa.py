@@ -7,7 +7,8 @@ yields the next token of every row, sc.max_new_tokens times, like `decode.genera
 output token-for-token the plain one). ``model`` has Medusa heads (`worldloom.adapters.medusa`;
 a `NoHeadsError` otherwise); ``stats`` a `SpecStats` (``drafted`` counts tree nodes per row,
 ``accepted`` the tokens they added); ``tree`` the candidate tree as Medusa's "choices" (below;
-default `DEFAULT_TREE` cut to the model's heads).
+default `DEFAULT_TREE` cut to the model's heads), checked always but used only where a tree is
+verified (attention-only stacks, greedy or typical acceptance; elsewhere the top-1 chain).
 
 **One step.** The last emitted token (the root: the model's own next token) is not yet in the
 cache; the heads, read at the hidden state before it, guess the tokens after it. A node of the
@@ -94,6 +95,9 @@ class Tree:
     def nodes(self) -> int:
         return len(self.choices)
 
+    def to(self, device) -> "Tree":
+        return Tree(self.choices, *(t.to(device) for t in (self.parent, self.depth, self.anc, self.see)))
+
     def prefix(self, n: int) -> "Tree":
         """The tree of the first n nodes."""
         if n >= self.nodes:
@@ -108,17 +112,17 @@ class Tree:
             return logits.new_zeros(logits.shape[1], 0, dtype=torch.long)
         width = max(c[-1] for c in self.choices) + 1
         top = logits.topk(width, dim=-1).indices  # (K, B, width)
-        head = torch.tensor([len(c) - 1 for c in self.choices])
-        rank = torch.tensor([c[-1] for c in self.choices])
+        head = torch.tensor([len(c) - 1 for c in self.choices], device=logits.device)
+        rank = torch.tensor([c[-1] for c in self.choices], device=logits.device)
         return top[head, :, rank].T  # (B, N)
 
     def inputs(self, fed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(see, pos) of a pass that feeds ``fed`` tokens: fed - N pending ones (causal; the last is
         the root), then the N nodes at their depths after the root."""
-        p, N = fed - self.nodes, self.nodes
-        see = torch.ones(fed, fed, dtype=torch.bool).tril()  # (fed, fed)
+        p, dev = fed - self.nodes, self.depth.device
+        see = torch.ones(fed, fed, dtype=torch.bool, device=dev).tril()  # (fed, fed)
         see[p - 1 :, p - 1 :] = self.see
-        pos = torch.cat([torch.arange(p), p - 1 + self.depth[1:]])  # (fed,)
+        pos = torch.cat([torch.arange(p, device=dev), p - 1 + self.depth[1:]])  # (fed,)
         return see, pos
 
     def accept(self, logits: torch.Tensor, tokens: torch.Tensor, sc, typical: tuple[float, float] | None,
@@ -134,7 +138,7 @@ class Tree:
             entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)  # (B, N+1)
             bar = torch.minimum(torch.full_like(entropy, typical[0]), typical[1] * (-entropy).exp())
             ok = p[:, par].gather(-1, tokens[:, 1:, None]).squeeze(-1) > bar[:, par]  # (B, N)
-        ok = torch.cat([torch.ones(B, 1, dtype=torch.bool), ok], 1)  # (B, N+1)
+        ok = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=ok.device), ok], 1)  # (B, N+1)
         for _ in range(int(self.depth.max())):  # a node stands only if its whole path does
             ok = ok & ok[:, self.parent]
         best = torch.where(ok, self.depth, -1).argmax(1)  # (B,) the first deepest: the likeliest guesses
@@ -178,12 +182,12 @@ def medusa_ids(model, prompts: list[list[int]], sc, stats: SpecStats | None = No
         raise ValueError(f"typical acceptance needs 0 < epsilon <= 1 and delta > 0, got {epsilon}, {delta}")
     given = Tree.build(tree, heads) if tree is not None else None  # checked even where a chain is verified
     as_chain = model.backbone.has_recurrent or (sc.temperature > 0 and not typical)
-    full = Tree.build(chain(heads), heads) if as_chain else given or Tree.build(
-        [c for c in DEFAULT_TREE if len(c) <= heads], heads)
+    device = next(model.parameters()).device
+    full = (Tree.build(chain(heads), heads) if as_chain else given or Tree.build(
+        [c for c in DEFAULT_TREE if len(c) <= heads], heads)).to(device)
     rule = (epsilon, delta) if typical and sc.temperature > 0 else None
     stats = stats if stats is not None else SpecStats()
     gen = torch.Generator().manual_seed(sc.seed) if sc.seed is not None else None
-    device = next(model.parameters()).device
     seq, pad = left_pad(prompts)
     seq, pad = seq.to(device), pad.to(device)
     target = _Target(model)
@@ -193,7 +197,10 @@ def medusa_ids(model, prompts: list[list[int]], sc, stats: SpecStats | None = No
         L = seq.shape[1]
         fits = 0 if h is None else min(cm.room(L), int((full.depth[1:] <= left - 1).sum()))
         t = full.prefix(fits)
-        cand = t.candidates(head_logits(model, h)) if t.nodes else seq.new_zeros(seq.shape[0], 0)  # (B, N)
+        cand = seq.new_zeros(seq.shape[0], 0)  # (B, N): the heads' guesses after the root
+        if t.nodes:
+            with cm.amp():
+                cand = t.candidates(head_logits(model, h))
         target.tree = t if t.nodes and not as_chain else None
         logits = cm.feed(seq, cand)[:, -(t.nodes + 1):]  # (B, N+1, V) at the root and the nodes
         hidden = target.out.hidden[:, -(t.nodes + 1):]
