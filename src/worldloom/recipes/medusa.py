@@ -149,7 +149,10 @@ class MedusaTask:
         from .text import prepare_text
 
         mc = self.cfg.medusa
-        text = prepare_text(self.cfg, self.tokenizer)[0].train
+        try:
+            text = prepare_text(self.cfg, self.tokenizer)[0].train
+        except DataError as e:
+            raise DataError(f"{e} (Medusa's prompts are cut from the base's training text: give data.path=FILE)") from None
         if len(text) <= mc.prompt:
             raise DataError(f"{self.cfg.data.path}: {len(text)} training tokens are too few for prompts of {mc.prompt}")
         g = torch.Generator().manual_seed(mc.seed)
