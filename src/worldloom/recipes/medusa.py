@@ -9,7 +9,8 @@ the part before its held-out tail), and the base continues each by ``medusa.leng
 The heads learn what the base *says*, not what the text says: head k at position t is scored
 against the base's token t+k+2, on generated tokens only. The last ``medusa.val_fraction`` of the
 generations is held out: the held-out loss, and at the end each head's top-1 accuracy there
-(``tune_eval.json``: ``head_accuracy``, head 1 first; chance is 1/vocabulary).
+(``tune_eval.json``: ``head_accuracy``, head 1 first; chance is 1/vocabulary), and the tokens per
+forward pass of greedy Medusa decoding of a few held-out prompts (``tokens_per_forward``).
 
 The generations are made when the model is prepared (before any update) and kept in the run
 folder (``distill.safetensors`` + ``distill.json``), so ``--resume`` trains on the same ones.
@@ -184,12 +185,28 @@ def after(summary: dict, run_dir: Path, log=print) -> dict:
         raise DataError(f"{run_dir} lacks its self-distillation data ({DISTILL}.safetensors)")
     loss, acc = task.held_out(run.model, "fp32", next(run.model.parameters()).device)
     res = {"heads": run.cfg.medusa.heads, "val_loss": loss, "head_accuracy": acc, "rows": len(task.val),
-           "chance": 1.0 / run.cfg.model.vocab_size}
+           "chance": 1.0 / run.cfg.model.vocab_size, "tokens_per_forward": _tokens_per_forward(run.model, task)}
     write_json(Path(run_dir) / "tune_eval.json", res)
     log("held-out generations, top-1 accuracy per head (tokens 2.. ahead): "
-        + ", ".join(f"+{k + 2} {a:.1%}" for k, a in enumerate(acc)) + f" (chance {res['chance']:.1%})")
+        + ", ".join(f"+{k + 2} {a:.1%}" for k, a in enumerate(acc)) + f" (chance {res['chance']:.1%}); greedy Medusa "
+        f"decoding of their prompts: {res['tokens_per_forward']:.2f} tokens per forward pass")
     summary.update(res)
     return summary
+
+
+def _tokens_per_forward(model, task: MedusaTask, prompts: int = 8) -> float:
+    """Greedy Medusa decoding of up to 8 held-out prompts, one at a time: tokens per forward pass (a count,
+    not a timing: the speed-up's upper bound)."""
+    from ..decode import SamplingConfig
+    from ..inference.medusa import medusa_ids
+    from ..inference.speculative import SpecStats
+
+    stats = SpecStats()
+    sc = SamplingConfig(max_new_tokens=task.length, temperature=0.0)
+    for row in task.val[:prompts]:
+        for _ in medusa_ids(model, [row[: task.cfg.medusa.prompt].tolist()], sc, stats=stats):
+            pass
+    return stats.tokens_per_forward
 
 
 def evaluate(args, run) -> int:
