@@ -43,11 +43,12 @@ examples (docs/tuning.md has the whole path, data formats included):
   worldloom tune ppo  runs/babyai rl.updates=50 rl.envs=32 name=ppo       # a world run: PPO in BabyAI
   worldloom tune dpo  runs/babyai wdpo.seeds=256 name=babyai-dpo          # a world run: trajectory DPO
   worldloom tune dpo --resume runs/dpo                                      # continue after a kill
+  worldloom tune medusa runs/big heads=4 name=big-medusa                    # Medusa heads (generate --medusa)
 
 Keys: lora.* (rank: 0 = every weight trains; alpha, dropout, targets), dpo.* (beta, loss), orpo.lam,
 tune.* (prompt_format, stop, val_fraction, eval_rows), train.* (max_steps, lr, batch_size, ...),
 rl.* (ppo: updates, batch, kl_reward, lr, eval_path, ...), wdpo.* (trajectory DPO: seeds, samples,
-beta, lr, epochs, eval_episodes), name, out_dir.
+beta, lr, epochs, eval_episodes), medusa.* (heads, samples, prompt, length, temperature), name, out_dir.
 """
 
 
@@ -485,10 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tune", help="adapt and align a run: SFT, DPO/IPO, ORPO, reward model, preference pairs, PPO",
                        epilog=EPILOG_TUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("method", choices=["sft", "dpo", "orpo", "reward", "prefs", "ppo"],
+    s.add_argument("method", choices=["sft", "dpo", "orpo", "reward", "prefs", "ppo", "medusa"],
                    help="sft: supervised fine-tuning on responses | dpo: direct preference optimisation (dpo.loss=ipo: IPO) | "
                         "orpo: SFT + odds ratio, no reference | reward: a Bradley-Terry reward model | prefs: sample and "
-                        "label preference pairs | ppo: RL against a reward (world runs: in their environment)")
+                        "label preference pairs | ppo: RL against a reward (world runs: in their environment) | medusa: "
+                        "Medusa heads (heads=K) on the run's own generations, base frozen")
     s.add_argument("run", nargs="?", help="the run to start from")
     s.add_argument("overrides", nargs="*", help="key=value: data.path=..., lora.rank=8, dpo.beta=0.1, train.max_steps=..., name=...")
     s.add_argument("--resume", metavar="TUNED_RUN", help="continue a tuning run in this folder from its last checkpoint")

@@ -449,6 +449,30 @@ class ORPOConfig:
 
 
 
+@dataclass
+class MedusaConfig:
+    """Medusa heads (recipe medusa: `worldloom tune medusa RUN heads=K`) and their self-distillation data."""
+
+    heads: int = 4  # extra heads: head k (1..K) predicts the token k+1 positions after the model's own next token
+    samples: int = 512  # the base model's own generations to train on (prompts cut from its training text)
+    prompt: int = 16  # tokens of each prompt
+    length: int = 96  # tokens generated after each prompt (at most model.context + 1 - prompt are used)
+    temperature: float = 0.0  # of those generations: 0 = greedy (the decoding Medusa speeds up), > 0 sampled
+    val_fraction: float = 0.1  # generations held out (loss, per-head top-1 accuracy)
+    seed: int = 0  # prompt places and sampling
+
+    def __post_init__(self):
+        if not 1 <= self.heads <= 16:
+            raise ConfigError(f"medusa.heads must be from 1 to 16, got {self.heads}")
+        if self.samples < 2 or self.prompt < 1 or self.length < 2:
+            raise ConfigError(f"medusa.samples must be >= 2, medusa.prompt >= 1 and medusa.length >= 2; got "
+                              f"{self.samples}, {self.prompt}, {self.length}")
+        if self.temperature < 0:
+            raise ConfigError(f"medusa.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"medusa.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
 STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid", "obs_vectors", "obs_len", "obs_grid")  # model fields the world stream layout sets
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
@@ -480,6 +504,7 @@ class RunConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    medusa: MedusaConfig = field(default_factory=MedusaConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe

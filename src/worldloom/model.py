@@ -104,7 +104,8 @@ class LWM(nn.Module):
         return self.backbone.new_cache(batch, max_len, pad)
 
     def forward(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None,
-                frame_index: torch.Tensor | None = None, head: bool = True, causal: bool | torch.Tensor = True) -> ModelOutput:
+                frame_index: torch.Tensor | None = None, head: bool = True, causal: bool | torch.Tensor = True,
+                tree=None) -> ModelOutput:
         """idx (B, T) [, slots (B, T), skip (B, T)] -> ModelOutput. The one entry point: training,
         evaluation and decoding all call the model, so ``torch.compile`` and DDP/FSDP wrap what runs.
 
@@ -113,10 +114,13 @@ class LWM(nn.Module):
         whose hidden state predicts the whole next observation through the frame head.
         ``head=False`` skips the output head (callers that only need a few positions' logits).
         ``causal=False`` makes a bidirectional pass (masked objectives, `worldloom fill`; attention-only
-        models); a (B,) bool tensor chooses per row (True: causal)."""
+        models); a (B,) bool tensor chooses per row (True: causal). ``tree = (see, pos)``: the new tokens
+        are a tree of candidates verified in one pass (Medusa; `backbones.stack.Stack.forward`)."""
         if self.obs_encoder is not None:
+            if tree is not None:
+                raise ValueError("a tree of candidates is for token streams; this model encodes observations")
             return self._forward_encoded(idx, cache, slots, head, causal)
-        h, cache = self.backbone(self.drop(self._embed(idx, slots, skip)), cache, causal=causal)
+        h, cache = self.backbone(self.drop(self._embed(idx, slots, skip)), cache, causal=causal, tree=tree)
         logits = self.logits_of(h) if head else None
         frame = None
         if frame_index is not None and self.frame is not None and frame_index.numel():

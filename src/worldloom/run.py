@@ -61,7 +61,11 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
     if vocab != cfg.model.vocab_size:
         raise CheckpointError(f"tokenizer in {run_dir} has {vocab} tokens but the model config says {cfg.model.vocab_size}")
     model = LWM(cfg.model)
-    if cfg.tune.base and cfg.lora.rank:  # a LoRA run's checkpoint holds its adapters: the rest is its base's
+    if cfg.recipe == "medusa":  # a Medusa run's checkpoint holds its heads: the rest is its (frozen) base's
+        from .adapters.medusa import prepare_medusa
+
+        prepare_medusa(model, cfg, run_dir)
+    elif cfg.tune.base and cfg.lora.rank:  # a LoRA run's checkpoint holds its adapters: the rest is its base's
         from .tune.base import prepare_tuned
 
         prepare_tuned(model, cfg, run_dir)

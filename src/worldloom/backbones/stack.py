@@ -127,15 +127,21 @@ class Stack(nn.Module):
             raise ValueError(f"cache of {max_len} positions exceeds the model context {self.cfg.context}")
         return KVCache(self.cfg.n_layer, batch, max_len, pad)
 
-    def forward(self, x, cache: KVCache | None = None, causal: bool | torch.Tensor = True):
+    def forward(self, x, cache: KVCache | None = None, causal: bool | torch.Tensor = True, tree=None):
         """x (B, T, C) -> (h, cache). ``causal`` False: a bidirectional pass (every position sees every
-        real token; attention-only stacks, no cache filled before); a (B,) bool tensor: per row."""
+        real token; attention-only stacks, no cache filled before); a (B,) bool tensor: per row.
+        ``tree = (see, pos)``: the new tokens form a tree of candidates (Medusa): see (T, T) bool, which
+        new tokens each one attends to (itself included; every cached slot is seen), pos (T,) each one's
+        rotary position counted from slot ``start`` (a node's depth); attention-only stacks."""
         B, T, _ = x.shape  # (B, T, C)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.context:
             raise ValueError(f"sequence of {start + T} positions exceeds the model context {self.cfg.context}")
         if causal is not True and not self.bidirectional:
             raise ValueError(f"a bidirectional pass needs layers that can attend both ways; this stack has {','.join(self.kinds)}")
+        if tree is not None and self.has_recurrent:
+            raise ValueError(f"a tree of candidates needs attention-only layers (a recurrent state reads one sequence); "
+                             f"this stack has {','.join(self.kinds)}: verify a chain instead")
         pad = cache.pad if cache is not None else None
         ctx = MixerContext(cache, ring=self._ring_group() if cache is None else None)
         if ctx.ring is not None:  # this rank holds tokens rank*T .. rank*T+T-1 of each sequence
@@ -144,7 +150,7 @@ class Stack(nn.Module):
             pos, dt = local_positions(T, ctx.ring, device=x.device), _compute_dtype(x)
             ctx.cos, ctx.sin = self.cos[pos].to(dt), self.sin[pos].to(dt)
         elif self.has_attn:
-            ctx.cos, ctx.sin, ctx.mask, ctx.causal = self._attention_inputs(x, start, T, pad, causal)
+            ctx.cos, ctx.sin, ctx.mask, ctx.causal = self._attention_inputs(x, start, T, pad, causal, tree)
         if self.has_recurrent and pad is not None and start < cache.pad_max:
             ctx.valid = torch.arange(start, start + T, device=x.device)[None] >= pad[:, None]  # (B, T)
         for i, block in enumerate(self.blocks):
@@ -164,10 +170,12 @@ class Stack(nn.Module):
             return None
         return dist.group.WORLD
 
-    def _attention_inputs(self, x, start: int, T: int, pad, causal: bool | torch.Tensor = True):
-        """Rotary tables and the attention mask for slots start .. start+T-1 (see forward for ``causal``)."""
+    def _attention_inputs(self, x, start: int, T: int, pad, causal: bool | torch.Tensor = True, tree=None):
+        """Rotary tables and the attention mask for slots start .. start+T-1 (see forward for ``causal``, ``tree``)."""
         mask, plain = None, False
-        if pad is None:
+        if tree is not None:
+            cos, sin, mask = self._tree_inputs(start, T, pad, tree, x.device)
+        elif pad is None:
             cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, D)
             if causal is not True:
                 mask = _open_mask(start, T, None, causal, x.device)
@@ -192,6 +200,22 @@ class Stack(nn.Module):
         if cos.dtype != dt:  # rotate in the compute dtype so no op silently runs in fp32
             cos, sin = cos.to(dt), sin.to(dt)
         return cos, sin, mask, plain
+
+    def _tree_inputs(self, start: int, T: int, pad, tree, device):
+        """Rotary tables and mask of new tokens that form a tree (forward's ``tree = (see, pos)``)."""
+        see, rel = tree
+        if tuple(see.shape) != (T, T) or tuple(rel.shape) != (T,):
+            raise ValueError(f"a tree over {T} new tokens needs see ({T}, {T}) and pos ({T},), "
+                             f"got {tuple(see.shape)} and {tuple(rel.shape)}")
+        pos = start + rel.to(device)  # (T,)
+        mask = torch.cat([torch.ones(T, start, dtype=torch.bool, device=device), see.to(device)], 1)[None]  # (1, T, S)
+        if pad is None:
+            return self.cos[pos], self.sin[pos], mask[:, None]
+        keys = torch.arange(start + T, device=device)
+        slots = torch.arange(start, start + T, device=device)
+        mask = mask & ((keys[None, None] >= pad[:, None, None]) | (slots[None, :, None] == keys[None, None]))  # (B, T, S)
+        pos = (pos[None] - pad[:, None]).clamp(min=0)  # (B, T)
+        return self.cos[pos][:, None], self.sin[pos][:, None], mask[:, None]
 
     def decode_step(self, x, cache: KVCache, slot: torch.Tensor):
         """x (B, 1, C) at cache slot `slot` (0-d long tensor, = cache.length) -> h (B, 1, C).

@@ -117,3 +117,21 @@ def emit(draft: torch.Tensor, n: torch.Tensor, fix: torch.Tensor) -> torch.Tenso
     at_m = draft[:, m] if m < draft.shape[1] else fix
     last = torch.where(n > m, at_m, fix)
     return torch.cat([draft[:, :m], last[:, None]], dim=1)
+
+
+def compact(cache, start: int, slots: torch.Tensor) -> None:
+    """Keep a tree's accepted path: the keys and values at cache slots ``slots`` (B, m) of each row
+    move to slots start .. start+m-1 and the cache is cut there (a tree's nodes lie anywhere after
+    ``start``; its accepted path becomes the contiguous sequence it stands for, each key already
+    rotated at its depth's position). Attention-only caches: a tree is verified on those only."""
+    if is_recurrent(cache):
+        raise ValueError("a recurrent state cannot be compacted; verify a chain and rewind instead")
+    B, m = slots.shape
+    if m and not (start <= int(slots.min()) and int(slots.max()) < cache.length):
+        raise ValueError(f"slots to keep must lie in {start}..{cache.length - 1}")
+    for kv in (cache.k, cache.v):
+        for t in kv:
+            if t is not None and m:
+                idx = slots[:, None, :, None].expand(B, t.shape[1], m, t.shape[3])  # (B, KV, m, D)
+                t[:, :, start : start + m] = t.gather(2, idx)  # gathered first: overlapping moves are safe
+    cache.length = start + m
