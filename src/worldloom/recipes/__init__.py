@@ -33,6 +33,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "orpo": "worldloom.recipes.orpo",
     "reward": "worldloom.recipes.reward",
     "ppo": "worldloom.recipes.ppo",
+    "ternary": "worldloom.recipes.ternary",
 }
 
 
