@@ -11,6 +11,10 @@
   ``torch._weight_int8pack_mm`` on the integer-valued activations (kernel ``int8pack``, default) or
   ``torch._int_mm`` (int8 x int8 -> int32, kernel ``int_mm``); both are exact integer sums, scaled after.
 
+The activations reach ``torch._weight_int8pack_mm`` in fp32 whatever the autocast: in torch 2.13 its
+CPU kernel crashes (segfault) on bf16 inputs for many shapes (e.g. K = 8, N = 3), and it is only
+exact for fp32. The output is cast back to the input's dtype.
+
 No inference path builds a float weight per call. ``weight`` on the inference layers is the
 dequantised matrix, for code that reads a Linear's weight outside the forward (Mamba reads its
 dtype when it allocates a state); the forward never calls it.
@@ -100,8 +104,8 @@ class Int8Linear(_QuantLinear):
         return self.weight_q.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = self._flat(x)
-        return self._out(torch._weight_int8pack_mm(x2, self.weight_q, self.weight_scale.to(x2.dtype)), x)
+        y = torch._weight_int8pack_mm(self._flat(x).float(), self.weight_q, self.weight_scale.float())  # (M, N)
+        return self._out(y.to(x.dtype), x)
 
 
 class TernaryLinear(_QuantLinear):
@@ -148,7 +152,7 @@ class TernaryLinear(_QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._flat(x).float()
         xq, xs = absmax_tokens(x2)  # (M, K) integer-valued, (M, 1)
-        if self.kernel == "int_mm":
+        if self.kernel == "int_mm" and self.in_features > 1:  # torch 2.13's CPU _int_mm is wrong for K = 1
             acc = torch._int_mm(xq.to(torch.int8), self.weight_qt).float()  # (M, N) exact int32 sums
         else:
             acc = torch._weight_int8pack_mm(xq, self.weight_q, self.ones.float())  # (M, N) exact in fp32 for K < 2**17
