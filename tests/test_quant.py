@@ -226,6 +226,20 @@ def test_ternary_inference_model_equals_the_qat_model_it_was_packed_from(trained
         assert torch.allclose(model(x).logits, ref, atol=1e-4)
 
 
+def test_a_qat_run_stopped_before_packing_resumes_then_packs(trained_run, tmp_path):
+    from worldloom.quant.folder import quant_config
+    from worldloom.train import train
+
+    cfg = quant_config(trained_run, 1.58, [f"out_dir={tmp_path}", "name=t", "train.max_steps=2", "train.eval_interval=2"])
+    train(cfg, progress=False, log=lambda *a: None)  # the loop alone: a QAT killed before pack_run
+    assert "packed" not in read_state(latest_checkpoint(cfg.run_dir))
+    assert sum(isinstance(m, BitLinear) for m in load_run(cfg.run_dir).model.modules()) == 8  # the latent QAT model loads
+    assert cli("train", "--resume", cfg.run_dir, "train.max_steps=4", "--no-progress") == 0
+    state = read_state(latest_checkpoint(cfg.run_dir))
+    assert state["packed"] == 1.58 and state["step"] == 4
+    assert sum(isinstance(m, TernaryLinear) for m in load_run(cfg.run_dir).model.modules()) == 8
+
+
 # ---------------------------------------------------------------- refusals: one line, exit 2
 
 
@@ -248,6 +262,7 @@ def test_refusals(quant_runs, trained_run, tmp_path, capsys):
                                                    f"out_dir={tmp_path}")
     assert "train.max_steps cannot be set" in refused(capsys, "quantize", trained_run, "--bits", "8", "train.max_steps=3",
                                                      f"out_dir={tmp_path}")
+    assert "no Llama form" in refused(capsys, "export", "hf", i8, tmp_path / "hf")
     assert "not empty" in refused(capsys, "quantize", trained_run, "--bits", "8", f"out_dir={i8.parent}", "name=i8")
     for recipe, bits, what in (("world", "8", "world run"), ("sft", "1.58", "only a text run")):
         other = tmp_path / recipe
