@@ -240,6 +240,19 @@ def test_a_qat_run_stopped_before_packing_resumes_then_packs(trained_run, tmp_pa
     assert sum(isinstance(m, TernaryLinear) for m in load_run(cfg.run_dir).model.modules()) == 8
 
 
+def test_int8_of_a_lora_run_quantises_the_merged_weights(tmp_path):
+    from conftest import make_adapter_run, make_text_run
+
+    base = make_text_run(tmp_path / "base", tie=True)
+    lora, _ = make_adapter_run(base, tmp_path / "lora")
+    assert cli("quantize", lora, "--bits", "8", f"out_dir={tmp_path}", "name=i8") == 0
+    x = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        want, got, plain = (load_run(r).model(x).logits for r in (lora, tmp_path / "i8", base))
+    assert (got - want).abs().max() < 0.03 * want.abs().max()  # the adapters are in: int8 error only
+    assert (plain - want).abs().max() > 0.1 * want.abs().max()  # (without them the logits differ far more)
+
+
 # ---------------------------------------------------------------- refusals: one line, exit 2
 
 

@@ -53,4 +53,4 @@ def resume(run_dir: Path, overrides: list[str], progress: bool = True, log=print
 
 
 RECIPE = Recipe("ternary", "BitNet b1.58 ternary QAT fine-tuning of a text run (worldloom quantize --bits 1.58)",
-                TernaryTask, run, resume, load, evaluate)
+                TernaryTask, run, resume, load, evaluate, objectives=("next", "masked", "combined"))  # the base's objective
