@@ -276,6 +276,7 @@ def test_refusals(quant_runs, trained_run, tmp_path, capsys):
     assert "train.max_steps cannot be set" in refused(capsys, "quantize", trained_run, "--bits", "8", "train.max_steps=3",
                                                      f"out_dir={tmp_path}")
     assert "no Llama form" in refused(capsys, "export", "hf", i8, tmp_path / "hf")
+    assert "train --resume" in refused(capsys, "quantize", trained_run, "--bits", "1.58", f"out_dir={t.parent}", "name=t")
     assert "not empty" in refused(capsys, "quantize", trained_run, "--bits", "8", f"out_dir={i8.parent}", "name=i8")
     for recipe, bits, what in (("world", "8", "world run"), ("sft", "1.58", "only a text run")):
         other = tmp_path / recipe

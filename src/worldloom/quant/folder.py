@@ -89,6 +89,9 @@ def quant_config(base: Path, bits: float, overrides: list[str]) -> RunConfig:
 def quantize(base: Path, bits: float, overrides: list[str], progress: bool = True, log=print) -> Path:
     """`worldloom quantize RUN --bits B`: the new quantised run folder."""
     cfg = quant_config(base, bits, overrides)
+    if bits == TERNARY and latest_checkpoint(cfg.run_dir) is not None:
+        raise ConfigError(f"{cfg.run_dir} already holds a run; continue a stopped QAT with `worldloom train --resume "
+                          f"{cfg.run_dir}`, or choose another name=")
     check_new_folder(cfg.run_dir)  # before any work: an existing folder is refused at once
     if bits == INT8:
         return write_int8(cfg, Path(base), log)
