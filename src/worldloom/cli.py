@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, lora, import, data, serve.
+"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, lora, import, data, serve, quantize.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -171,6 +171,15 @@ def _is_world(run_dir: Path) -> bool:
     from .run import read_run_config
 
     return read_run_config(run_dir).recipe == "world"
+
+
+def _cmd_quantize(args) -> int:
+    """`quantize RUN --bits 8` (weight-only int8, written at once) or `--bits 1.58` (ternary QAT, then packed)."""
+    from .quant import parse_bits, quantize
+
+    out = quantize(Path(args.run), parse_bits(args.bits), args.overrides, progress=not args.no_progress)
+    print(f"quantised run: {out}; try: worldloom generate {out} \"Hello\"   or   worldloom eval {out}")
+    return 0
 
 
 def _cmd_data(args) -> int:
@@ -499,6 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a progress bar")
     s.set_defaults(fn=_cmd_tune)
 
+    s = sub.add_parser("quantize", help="quantise a text run: weight-only int8 (no training) or ternary BitNet b1.58 (QAT)",
+                       epilog="examples:\n  worldloom quantize runs/big --bits 8 name=big-int8\n"
+                              "  worldloom quantize runs/big --bits 1.58 name=big-ternary train.max_steps=2000\n\n"
+                              "--bits 1.58 fine-tunes on the run's own text (train.* as for `train`); docs/decoding.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("run", help="the text run to quantise")
+    s.add_argument("overrides", nargs="*", help="name=..., out_dir=...; with --bits 1.58 also train.* (max_steps, lr, ...)")
+    s.add_argument("--bits", required=True, help="8: weight-only int8 | 1.58: ternary (BitNet b1.58) quantisation-aware fine-tuning")
+    s.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a progress bar")
+    s.set_defaults(fn=_cmd_quantize)
+
     s = sub.add_parser("data", help="make a dataset: synthetic instruction tasks with programmatic checkers")
     kinds = s.add_subparsers(dest="kind", metavar="KIND", required=True)
     d = kinds.add_parser("instruct", help="checkable instruction tasks as JSONL (train/test/prompts) plus a pretraining text",
@@ -618,7 +638,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
-        if getattr(args, "verb", None) in ("train", "collect", "tune", "import") and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "verb", None) in ("train", "collect", "tune", "import", "quantize") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -628,7 +648,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export", "lora", "import", "data",
-         "serve")
+         "serve", "quantize")
 _OOM = ("not enough memory", "can't allocate memory", "out of memory", "defaultcpuallocator")
 
 

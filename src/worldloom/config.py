@@ -473,6 +473,20 @@ class MedusaConfig:
             raise ConfigError(f"medusa.val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
+QUANT_BITS = (0.0, 8.0, 1.58)  # quant.bits: full precision, weight-only int8, ternary (BitNet b1.58)
+
+
+@dataclass
+class QuantConfig:
+    """A quantised run (worldloom.quant, `worldloom quantize`): what its weights are stored as."""
+
+    bits: float = 0.0  # 0 = full precision | 8 = weight-only int8 (no training) | 1.58 = ternary (BitNet b1.58, QAT)
+
+    def __post_init__(self):
+        if self.bits not in QUANT_BITS:
+            raise ConfigError(f"quant.bits must be 8 (weight-only int8) or 1.58 (ternary), or 0 (full precision); got {self.bits:g}")
+
+
 STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid", "obs_vectors", "obs_len", "obs_grid")  # model fields the world stream layout sets
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
@@ -505,6 +519,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     medusa: MedusaConfig = field(default_factory=MedusaConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe

@@ -69,6 +69,10 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
         from .tune.base import prepare_tuned
 
         prepare_tuned(model, cfg, run_dir)
+    if cfg.quant.bits:  # int8 or ternary layers in place of the backbone's nn.Linear
+        from .quant import prepare_loaded
+
+        prepare_loaded(model, cfg, state)
     load_model_weights(model, ckpt)
     model.to(device).eval()
     return LoadedRun(cfg, model, parts.get("tokenizer"), state, ckpt, parts.get("layout"), run_dir)

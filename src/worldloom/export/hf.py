@@ -48,6 +48,9 @@ def export_hf(run: LoadedRun, out: Path, merged: bool = False) -> Path:
         raise ExportError(f"only the 'transformer' backbone can be exported to hf, this run uses '{mc.backbone}'")
     if mc.ffn != "swiglu":
         raise ExportError(f"only the SwiGLU feed-forward can be exported to hf (Llama), this run uses model.ffn={mc.ffn}")
+    if run.cfg.quant.bits:
+        raise ExportError(f"a quantised run (quant.bits={run.cfg.quant.bits:g}) has no Llama form in hf; export its base run "
+                          f"({run.cfg.tune.base})")
     _check_out(out)
     adapter = None
     if has_lora(run.model) and not merged:

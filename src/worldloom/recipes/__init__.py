@@ -34,6 +34,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "reward": "worldloom.recipes.reward",
     "ppo": "worldloom.recipes.ppo",
     "medusa": "worldloom.recipes.medusa",
+    "ternary": "worldloom.recipes.ternary",
 }
 
 

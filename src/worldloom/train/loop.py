@@ -127,6 +127,10 @@ def setup(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> t
     device = resolve_device(tc.device)
     dist = D.init(tc.dist, device)
     state = read_state(ckpt) if ckpt else {}
+    if state.get("packed"):  # a quantised run's weights: never trained further in full precision
+        from ..quant import refuse_packed
+
+        refuse_packed(cfg, run_dir, state)
     if ckpt and tc.max_steps < state["step"]:  # before anything is written: config.yaml must agree with the checkpoint
         raise ConfigError(f"{run_dir} has reached step {state['step']}; train.max_steps={tc.max_steps} would end it in the past "
                           f"(give train.max_steps >= {state['step']}; nothing was changed)")

@@ -86,6 +86,10 @@ def tuned_config(base: Path, recipe: str, overrides: list[str], train_defaults: 
 
     base = Path(base)
     bcfg = read_run_config(base)
+    if bcfg.quant.bits:
+        from ..quant import refuse_quantised
+
+        refuse_quantised(bcfg, base, f"be tuned ({recipe})")
     if bcfg.recipe == "world":
         raise ConfigError(f"{base} is a world run; `worldloom tune {recipe}` tunes text runs (world runs: `worldloom tune ppo`)")
     data = to_dict(bcfg)
