@@ -177,7 +177,18 @@ def test_tune_medusa_end_to_end(trained_run, tmp_path, capsys):
     assert stats.accepted > 0
     with pytest.raises(NoHeadsError):  # the base itself has none
         medusa_run(load_run(trained_run).model, ids, 4)
-    capsys.readouterr()
+    capsys.readouterr()  # generate --medusa prints the plain greedy text and its acceptance line
+    argv = ["generate", str(run_dir), "The cat", "--max-new-tokens", "30", "--temperature", "0"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--medusa"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain and "mean accepted length" in err
+    for extra, needle in ((["--medusa", "--lookup"], "choose one"), (["--medusa", "--compile"], "drop --compile")):
+        assert main(argv + extra) == 2 and needle in capsys.readouterr().err
+    assert main(["generate", str(trained_run), "The", "--medusa"]) == 2
+    err = capsys.readouterr().err
+    assert "no Medusa heads" in err and err.count("\n") == 1
     assert main(["tune", "medusa", str(trained_run), "heads=0", f"out_dir={tmp_path}", "name=bad"]) == 2
     assert "medusa.heads must be from 1 to 16" in capsys.readouterr().err
 

@@ -255,15 +255,20 @@ def _cmd_generate(args) -> int:
 
 
 def _speculative_args(args, run) -> dict:
-    """generate's --draft / --lookup as decode.generate_ids arguments (a SpecStats always counts)."""
+    """generate's --draft / --lookup / --medusa as decode.generate_ids arguments (a SpecStats always counts)."""
     from .inference.speculative import LookupDrafter, ModelDrafter, SpecStats
 
-    if args.draft and args.lookup:
-        raise WorldloomError("--draft and --lookup are two drafters; choose one")
-    if (args.draft or args.lookup) and args.compile:
-        raise WorldloomError("speculative decoding (--draft/--lookup) runs uncompiled; drop --compile")
+    if sum(map(bool, (args.draft, args.lookup, args.medusa))) > 1:
+        raise WorldloomError("--draft, --lookup and --medusa are three ways to draft; choose one")
+    if (args.draft or args.lookup or args.medusa) and args.compile:
+        raise WorldloomError("speculative decoding (--draft/--lookup/--medusa) runs uncompiled; drop --compile")
     out = {"stats": SpecStats(), "draft_tokens": args.draft_tokens}
-    if args.lookup:
+    if args.medusa:
+        from .adapters.medusa import heads_of
+
+        heads_of(run.model)  # a run without heads: one line
+        out["medusa"] = True
+    elif args.lookup:
         out["drafter"] = LookupDrafter()
     elif args.draft:
         from .run import load_run
@@ -458,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft", metavar="RUN", help="speculative decoding: a smaller run with the same tokenizer proposes, "
                    "this one verifies (same greedy output)")
     s.add_argument("--lookup", action="store_true", help="speculative decoding with prompt-lookup drafts (no draft model)")
+    s.add_argument("--medusa", action="store_true", help="decode with the run's Medusa heads (`worldloom tune medusa`): "
+                   "a tree of their guesses verified in one pass")
     s.add_argument("--draft-tokens", type=_int_in(1, 64), default=4, metavar="K",
                    help="most tokens proposed per verification (adapts down when drafts fail; default 4)")
     s.add_argument("--quiet", action="store_true", help="no closing tokens/s line on stderr")

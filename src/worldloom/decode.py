@@ -47,7 +47,8 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 @torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache: bool = True, autocast_ctx=None,
-                 compile: bool = False, drafter=None, draft_tokens: int = 4, stats=None) -> Iterator[torch.Tensor]:
+                 compile: bool = False, drafter=None, draft_tokens: int = 4, stats=None,
+                 medusa: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), max_new_tokens times.
 
     ``compile=True`` runs each one-token step through ``torch.compile`` of the model's
@@ -56,7 +57,15 @@ def generate_ids(model, prompts: list[list[int]], sc: SamplingConfig, use_cache:
     ``drafter`` (`inference.speculative`: a draft model or prompt lookup) makes it speculative:
     up to ``draft_tokens`` proposed tokens verified per forward pass, the same greedy output,
     the same distribution when sampling; ``stats`` (a `SpecStats`) counts what happened.
+    ``medusa=True`` decodes with the model's Medusa heads (`inference.medusa.medusa_ids`).
     """
+    if medusa:
+        if compile or not use_cache or drafter is not None:
+            raise ValueError("Medusa decoding runs on the cache, uncompiled, without another drafter")
+        from .inference.medusa import medusa_ids
+
+        yield from medusa_ids(model, prompts, sc, stats=stats, autocast_ctx=autocast_ctx)
+        return
     if drafter is not None:
         if compile or not use_cache:
             raise ValueError("speculative decoding runs on the cache, uncompiled")
