@@ -277,6 +277,32 @@ def test_kill_before_pointer_update_keeps_previous_checkpoint(run_copy, monkeypa
     assert load_run(run_copy).state["step"] == TRAINED_STEPS
 
 
+def test_kill_while_replacing_the_same_step_keeps_one_whole(run_copy, monkeypatch):
+    """Saving a step that already has a checkpoint: a kill after the old folder is moved aside but
+    before the new one is in place leaves the old one, which the next load takes back."""
+    run = load_run(run_copy)
+    old_ckpt = latest_checkpoint(run_copy)
+    step = int(old_ckpt.name.split("-")[1])
+    real_rename, calls = type(old_ckpt).rename, []
+
+    def dies_on_second_rename(self, target):
+        calls.append(self.name)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(old_ckpt), "rename", dies_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(run_copy, run.model, None, {"step": step})
+    monkeypatch.undo()
+    assert calls == [old_ckpt.name, f".{old_ckpt.name}.tmp"]
+    assert not old_ckpt.exists()  # the window this test is about
+    assert latest_checkpoint(run_copy) == old_ckpt and old_ckpt.is_dir()
+    assert load_run(run_copy).state["step"] == step
+    again = save_checkpoint(run_copy, run.model, None, {"step": step})  # and saving the step again works
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == [again.name]
+
+
 def test_cli_interrupt_is_one_line(tiny_cfg, tmp_path, corpus_file, monkeypatch, capsys):
     """Ctrl-C during `worldloom train`: one line naming the last checkpoint and how to resume."""
     real_append = loop._append

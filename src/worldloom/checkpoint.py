@@ -52,6 +52,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     inside = (run_dir / CHECKPOINTS).resolve()
     if (run_dir / CHECKPOINTS).is_symlink() or path.is_symlink() or path.resolve().parent != inside:
         raise CheckpointError(f"{run_dir / POINTER} points at {path}, which leads outside {run_dir / CHECKPOINTS}; refusing to follow it")
+    if not path.is_dir() and _kept(path).is_dir():  # a kill landed between _replace's two renames
+        _kept(path).rename(path)
     if not path.is_dir():
         raise CheckpointError(f"{run_dir / POINTER} points at {path}, which does not exist")
     return path
@@ -115,14 +117,29 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer: tor
     for fname, tensors in (extra or {}).items():
         save_tensors(tmp / f"{fname}.safetensors", tensors, metadata={"format": FORMAT})
     write_json(tmp / "state.json", full_state)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    _replace(tmp, final)
     write_json(run_dir / POINTER, {"latest": f"{CHECKPOINTS}/{name}", "step": state["step"]})
     older = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p != final)
     for p in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _kept(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final``. A checkpoint already there (the same step saved
+    again) is renamed aside first and removed only after the new one is in place, so a kill at any
+    moment leaves one of the two whole (``latest_checkpoint`` takes the kept one back)."""
+    kept = _kept(final)
+    if kept.exists():
+        shutil.rmtree(kept)
+    if final.exists():
+        final.rename(kept)
+    tmp.rename(final)
+    shutil.rmtree(kept, ignore_errors=True)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
