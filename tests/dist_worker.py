@@ -32,3 +32,35 @@ def train_rank(rank: int, world: int, port: int, overrides: list[str], resume: s
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def collect_rank(rank: int, world: int, port: int, out: str, kwargs: dict, errors) -> None:
+    """Collect with the seeds spread over ``world`` gloo ranks; each rank writes the seeds it played
+    to ``out``.played-<rank> (rank 0 writes the dataset itself)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        from worldloom.world.data import collect
+
+        played = []
+        real_run = collect._Collector.run
+
+        def run(self, seeds):
+            played.extend(seeds)
+            return real_run(self, seeds)
+
+        collect._Collector.run = run
+        dist.init_process_group("gloo")
+        meta = collect.collect_dataset(out, world=world, **kwargs)
+        assert (meta != {}) == (rank == 0), f"rank {rank} returned {meta!r:.80}"
+        with open(f"{out}.played-{rank}", "w") as f:
+            f.write(" ".join(map(str, played)))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

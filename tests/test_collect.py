@@ -171,6 +171,37 @@ def test_same_seeds_same_data_for_any_worker_count(dataset, tmp_path):
         assert strip(meta1) == strip(meta2)
 
 
+def test_ranks_share_the_collection_and_get_the_data_of_one_process(dataset, tmp_path):
+    """Two gloo ranks (as under torchrun): each plays its own seeds, rank 0 writes the folder, and
+    the dataset equals the one-process dataset of the fixture."""
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    from worldloom.spawn import free_port
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_worker import collect_rank
+
+    out1, meta1 = dataset
+    out2 = tmp_path / "ranks"
+    kwargs = dict(env_id=ENV, train_episodes=8, val_episodes=4, workers=1, shard_size=3,
+                  **{k: v for k, v in SETTINGS.items() if k != "log"})  # a lambda does not cross processes
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(collect_rank, args=(2, free_port(), str(out2), kwargs, errors), nprocs=2, join=True,
+                       start_method="spawn")
+    assert errors.empty(), errors.get()
+    played = [set(map(int, Path(f"{out2}.played-{r}").read_text().split())) for r in range(2)]
+    assert played[0] and played[1] and not played[0] & played[1]  # both ranks played, no seed twice
+    a, b = load_dataset(out1), load_dataset(out2)
+    meta2 = json.loads((out2 / "meta.json").read_text())
+    for split in ("train", "val"):
+        assert a.episodes(split) == b.episodes(split)
+        strip = lambda m: {k: v for k, v in m["splits"][split].items() if k != "seconds"}  # noqa: E731
+        assert strip(meta1) == strip(meta2)
+
+
 # ------------------------------------------------------------------------ dropped episodes
 
 

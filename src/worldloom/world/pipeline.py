@@ -35,12 +35,13 @@ EVAL_JSON = "eval.json"
 HORIZONS = (1, 5, 10)
 
 
-def collect_for(cfg: RunConfig, out_dir: Path, progress: bool = True, log=print) -> dict:
+def collect_for(cfg: RunConfig, out_dir: Path, progress: bool = True, log=print, world: int = 1) -> dict:
     from .data.collect import collect_dataset
 
     d = cfg.data
     return collect_dataset(out_dir, cfg.env.id, d.episodes, d.val_episodes, seed=d.seed, perturbed_fraction=d.perturbed,
-                           epsilon=d.epsilon, workers=d.workers, bot_timeout=d.bot_timeout, progress=progress, log=log)
+                           epsilon=d.epsilon, workers=d.workers, bot_timeout=d.bot_timeout, progress=progress, log=log,
+                           world=world)
 
 
 def eval_seeds(cfg: RunConfig, n: int) -> list[int]:
@@ -184,19 +185,21 @@ def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif
 def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
     """collect (if needed) -> train -> evaluate -> report; returns the evaluation result.
 
-    Under torchrun (``train.dist``) rank 0 collects while the others wait, every rank trains,
-    and rank 0 evaluates and writes the report (the others return an empty result)."""
+    Under torchrun (``train.dist``) the ranks share the collection (each plays its own seeds, rank 0
+    writes the folder: the data of one process), every rank trains, and rank 0 evaluates and writes
+    the report (the others return an empty result)."""
     set_threads(cfg.train.threads)
     dist = D.init(cfg.train.dist, resolve_device(cfg.train.device))
     timing = {}
     data = dataset_dir(cfg, cfg.run_dir)
     t = time.perf_counter()
-    if dist.main and not (data / "meta.json").is_file():
-        if cfg.data.path:
-            from .data.episodes import load_dataset
+    need = dist.main and not (data / "meta.json").is_file()
+    if need and cfg.data.path:
+        from .data.episodes import load_dataset
 
-            load_dataset(data)  # the user named a folder: report what is wrong with it
-        collect_for(cfg, data, progress, log)
+        load_dataset(data)  # the user named a folder: report what is wrong with it
+    if D.agree("collect" if need else "have", ("have", "collect"), dist) == "collect":
+        collect_for(cfg, data, progress and dist.main, log if dist.main else (lambda *a: None), world=dist.world)
     D.barrier(dist)
     timing["collect_s"] = round(time.perf_counter() - t, 1)
     return _train_and_report(cfg, Path(cfg.run_dir), [], False, timing, progress, log)

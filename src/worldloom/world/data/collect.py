@@ -26,7 +26,9 @@ near ``bot_timeout``, on a loaded machine is the one source of non-determinism).
 
 Parallelism. ``workers > 1`` runs chunks of seeds in a ``ProcessPoolExecutor`` with the
 "spawn" start method (scripts that call ``collect_dataset`` need the usual
-``if __name__ == "__main__":`` guard); every worker reuses one environment. Shards are
+``if __name__ == "__main__":`` guard); every worker reuses one environment. Under torchrun
+(``world > 1``) each chunk is dealt over the ranks, each with its own ``workers``, and rank 0
+writes the folder: the same data as one process. Shards are
 written as soon as their episodes are known, and ``meta.json`` is written last.
 """
 
@@ -237,6 +239,46 @@ class _InlineExecutor:
         pass
 
 
+class _RankExecutor:
+    """The executor interface over the ranks of a torchrun job. Rank 0 runs ``_collect_split`` and
+    ``submit`` deals each chunk's seeds round-robin to the ranks; every rank plays its part on its
+    own local executor (``workers`` processes or inline) and rank 0 gathers the episodes. The other
+    ranks ``follow`` until rank 0's ``shutdown``. Each episode depends only on its seed, so the
+    data are those of one process."""
+
+    def __init__(self, local, workers: int):
+        import torch.distributed as torch_dist
+
+        self.dist, self.local, self.workers = torch_dist, local, workers
+        self.rank, self.world = torch_dist.get_rank(), torch_dist.get_world_size()
+
+    def _play(self, seeds: list[int]) -> list[Episode | _Dropped]:
+        futures = [self.local.submit(_run_chunk, seeds[k::self.workers]) for k in range(self.workers) if seeds[k::self.workers]]
+        return [r for f in futures for r in f.result()]
+
+    def submit(self, fn, seeds):
+        parts = [[seeds[r::self.world] for r in range(self.world)]]
+        self.dist.broadcast_object_list(parts, src=0)
+        gathered = [None] * self.world
+        self.dist.gather_object(self._play(parts[0][0]), gathered, dst=0)
+        fut: Future = Future()
+        fut.set_result([r for part in gathered for r in part])
+        return fut
+
+    def follow(self) -> None:
+        while True:
+            parts = [None]
+            self.dist.broadcast_object_list(parts, src=0)
+            if parts[0] is None:
+                return
+            self.dist.gather_object(self._play(parts[0][self.rank]), None, dst=0)
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        if self.rank == 0:
+            self.dist.broadcast_object_list([None], src=0)
+        self.local.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
 # ----------------------------------------------------------------------------- a split
 
 
@@ -359,6 +401,15 @@ def _check_args(train_episodes, val_episodes, seed, perturbed_fraction, epsilon,
     need(isinstance(shard_size, int) and shard_size >= 1, f"shard size must be an integer >= 1, got {shard_size!r}")
 
 
+def _executor(settings: _Settings, workers: int, world: int):
+    if workers > 1:
+        local = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_init_worker, initargs=(settings,))
+    else:
+        local = _InlineExecutor(settings)
+    return _RankExecutor(local, workers) if world > 1 else local
+
+
 def collect_dataset(
     out_dir: str | Path,
     env_id: str,
@@ -372,11 +423,14 @@ def collect_dataset(
     shard_size: int = 1000,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    world: int = 1,
 ) -> dict:
     """Collect train and val episodes of a BabyAI level into `out_dir`; returns the meta dict.
 
     See the module docstring for seeds, perturbation and dropped episodes, and
-    ``docs/episodes.md`` for the folder layout and meta.json.
+    ``docs/episodes.md`` for the folder layout and meta.json. ``world > 1``: every rank of the
+    (initialised) process group calls this; the seeds are spread over the ranks (``_RankExecutor``),
+    rank 0 writes the folder and returns the meta dict, the other ranks return ``{}``.
     """
     out_dir = Path(out_dir)
     _check_args(train_episodes, val_episodes, seed, perturbed_fraction, epsilon, workers, bot_timeout, shard_size)
@@ -394,23 +448,25 @@ def collect_dataset(
     finally:
         probe.close()
 
+    settings = _Settings(env_id, seed, float(perturbed_fraction), float(epsilon), float(bot_timeout))
+    t0 = time.perf_counter()
+    executor = _executor(settings, workers, world)
+    if isinstance(executor, _RankExecutor) and executor.rank > 0:
+        try:
+            executor.follow()
+        finally:
+            executor.shutdown()
+        return {}
     # Shards of an earlier, interrupted collection (no meta.json) would be stale: remove them.
     for split in ("train", "val"):
         for stale in sorted((out_dir / split).glob("shard-*.npz")):
             stale.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    settings = _Settings(env_id, seed, float(perturbed_fraction), float(epsilon), float(bot_timeout))
-    t0 = time.perf_counter()
-    if workers > 1:
-        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(settings,))
-    else:
-        executor = _InlineExecutor(settings)
     splits = {}
     try:
         for split, n in (("train", train_episodes), ("val", val_episodes)):
-            chunk = max(1, min(64, math.ceil(n / (workers * 8))))
+            least = 1 if world == 1 else workers * world  # a chunk is played at once by every rank's workers
+            chunk = max(least, min(64, math.ceil(n / (workers * world * 8))))
             splits[split] = _collect_split(executor, split, n, seed, chunk, 2 * workers,
                                            out_dir, shard_size, progress)
     finally:
