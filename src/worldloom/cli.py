@@ -314,9 +314,9 @@ def _cmd_eval(args) -> int:
     if args.batch_size < 1:
         raise WorldloomError(f"--batch-size must be at least 1, got {args.batch_size}")
     set_threads(0)
-    run = load_run(Path(args.run))
+    run = load_run(Path(args.run), any_model=True)
     if args.tasks or args.baseline:
-        if run.is_world or not args.tasks:
+        if run.is_world or run.tokenizer is None or not args.tasks:
             raise WorldloomError("--tasks FILE scores a text run's answers (--baseline RUN goes with it)")
         from .tune.evaluate import evaluate_tasks
 

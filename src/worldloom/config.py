@@ -487,6 +487,49 @@ class QuantConfig:
             raise ConfigError(f"quant.bits must be 8 (weight-only int8) or 1.58 (ternary), or 0 (full precision); got {self.bits:g}")
 
 
+VISION_QUANTIZERS = ("vq", "fsq")
+VISION_POLICIES = ("random", "bot")
+
+
+@dataclass
+class VisionConfig:
+    """An image tokenizer (recipe image-tokenizer, `worldloom train tokenizer-vq`): the autoencoder, its
+    bottleneck and the frames it learns from (worldloom.vision)."""
+
+    quantizer: str = "vq"  # vq: nearest code of an EMA codebook (commitment loss, dead-code restarts) | fsq: finite scalar quantisation
+    codebook: int = 512  # vq: codes
+    code_dim: int = 32  # vq: size of a code vector
+    fsq_levels: str = "8,5,5,5"  # fsq: values per channel (the codebook is their product: 1000)
+    channels: int = 64  # convolution channels
+    downsample: int = 8  # pixels per code along each side (a power of 2): 64x64 frames, 8 -> 8x8 codes
+    beta: float = 0.25  # vq: commitment loss weight
+    ema_decay: float = 0.99  # vq: codebook EMA
+    dead_code: float = 0.03  # vq: a code whose EMA count per batch falls below this is restarted at a batch vector
+    frames: int = 20000  # training frames collected from env.id (held-out frames come from other seeds)
+    val_frames: int = 1000
+    policy: str = "random"  # how the frames are played: random actions | bot (BabyAI levels: the BabyAI bot, mostly)
+
+    def levels(self) -> list[int]:
+        return [int(x) for x in self.fsq_levels.split(",")]
+
+    def __post_init__(self):
+        if self.quantizer not in VISION_QUANTIZERS:
+            raise ConfigError(f"vision.quantizer must be one of {', '.join(VISION_QUANTIZERS)}, got {self.quantizer!r}")
+        if self.policy not in VISION_POLICIES:
+            raise ConfigError(f"vision.policy must be one of {', '.join(VISION_POLICIES)}, got {self.policy!r}")
+        if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", self.fsq_levels) or min(self.levels()) < 2 or len(self.levels()) > 8:
+            raise ConfigError(f"vision.fsq_levels must be 1 to 8 integers >= 2 separated by commas (e.g. 8,5,5,5), got {self.fsq_levels!r}")
+        if self.downsample < 1 or self.downsample & (self.downsample - 1) or self.downsample > 64:
+            raise ConfigError(f"vision.downsample must be a power of 2 from 1 to 64, got {self.downsample}")
+        if not 2 <= self.codebook <= 65536 or not 1 <= self.code_dim <= 1024 or not 1 <= self.channels <= 1024:
+            raise ConfigError(f"vision.codebook must be in 2..65536, vision.code_dim and vision.channels in 1..1024; got "
+                              f"{self.codebook}, {self.code_dim}, {self.channels}")
+        if not 0 <= self.ema_decay < 1 or self.beta < 0 or self.dead_code < 0:
+            raise ConfigError("vision.ema_decay must be in [0, 1), vision.beta and vision.dead_code >= 0")
+        if self.frames < 1 or self.val_frames < 1:
+            raise ConfigError(f"vision.frames and vision.val_frames must be >= 1, got {self.frames}, {self.val_frames}")
+
+
 STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid", "obs_vectors", "obs_len", "obs_grid")  # model fields the world stream layout sets
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
@@ -520,6 +563,7 @@ class RunConfig:
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     medusa: MedusaConfig = field(default_factory=MedusaConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe

@@ -48,7 +48,9 @@ def read_run_config(run_dir: Path) -> RunConfig:
         raise CheckpointError(f"{run_dir / CONFIG} is not a valid run config: {e}") from None
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run_dir: Path, device: str | torch.device = "cpu", any_model: bool = False) -> LoadedRun:
+    """A run folder's config, model (latest checkpoint) and tokenizer or stream layout. A run whose
+    recipe trains another kind of module (an image tokenizer) is refused unless ``any_model``."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
@@ -57,7 +59,15 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
     state = read_state(ckpt)
     from .recipes import get_recipe
 
-    vocab, parts = get_recipe(cfg.recipe).load(run_dir)  # the text tokenizer, or the world stream layout
+    recipe = get_recipe(cfg.recipe)
+    vocab, parts = recipe.load(run_dir)  # the text tokenizer, or the world stream layout
+    if recipe.build_model is not None:  # not a language model (an image tokenizer's autoencoder)
+        if not any_model:
+            raise CheckpointError(f"{run_dir} is a {cfg.recipe} run ({recipe.description}), not a language or world "
+                                  f"model; `worldloom eval {run_dir}` reports on it")
+        model = recipe.build_model(cfg)
+        load_model_weights(model, ckpt)
+        return LoadedRun(cfg, model.to(device).eval(), None, state, ckpt, None, run_dir)
     if vocab != cfg.model.vocab_size:
         raise CheckpointError(f"tokenizer in {run_dir} has {vocab} tokens but the model config says {cfg.model.vocab_size}")
     model = LWM(cfg.model)

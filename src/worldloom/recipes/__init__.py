@@ -9,7 +9,9 @@ A recipe (``Recipe``) gives everything that differs between kinds of run:
 - ``load(run_dir)``: the run loader's part: ``(vocab_size, {"tokenizer": ...} or {"layout": ...})``;
 - ``evaluate(args, run)``: behind `worldloom eval RUN` (prints, returns an exit status);
 - ``objectives``: the ``train.objective`` values it trains (default: next-token only);
-- ``model_fields``: the model config fields its task sets from the data (default: vocab_size).
+- ``model_fields``: the model config fields its task sets from the data (default: vocab_size);
+- ``build_model(cfg)``: the module it trains when that is not an ``LWM`` (the image tokenizer's
+  autoencoder); its ``load`` then returns ``(None, {})``.
 
 A new recipe is one module that defines ``RECIPE`` plus one line in ``_MODULES``. Nothing outside
 this registry compares recipe names. Modules are imported on first use, so reading a config
@@ -35,6 +37,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "ppo": "worldloom.recipes.ppo",
     "medusa": "worldloom.recipes.medusa",
     "ternary": "worldloom.recipes.ternary",
+    "image-tokenizer": "worldloom.recipes.image_tokenizer",
 }
 
 
@@ -49,6 +52,7 @@ class Recipe:
     evaluate: Callable
     objectives: tuple[str, ...] = ("next",)  # the train.objective values its task trains on
     model_fields: tuple[str, ...] = ("vocab_size",)  # the ModelConfig fields its task sets (Task.model_sizes)
+    build_model: Callable | None = None  # cfg -> the module it trains, when it is not an LWM (an image autoencoder)
 
 
 def recipe_names() -> list[str]:

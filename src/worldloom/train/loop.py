@@ -137,9 +137,11 @@ def setup(cfg: RunConfig | None, resume: Path | None, overrides: list[str]) -> t
     precision = state.get("precision") or D.agree(resolve_precision(tc.precision, device), ("fp32", "bf16", "fp16"), dist)
     task = get_recipe(cfg.recipe).make_task(cfg, run_dir, ckpt is not None)  # data and tokenizers (training part only)
     cfg = replace(cfg, model=replace(cfg.model, **task.model_sizes()))
-    check_fits(cfg, device)  # a one-line refusal instead of an allocator traceback
+    build = get_recipe(cfg.recipe).build_model
+    if build is None:
+        check_fits(cfg, device)  # a one-line refusal instead of an allocator traceback
     torch.manual_seed(tc.seed)
-    model = LWM(cfg.model)
+    model = build(cfg) if build else LWM(cfg.model)
     if hasattr(task, "prepare_model"):  # tuning recipes: the base run's weights, adapters, frozen layers
         task.prepare_model(model)
     model = model.to(device)
@@ -187,7 +189,7 @@ def train_step(tr: Trainer, lr: float) -> tuple[float, dict, int]:
         batch = shard(tr.task.batch(tc.batch_size, tr.gen), tr.dist)  # this rank's share of the global batch
         scale = float(batch.pop("loss_scale", 1.0))
         batch = {k: v.to(tr.device) for k, v in batch.items()}
-        tokens += batch["input"].numel() * tr.dist.world
+        tokens += (tr.task.count(batch) if hasattr(tr.task, "count") else batch["input"].numel()) * tr.dist.world
         with autocast(tr.precision, tr.device):
             out = tr.task.objective(tr.net(**model_inputs(batch)), batch)
         (out.total * (scale / tc.grad_accum)).backward()
