@@ -89,20 +89,32 @@ def proc_memory_mb(pid: int) -> dict:
 
 
 def start_server(run: Path, max_batch: int, queue: int, threads: int) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "worldloom", "serve", str(run), "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", str(queue), "--threads", str(threads)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    return launch([sys.executable, "-m", "worldloom", "serve", str(run), "--port", str(port), "--max-batch", str(max_batch),
+                   "--max-queue", str(queue), "--threads", str(threads)], port, "/health", env)
+
+
+def start_llama_cpp(python: str, gguf: Path, threads: int, context: int) -> tuple[subprocess.Popen, str]:
+    """llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`) on the same model as GGUF."""
+    port = free_port()
+    return launch([python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench", "--port", str(port),
+                   "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(context),
+                   "--interrupt_requests", "False"],  # queue concurrent requests (its default cuts the running stream)
+                  port, "/v1/models", dict(os.environ))
+
+
+def launch(cmd: list[str], port: int, ready: str, env: dict) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.get(url + ready, timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -114,7 +126,7 @@ async def one_client(client, url: str, model: str, i: int, max_tokens: int, t0: 
     """One streaming request read to the end: its chunk times, token count and error (if any)."""
     body = {"model": model, "prompt": TEXT[i % 40: i % 40 + 24], "max_tokens": max_tokens, "temperature": 1.0,
             "seed": i, "stream": True, "stream_options": {"include_usage": True}}
-    rec = {"times": [], "tokens": 0, "error": None, "done": False}
+    rec = {"times": [], "tokens": 0, "chunks": 0, "error": None, "done": False}
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -131,8 +143,11 @@ async def one_client(client, url: str, model: str, i: int, max_tokens: int, t0: 
                     rec["error"] = chunk["error"]["message"]
                 elif chunk["choices"] and chunk["choices"][0]["text"]:
                     rec["times"].append(time.perf_counter() - t0)
+                    rec["chunks"] += 1
                 elif chunk.get("usage"):
                     rec["tokens"] = chunk["usage"]["completion_tokens"]
+        if not rec["tokens"]:  # a server that sends no usage chunk: one token per text chunk
+            rec["tokens"] = rec["chunks"]
         if not rec["done"] and rec["error"] is None:
             rec["error"] = "stream ended without [DONE]"
     except Exception as e:  # noqa: BLE001 - a failed client is a counted error, not the end of the benchmark
@@ -174,11 +189,15 @@ def summarize(recs: list[dict], unfinished: int) -> dict:
             "itl_ms": {"p50": pct(gaps, 0.5), "p99": pct(gaps, 0.99)}}
 
 
-def run_mode(run: Path, max_batch: int, args) -> dict:
-    proc, url = start_server(run, max_batch, max(args.clients, 1), args.threads)
+def run_mode(run: Path, max_batch: int, args, peer: bool = False) -> dict:
+    if peer:
+        proc, url = start_llama_cpp(args.peer_python, args.peer_gguf, args.threads, args.context)
+    else:
+        proc, url = start_server(run, max_batch, max(args.clients, 1), args.threads)
     try:
         loaded = proc_memory_mb(proc.pid)
-        recs, _, unfinished = asyncio.run(load(url, run.name, args.clients, args.max_tokens, args.timeout))
+        model = "bench" if peer else run.name
+        recs, _, unfinished = asyncio.run(load(url, model, args.clients, args.max_tokens, args.timeout))
         out = summarize(recs, unfinished)
         out.update(max_batch=max_batch, rss_loaded_mb=loaded.get("VmRSS"), rss_peak_mb=proc_memory_mb(proc.pid).get("VmHWM"))
         return out
@@ -202,6 +221,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="4 clients x 8 tokens, a tiny model: checks the script works")
+    p.add_argument("--peer-gguf", type=Path, help="the same model as GGUF: also load llama-cpp-python's server with it "
+                   "(docs: BENCHMARKS.md 'Serving'; the model must be the one --run names, exported and converted)")
+    p.add_argument("--peer-python", default=sys.executable, help="a Python with llama-cpp-python[server] installed")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -210,9 +232,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or random_run(Path(tmp) / "bench", args.d_model, args.layers, args.context)
         modes = {}
-        for name, batch in (("continuous", args.max_batch), ("one_at_a_time", 1)):
-            log(f"{name}: {args.clients} clients x {args.max_tokens} tokens, --max-batch {batch}")
-            modes[name] = run_mode(run, batch, args)
+        plan = [("continuous", args.max_batch, False), ("one_at_a_time", 1, False)]
+        if args.peer_gguf:
+            if not args.run:
+                raise SystemExit("--peer-gguf needs --run: the GGUF file must hold the same model")
+            plan.append(("llama_cpp_python", 1, True))
+        for name, batch, peer in plan:
+            log(f"{name}: {args.clients} clients x {args.max_tokens} tokens" + ("" if peer else f", --max-batch {batch}"))
+            modes[name] = run_mode(run, batch, args, peer)
             m = modes[name]
             log(f"  errors {m['errors']}, unfinished {m['unfinished']}, {m['tokens_per_s']} tokens/s, "
                 f"TTFT p50/p99 {m['ttft_ms']['p50']}/{m['ttft_ms']['p99']} ms, "
@@ -223,8 +250,12 @@ def main(argv=None) -> int:
               "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version()},
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "modes": modes,
               "speedup": round(a / b, 2) if a and b else None,
+              "vs_llama_cpp": (round(a / modes["llama_cpp_python"]["tokens_per_s"], 2)
+                               if "llama_cpp_python" in modes and modes["llama_cpp_python"]["tokens_per_s"] else None),
               "zero_errors": all(m["errors"] == 0 and m["unfinished"] == 0 for m in modes.values())}
     log(f"continuous batching: {result['speedup']}x the tokens/s of one at a time; 0 errors: {result['zero_errors']}")
+    if result["vs_llama_cpp"]:
+        log(f"continuous batching: {result['vs_llama_cpp']}x the tokens/s of llama-cpp-python's server on the same model")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {args.out}")
