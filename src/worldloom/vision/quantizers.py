@@ -45,8 +45,11 @@ class EMAQuantizer(nn.Module):
         self.k, self.dim, self.beta, self.decay, self.dead, self.eps = codes, dim, beta, decay, dead, eps
         embed = torch.randn(codes, dim) / math.sqrt(dim)
         self.register_buffer("codebook", embed)
-        self.register_buffer("usage", torch.ones(codes))  # EMA of the vectors assigned per batch
-        self.register_buffer("sums", embed.clone())  # EMA of their sum
+        # EMA of the vectors assigned per batch; it starts at 3x the dead level, so an unused code is first
+        # restarted after ~ln(3)/(1-decay) steps (110 at 0.99): once the encoder's outputs have settled
+        start = 3.0 * dead if dead > 0 else 1.0
+        self.register_buffer("usage", torch.full((codes,), start))
+        self.register_buffer("sums", embed * start)  # EMA of their sum (codebook = sums / usage)
 
     @property
     def codebook_size(self) -> int:
