@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import os
+import re
+import time
 import tomllib
 from pathlib import Path
 
@@ -203,3 +206,213 @@ def test_imagination_only_leaves_the_real_env_for_good(app):
     new = post(app, "/v1/worlds/world/sessions", {"seed": 3, "imagination_only": True}).json()
     assert new["imagination_only"] is True
     assert post(app, f"/v1/worlds/world/sessions/{new['id']}/step", {"action": "forward"}).json()["real"] is None
+
+
+# ------------------------------------------------------------------------------ in a real browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROMPT = "To be, or not"
+SHOTS = os.environ.get("WORLDLOOM_SCREENSHOTS")  # a folder: save the pages' screenshots there
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test extra has it)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def site(runs, browser):
+    """The runs behind a real uvicorn server (a thread of this process); the plain model decodes one step
+    every 20 ms, so a stream lasts long enough to be watched growing and stopped."""
+    from worldloom.serve import in_thread
+
+    app = create_app(list(runs.values()), Settings(max_sessions=8))
+    engine = app.state.served["plain"].engine
+    advance = engine._advance
+
+    def paced(*args):
+        time.sleep(0.02)
+        return advance(*args)
+
+    engine._advance = paced
+    with in_thread(app) as url:
+        yield app, url
+
+
+@pytest.fixture
+def page(browser, site):
+    """A fresh page; a script error on it fails the test."""
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not errors, f"script errors on the page: {errors}"
+
+
+def expect(x):
+    from playwright.sync_api import expect
+
+    return expect(x)
+
+
+def wait_for(check, what: str, timeout: float = 30.0):
+    """Poll ``check()`` until it is truthy (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return got
+
+
+def metric(url: str, name: str, model: str = "plain") -> float:
+    m = re.search(rf'^{name}{{model="{model}"}} (\S+)$', httpx.get(url + "/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def ask(page, model: str, prompt: str, max_tokens: int, temperature: float):
+    page.select_option("#model", model)
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#temperature", str(temperature))
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+    return page.locator(".msg.assistant").last
+
+
+def test_chat_page_lists_the_models_and_streams_the_answer(page, site):
+    from worldloom.decode import SamplingConfig, generate
+
+    app, url = site
+    page.goto(url + "/")
+    expect(page.locator("#model option")).to_have_count(2)
+    assert sorted(page.locator("#model option").all_inner_texts()) == ["chat (chat)", "plain (completions)"]
+    expect(page.locator("#worlds a")).to_have_text(["Play world"])
+    page.select_option("#model", "chat")
+    expect(page.locator("#endpoint")).to_contain_text("/v1/chat/completions")
+    answer = ask(page, "plain", PROMPT, 24, 0)
+    expect(page.locator("#endpoint")).to_contain_text("/v1/completions")
+    lengths = []
+    while not page.locator("#status").inner_text().startswith("done"):
+        lengths.append(len(answer.text_content()))
+        assert len(lengths) < 5000, "the answer never finished"
+    text = answer.text_content()
+    assert len({n for n in lengths if 0 < n < len(text)}) >= 2, f"the answer did not grow piece by piece: {lengths}"
+    run = app.state.served["plain"].run
+    assert text == generate(run.model, run.tokenizer, [PROMPT], SamplingConfig(max_new_tokens=24, temperature=0))[0]
+    expect(page.locator("#status")).to_have_text("done (finish_reason: length)")
+    expect(page.locator(".msg.user").last).to_have_text(PROMPT)
+    if SHOTS:
+        page.screenshot(path=str(Path(SHOTS) / "chat-page.png"))
+
+
+def test_stop_ends_the_stream_and_frees_its_row(page, site):
+    app, url = site
+    cancelled, tokens = metric(url, "worldloom_rows_cancelled_total"), metric(url, "worldloom_completion_tokens_total")
+    page.goto(url + "/")
+    expect(page.locator("#model option")).to_have_count(2)
+    answer = ask(page, "plain", PROMPT, 900, 1.0)
+    expect(page.locator("#stop")).to_be_enabled()
+    first = wait_for(lambda: len(answer.text_content()), "the first text")
+    wait_for(lambda: len(answer.text_content()) > first, "the answer to grow")
+    page.click("#stop")
+    expect(page.locator("#status")).to_have_text("stopped")
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator("#send")).to_be_enabled()
+    shown = answer.text_content()
+    time.sleep(0.3)
+    assert answer.text_content() == shown  # nothing more arrives
+    wait_for(lambda: metric(url, "worldloom_rows_cancelled_total") > cancelled
+             and metric(url, "worldloom_running_rows") == 0, "the server to drop the row of the stopped answer")
+    assert metric(url, "worldloom_completion_tokens_total") - tokens < 900
+
+
+def test_an_api_error_shows_as_one_line(page, site):
+    app, url = site
+    page.goto(url + "/")
+    expect(page.locator("#model option")).to_have_count(2)
+    ask(page, "plain", PROMPT, 5000, 0)  # more than the context
+    expect(page.locator("#error")).to_be_visible()
+    line = page.locator("#error").inner_text()
+    assert line.startswith("400: max_tokens 5000") and "\n" not in line
+    expect(page.locator("#status")).to_have_text("failed")
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def png(page, selector: str) -> bytes:
+    """The bytes of the picture an <img> shows (its blob: URL read back in the page)."""
+    data = page.evaluate("async (sel) => Array.from(new Uint8Array(await (await fetch("
+                         "document.querySelector(sel).src)).arrayBuffer()))", selector)
+    return bytes(data)
+
+
+def test_play_page_keys_step_the_imagined_world(page, site):
+    from worldloom.world.envs import make_adapter
+
+    app, url = site
+    adapter = make_adapter(app.state.served["world"].run.cfg.env.id)
+    env = adapter.make()
+    mission = adapter.mission(env.reset(seed=7)[0])
+    env.close()
+    page.goto(url + "/play/world")
+    expect(page.locator("#status")).to_contain_text("mode fast")  # a session starts by itself, in the best mode
+    expect(page.locator("#mode")).to_have_value("fast")
+    page.fill("#seed", "7")
+    page.click("#new-session")
+    expect(page.locator("#status")).to_contain_text("seed 7, mode fast")
+    expect(page.locator("#mission")).to_have_text(mission)
+    imagined = page.locator("#imagined")
+    expect(imagined).to_have_attribute("data-step", "0")
+    expect(page.locator("#real")).to_have_attribute("data-step", "0")
+    src, before = imagined.get_attribute("src"), png(page, "#imagined")
+    page.keyboard.press("ArrowUp")
+    expect(imagined).to_have_attribute("data-step", "1")
+    expect(page.locator("#step")).to_have_text("1")
+    expect(page.locator("#last-action")).to_have_text("forward (player)")
+    expect(page.locator("#real")).to_have_attribute("data-step", "1")
+    after = png(page, "#imagined")
+    assert imagined.get_attribute("src") != src and after != before
+    sid = page.evaluate("session.id")
+    assert after == httpx.get(f"{url}/v1/worlds/world/sessions/{sid}/frame.png").content
+    page.click("button[aria-label='Action: left']")
+    expect(page.locator("#last-action")).to_have_text("left (player)")
+    expect(imagined).to_have_attribute("data-step", "2")
+
+
+def test_the_agent_plays_and_imagination_only_hides_the_real_world(page, site):
+    app, url = site
+    page.goto(url + "/play/world")
+    expect(page.locator("#imagined")).to_have_attribute("data-step", "0")
+    page.click("#agent")
+    wait_for(lambda: int(page.locator("#step").inner_text()) >= 3
+             or "ended the imagined episode" in page.locator("#status").inner_text(), "the agent to take steps")
+    if page.locator("#agent").get_attribute("aria-pressed") == "true":
+        page.click("#agent")  # stop it
+    expect(page.locator("#agent")).to_have_text("Let the agent play")
+    expect(page.locator("#last-action")).to_contain_text("(agent)")
+    page.wait_for_timeout(300)  # a step already on its way ends
+    if SHOTS:
+        page.screenshot(path=str(Path(SHOTS) / "play-page.png"))
+    steps = int(page.locator("#step").inner_text())
+    page.check("#imagine-only")
+    page.keyboard.press("ArrowLeft")
+    expect(page.locator("#step")).to_have_text(str(steps + 1))
+    expect(page.locator("#real-figure")).to_be_hidden()
+    expect(page.locator("#real-off")).to_be_visible()
+    expect(page.locator("#imagined")).to_have_attribute("data-step", str(steps + 1))
+
+
+def test_play_page_of_an_unknown_world_says_so(page, site):
+    app, url = site
+    response = page.goto(url + "/play/nope")
+    assert response.status == 404
+    expect(page.locator("h1")).to_contain_text("'nope' is not served here")
+    expect(page.locator("a[href='/play/world']")).to_have_text("world")
