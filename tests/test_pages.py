@@ -34,6 +34,7 @@ httpx = pytest.importorskip("httpx", reason="the serve extra's test client httpx
 from serve_helpers import text_run  # noqa: E402
 
 from worldloom.serve.app import Served, Settings, create_app  # noqa: E402
+from worldloom.serve.pages import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,9 +211,6 @@ def test_imagination_only_leaves_the_real_env_for_good(app):
 
 # ------------------------------------------------------------------------------ in a real browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PROMPT = "To be, or not"
 SHOTS = os.environ.get("WORLDLOOM_SCREENSHOTS")  # a folder: save the pages' screenshots there
 

@@ -21,6 +21,11 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).parent / "static"
+# How the pages are looked at by a program (tests/test_pages.py, scripts/screenshots.py): Debian's
+# chromium, headless, driven by playwright with the system executable (nothing is downloaded).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def add_pages(app: FastAPI, served: dict) -> None:
