@@ -383,6 +383,9 @@ def test_play_page_keys_step_the_imagined_world(page, site):
     page.click("button[aria-label='Action: left']")
     expect(page.locator("#last-action")).to_have_text("left (player)")
     expect(imagined).to_have_attribute("data-step", "2")
+    page.keyboard.press(" ")  # after a click on a button, Space is still the toggle key (not that button again)
+    expect(page.locator("#last-action")).to_have_text("toggle (player)")
+    expect(imagined).to_have_attribute("data-step", "3")
 
 
 def test_the_agent_plays_and_imagination_only_hides_the_real_world(page, site):

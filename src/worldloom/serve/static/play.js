@@ -30,7 +30,7 @@ async function loadWorld() {
     button.textContent = action + (keyOf[action] ? ` (${KEY_NAMES[keyOf[action]]})` : "");
     button.setAttribute("aria-label", "Action: " + action);
     button.dataset.action = action;
-    button.addEventListener("click", () => act(action));
+    button.addEventListener("click", (e) => { unfocus(e); act(action); });
     $("actions").append(button);
   }
   $("keys").textContent = "Keys: " + info.actions.filter((a) => keyOf[a]).map((a) => `${KEY_NAMES[keyOf[a]]} ${a}`).join(", ");
@@ -135,6 +135,12 @@ function stopAgent() {
   $("agent").setAttribute("aria-pressed", "false");
 }
 
+// After a mouse click, the keys go back to playing (a focused button would take Space and Enter);
+// a button pressed from the keyboard keeps its focus.
+function unfocus(event) {
+  if (event.detail > 0) event.currentTarget.blur();
+}
+
 function onKey(event) {
   const t = event.target;
   const typing = (t.tagName === "INPUT" && t.type !== "checkbox") || t.tagName === "SELECT" || t.tagName === "TEXTAREA";
@@ -150,8 +156,8 @@ function onKey(event) {
 async function init() {
   keyField($("api-key"));
   $("new").addEventListener("submit", newSession);
-  $("agent").addEventListener("click", agentPlay);
-  $("agent-step").addEventListener("click", () => act("agent"));
+  $("agent").addEventListener("click", (e) => { unfocus(e); agentPlay(); });
+  $("agent-step").addEventListener("click", (e) => { unfocus(e); act("agent"); });
   document.addEventListener("keydown", onKey);
   try {
     await loadWorld();
