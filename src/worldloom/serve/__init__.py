@@ -41,6 +41,9 @@ def serve(runs, host: str = "127.0.0.1", port: int = 8000, api_key: str | None =
 
     settings = Settings(api_key or None, max_batch, max_queue, max_sessions, session_ttl)
     app = create_app(list(runs), settings)
+    where = f"http://{host}:{port}"
+    worlds = [f"{where}/play/{name}" for name, s in app.state.served.items() if s.is_world]
+    print(f"pages: chat {where}/" + (f", play {', '.join(worlds)}" if worlds else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
