@@ -417,3 +417,30 @@ def test_play_page_of_an_unknown_world_says_so(page, site):
     assert response.status == 404
     expect(page.locator("h1")).to_contain_text("'nope' is not served here")
     expect(page.locator("a[href='/play/world']")).to_have_text("world")
+
+
+def test_the_api_key_typed_once_serves_both_pages(browser, runs):
+    """With --api-key, the pages ask for the key (401 in the error line), keep it in localStorage and send
+    it with every call, frames included."""
+    from worldloom.serve import in_thread
+
+    app = create_app([runs["plain"], runs["world"]], Settings(api_key="sesame"))
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        with in_thread(app) as url:
+            page.goto(url + "/")
+            expect(page.locator("#error")).to_contain_text("401: no API key was given")
+            expect(page.locator("#model option")).to_have_count(0)
+            page.fill("#api-key", "sesame")
+            page.press("#api-key", "Tab")  # a change event: saved, the models loaded again
+            expect(page.locator("#model option")).to_have_count(1)
+            expect(page.locator("#error")).to_be_hidden()
+            page.goto(url + "/play/world")
+            expect(page.locator("#imagined")).to_have_attribute("data-step", "0")
+            expect(page.locator("#api-key")).to_have_value("sesame")
+            page.keyboard.press("ArrowUp")
+            expect(page.locator("#imagined")).to_have_attribute("data-step", "1")
+            expect(page.locator("#error")).to_be_hidden()
+    finally:
+        context.close()
