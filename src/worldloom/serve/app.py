@@ -2,7 +2,8 @@
 
 ``create_app(runs, ...)`` serves any mix of run folders in one process: text runs through
 `/v1/completions` and `/v1/chat/completions` (each with its own `engine.Engine`), world runs
-through `/v1/worlds` (`worlds.py`). Every run is listed by `/v1/models` under its folder's name.
+through `/v1/worlds` (`worlds.py`). Every run is listed by `/v1/models` under its folder's name;
+the web pages (`pages.py`: `/` chat, `/play/{model}`) are served beside the API.
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def create_app(runs, settings: Settings | None = None) -> FastAPI:
     _add_errors(app)
     _add_middleware(app, settings, metrics)
     _add_text_routes(app, served)
+    from .pages import add_pages
     from .worlds import add_world_routes
 
     add_world_routes(app, served)
+    add_pages(app, served)
     return app
 
 

@@ -7,10 +7,17 @@ same action, so the answer holds both (and whether they agree). Frames are PNG p
 the environment adapter. Sessions expire after ``ttl`` seconds unused and are bounded in number
 (a full table answers 503); the model work of a world runs in one worker thread.
 
-    GET    /v1/worlds                                   the world runs served
-    POST   /v1/worlds/{model}/sessions                  {"seed": 3, "mode": "tokens"|"parallel", "greedy": true}
+The action ``"agent"`` lets the model choose: the world model is also the policy, and it acts on
+what it imagines (`BatchedWorldModelEnv.policy_actions`); a run trained without a policy
+(``stream.weight_action=0``) refuses it. ``imagination_only`` leaves the real environment where
+it is from that step on (the answer's ``real`` is then null and ``imagination_only`` true): the
+two worlds cannot be compared again, so it stays on for the rest of the session.
+
+    GET    /v1/worlds                                   the world runs served (their modes, actions, policy)
+    POST   /v1/worlds/{model}/sessions                  {"seed": 3, "mode": "fast"|"parallel"|"tokens", "greedy": true,
+                                                         "imagination_only": false}
     GET    /v1/worlds/{model}/sessions/{id}             the session as it stands
-    POST   /v1/worlds/{model}/sessions/{id}/step        {"action": 2 | "forward"}
+    POST   /v1/worlds/{model}/sessions/{id}/step        {"action": 2 | "forward" | "agent", "imagination_only": false}
     GET    /v1/worlds/{model}/sessions/{id}/frame.png   ?which=imagined|real&tile=16
     DELETE /v1/worlds/{model}/sessions/{id}
 """
@@ -32,14 +39,24 @@ from pydantic import Field
 from .protocol import APIError, _Body
 
 
+AGENT = "agent"  # the action that asks the model's own policy
+
+
 class SessionRequest(_Body):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    mode: Literal["tokens", "parallel"] | None = None
+    mode: Literal["tokens", "parallel", "fast"] | None = None  # None: the best the run has (available_modes)
     greedy: bool = True
+    imagination_only: bool = False
 
 
 class StepRequest(_Body):
     action: int | str
+    imagination_only: bool = False
+
+
+def has_policy(run) -> bool:
+    """Whether a world run was trained to choose actions (stream.weight_action > 0)."""
+    return run.cfg.stream.weight_action > 0
 
 
 def _obs(fields: dict) -> dict:
@@ -53,14 +70,15 @@ def _same(a: dict, b: dict) -> bool:
 class Session:
     """One imagined episode and its real twin (see the module doc)."""
 
-    def __init__(self, served, seed: int, mode: str | None, greedy: bool):
+    def __init__(self, served, seed: int, mode: str | None, greedy: bool, imagination_only: bool = False):
         from ..world.envs import make_adapter
-        from ..world.rollout.imagine import BatchedWorldModelEnv
+        from ..world.rollout.imagine import BatchedWorldModelEnv, available_modes
 
         run = served.run
         self.id, self.seed, self.t = uuid.uuid4().hex[:16], seed, 0
         self.adapter = make_adapter(run.cfg.env.id)
-        mode = mode or ("parallel" if getattr(run.model, "frame", None) is not None else "tokens")
+        self.policy, self.imagination_only = has_policy(run), bool(imagination_only)
+        mode = mode or available_modes(run.model)[0]
         try:
             self.sim = BatchedWorldModelEnv(run.model, run.layout, mode, greedy, seed=seed)
         except ValueError as e:
@@ -77,37 +95,51 @@ class Session:
         self.used = time.monotonic()
 
     def action_index(self, action) -> int:
+        """An action's index, by number or name (``"agent"``: -1, the policy chooses at the step)."""
         names = self.adapter.action_names
+        if action == AGENT:
+            if not self.policy:
+                raise APIError(400, "this world run was trained without a policy (stream.weight_action=0): the agent "
+                                    "cannot choose; give an action", param="action", code="no_policy")
+            return -1
         if isinstance(action, str):
             if action not in names:
-                raise APIError(400, f"unknown action {action!r}; actions: {', '.join(names)}", param="action")
+                raise APIError(400, f"unknown action {action!r}; actions: {', '.join(names)} (or {AGENT!r})",
+                               param="action")
             return names.index(action)
         if not 0 <= action < len(names):
             raise APIError(400, f"action {action} is out of range; actions are 0..{len(names) - 1} ({', '.join(names)})",
                            param="action")
         return int(action)
 
-    def step(self, a: int) -> dict:
-        """Imagine one step and take it in the real environment (until the real episode ended)."""
+    def step(self, a: int, imagination_only: bool = False) -> dict:
+        """Imagine one step (``a`` -1: the policy's action) and take it in the real environment (until
+        the real episode ended, or for good once ``imagination_only``)."""
+        by = "agent" if a < 0 else "player"
+        if a < 0:
+            a = int(self.sim.policy_actions()[0])
+        self.imagination_only |= bool(imagination_only)
         obs, reward, term, trunc = self.sim.step(np.array([a]))
         self.imagined = {k: v[0] for k, v in obs.items()}
         self.imagined_done = bool(term[0] or trunc[0])
         imagined = {"observation": _obs(self.imagined), "reward": float(reward[0]), "terminated": bool(term[0]),
                     "truncated": bool(trunc[0])}
         real = None
-        if not self.real_done:
+        if not self.real_done and not self.imagination_only:
             raw, r, rterm, rtrunc, _ = self.real.step(a)
             self.real_obs = self.adapter.observe(raw)
             self.real_done = bool(rterm or rtrunc)
             real = {"observation": _obs(self.real_obs), "reward": float(r), "terminated": bool(rterm),
                     "truncated": bool(rtrunc)}
         self.t += 1
-        return {"id": self.id, "step": self.t, "action": {"index": a, "name": self.adapter.action_names[a]},
-                "imagined": imagined, "real": real, "match": real is not None and _same(self.imagined, self.real_obs)}
+        return {"id": self.id, "step": self.t, "action": {"index": a, "name": self.adapter.action_names[a], "by": by},
+                "imagined": imagined, "real": real, "match": real is not None and _same(self.imagined, self.real_obs),
+                "imagination_only": self.imagination_only}
 
     def describe(self) -> dict:
         return {"id": self.id, "object": "world.session", "seed": self.seed, "mission": self.mission, "step": self.t,
-                "mode": self.mode, "actions": list(self.adapter.action_names),
+                "mode": self.mode, "actions": list(self.adapter.action_names), "policy": self.policy,
+                "imagination_only": self.imagination_only,
                 "imagined": {"observation": _obs(self.imagined), "done": self.imagined_done},
                 "real": {"observation": _obs(self.real_obs), "done": self.real_done}}
 
@@ -153,7 +185,7 @@ class Sessions:
             raise APIError(503, f"world {self.served.name!r} has {self.max_sessions} open sessions, its limit; "
                                 "delete one or wait for one to expire", type="server_error", code="too_many_sessions")
         seed = req.seed if req.seed is not None else random.randrange(2**31 - 1)
-        session = await self.run(Session, self.served, seed, req.mode, req.greedy)
+        session = await self.run(Session, self.served, seed, req.mode, req.greedy, req.imagination_only)
         self.table[session.id] = session
         self._gauge()
         return session
@@ -174,6 +206,7 @@ class Sessions:
 
 
 def add_world_routes(app, served: dict) -> None:
+    from ..world.rollout.imagine import available_modes
     from .app import find
 
     def world(name: str) -> Sessions:
@@ -187,7 +220,7 @@ def add_world_routes(app, served: dict) -> None:
     async def worlds():
         return {"object": "list", "data": [
             {"id": s.name, "object": "world", "env_id": s.run.cfg.env.id,
-             "actions": s.worlds.actions,
+             "actions": s.worlds.actions, "modes": available_modes(s.run.model), "policy": has_policy(s.run),
              "sessions": len(s.worlds.table), "max_sessions": s.worlds.max_sessions}
             for s in served.values() if s.is_world]}
 
@@ -203,7 +236,7 @@ def add_world_routes(app, served: dict) -> None:
     async def step(name: str, sid: str, body: StepRequest):
         w = world(name)
         s = w.get(sid)
-        return await w.run(s.step, s.action_index(body.action))
+        return await w.run(s.step, s.action_index(body.action), body.imagination_only)
 
     @app.get("/v1/worlds/{name}/sessions/{sid}/frame.png")
     async def frame(name: str, sid: str, which: Literal["imagined", "real"] = "imagined",

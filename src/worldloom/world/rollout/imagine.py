@@ -66,6 +66,20 @@ def _check_mode(model, mode: str) -> str:
     return mode
 
 
+def available_modes(model) -> list[str]:
+    """The modes ``model`` can imagine in, the best first: ``fast`` (lossless, fewest forwards),
+    ``parallel``, ``tokens`` (what `_check_mode` accepts; an encoded-observation model: ``parallel``)."""
+    modes = []
+    for mode in ("fast", "parallel", "tokens"):
+        try:
+            got = _check_mode(model, mode)
+        except ValueError:
+            continue
+        if got not in modes:
+            modes.append(got)
+    return modes
+
+
 def env_max_steps(env_id: str) -> int:
     """The real environment's own step limit (after one reset, as MiniGrid sets it there)."""
     adapter = make_adapter(env_id)
@@ -146,6 +160,11 @@ class BatchedWorldModelEnv:
         if self.h is None:
             raise RuntimeError("call reset() first")
         return self.runner.logits(self.h, self.layout.obs_len)
+
+    def policy_actions(self) -> np.ndarray:
+        """The model's own actions (B,) env indices after the latest observation: its policy, greedy or
+        sampled as its imagined tokens are (the world model is also the agent)."""
+        return self.layout.decode_action(self._pick(self.policy_logits()))
 
     def _pick(self, logits: torch.Tensor) -> np.ndarray:
         return sample(logits, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()
