@@ -100,12 +100,13 @@ class Scripted:
         self.scripts = {q: list(turns) for q, turns in scripts.items()}
         self.limit, self.shown = limit, []
 
-    def fits(self, text: str) -> bool:
-        return len(text) < self.limit
+    def fits(self, prompt: str, trace: str) -> bool:
+        return len(prompt + trace) < self.limit
 
-    def complete(self, texts, turn, on_text=None):
+    def complete(self, pairs, turn, on_text=None):
         out = []
-        for i, text in enumerate(texts):
+        for i, (prompt, trace) in enumerate(pairs):
+            text = prompt + trace
             self.shown.append(text)
             q = next(q for q in self.scripts if q in text)
             out.append(self.scripts[q].pop(0) if self.scripts[q] else "")

@@ -125,7 +125,7 @@ class _Row:
 class RunModel:
     """A text run as the agent's language model: its chat template, its context, and completions
     of several texts at once with the run's own decoding (`decode.stream_batch`), cut at the stop
-    strings. Anything with ``prompt_format``, ``fits(text)`` and ``complete(texts, turn, on_text)``
+    strings. Anything with ``prompt_format``, ``fits(prompt, trace)`` and ``complete(pairs, turn, on_text)``
     can stand in for it (the tests script a model that way)."""
 
     def __init__(self, run, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0):
@@ -141,15 +141,23 @@ class RunModel:
         self.run, self.max_new_tokens, self.temperature, self.seed = run, max_new_tokens, temperature, seed
         self.prompt_format = run.cfg.tune.prompt_format
 
-    def fits(self, text: str) -> bool:
-        return len(self.run.tokenizer.encode(text)) < self.run.cfg.model.context
+    def ids(self, prompt: str, trace: str) -> list[int]:
+        """Prompt and trace encoded apart, as `tune sft` encodes a prompt and its response (BPE merges
+        differ across the seam otherwise)."""
+        encode = self.run.tokenizer.encode
+        return encode(prompt).tolist() + (encode(trace).tolist() if trace else [])
 
-    def complete(self, texts: list[str], turn: int, on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    def fits(self, prompt: str, trace: str) -> bool:
+        return len(self.ids(prompt, trace)) < self.run.cfg.model.context
+
+    def complete(self, texts: list[tuple[str, str]], turn: int, on_text: Callable[[int, str], None] | None = None) -> list[str]:
+        """Continuations of (prompt, trace) pairs, cut at ``Observation:`` or the end of a response."""
         from ..decode import SamplingConfig, stream_batch
 
         sc = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed + turn)
         outs = [""] * len(texts)
-        for i, text in stream_batch(self.run.model, self.run.tokenizer, texts, sc, stop=[OBSERVATION, STOP]):
+        ids = [self.ids(prompt, trace) for prompt, trace in texts]
+        for i, text in stream_batch(self.run.model, self.run.tokenizer, ids, sc, stop=[OBSERVATION, STOP]):
             outs[i] += text
             if on_text:
                 on_text(i, text)
@@ -200,7 +208,7 @@ class Agent:
 
     def _generate(self, live: list[_Row], turn: int) -> list[str]:
         show = (lambda i, text: self.on_text(live[i].index, text)) if self.on_text else None
-        return self.model.complete([r.prompt + r.trace for r in live], turn, show)
+        return self.model.complete([(r.prompt, r.trace) for r in live], turn, show)
 
     def _advance(self, row: _Row, text: str, last: bool) -> None:
         """Parse a turn; stop the row, or run its tool and append the observation."""
@@ -227,7 +235,7 @@ class Agent:
         return None
 
     def _check_fits(self, row: _Row) -> None:
-        if not self.model.fits(row.prompt + row.trace):
+        if not self.model.fits(row.prompt, row.trace):
             row.stop("context_full", problem="the prompt and trace no longer fit the model's context")
 
     def _observe(self, action: str, text: str) -> str:
