@@ -37,11 +37,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-BASE = ["model.n_layer=4", "model.d_model=128", "model.n_head=4", "model.context=256", "train.batch_size=16",
-        "train.lr=0.002", "train.min_lr=0.0002", "train.warmup_steps=50", "train.precision=fp32"]
-FULL = {"n": 20000, "test_n": 300, "base": 300, "sft": 1200}
-QUICK = {"n": 300, "test_n": 20, "base": 10, "sft": 10}
-QUICK_BASE = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=256", "train.batch_size=8"]
+# A byte-level BPE model (numbers 1-999 are mostly single tokens, so an expression is a few tokens
+# to copy, not a dozen characters); the base is its tokenizer and initial weights (one step): all the
+# learning is the SFT on the traces.
+BASE = ["tokenizer.vocab_size=1024", "model.n_layer=3", "model.d_model=128", "model.n_head=4", "model.context=128",
+        "model.dropout=0", "train.precision=fp32"]
+SFT = ["train.batch_size=16", "train.lr=0.003", "train.min_lr=0.0003", "train.warmup_steps=30"]
+FULL = {"n": 20000, "test_n": 300, "sft": 800}
+QUICK = {"n": 300, "test_n": 20, "sft": 10}
+QUICK_BASE = ["tokenizer.vocab_size=300", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=128",
+              "model.dropout=0"]
 STOP = r'tune.stop="\n\n"'  # YAML: a blank line ends a response
 TARGET = 30.0  # points
 
@@ -69,13 +74,13 @@ def stages(d: Path, quick: bool) -> list[tuple[str, Path, list[str]]]:
     runs, data = d / "runs", d / "data"
     o = [f"out_dir={runs}", "--no-progress"]
     size = QUICK_BASE if quick else BASE
-    sft = [STOP, f"train.max_steps={b['sft']}", f"train.eval_interval={max(5, b['sft'] // 4)}", "train.eval_batches=4",
-           "tune.eval_rows=0", "train.batch_size=16" if not quick else "train.batch_size=8"]
+    sft = [STOP, *SFT, f"train.max_steps={b['sft']}", f"train.eval_interval={max(5, b['sft'] // 4)}",
+           "train.eval_batches=4", "tune.val_fraction=0.01", "tune.eval_rows=0"]
     return [
         ("data", data / "meta.json", ["data", "react", "--n", str(b["n"]), "--test-n", str(b["test_n"]), "--out", str(data)]),
         ("base", runs / "base" / "checkpoint.json",
-         ["train", "shakespeare-char", f"data.path={data / 'pretrain.txt'}", *size, f"train.max_steps={b['base']}",
-          f"train.eval_interval={max(5, b['base'] // 2)}", "train.eval_batches=4", "name=base", *o]),
+         ["train", "text-bpe", f"data.path={data / 'pretrain.txt'}", *size, "train.max_steps=1", "train.eval_interval=1",
+          "train.eval_batches=1", "name=base", *o]),
         ("react", runs / "react" / "checkpoint.json",
          ["tune", "sft", str(runs / "base"), f"data.path={data / 'train.jsonl'}", *sft, "name=react", *o]),
         ("direct", runs / "direct" / "checkpoint.json",
