@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_agent_quick(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_agent.py"), "--dir", str(tmp_path), "--quick"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_agent.py"), "--dir", str(tmp_path), "--quick", "--direct"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)  # a hang guard
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "agent.json").read_text())
