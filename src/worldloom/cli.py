@@ -1,4 +1,4 @@
-"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, lora, import, data, serve, quantize.
+"""The `worldloom` command: presets, train, collect, generate, fill, eval, imagine, tune, export, lora, import, data, serve, quantize, agent.
 
 Errors a user can fix print one line (``worldloom: error: ...``) and exit with status 2;
 nothing a user does should end in a traceback.
@@ -191,6 +191,44 @@ def _cmd_data(args) -> int:
     print(f"wrote {args.out}: train.jsonl {meta['rows']['train']:,} rows ({per_task}), test.jsonl {meta['rows']['test']:,}, "
           f"prompts.jsonl {meta['rows']['prompts']:,}, pretrain.txt; next: worldloom train text-bpe "
           f"data.path={Path(args.out) / 'pretrain.txt'} name=base")
+    return 0
+
+
+def _cmd_data_react(args) -> int:
+    from .agent.traces import make_react
+
+    meta = make_react(args.n, Path(args.out), seed=args.seed, test_n=args.test_n)
+    print(f"wrote {args.out}: train.jsonl {meta['rows']['train']:,} rows (each question with and without tools), "
+          f"train_tools.jsonl, train_direct.jsonl, test.jsonl {meta['rows']['test']:,} questions, pretrain.txt; next: "
+          f"worldloom tune sft RUN data.path={Path(args.out) / 'train.jsonl'} 'tune.stop=\"\\n\\n\"' name=react")
+    return 0
+
+
+def _cmd_agent(args) -> int:
+    from .agent import Agent, make_tools
+    from .runtime import set_threads
+
+    if not args.question.strip():
+        raise WorldloomError("the question is empty; ask something")
+    set_threads(0)
+    from .run import load_run
+
+    run = load_run(Path(args.run))  # before the tools: a missing run is the first thing to say
+    tools = make_tools(args.tools) if args.tools else []
+
+    def show(_row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    agent = Agent(run, tools, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, seed=args.seed or 0, on_text=None if args.json else show)
+    if not args.json:
+        print(agent.prompt(args.question), end="", flush=True)
+    result = agent.run(args.question)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"\n[stopped: {result.stopped_because}{'; ' + result.problem if result.problem else ''}]")
     return 0
 
 
@@ -542,6 +580,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(fn=_cmd_data)
 
+    d = kinds.add_parser("react", help="synthetic ReAct traces (calculator) for held-out multi-step arithmetic",
+                         epilog="example:\n  worldloom data react --n 20000 --out data/react\n\n"
+                                "Each question twice: with tools (the whole trace, Observations from the calculator) "
+                                "and without (the direct answer). docs/agents.md.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--n", type=_int_in(1, 10**7), default=20000, help="training questions (two rows each)")
+    d.add_argument("--out", type=_out_path, default="data/react", help="output folder (new, empty, or an earlier output)")
+    d.add_argument("--seed", type=_int_in(0), default=0)
+    d.add_argument("--test-n", type=_int_in(1, 10**7), help="held-out questions (default max(100, n // 10))")
+    d.set_defaults(fn=_cmd_data_react)
+
+    s = sub.add_parser("agent", help="answer a question with a ReAct loop: the model thinks, calls tools, observes",
+                       epilog="examples:\n  worldloom agent runs/react --tools calculator \"what is (23+58)*4-17?\"\n"
+                              "  worldloom agent runs/react --tools calculator,world=runs/babyai,env \"...\" --json\n\n"
+                              "Tools: calculator; world=RUN (imagine: the world model); env[=ENV_ID] (act: the real "
+                              "environment). No --tools: the model must answer directly. docs/agents.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("run", help="a text run tuned on ReAct traces")
+    s.add_argument("question", help="the question")
+    s.add_argument("--tools", default="", help="comma-separated: calculator, world=RUN, env[=ENV_ID] (default: none)")
+    s.add_argument("--max-steps", type=_int_in(1, 100), default=8, help="most tool calls (default 8)")
+    s.add_argument("--max-new-tokens", type=_int_in(1, 10**5), default=128, help="most tokens per model turn")
+    s.add_argument("--temperature", type=_float_in(1e-3, 1e6, zero=True), default=0.0, help="0 = greedy (default)")
+    s.add_argument("--seed", type=_int_in(0), default=None, help="sampling seed")
+    s.add_argument("--json", action="store_true", help="print the result (answer, steps, trace, stop reason) as JSON")
+    s.set_defaults(fn=_cmd_agent)
+
     s = sub.add_parser("export", help="export a run to another format")
     s.add_argument("format", choices=["hf"], help="hf: a transformers LlamaForCausalLM folder")
     s.add_argument("run", help="run folder")
@@ -655,7 +720,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 VERBS = ("presets", "train", "collect", "generate", "fill", "eval", "imagine", "tune", "export", "lora", "import", "data",
-         "serve", "quantize")
+         "serve", "quantize", "agent")
 _OOM = ("not enough memory", "can't allocate memory", "out of memory", "defaultcpuallocator")
 
 

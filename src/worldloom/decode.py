@@ -140,13 +140,14 @@ def generate(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: lis
     return outs
 
 
-def stream_batch(model, tokenizer, prompts: list[str], sc: SamplingConfig, stop: list[str] | None = None, autocast_ctx=None,
-                 compile: bool = False, **speculative) -> Iterator[tuple[int, str]]:
-    """Yield (row, new text) as tokens arrive; a row ends at its first stop string (excluded)."""
+def stream_batch(model, tokenizer, prompts: list[str] | list[list[int]], sc: SamplingConfig, stop: list[str] | None = None,
+                 autocast_ctx=None, compile: bool = False, **speculative) -> Iterator[tuple[int, str]]:
+    """Yield (row, new text) as tokens arrive; a row ends at its first stop string (excluded). A prompt
+    is a text or its token ids (the agent encodes prompt and trace apart, as tuning did)."""
     from .inference.textstream import TextStream
 
     rows = [TextStream(tokenizer, stop) for _ in prompts]
-    ids = [tokenizer.encode(p).tolist() for p in prompts]
+    ids = [list(p) if isinstance(p, list) else tokenizer.encode(p).tolist() for p in prompts]
     for nxt in generate_ids(model, ids, sc, autocast_ctx=autocast_ctx, compile=compile, **speculative):
         for i, t in enumerate(nxt.tolist()):
             if not rows[i].stopped and (text := rows[i].push(t)):

@@ -153,9 +153,14 @@ def babyai_view(seed: int) -> list[_Seen]:
 
     The view ``image[i, j]`` has the agent at (3, 6) looking towards j = 0: i - 3 cells to the
     right, 6 - j cells ahead."""
-    env, objects, colours = _babyai_env()
+    env = _babyai_env()[0]
     obs, _ = env.reset(seed=seed)
-    image = obs["image"]
+    return seen_in(obs["image"])
+
+
+def seen_in(image) -> list[_Seen]:
+    """The objects of a MiniGrid view ``image`` (7, 7, 3) (see `babyai_view`), nearest rows first."""
+    objects, colours = _babyai_env()[1:]
     seen = []
     for j in range(6, -1, -1):
         for i in range(image.shape[0]):
@@ -167,6 +172,11 @@ def babyai_view(seed: int) -> list[_Seen]:
 
 def _describe(seen: list[_Seen]) -> str:
     return "you see: " + (", ".join(f"a {s.colour} {s.kind} {s.where}" for s in seen) or "nothing") + "."
+
+
+def describe_view(image) -> str:
+    """A MiniGrid view in words, as the babyai prompts describe it: ``you see: a red ball 2 ahead.``"""
+    return _describe(seen_in(image))
 
 
 def _babyai_questions(seen: list[_Seen]) -> dict[str, list[tuple[str, str]]]:
@@ -284,9 +294,11 @@ def _quotas(total: int, tasks: list[str]) -> dict[str, int]:
     return {t: total // len(tasks) + (i < total % len(tasks)) for i, t in enumerate(tasks)}
 
 
-def family_rows(task: str, n_train: int, n_test: int, seed: int, tick: Callable[[], None] = lambda: None):
-    """(train, test) rows of one family: distinct prompts per split, the split decided by the prompt's hash."""
-    make = _family(task).make
+def family_rows(task: str, n_train: int, n_test: int, seed: int, tick: Callable[[], None] = lambda: None,
+                make: Callable[[random.Random], tuple[str, str]] | None = None):
+    """(train, test) rows of one family (or of `make`, named `task`): distinct prompts per split, the split
+    decided by the prompt's hash."""
+    make = make or _family(task).make
     rng = random.Random(f"worldloom-instruct:{seed}:{task}")
     want = {False: n_train, True: n_test}
     got: dict[bool, dict[str, str]] = {False: {}, True: {}}
@@ -307,17 +319,18 @@ def family_rows(task: str, n_train: int, n_test: int, seed: int, tick: Callable[
     return tuple([{"task": task, "prompt": p, "response": a} for p, a in got[s].items()] for s in (False, True))
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output path that is a file, or a non-empty folder that is not an earlier instruct output."""
+def _check_out(out: Path, marker: str = MARKER, kind: str = "instruct") -> None:
+    """Refuse an output path that is a file, or a non-empty folder that is not an earlier output of
+    `worldloom data KIND` (its meta.json holds `marker`)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         try:
-            ours = json.loads((out / "meta.json").read_text()).get(MARKER) is not None
+            ours = json.loads((out / "meta.json").read_text()).get(marker) is not None
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
-            raise DataError(f"--out {out} holds files that are not a `worldloom data instruct` output; "
+            raise DataError(f"--out {out} holds files that are not a `worldloom data {kind}` output; "
                             "choose a new or empty folder")
 
 
