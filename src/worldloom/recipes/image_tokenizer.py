@@ -68,16 +68,16 @@ class ImageTokenizerTask:
         """Reconstruction MSE over every held-out frame (the same frames every call); writes reconstructions.png."""
         was = model.training
         model.eval()
-        total, first = 0.0, None
+        total = 0.0
         pixels = self.pixels["val"]
         for i in range(0, len(pixels), 256):
             with autocast(precision, device):
                 out = model(pixels[i:i + 256].to(device))
             total += float(((out.recon.float() - out.target.float()) ** 2).mean((1, 2, 3)).sum())
-            first = out if first is None else first
+        if self.run_dir.is_dir():  # 8 held-out frames spread over the set (different worlds), and their reconstructions
+            out = model(pixels[torch.linspace(0, len(pixels) - 1, 8).long()].to(device))
+            write_png(self.run_dir / RECON, reconstruction_sheet(out.target, out.recon))
         model.train(was)
-        if self.run_dir.is_dir():
-            write_png(self.run_dir / RECON, reconstruction_sheet(first.target[:8], first.recon[:8]))
         return total / len(pixels)
 
     def save(self, run_dir: Path) -> None:
