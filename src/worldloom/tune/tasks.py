@@ -307,17 +307,17 @@ def family_rows(task: str, n_train: int, n_test: int, seed: int, tick: Callable[
     return tuple([{"task": task, "prompt": p, "response": a} for p, a in got[s].items()] for s in (False, True))
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output path that is a file, or a non-empty folder that is not an earlier instruct output."""
+def _check_out(out: Path, marker: str = MARKER, verb: str = "worldloom data instruct") -> None:
+    """Refuse an output path that is a file, or a non-empty folder that is not an earlier output of `verb`."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         try:
-            ours = json.loads((out / "meta.json").read_text()).get(MARKER) is not None
+            ours = json.loads((out / "meta.json").read_text()).get(marker) is not None
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
-            raise DataError(f"--out {out} holds files that are not a `worldloom data instruct` output; "
+            raise DataError(f"--out {out} holds files that are not a `{verb}` output; "
                             "choose a new or empty folder")
 
 
