@@ -229,3 +229,14 @@ def test_eval_icl_table_and_errors(icl_run, icl_data, capsys):
         assert main(["eval", str(icl_run), "--icl", str(icl_data / "test.jsonl"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("worldloom: error:") and needle in err and err.count("\n") == 1, err
+
+
+def test_eval_icl_reads_an_instruct_test_file(icl_run, tmp_path, capsys):
+    from worldloom.tune.tasks import make_instruct
+
+    make_instruct(["arith", "reverse"], 40, tmp_path / "instr", test_n=24)
+    capsys.readouterr()
+    assert main(["eval", str(icl_run), "--icl", str(tmp_path / "instr" / "test.jsonl"), "--shots", "0,2", "--queries", "6",
+                 "--json", "--batch-size", "64"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["per_family"]) == {"arith", "reverse"} and res["per_kind"] == {} and res["queries"] == 6
