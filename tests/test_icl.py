@@ -12,7 +12,8 @@ import pytest
 from worldloom.cli import main
 from worldloom.errors import ConfigError, DataError
 from worldloom.tune.icl import Query, icl_curve, icl_prompt, is_right, parse_shots, plan, read_icl
-from worldloom.tune.icl_tasks import (HELD_OUT, PRIMITIVES, TEST_KINDS, TRAIN_KINDS, episode, family_name, make_icl)
+from worldloom.tune.icl_tasks import (FORMAT, HELD_OUT, PRIMITIVES, TEST_KINDS, TRAIN_KINDS, episode, family_name,
+                                      make_icl)
 
 FMT, STOP = "Q: {prompt}\nA: ", "\n"
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=128", "train.max_steps=2",
@@ -69,7 +70,7 @@ def test_every_answer_follows_its_family_rule(icl_data):
         assert r["kind"] == ">".join(s.split(":")[0] for s in r["family"].split(">"))
     # training episodes too: every Q/A pair of an episode follows one rule of a training kind
     for ep in (icl_data / "train.txt").read_text().split("\n\n")[:200]:
-        pairs = [(q[3:], a[3:]) for q, a in zip(ep.splitlines()[::2], ep.splitlines()[1::2])]
+        pairs = [line.split("=") for line in ep.splitlines()]
         assert pairs and any(all(_solve(f, q) == a for q, a in pairs) for f in _families(TRAIN_KINDS)), ep
 
 
@@ -94,16 +95,22 @@ def test_no_training_rule_computes_a_test_family(icl_data):
     held = {frozenset(p) for p in HELD_OUT}
     assert {r["kind"] for r in test} == {">".join(k) for k in TEST_KINDS}
     assert all(frozenset(k) not in held for k in TRAIN_KINDS if len(k) == 2)
-    text = (icl_data / "train.txt").read_text()
-    assert all(f"Q: " in text for _ in [0]) and set(text) <= set(string.ascii_lowercase + "QA: \n")
+    assert set((icl_data / "train.txt").read_text()) == set(string.ascii_lowercase + "=\n")
+
+
+def test_the_preset_reads_examples_as_the_data_writes_them():
+    from worldloom.config import build_config
+
+    tune = build_config("icl", []).tune
+    assert (tune.prompt_format, tune.stop) == (FORMAT, "\n") == ("{prompt}=", "\n")
 
 
 def test_episode_is_one_family(icl_data):
     rng = random.Random(3)
     ep = episode(("rotate", "suffix"), 5, rng)
     lines = ep.rstrip("\n").split("\n")
-    assert ep.endswith("\n\n") and len(lines) == 10
-    pairs = [(q[3:], a[3:]) for q, a in zip(lines[::2], lines[1::2])]
+    assert ep.endswith("\n\n") and len(lines) == 5
+    pairs = [line.split("=") for line in lines]
     assert [f for f in _families([("rotate", "suffix")]) if all(_solve(f, q) == a for q, a in pairs)]
 
 

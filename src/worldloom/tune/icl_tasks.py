@@ -3,7 +3,7 @@
 A *family* is one rule: one or two string primitives applied in order, each with its parameters
 drawn fresh, named so the name alone defines it, e.g. ``rotate:2>suffix:q`` (rotate left by 2,
 then append ``q``). Its *kind* is the same without parameters (``rotate>suffix``). Primitives act
-on a word of 3-6 lowercase letters:
+on a word of 3-5 lowercase letters:
 
     reverse      abcd -> dcba              evens        abcde -> ace (drop every other letter)
     rotate:K     left by K in {1, 2}        double       abc -> aabbcc
@@ -17,9 +17,9 @@ other pairs, but a test family's pair of primitives never occurs together in tra
 check, by enumerating every training kind's parameters, that no training rule computes a test
 family's answers.
 
-The model reads an episode: k solved examples of one fresh family, one ``Q: word\\nA: answer\\n``
-line pair each (the default ``tune.prompt_format``/``tune.stop``), a blank line between
-episodes. ``train.txt`` holds training episodes (text-recipe food: preset ``icl``);
+The model reads an episode: k solved examples of one fresh family, one line ``word=answer`` each
+(``FORMAT``; the preset ``icl`` sets ``tune.prompt_format`` to it: fewer tokens per example than the
+default ``Q: …\\nA: …``, so 8 shots fit a 128-token context), a blank line between episodes. ``train.txt`` holds training episodes (text-recipe food: preset ``icl``);
 ``test.jsonl`` holds rows ``{"family", "kind", "prompt", "response"}`` of held-out families,
 ``seen.jsonl`` the same of fresh training-kind families, both read by ``worldloom eval --icl``.
 """
@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from ..errors import ConfigError, DataError
-from .data import PROMPT_FORMAT, STOP, render_prompt
+from .data import render_prompt
 from .tasks import _check_out, _jsonl, _write
 
 MARKER = "worldloom_icl"  # meta.json key that marks a folder as make_icl's output
 LETTERS = string.ascii_lowercase
-HELD_OUT = (("shift", "evens"), ("reverse", "double"), ("prefix", "shift"), ("rotate", "evens"), ("suffix", "double"))
+HELD_OUT = (("prefix", "suffix"), ("shift", "evens"), ("reverse", "double"), ("prefix", "shift"), ("rotate", "evens"),
+            ("suffix", "double"))
 DEGENERATE = {("double", "evens")}  # compositions that are the identity, never a family
 MAX_EXAMPLES = 10  # examples per training episode are drawn from 1..MAX_EXAMPLES
+FORMAT, STOP = "{prompt}=", "\n"  # a solved example reads "abcd=dcba\n" (preset icl sets tune.prompt_format to FORMAT)
 
 
 class Primitive(NamedTuple):
@@ -107,17 +109,17 @@ def draw_family(kind: tuple[str, ...], rng: random.Random) -> str:
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
-    """`n` distinct words of 3-6 letters."""
+    """`n` distinct words of 3-5 letters."""
     out: dict[str, None] = {}
     while len(out) < n:
-        out["".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))] = None
+        out["".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))] = None
     return list(out)
 
 
 def episode(kind: tuple[str, ...], n: int, rng: random.Random) -> str:
     """`n` solved examples of one fresh family of `kind`, as the model reads them, then a blank line."""
     family = draw_family(kind, rng)
-    return "".join(render_prompt(w) + apply_family(family, w) + STOP for w in _words(rng, n)) + "\n"
+    return "".join(render_prompt(w, FORMAT) + apply_family(family, w) + STOP for w in _words(rng, n)) + "\n"
 
 
 def family_rows(kinds: list[tuple[str, ...]], per_kind: int, rows: int, rng: random.Random) -> list[dict]:
@@ -148,7 +150,7 @@ def make_icl(out: Path, n: int = 20000, per_kind: int = 4, rows: int = 24, seed:
     test = family_rows(TEST_KINDS, per_kind, rows, rng)
     seen = family_rows(TRAIN_KINDS, 1, rows, rng)
     meta = {
-        MARKER: 1, "seed": seed, "episodes": n, "format": PROMPT_FORMAT, "stop": STOP,
+        MARKER: 1, "seed": seed, "episodes": n, "format": FORMAT, "stop": STOP,
         "train_kinds": [">".join(k) for k in TRAIN_KINDS], "test_kinds": [">".join(k) for k in TEST_KINDS],
         "held_out_pairs": [list(p) for p in HELD_OUT],
         "rows": {"test": len(test), "seen": len(seen)},
