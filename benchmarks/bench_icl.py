@@ -7,7 +7,7 @@ families never seen in training.
 
 Three `worldloom` commands, each in a fresh process, the ones a user types (docs/icl.md):
 ``data icl`` (string-rule episodes; the test families are held-out compositions), ``train icl``
-(the preset: a char-level 4-layer d192 transformer on train.txt, fp32, 18 minutes on one thread:
+(the preset: a char-level 4-layer d192 transformer on train.txt, fp32, 16 minutes on one thread:
 on 2 cores shared with other jobs one thread trains ~4x faster than two)
 and ``eval RUN --icl FILE --shots 0,1,4,8 --json`` on test.jsonl (unseen families) and on
 seen.jsonl (fresh families of training kinds, for comparison). Target (issue 15): accuracy rises
@@ -28,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = "0,1,4,8"
-FULL = {"data": ["--n", "60000"], "train": ["train.max_minutes=18", "train.threads=1", "train.eval_interval=500"],
-        "eval": ["--queries", "560", "--batch-size", "64"]}
+FULL = {"data": ["--n", "60000"], "train": ["train.max_minutes=16", "train.threads=1", "train.eval_interval=500"],
+        "eval": ["--queries", "352", "--batch-size", "64"]}
 QUICK = {"data": ["--n", "300", "--rows", "12", "--families", "2"],
          "train": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.max_steps=6", "train.eval_interval=3",
                    "train.batch_size=4", "train.precision=fp32", "train.max_minutes=0"],

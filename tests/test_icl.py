@@ -29,8 +29,6 @@ def _rule(step: str, word: str) -> str:
         return "".join(word[i] for i in range(len(word) - 1, -1, -1))
     if name == "rotate":
         return "".join(word[(i + int(arg)) % len(word)] for i in range(len(word)))
-    if name == "shift":
-        return "".join(chr((ord(c) - 97 + int(arg)) % 26 + 97) for c in word)
     if name == "suffix":
         return word + arg
     if name == "prefix":

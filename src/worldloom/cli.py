@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "worldloom eval runs/icl --icl data/icl/test.jsonl\n\ndocs/icl.md",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--out", type=_out_path, default="data/icl", help="output folder (new, empty, or an earlier output)")
-    d.add_argument("--n", type=_int_in(1, 10**7), default=20000, help="training episodes in train.txt (default 20000)")
+    d.add_argument("--n", type=_int_in(1, 10**7), default=60000, help="training episodes in train.txt (default 60000)")
     d.add_argument("--families", type=_int_in(1, 10**4), default=4, help="held-out families per test kind (default 4)")
     d.add_argument("--rows", type=_int_in(2, 10**4), default=24, help="rows per family in test.jsonl and seen.jsonl (default 24)")
     d.add_argument("--seed", type=_int_in(0), default=0)

@@ -8,8 +8,9 @@ prompt), and the prompt for k shots is the first k of them, each read as the mod
 turn (``tune.prompt_format`` around the prompt, the response, ``tune.stop``), then the query. So
 every k sees the same queries, and the k=4 examples are the first four of the k=8 ones.
 
-The answer is greedy, cut at ``tune.stop`` (`tune.common.answers`), and right when the family's
-checker accepts it (`tune.tasks.check`, for instruct families) or, for any other family, when it
+The answer is greedy, cut at ``tune.stop`` (`tune.common.answers`; at most ``ANSWER_SLACK``
+tokens longer than the longest reference answer: a longer one is wrong anyway), and right when the
+family's checker accepts it (`tune.tasks.check`, for instruct families) or, for any other family, when it
 equals the row's response (surrounding whitespace ignored). A prompt longer than the model's
 context keeps its last tokens (the query); how many were so cut is reported per k.
 """
@@ -24,6 +25,7 @@ from ..errors import ConfigError, DataError
 from .data import render_prompt
 
 MAX_SHOTS = 64
+ANSWER_SLACK = 4  # answers stop at tune.stop or this many tokens past the longest reference answer (longer is wrong)
 
 
 class Query(NamedTuple):
@@ -153,10 +155,11 @@ def evaluate_icl(args, run) -> int:
     shots = parse_shots(args.shots)
     fmt, stop = run.cfg.tune.prompt_format, run.cfg.tune.stop
     queries = plan(read_icl(args.icl, fmt, stop), shots[-1], args.queries, args.seed)
+    limit = max(len(run.tokenizer.encode(q.row["response"])) for q in queries) + ANSWER_SLACK
     with tqdm(total=len(queries) * len(shots), desc=f"icl {args.run}", unit="query", disable=args.json or None,
               leave=False) as bar:
         def answer(texts: list[str]) -> list[str]:
-            got = answers(run.model, run.tokenizer, run.cfg, texts, rendered=True, batch=args.batch_size)
+            got = answers(run.model, run.tokenizer, run.cfg, texts, rendered=True, batch=args.batch_size, max_new_tokens=limit)
             bar.update(len(texts))
             return got
 

@@ -7,8 +7,10 @@ on a word of 3-5 lowercase letters:
 
     reverse      abcd -> dcba              evens        abcde -> ace (drop every other letter)
     rotate:K     left by K in {1, 2}        double       abc -> aabbcc
-    shift:K      each letter K in {1,2,3} further along the alphabet (z wraps to a)
     suffix:C     append the letter C        prefix:C     prepend the letter C
+
+Every primitive moves or copies letters (none computes new ones, as a letter shift would): a
+small model learns such rules from a few minutes of episodes, and they compose.
 
 Held-out compositions: the kinds whose two primitives form one of the unordered pairs in
 ``HELD_OUT`` (both orders) are test kinds; every other single primitive and ordered pair is a
@@ -37,8 +39,7 @@ from .tasks import _check_out, _jsonl, _write
 
 MARKER = "worldloom_icl"  # meta.json key that marks a folder as make_icl's output
 LETTERS = string.ascii_lowercase
-HELD_OUT = (("prefix", "suffix"), ("shift", "evens"), ("reverse", "double"), ("prefix", "shift"), ("rotate", "evens"),
-            ("suffix", "double"))
+HELD_OUT = (("prefix", "suffix"), ("reverse", "double"), ("rotate", "evens"), ("suffix", "double"))
 DEGENERATE = {("double", "evens")}  # compositions that are the identity, never a family
 MAX_EXAMPLES = 10  # examples per training episode are drawn from 1..MAX_EXAMPLES
 FORMAT, STOP = "{prompt}=", "\n"  # a solved example reads "abcd=dcba\n" (preset icl sets tune.prompt_format to FORMAT)
@@ -49,14 +50,9 @@ class Primitive(NamedTuple):
     apply: Callable[[str, str], str]  # (word, parameter) -> word
 
 
-def _shift(word: str, k: str) -> str:
-    return "".join(LETTERS[(LETTERS.index(c) + int(k)) % 26] for c in word)
-
-
 PRIMITIVES: dict[str, Primitive] = {
     "reverse": Primitive(("",), lambda w, _: w[::-1]),
     "rotate": Primitive(("1", "2"), lambda w, k: w[int(k):] + w[: int(k)]),
-    "shift": Primitive(("1", "2", "3"), _shift),
     "suffix": Primitive(tuple(LETTERS), lambda w, c: w + c),
     "prefix": Primitive(tuple(LETTERS), lambda w, c: c + w),
     "evens": Primitive(("",), lambda w, _: w[::2]),
@@ -138,7 +134,7 @@ def family_rows(kinds: list[tuple[str, ...]], per_kind: int, rows: int, rng: ran
     return out
 
 
-def make_icl(out: Path, n: int = 20000, per_kind: int = 4, rows: int = 24, seed: int = 0) -> dict:
+def make_icl(out: Path, n: int = 60000, per_kind: int = 4, rows: int = 24, seed: int = 0) -> dict:
     """Write train.txt (`n` episodes), test.jsonl, seen.jsonl and meta.json into `out`; the meta."""
     for key, value, lo in (("n", n, 1), ("per_kind", per_kind, 1), ("rows", rows, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
