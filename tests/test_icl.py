@@ -11,7 +11,7 @@ import pytest
 
 from worldloom.cli import main
 from worldloom.errors import ConfigError, DataError
-from worldloom.tune.icl import Query, icl_curve, icl_prompt, is_right, parse_shots, plan, read_icl
+from worldloom.tune.icl import icl_curve, icl_prompt, is_right, parse_shots, plan, read_icl
 from worldloom.tune.icl_tasks import (FORMAT, HELD_OUT, PRIMITIVES, TEST_KINDS, TRAIN_KINDS, episode, family_name,
                                       make_icl)
 
