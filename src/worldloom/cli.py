@@ -185,6 +185,16 @@ def _cmd_quantize(args) -> int:
 def _cmd_data(args) -> int:
     from .tune.tasks import FAMILIES, make_instruct
 
+    if args.kind == "icl":
+        from .tune.icl_tasks import make_icl
+
+        meta = make_icl(Path(args.out), n=args.n, per_kind=args.families, rows=args.rows, seed=args.seed)
+        print(f"wrote {args.out}: train.txt {meta['episodes']:,} episodes of {len(meta['train_kinds'])} kinds, test.jsonl "
+              f"{meta['families']['test']} held-out families ({meta['rows']['test']:,} rows), seen.jsonl "
+              f"{meta['families']['seen']} families; next: worldloom train icl name=icl, then "
+              f"worldloom eval runs/icl --icl {Path(args.out) / 'test.jsonl'}")
+        return 0
+
     tasks = args.tasks.split(",") if args.tasks is not None else list(FAMILIES)
     meta = make_instruct(tasks, args.n, Path(args.out), seed=args.seed, test_n=args.test_n, progress=not args.no_progress)
     per_task = ", ".join(f"{t} {c:,}" for t, c in meta["counts"]["train"].items())
@@ -353,6 +363,12 @@ def _cmd_eval(args) -> int:
         raise WorldloomError(f"--batch-size must be at least 1, got {args.batch_size}")
     set_threads(0)
     run = load_run(Path(args.run), any_model=True)
+    if args.icl:
+        if run.is_world or run.tokenizer is None or args.tasks or args.baseline:
+            raise WorldloomError("--icl FILE scores a text run's in-context learning, on its own (not with --tasks/--baseline)")
+        from .tune.icl import evaluate_icl
+
+        return evaluate_icl(args, run)
     if args.tasks or args.baseline:
         if run.is_world or run.tokenizer is None or not args.tasks:
             raise WorldloomError("--tasks FILE scores a text run's answers (--baseline RUN goes with it)")
@@ -526,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="evaluate on the held-out part of another text file")
     s.add_argument("--tasks", metavar="FILE", help="text runs: exact-answer accuracy on the task rows of a JSONL file (worldloom data instruct's test.jsonl)")
     s.add_argument("--baseline", metavar="RUN", help="with --tasks: answer the same rows with this run too and report the win-rate")
+    s.add_argument("--icl", metavar="FILE", help="text runs: in-context learning, accuracy with k solved examples of the query's "
+                   "family in the prompt (worldloom data icl's test.jsonl, or an instruct test.jsonl); docs/icl.md")
+    s.add_argument("--shots", default="0,1,4,8", help="with --icl: comma-separated example counts (default 0,1,4,8)")
+    s.add_argument("--queries", type=_int_in(1, 10**6), default=400, help="with --icl: queries, spread evenly over the families (default 400)")
+    s.add_argument("--seed", type=_int_in(0), default=0, help="with --icl: picks the queries and their examples (the same for every k)")
     s.add_argument("--batch-size", type=_int_in(1, 2**20), default=16)
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     s.set_defaults(fn=_cmd_eval)
@@ -564,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="print a line per evaluation instead of a progress bar")
     s.set_defaults(fn=_cmd_quantize)
 
-    s = sub.add_parser("data", help="make a dataset: synthetic instruction tasks with programmatic checkers")
+    s = sub.add_parser("data", help="make a dataset: synthetic instruction tasks with programmatic checkers, or ICL episodes")
     kinds = s.add_subparsers(dest="kind", metavar="KIND", required=True)
     d = kinds.add_parser("instruct", help="checkable instruction tasks as JSONL (train/test/prompts) plus a pretraining text",
                          epilog="examples:\n  worldloom data instruct --tasks arith,reverse,sort,count --n 20000 --out data/instr\n"
@@ -578,6 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=_int_in(0), default=0)
     d.add_argument("--test-n", type=_int_in(1, 10**7), help="held-out rows (default max(100, n // 10))")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(fn=_cmd_data)
+    d = kinds.add_parser("icl", help="in-context learning: episodes of string rules to infer from examples; held-out compositions",
+                         epilog="example:\n  worldloom data icl --out data/icl && worldloom train icl name=icl && "
+                                "worldloom eval runs/icl --icl data/icl/test.jsonl\n\ndocs/icl.md",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--out", type=_out_path, default="data/icl", help="output folder (new, empty, or an earlier output)")
+    d.add_argument("--n", type=_int_in(1, 10**7), default=60000, help="training episodes in train.txt (default 60000)")
+    d.add_argument("--families", type=_int_in(1, 10**4), default=4, help="held-out families per test kind (default 4)")
+    d.add_argument("--rows", type=_int_in(2, 10**4), default=24, help="rows per family in test.jsonl and seen.jsonl (default 24)")
+    d.add_argument("--seed", type=_int_in(0), default=0)
     d.set_defaults(fn=_cmd_data)
 
     d = kinds.add_parser("react", help="synthetic ReAct traces (calculator) for held-out multi-step arithmetic",

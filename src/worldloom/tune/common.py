@@ -128,14 +128,14 @@ def response_weights(e: Encoded) -> list[float]:
 
 @torch.no_grad()
 def answers(model, tokenizer, cfg: RunConfig, prompts: list[str], temperature: float = 0.0, seed: int = 0,
-            batch: int = 64, max_new_tokens: int = 32, progress=None) -> list[str]:
-    """The model's responses to raw prompts (formatted by tune.prompt_format, cut at tune.stop)."""
+            batch: int = 64, max_new_tokens: int = 32, progress=None, rendered: bool = False) -> list[str]:
+    """The model's responses to raw prompts (formatted by tune.prompt_format unless `rendered`, cut at tune.stop)."""
     from ..decode import SamplingConfig, generate
 
     model.eval()
     out = []
     for i in range(0, len(prompts), batch):
-        texts = [cfg.tune.prompt_format.format(prompt=p) for p in prompts[i : i + batch]]
+        texts = [p if rendered else cfg.tune.prompt_format.format(prompt=p) for p in prompts[i : i + batch]]
         sc = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
         out += generate(model, tokenizer, texts, sc, stop=[cfg.tune.stop])
         if progress:
