@@ -24,8 +24,6 @@ The issue's target: fast >= 5x tokens at batch 1 and 64 on the main job's model.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -111,9 +109,8 @@ def main(argv=None) -> int:
         return 2
 
     from worldloom.errors import WorldloomError
-    from worldloom.io import write_json
     from worldloom.run import load_world_run
-    from worldloom.world.pipeline import machine
+    from worldloom.world.pipeline import write_bench_result
 
     try:
         run = load_world_run(Path(args.run))
@@ -125,14 +122,9 @@ def main(argv=None) -> int:
         return 2
     run.model.eval()
     rows = bench(run, args.batches, args.steps)
-    res = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-           "model": {"run": args.run, "params": run.model.num_params(), "threads": torch.get_num_threads()},
-           "steps": args.steps, "imagine": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, res)
-    print(f"wrote {out}")
+    write_bench_result(args.out, sys.argv[0], argv,
+                       model={"run": args.run, "params": run.model.num_params(), "threads": torch.get_num_threads()},
+                       steps=args.steps, imagine=rows)
     return 0
 
 

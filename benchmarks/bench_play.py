@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -104,10 +103,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from worldloom.errors import WorldloomError
-    from worldloom.io import write_json
     from worldloom.serve import check_installed, in_thread
     from worldloom.serve.app import create_app
-    from worldloom.world.pipeline import machine
+    from worldloom.world.pipeline import write_bench_result
     from worldloom.world.rollout.imagine import available_modes
 
     try:
@@ -135,14 +133,9 @@ def main(argv=None) -> int:
     print(table(rows))
     print(f"target: {TARGET:g} imagined frames/s for one player; best here: "
           f"{max(r['frames_per_s'] for r in rows):.2f} ({max(r['vs_target'] for r in rows):.2f}x)")
-    res = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-           "model": {"run": args.run, "params": served.run.model.num_params(), "threads": torch.get_num_threads()},
-           "transport": args.transport, "imagination_only": args.imagination_only, "target_fps": TARGET, "play": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, res)
-    print(f"wrote {out}")
+    write_bench_result(args.out, sys.argv[0], argv,
+                       model={"run": args.run, "params": served.run.model.num_params(), "threads": torch.get_num_threads()},
+                       transport=args.transport, imagination_only=args.imagination_only, target_fps=TARGET, play=rows)
     return 0
 
 

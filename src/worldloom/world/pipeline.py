@@ -65,6 +65,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def write_bench_result(out, script: str, argv, **fields) -> Path:
+    """A benchmark's JSON record: machine, UTC date, the command line, then ``fields``; written atomically."""
+    import datetime
+    import sys
+
+    res = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([Path(script).name, *(argv if argv is not None else sys.argv[1:])]), **fields}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, res)
+    print(f"wrote {out}")
+    return out
+
+
 def evaluate_world(run, progress: bool = True, log=print, episodes: int | None = None, plan_episodes: int | None = None,
                    precision: str = "fp32") -> dict:
     """Every figure of a world run (see the module docs of metrics, agent, imagine, plan)."""
