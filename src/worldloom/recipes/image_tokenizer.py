@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig, to_dict
+from ..config import RunConfig
 from ..errors import ConfigError
 from ..io import atomic_write_bytes, write_json
 from ..losses import image_objective
 from ..runtime import autocast
 from ..vision.frames import VAL_SEEDS, collect_frames, load_frames, save_frames
-from ..vision.tokenizer import META
+from ..vision.tokenizer import META, tokenizer_meta
 from ..world.envs.pixels import PIXELS
 from . import Recipe
 
@@ -84,8 +84,7 @@ class ImageTokenizerTask:
         for split, frames in self.data.items():
             if not (Path(run_dir) / FRAMES / f"{split}.npz").is_file():
                 save_frames(Path(run_dir) / FRAMES / f"{split}.npz", frames)
-        write_json(Path(run_dir) / META, {"kind": "image", "vision": to_dict(self.cfg.vision),
-                                          "frame_shape": list(self.frame_shape), "env_id": self.cfg.env.id})
+        write_json(Path(run_dir) / META, tokenizer_meta(self.cfg.vision, self.frame_shape, self.cfg.env.id))
 
     def describe(self) -> str:
         vc, (h, w) = self.cfg.vision, self.frame_shape[:2]

@@ -10,6 +10,7 @@ import torch
 
 from ..world.envs.pixels import PIXELS
 from .frames import load_frames
+from .quantizers import perplexity
 
 
 def round_trip(model, pixels: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -29,10 +30,9 @@ def evaluate_tokenizer(run, run_dir: Path) -> dict:
     codes, recon = round_trip(run.model.eval(), val[PIXELS])
     mse = float(((recon.astype(np.float64) - val[PIXELS]) / 255.0).__pow__(2).mean())
     k = run.model.codebook_size
-    p = np.bincount(codes.reshape(-1), minlength=k) / codes.size
     res = {"run": str(run_dir), "step": run.state["step"], "env_id": run.cfg.env.id, "frames": len(codes),
            "mse": mse, "psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12)), "codebook": k,
-           "codes_used": int((p > 0).sum()), "perplexity": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())),
+           "codes_used": len(np.unique(codes)), "perplexity": perplexity(torch.from_numpy(codes.reshape(-1)), k),
            "tokens_per_frame": int(codes[0].size)}
     if "image" in val:  # MiniGrid RGB: the symbolic views are stored beside the pixels
         from .cells import CellReader

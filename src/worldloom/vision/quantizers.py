@@ -33,7 +33,8 @@ class Quantized(NamedTuple):
     stats: dict  # floats to log: perplexity (codes in use, exp of the entropy), restarts
 
 
-def _perplexity(codes: torch.Tensor, k: int) -> float:
+def perplexity(codes: torch.Tensor, k: int) -> float:
+    """exp(entropy) of the codes' use: how many of the k codes are effectively in use."""
     p = torch.bincount(codes, minlength=k).float() / max(codes.numel(), 1)
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
@@ -70,7 +71,7 @@ class EMAQuantizer(nn.Module):
         restarts = self._update(z32.detach(), codes) if self.training else 0
         loss = self.beta * F.mse_loss(z32, q.detach())
         q = z32 + (q - z32).detach()  # straight-through
-        return Quantized(q.to(z.dtype), codes, loss, {"perplexity": _perplexity(codes, self.k), "restarts": restarts})
+        return Quantized(q.to(z.dtype), codes, loss, {"perplexity": perplexity(codes, self.k), "restarts": restarts})
 
     @torch.no_grad()
     def _update(self, z: torch.Tensor, codes: torch.Tensor) -> int:
@@ -117,7 +118,7 @@ class FSQuantizer(nn.Module):
         digits = b + (b.round() - b).detach()  # straight-through rounding: integers in [-L//2, (L-1)//2]
         codes = ((digits.detach().round() + self._levels.div(2).floor()).long() * self._basis).sum(1)
         q = digits / self._levels.div(2).floor()  # in [-1, 1]
-        return Quantized(q.to(z.dtype), codes, z.new_zeros(()), {"perplexity": _perplexity(codes, self.codebook_size)})
+        return Quantized(q.to(z.dtype), codes, z.new_zeros(()), {"perplexity": perplexity(codes, self.codebook_size)})
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         digits = (codes.unsqueeze(-1) // self._basis) % self._levels.long()  # (..., D) in [0, L)

@@ -24,6 +24,14 @@ META = "image_tokenizer.json"
 WEIGHTS = "image_tokenizer.safetensors"
 
 
+def tokenizer_meta(vision, frame_shape, env_id: str) -> dict:
+    """What META holds: the autoencoder's VisionConfig, the frame shape and the environment it was trained on."""
+    from ..config import to_dict
+
+    return {"kind": ImageTokenizer.kind, "vision": to_dict(vision), "frame_shape": [int(x) for x in frame_shape],
+            "env_id": env_id}
+
+
 def build_autoencoder(vision: dict):
     from ..config import VisionConfig, from_dict
     from .autoencoder import ImageAutoencoder
@@ -75,10 +83,7 @@ class ImageTokenizer:
         return {PIXELS: pixels}
 
     def meta(self) -> dict:
-        from ..config import to_dict
-
-        return {"kind": self.kind, "vision": to_dict(self.model.cfg), "frame_shape": list(self.frame_shape),
-                "env_id": self.env_id}
+        return tokenizer_meta(self.model.cfg, self.frame_shape, self.env_id)
 
     def save(self, folder: Path) -> None:
         from ..io import save_tensors

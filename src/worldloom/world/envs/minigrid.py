@@ -45,8 +45,13 @@ class MiniGridAdapter(EnvAdapter):
         except ImportError:
             raise EnvError("environment package 'minigrid' is not installed; run `pip install minigrid`") from None
 
+    @property
+    def gym_id(self) -> str:
+        """The registered gymnasium id this adapter makes (a view of it, e.g. ``rgb:``, may name it differently)."""
+        return self.env_id
+
     def make(self, render_mode: str | None = None) -> gym.Env:
-        return QuietReset(gym.make(self.env_id, render_mode=render_mode))
+        return QuietReset(gym.make(self.gym_id, render_mode=render_mode))
 
     def observe(self, obs: dict) -> dict[str, np.ndarray]:
         return {

@@ -53,7 +53,10 @@ class _PixelAdapter(EnvAdapter):
         return spaces.Box(0, 255, self.obs_fields[PIXELS][0], np.uint8)
 
 
-class MiniGridRGBAdapter(MiniGridAdapter):
+class MiniGridRGBAdapter(_PixelAdapter, MiniGridAdapter):
+    """MiniGrid's levels and bot (``MiniGridAdapter``) seen as pixels (``_PixelAdapter``: drawn as
+    themselves, no observation tokenizer of their own)."""
+
     kind = "minigrid-rgb"
     prefixes = ("rgb:",)
 
@@ -63,33 +66,22 @@ class MiniGridRGBAdapter(MiniGridAdapter):
         self.obs_fields = {PIXELS: ((side, side, 3), np.dtype(np.uint8)), **self.obs_fields}
 
     @property
-    def inner_id(self) -> str:
+    def gym_id(self) -> str:
         return self.env_id[len("rgb:"):]
 
     @classmethod
     def known_ids(cls) -> list[str]:
         return [f"rgb:{k}" for k in MiniGridAdapter.known_ids()]
 
-    def make(self, render_mode: str | None = None) -> gym.Env:
-        from .base import QuietReset
-
-        return QuietReset(gym.make(self.inner_id, render_mode=render_mode))
-
     def observe(self, obs: dict) -> dict[str, np.ndarray]:
         fields = super().observe(obs)
         return {PIXELS: MiniGridAdapter.render(self, fields, CELL_PIXELS), **fields}
 
-    def obs_tokenizer(self, meta: dict | None = None):
-        return _PixelAdapter.obs_tokenizer(self, meta)
-
-    def render(self, fields: dict[str, np.ndarray], tile_size: int = 16) -> np.ndarray:
-        return np.asarray(fields[PIXELS], np.uint8)
-
     def env_obs(self, fields: dict[str, np.ndarray], mission: str) -> dict:
-        return {PIXELS: np.array(fields[PIXELS], np.uint8, copy=True), "mission": mission}
+        return {PIXELS: _PixelAdapter.env_obs(self, fields, mission), "mission": mission}
 
     def observation_space(self) -> spaces.Dict:
-        return spaces.Dict({PIXELS: spaces.Box(0, 255, self.obs_fields[PIXELS][0], np.uint8),
+        return spaces.Dict({PIXELS: _PixelAdapter.observation_space(self),
                             "mission": spaces.Text(max_length=1024, min_length=0, charset=string.printable)})
 
 
