@@ -160,7 +160,7 @@ def test_crafter_and_atari_adapters():
     assert spec["frameskip"] == 4 and spec["repeat_action_probability"] == 0.25
     obs, _ = env.reset(seed=0)
     assert atari.observe(obs)["pixels"].shape == (64, 64, 3) and atari.n_actions == 6
-    with pytest.raises(EnvError, match="pixel world model is not built yet"):
+    with pytest.raises(EnvError, match="streams them through an image tokenizer"):
         atari.obs_tokenizer()
 
 
@@ -172,8 +172,10 @@ def test_pixel_episodes_go_through_the_episode_schema(tmp_path):
     ds = load_dataset(tmp_path / "d")
     ep = ds.episodes("train")[0]
     assert ep.obs["pixels"].shape[1:] == (56, 56, 3) and ep.obs["pixels"].dtype == np.uint8
-    assert np.array_equal(ep.obs["pixels"][0], make_adapter(RGB).render(
-        {"pixels": make_adapter(RGB).observe({"image": ep.obs["image"][0], "direction": 0})["pixels"]}))
+    drawn = make_adapter(RGB).observe({"image": ep.obs["image"][0], "direction": 0})["pixels"]
+    assert np.array_equal(ep.obs["pixels"][0], drawn)
+    big = make_adapter(RGB).render({"pixels": drawn}, tile_size=32)  # pictures: each 8x8 cell drawn 32x32
+    assert big.shape == (224, 224, 3) and np.array_equal(big[::4, ::4], drawn)
 
 
 # ---------------------------------------------------------------- the cell checker

@@ -72,6 +72,7 @@ class StreamConfig:
     parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head; stream.obs=tokens)
     step_skip: bool = True  # each position also sees the token at its target's place one step earlier (stream.obs=tokens; the encoded decoder reads the previous frame itself)
     grid_pos: bool = False  # observation cells also embed their row and column in the view (2-D position)
+    tokenizer: str = ""  # pixel environments (rgb:<MiniGrid id>, crafter, ALE/*): an image-tokenizer run folder whose codes are the observation tokens; empty: the world pipeline trains one first in <run>/tokenizer (vision.*, vision.minutes)
     weight_obs: float = 1.0
     weight_first_obs: float = 0.0  # the first observation after the mission (a new level: not a transition)
     weight_action: float = 1.0
@@ -508,6 +509,8 @@ class VisionConfig:
     frames: int = 20000  # training frames collected from env.id (held-out frames come from other seeds)
     val_frames: int = 1000
     policy: str = "random"  # how the frames are played: random actions | bot (BabyAI levels: the BabyAI bot, mostly)
+    minutes: float = 4.0  # a pixel world run's tokenizer stage (stream.tokenizer empty): its training budget in minutes
+    max_steps: int = 0  # ... and in steps (0: minutes only); a tokenizer-vq run itself uses train.max_minutes / train.max_steps
 
     def levels(self) -> list[int]:
         return [int(x) for x in self.fsq_levels.split(",")]
@@ -528,6 +531,9 @@ class VisionConfig:
             raise ConfigError("vision.ema_decay must be in [0, 1), vision.beta and vision.dead_code >= 0")
         if self.frames < 1 or self.val_frames < 1:
             raise ConfigError(f"vision.frames and vision.val_frames must be >= 1, got {self.frames}, {self.val_frames}")
+        if not (0 <= self.minutes <= 10_000 and 0 <= self.max_steps <= 10**9) or not (self.minutes or self.max_steps):
+            raise ConfigError(f"vision.minutes (0..10000) or vision.max_steps (>= 0) must give the tokenizer stage a budget, "
+                              f"got {self.minutes} and {self.max_steps}")
 
 
 STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid", "obs_vectors", "obs_len", "obs_grid")  # model fields the world stream layout sets

@@ -53,6 +53,7 @@ class ObsTokenizer(Protocol):
 
 
 OBS_TOKENIZERS: dict[str, type] = {}
+LAZY = {"image": "worldloom.vision.tokenizer"}  # kinds whose module (and its heavier imports) loads on first use
 
 
 def register_obs_tokenizer(cls: type) -> type:
@@ -65,6 +66,10 @@ def register_obs_tokenizer(cls: type) -> type:
 
 def load_obs_tokenizer(kind: str, folder: Path) -> ObsTokenizer:
     """The observation tokenizer of the recorded ``kind`` saved in ``folder``."""
+    if kind not in OBS_TOKENIZERS and kind in LAZY:
+        import importlib
+
+        importlib.import_module(LAZY[kind])  # registers the kind
     cls = OBS_TOKENIZERS.get(kind)
     if cls is None:
         raise CheckpointError(f"{folder} holds an observation tokenizer of kind {kind!r}, which this worldloom "

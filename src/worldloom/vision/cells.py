@@ -29,6 +29,13 @@ def cell_labels(image: np.ndarray) -> np.ndarray:
     return labels
 
 
+def label_views(labels: np.ndarray) -> np.ndarray:
+    """Labels (N, V, V) [y, x] -> symbolic views (N, V, V, 3) uint8 indexed [x, y]: ``cell_labels`` undone."""
+    labels = np.asarray(labels, np.int64) & ((1 << 24) - 1)  # the agent's mark off
+    triple = np.stack([labels >> 16, (labels >> 8) & 255, labels & 255], axis=-1)  # (N, y, x, 3)
+    return triple.transpose(0, 2, 1, 3).astype(np.uint8)
+
+
 def tiles(pixels: np.ndarray) -> np.ndarray:
     """(N, V*8, V*8, 3) uint8 -> (N, V, V, 8*8*3) float32, tile [y, x] flattened."""
     n, h, w, _ = pixels.shape
@@ -56,6 +63,10 @@ class CellReader:
             d = self._sq[None, :] - 2.0 * x @ self.prototypes.T  # |x|^2 is the same for every prototype
             out[i:i + chunk] = self.labels[d.argmin(1)]
         return out.reshape(t.shape[:3])
+
+    def views(self, pixels: np.ndarray) -> np.ndarray:
+        """Pictures (N, V*8, V*8, 3) -> the symbolic views (N, V, V, 3) [x, y] they show (nearest prototypes)."""
+        return label_views(self.read(pixels))
 
     def accuracy(self, pixels: np.ndarray, image: np.ndarray) -> dict:
         """Share of cells read right; also of the cells that are not empty floor or unseen (the objects)."""

@@ -57,6 +57,16 @@ class ImageTokenizer:
         return self.grid[0] * self.grid[1]
 
     @property
+    def n_cells(self) -> int:
+        """Every token is one cell of the code grid."""
+        return self.n_tokens
+
+    @property
+    def view(self) -> int:
+        """The side of a square code grid (what the stream's 2-D positions and frame encoder read), else 0."""
+        return self.grid[0] if self.grid[0] == self.grid[1] else 0
+
+    @property
     def vocab_size(self) -> int:
         return self.model.codebook_size
 

@@ -29,6 +29,7 @@ from ..io import write_json
 from ..runtime import resolve_device, set_threads
 from ..train import dist as D
 from .eval.report import pct
+from ..vision.stage import ensure_tokenizer, has_pixels
 from .task import dataset_dir
 
 EVAL_JSON = "eval.json"
@@ -116,13 +117,14 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     order = sorted(range(len(val)), key=lambda i: -val[i].length)[: ec.open_loop]
     ol_eps, ol_novel = [val[i] for i in order], [novel[i] for i in order]
     ol_seen = make_adapter(cfg.env.id).seen_cells(ol_eps)  # the cells an earlier real observation showed (or None)
+    read_cells = cell_reader(val)  # pixel worlds with symbolic views stored: imagined frames read back as cells
     ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision, novel=ol_novel,
-                            seen=ol_seen)
+                            seen=ol_seen, read_cells=read_cells)
     ol["curve"] = curve_rows(ol["curve"])
     result["open_loop"] = ol
     if model.frame is not None:
         olp = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="parallel", precision=precision,
-                                 seen=ol_seen)
+                                 seen=ol_seen, read_cells=read_cells)
         result["open_loop_parallel"] = {"horizons": olp["horizons"], "curve": curve_rows(olp["curve"])}
     log("open-loop imagination, exact frames: " + ", ".join(
         f"{k} steps {ol['horizons'][str(k)]['frame']:.1%} (n={ol['horizons'][str(k)]['n']})" for k in HORIZONS
@@ -168,6 +170,20 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
             f"(plain policy on the same seeds {result['plan']['policy_success_same_seeds']:.1%})")
     result.setdefault("timing", {})["eval_s"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def cell_reader(episodes: list):
+    """For episodes of a pixel world that stores its symbolic views too (``rgb:`` MiniGrid): a function from
+    frames to the views they show (``CellReader`` prototypes from these episodes' real frames: how the
+    renderer draws each cell, not what the model imagines); None for other worlds."""
+    from .envs.pixels import PIXELS
+
+    if not episodes or not {"image", PIXELS} <= set(episodes[0].obs):
+        return None
+    from ..vision.cells import CellReader
+
+    frames = {k: np.concatenate([e.obs[k] for e in episodes]) for k in ("image", PIXELS)}
+    return CellReader(frames).views
 
 
 def curve_rows(curve: dict) -> list[dict]:
@@ -216,6 +232,12 @@ def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
         collect_for(cfg, data, progress and dist.main, log if dist.main else (lambda *a: None), world=dist.world)
     D.barrier(dist)
     timing["collect_s"] = round(time.perf_counter() - t, 1)
+    if has_pixels(cfg.env.id):  # frames become tokens through an image tokenizer: trained first unless named
+        t = time.perf_counter()
+        if dist.main:
+            ensure_tokenizer(cfg, Path(cfg.run_dir), progress, log)
+        D.barrier(dist)
+        timing["tokenizer_s"] = round(time.perf_counter() - t, 1)
     return _train_and_report(cfg, Path(cfg.run_dir), [], False, timing, progress, log)
 
 

@@ -47,6 +47,16 @@ def stream_model_sizes(lay: StreamLayout, sc) -> dict:
             "obs_grid": grid if encoded else 0}
 
 
+def observation_tokenizer(cfg: RunConfig, run_dir: Path, meta: dict):
+    """A new run's observation tokenizer: the one the environment declares (MiniGrid's cells), or for pixel
+    environments the image tokenizer the run streams its frames through (worldloom.vision.stage)."""
+    from ..vision.stage import has_pixels, image_tokenizer_for
+
+    if has_pixels(cfg.env.id):
+        return image_tokenizer_for(cfg, run_dir)
+    return make_adapter(cfg.env.id).obs_tokenizer(meta)
+
+
 class WorldTask:
     """Episodes as a training task (``worldloom.train.task.Task``): packed stream rows, the world-stream objective."""
 
@@ -66,7 +76,7 @@ class WorldTask:
         if resuming:
             self.layout = StreamLayout.load(Path(run_dir) / STREAM_DIR)
         else:
-            obs = make_adapter(cfg.env.id).obs_tokenizer(ds.meta)  # the environment declares its observation tokenizer
+            obs = observation_tokenizer(cfg, run_dir, ds.meta)
             self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream, obs)
         lay = self.layout
         sizes = stream_model_sizes(lay, cfg.stream)  # the model's stream inputs decide the batches' shape

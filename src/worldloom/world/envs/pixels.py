@@ -16,7 +16,8 @@ Three families, each an ``EnvAdapter`` (``base.py``):
   action set, frames resized to 64x64x3 (bilinear).
 
 Pixel observations have no observation tokenizer of their own: an image tokenizer run
-(``worldloom train tokenizer-vq``) is what turns them into tokens.
+(``worldloom train tokenizer-vq``, or the tokenizer stage of a pixel world run,
+``worldloom.vision.stage``) is what turns them into tokens.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class _PixelAdapter(EnvAdapter):
     """What the pixel families share: a ``pixels`` field, drawn as itself."""
 
     def obs_tokenizer(self, meta: dict | None = None):
-        raise EnvError(f"{self.env_id} has pixel observations: they are streamed through an image tokenizer run "
-                       "(`worldloom train tokenizer-vq env.id=...`); a pixel world model is not built yet")
+        raise EnvError(f"{self.env_id} has pixel observations: a world run streams them through an image tokenizer "
+                       "run (stream.tokenizer=RUN, or one the world pipeline trains first: worldloom.vision.stage)")
 
     def render(self, fields: dict[str, np.ndarray], tile_size: int = 16) -> np.ndarray:
-        return np.asarray(fields[PIXELS], np.uint8)
+        """The frame itself, enlarged tile_size / 8 times by nearest neighbour (the GIFs' size of a cell)."""
+        k = max(1, tile_size // CELL_PIXELS)
+        return np.asarray(fields[PIXELS], np.uint8).repeat(k, axis=0).repeat(k, axis=1)
 
     def env_obs(self, fields: dict[str, np.ndarray], mission: str):
         return np.array(fields[PIXELS], np.uint8, copy=True)

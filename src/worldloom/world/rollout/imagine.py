@@ -42,6 +42,7 @@ import torch
 
 from ...io import atomic_write_bytes
 from ..envs import make_adapter
+from ..envs.pixels import PIXELS
 from ..eval.metrics import seen_cell_accuracy
 from ...inference.sampling import sample
 from .fast import ImagineStats, check_fast, imagine_frame
@@ -127,6 +128,7 @@ class BatchedWorldModelEnv:
         self.reseed(seed)
         self.stats = ImagineStats()
         self.h: torch.Tensor | None = None
+        self.last_ids: np.ndarray | None = None  # (B, obs_len) stream ids of the latest imagined observation
         self.t = np.zeros(0, np.int64)
         self.done = np.zeros(0, bool)
 
@@ -199,7 +201,7 @@ class BatchedWorldModelEnv:
             for i in range(lay.obs_len):
                 obs[:, i] = self._pick(run.logits(h))
                 h = run.feed(obs[:, i : i + 1])[:, -1]
-        self.h = h
+        self.h, self.last_ids = h, obs  # (B, obs_len) the imagined observation's stream ids
         self.stats.steps += 1
         self.stats.forwards += run.forwards - before
         self.t = self.t + 1
@@ -311,21 +313,24 @@ class WorldModelEnv(gym.Env):
 class _OpenLoopTally:
     """Counts of right imagined frames and cells per horizon k = 1..K (see open_loop_accuracy)."""
 
-    NAMES = ("frame", "cell", "dir", "n", "known", "n_known", "seen", "seen_right", "seen_cells", "n_seen")
+    NAMES = ("frame", "cell", "cells", "dir", "n", "known", "n_known", "seen", "seen_right", "seen_cells", "n_seen")
 
-    def __init__(self, K: int, n_cells: int, novel, seen):
-        self.K, self.n_cells, self.seen = K, n_cells, seen
+    def __init__(self, K: int, novel, seen):
+        self.K, self.seen = K, seen
         self.c = {name: np.zeros(K, np.int64) for name in self.NAMES}
         # per episode, (T,) bool: o_1..o_k revealed nothing new (None: the adapter cannot tell)
         self.clean = None if novel is None else [None if v is None else np.cumsum(np.asarray(v) > 0) == 0 for v in novel]
 
-    def add(self, k: int, episodes: list[int], obs: dict, real_img: np.ndarray, real_dir: np.ndarray) -> None:
-        """Imagined o_k (fields ``obs``, one row per episode index in ``episodes``) against the real one."""
+    def add(self, k: int, episodes: list[int], pred: tuple, real: tuple) -> None:
+        """Imagined o_k against the real one, one row per episode index in ``episodes``: ``pred`` and ``real``
+        are (cells (n, V, V, C), direction (n,)) as ``_compared`` gives them."""
         c, i = self.c, k - 1
-        cells = (obs["image"] == real_img).all(-1).reshape(len(real_img), -1)  # (n, cells)
-        dirs = obs["direction"].astype(np.int64) == real_dir
+        (pred_img, pred_dir), (real_img, real_dir) = pred, real
+        cells = (pred_img == real_img).all(-1).reshape(len(real_img), -1)  # (n, cells)
+        dirs = pred_dir.astype(np.int64) == real_dir
         c["frame"][i] += int((cells.all(1) & dirs).sum())
         c["cell"][i] += int(cells.sum())
+        c["cells"][i] += cells.size
         c["dir"][i] += int(dirs.sum())
         c["n"][i] += len(real_img)
         if self.clean is not None:
@@ -335,8 +340,8 @@ class _OpenLoopTally:
                     c["known"][i] += int(cells[j].all() and dirs[j])
         have = [j for j, e in enumerate(episodes) if self.seen is not None and self.seen[e] is not None]
         if have:
-            exact, right, counted = seen_cell_accuracy(obs["image"][have], real_img[have], obs["direction"][have],
-                                                       real_dir[have], np.stack([self.seen[episodes[j]][k] for j in have]))
+            exact, right, counted = seen_cell_accuracy(pred_img[have], real_img[have], pred_dir[have], real_dir[have],
+                                                       np.stack([self.seen[episodes[j]][k] for j in have]))
             c["seen"][i] += int(exact.sum())
             c["seen_right"][i] += int(right.sum())
             c["seen_cells"][i] += int(counted.sum())
@@ -349,7 +354,7 @@ class _OpenLoopTally:
             return [float(x) / float(y) if y else None for x, y in zip(a, b)]
 
         curve = {"k": list(range(1, K + 1)), "frame": ratio(c["frame"], c["n"]),
-                 "cell": ratio(c["cell"], c["n"] * self.n_cells), "direction": ratio(c["dir"], c["n"]),
+                 "cell": ratio(c["cell"], c["cells"]), "direction": ratio(c["dir"], c["n"]),
                  "n": c["n"].tolist()}
         if self.clean is not None:
             curve.update(frame_known=ratio(c["known"], c["n_known"]), n_known=c["n_known"].tolist())
@@ -359,10 +364,25 @@ class _OpenLoopTally:
         return curve
 
 
+def _compared(layout: StreamLayout, obs: dict, ids: np.ndarray, real: dict, read_cells) -> tuple[tuple, tuple]:
+    """Imagined and real observations as ((cells (n, V, V, C), direction (n,)), same for the real ones): MiniGrid's
+    symbolic cells; cells read back from imagined frames (``read_cells``, the real direction standing in); or
+    the image tokenizer's codes (imagined ids against the codes of the real frames; no direction)."""
+    if "image" in obs:
+        return (obs["image"], obs["direction"]), (real["image"], np.asarray(real["direction"], np.int64))
+    if "image" in real and read_cells is not None:
+        d = np.asarray(real["direction"], np.int64)
+        return (read_cells(obs[PIXELS]), d), (real["image"], d)
+    none = np.zeros(len(ids), np.int64)
+    codes = layout.encode_obs(real)
+    return (ids[..., None], none), (codes[..., None], none)
+
+
 @torch.no_grad()
 def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1, 5, 10), mode: str = "tokens",
                        batch: int = 64, precision: str = "fp32", device: str | torch.device = "cpu",
-                       novel: list[np.ndarray | None] | None = None, seen: list[np.ndarray | None] | None = None) -> dict:
+                       novel: list[np.ndarray | None] | None = None, seen: list[np.ndarray | None] | None = None,
+                       read_cells=None) -> dict:
     """Greedy open-loop imagination of held-out episodes under their real actions.
 
     Each episode starts from its real o_0 and mission; the model imagines every observation from
@@ -386,6 +406,12 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
     ``frame_seen`` = the fraction of imagined o_k exact on every cell an earlier real observation
     of the episode showed (and the direction), ``cell_seen`` = the fraction of those cells right,
     ``n_seen`` = frames scored and ``cells_seen`` = cells scored.
+
+    Pixel worlds (``_compared``): with the symbolic views stored beside the frames (``rgb:`` MiniGrid) and
+    ``read_cells`` (frames (N, H, W, 3) -> views (N, V, V, 3), e.g. ``worldloom.vision.cells.CellReader.
+    views``), the cells are read back from the imagined frames and scored as above (a frame shows no
+    direction: the real one stands in); otherwise a frame's cells are its image tokenizer's codes, the
+    imagined ones against the codes of the real frame.
     """
     horizons = sorted({int(k) for k in horizons})
     if not horizons or horizons[0] < 1:
@@ -394,7 +420,7 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
         raise ValueError(f"batch must be at least 1, got {batch}")
     model.eval()
     K = horizons[-1]
-    tally = _OpenLoopTally(K, layout.obs.n_cells, novel, seen)
+    tally = _OpenLoopTally(K, novel, seen)
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
     for i0 in range(0, len(episodes), batch):
         index = [i for i in range(i0, min(i0 + batch, len(episodes))) if episodes[i].length > 0]
@@ -410,9 +436,9 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
             obs, *_ = sim.step(acts)
             live = lengths[rows] >= k
             if live.any():
-                tally.add(k, [index[e] for e in rows[live]], {f: v[live] for f, v in obs.items()},
-                          np.stack([chunk[e].obs["image"][k] for e in rows[live]]),
-                          np.array([chunk[e].obs["direction"][k] for e in rows[live]], np.int64))
+                real = {f: np.stack([chunk[e].obs[f][k] for e in rows[live]]) for f in chunk[0].obs}
+                tally.add(k, [index[e] for e in rows[live]], *_compared(layout, {f: v[live] for f, v in obs.items()},
+                                                                          sim.last_ids[live], real, read_cells))
             still = lengths[rows] > k  # these need another step
             if k < last and still.sum() <= 0.75 * len(rows):  # drop finished episodes (one re-prefill)
                 keep = np.flatnonzero(still)
@@ -431,7 +457,8 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
 class RolloutFrame(NamedTuple):
     """One GIF frame: the real and the imagined view (RGB), the action that led to them (None for
     the first, shared observation), whether the imagined observation is exactly the real one
-    (every field: for MiniGrid every cell and the direction) and the action's name."""
+    (every token: for MiniGrid every cell and the direction; for a pixel world every code of the real
+    frame's image tokens) and the action's name."""
 
     real: np.ndarray
     imagined: np.ndarray
@@ -477,12 +504,13 @@ def imagined_vs_real(run, env_id: str | None = None, seed: int = 0, steps: int =
             raw, reward, term, trunc, _ = env.step(action)
             real = {k: v[None] for k, v in adapter.observe(raw).items()}
             imag, *_ = sim.step(np.array([action]))
-            exact = all(np.array_equal(imag[k], real[k]) for k in real)
+            real_ids = layout.encode_obs(real)[0]
+            exact = bool(np.array_equal(sim.last_ids[0], real_ids))  # every token (a pixel world: every code)
             frames.append(RolloutFrame(draw(real), draw(imag), action, exact, adapter.action_names[action]))
             if term or trunc:
                 break
             tail = np.concatenate([layout.action_ids([action]), layout.reward_ids([reward]),
-                                   layout.done_ids([term], [trunc]), layout.encode_obs(real)[0]])
+                                   layout.done_ids([term], [trunc]), real_ids])
             h = policy.feed(tail[None])[:, -1]
     finally:
         env.close()

@@ -1,0 +1,127 @@
+"""Pixel world models: BabyAI seen as pixels, streamed through an image tokenizer (worldloom.vision.stage).
+
+One tiny `babyai-rgb` run (tokenizer stage, world model, evaluation) is shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worldloom.config import build_config
+from worldloom.errors import ConfigError, WorldloomError
+
+TINY = ["data.episodes=40", "data.val_episodes=8", "vision.frames=400", "vision.val_frames=64", "vision.codebook=32",
+        "vision.channels=16", "vision.code_dim=8", "vision.minutes=0", "vision.max_steps=15", "model.n_layer=1",
+        "model.d_model=32", "model.n_head=2", "train.max_minutes=0", "train.max_steps=6", "train.batch_size=4",
+        "train.eval_interval=3", "train.eval_batches=1", "eval.episodes=6", "eval.envs=3", "eval.plan_episodes=2",
+        "eval.open_loop=4", "data.workers=1", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+    from worldloom.world.pipeline import run_world
+
+    out = tmp_path_factory.mktemp("pix")
+    cfg = build_config("babyai-rgb", TINY + [f"out_dir={out}", "name=rgb"])
+    result = run_world(cfg, progress=False, log=lambda *a: None)
+    return cfg, Path(cfg.run_dir), result
+
+
+def test_a_pixel_world_run_trains_its_tokenizer_first_and_streams_its_codes(pixel_run):
+    from worldloom.run import load_world_run
+    from worldloom.vision.tokenizer import ImageTokenizer
+
+    cfg, run_dir, result = pixel_run
+    stream = json.loads((run_dir / "stream" / "stream.json").read_text())
+    assert stream["obs_tokenizer"] == "image"
+    tok = ImageTokenizer.from_run(run_dir / "tokenizer")  # the stage is a tokenizer run like any other
+    assert tok.grid == (7, 7) and tok.vocab_size == 32
+    run = load_world_run(run_dir)
+    assert run.layout.obs_len == 49 and run.layout.step_len == 52  # one code per 8x8 cell, no direction token
+    assert run.model.cfg.slot_grid == 0  # stream.grid_pos is off in the preset
+    # the world run keeps its own copy of the tokenizer: the same codes for the same frames
+    from worldloom.world.data.episodes import load_dataset
+
+    ep = load_dataset(run_dir / "data").episodes("val")[0]
+    frames = {"pixels": ep.obs["pixels"]}
+    assert np.array_equal(run.layout.encode_obs(frames) - run.layout.offset["obs"], tok.encode_batch(frames))
+    shutil.rmtree(run_dir / "tokenizer")  # ... and stands alone without the stage's folder
+    again = load_world_run(run_dir)
+    assert np.array_equal(again.layout.encode_obs(frames), run.layout.encode_obs(frames))
+
+
+def test_the_evaluation_scores_pixel_imagination_on_the_cells_read_back(pixel_run):
+    cfg, run_dir, result = pixel_run
+    assert 0.0 <= result["real"]["success"] <= 1.0 and result["real"]["episodes"] == 6
+    h1 = result["open_loop"]["horizons"]["1"]
+    assert h1["n"] > 0 and 0.0 <= h1["cell"] <= 1.0
+    assert h1.get("n_seen", 0) > 0  # the restated (seen cells) metric works for rgb: the symbolic views are stored
+    assert (run_dir / "imagined.gif").is_file() and (run_dir / "report.md").is_file()
+
+
+def test_cells_read_back_from_real_frames_are_the_symbolic_views(pixel_run):
+    from worldloom.vision.cells import CellReader
+    from worldloom.world.data.episodes import load_dataset
+
+    _, run_dir, _ = pixel_run
+    eps = load_dataset(run_dir / "data").episodes("train")[:10]
+    frames = {k: np.concatenate([e.obs[k] for e in eps]) for k in ("image", "pixels")}
+    views = CellReader(frames).views(frames["pixels"])
+    assert views.shape == frames["image"].shape and np.array_equal(views, frames["image"])
+
+
+def test_open_loop_compares_codes_where_no_symbolic_view_is_stored(pixel_run):
+    from worldloom.run import load_world_run
+    from worldloom.world.data.episodes import load_dataset
+    from worldloom.world.rollout.imagine import _compared
+
+    _, run_dir, _ = pixel_run
+    run = load_world_run(run_dir)
+    ep = load_dataset(run_dir / "data").episodes("val")[0]
+    real = {"pixels": ep.obs["pixels"][:3]}
+    ids = run.layout.encode_obs(real)
+    (pred, _), (want, _) = _compared(run.layout, run.layout.decode_obs(ids), ids, real, None)
+    assert pred.shape == (3, 49, 1) and np.array_equal(pred, want)
+    ids = ids.copy()
+    ids[0, 5] = run.layout.offset["obs"] + (ids[0, 5] - run.layout.offset["obs"] + 1) % 32  # one code wrong
+    (pred, _), (want, _) = _compared(run.layout, run.layout.decode_obs(ids), ids, real, None)
+    assert (pred != want).sum() == 1
+
+
+def test_stream_tokenizer_must_name_a_tokenizer_run_of_the_same_frames(tmp_path, pixel_run):
+    from worldloom.vision.stage import ensure_tokenizer
+
+    cfg = build_config("babyai-rgb", TINY + [f"out_dir={tmp_path}", f"stream.tokenizer={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="not a folder"):
+        ensure_tokenizer(cfg, cfg.run_dir, progress=False, log=lambda *a: None)
+    _, run_dir, _ = pixel_run
+    cfg = build_config("babyai-rgb", TINY + [f"out_dir={tmp_path}", f"stream.tokenizer={run_dir}"])
+    with pytest.raises(WorldloomError, match="not an image tokenizer"):  # a world run is not a tokenizer run
+        ensure_tokenizer(cfg, cfg.run_dir, progress=False, log=lambda *a: None)
+
+
+def test_a_tokenizer_of_other_frames_is_refused_in_one_line(tmp_path, monkeypatch, pixel_run):
+    from worldloom.vision import stage
+    from worldloom.vision.tokenizer import ImageTokenizer
+
+    _, run_dir, _ = pixel_run
+
+    def other_size(path):
+        tok = ImageTokenizer.load(run_dir / "stream")  # the stage's tokenizer, as the world run saved it
+        tok.frame_shape, tok.env_id = (64, 64, 3), "crafter"
+        return tok
+
+    monkeypatch.setattr(ImageTokenizer, "from_run", classmethod(lambda cls, p: other_size(p)))
+    cfg = build_config("babyai-rgb", TINY + [f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"reads 64x64x3 frames \(trained on crafter\).*gives 56x56x3") as e:
+        stage.image_tokenizer_for(cfg, run_dir)
+    assert "\n" not in str(e.value)
+
+
+def test_the_tokenizer_stage_needs_a_budget():
+    with pytest.raises(ConfigError, match="vision.minutes"):
+        build_config("babyai-rgb", ["vision.minutes=0", "vision.max_steps=0"])
