@@ -125,3 +125,46 @@ def test_a_tokenizer_of_other_frames_is_refused_in_one_line(tmp_path, monkeypatc
 def test_the_tokenizer_stage_needs_a_budget():
     with pytest.raises(ConfigError, match="vision.minutes"):
         build_config("babyai-rgb", ["vision.minutes=0", "vision.max_steps=0"])
+
+
+def test_crafter_score_is_the_geometric_mean_of_success_rates_in_percent():
+    from worldloom.world.pipeline import crafter_score
+
+    assert crafter_score([0.0, 0.0]) == pytest.approx(0.0)
+    assert crafter_score([1.0, 1.0]) == pytest.approx(100.0)
+    assert crafter_score([1.0, 0.0]) == pytest.approx(np.sqrt(101.0) - 1)  # exp((ln 101 + ln 1) / 2) - 1
+    assert crafter_score([0.5, 0.5, 0.0]) < 50.0 / 3 * 2  # a rare achievement pulls the score down more than the mean
+
+
+def test_signed_reward_bins_keep_negative_rewards():
+    from worldloom.tokenize import ScalarBins
+
+    bins = ScalarBins(4, 1.0, -1.0)
+    ids = bins.encode_batch(np.array([0.0, 1.0, -1.0, -0.1, 0.3]))
+    assert ids.tolist() == [0, 4, 8, 5, 2] and bins.vocab_size == 9
+    assert np.allclose(bins.decode_batch(ids), [0.0, 0.875, -0.875, -0.125, 0.375])
+    assert ScalarBins(4).encode_batch(np.array([-1.0])).tolist() == [0]  # unsigned: negative rewards clip to 0
+
+
+def test_crafter_from_random_play_trains_end_to_end(tmp_path):
+    pytest.importorskip("crafter")
+    from worldloom.run import load_world_run
+    from worldloom.world.data.episodes import load_dataset
+    from worldloom.world.pipeline import run_world
+
+    cfg = build_config("crafter", [f"out_dir={tmp_path}", "name=c", "data.episodes=3", "data.val_episodes=2",
+                                   "data.max_steps=8", "data.workers=1", "vision.frames=64", "vision.val_frames=16",
+                                   "vision.channels=16", "vision.code_dim=8", "vision.codebook=16", "vision.minutes=0",
+                                   "vision.max_steps=2", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
+                                   "train.max_minutes=0", "train.max_steps=2", "train.batch_size=2", "train.eval_interval=2",
+                                   "train.eval_batches=1", "train.threads=1", "eval.episodes=2", "eval.envs=2",
+                                   "eval.open_loop=2", "eval.max_steps=6"])
+    result = run_world(cfg, progress=False, log=lambda *a: None)
+    ds = load_dataset(cfg.run_dir / "data")
+    eps = ds.episodes("train")
+    assert ds.meta["collection"]["policy"] == "random" and all(e.length <= 8 for e in eps)
+    assert all(e.random_action.all() and (e.policy_label < 0).all() for e in eps)  # random play: no policy labels
+    assert load_world_run(cfg.run_dir).layout.obs_len == 64  # 8x8 codes per 64x64 frame
+    assert result["real"]["mean_length"] <= 6 and "crafter_score" in result["real"]
+    assert len(result["real"]["achievements"]) == 22
+    assert result["open_loop"]["horizons"]["1"]["n"] > 0  # scored on codes (no symbolic view)

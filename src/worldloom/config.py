@@ -37,6 +37,8 @@ class DataConfig:
     seed: int = 0  # world: base environment seed of the collection
     onpolicy_episodes: int = 0  # world: DAgger: the model plays this many training seeds, labelled by the bot (0 = off)
     onpolicy_at: float = 0.5  # world: ... after this fraction of the training budget; training goes on with them
+    policy: str = "bot"  # world: who plays the collected episodes: bot (BabyAI levels: the BabyAI bot, its actions the policy's labels) | random (uniform actions, no labels: a world model's data, e.g. crafter, ALE/*)
+    max_steps: int = 0  # world: episodes cut (truncated) after this many steps (0: the environment's own limit)
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
@@ -55,6 +57,10 @@ class DataConfig:
             raise ConfigError(f"data.onpolicy_episodes must be >= 0, got {self.onpolicy_episodes}")
         if not 0.0 < self.onpolicy_at < 1.0:
             raise ConfigError(f"data.onpolicy_at must be between 0 and 1, got {self.onpolicy_at}")
+        if self.policy not in ("bot", "random"):
+            raise ConfigError(f"data.policy must be bot or random, got {self.policy!r}")
+        if not 0 <= self.max_steps <= 10**7:
+            raise ConfigError(f"data.max_steps must be in 0..10000000 (0: the environment's limit), got {self.max_steps}")
 
 
 @dataclass
@@ -67,6 +73,7 @@ class StreamConfig:
     """How episodes become one token stream, and how much each modality counts in the loss."""
 
     reward_bins: int = 16  # rewards in (0, 1] fall in this many bins; 0 has a token of its own
+    reward_lo: float = 0.0  # rewards in [reward_lo, 0) get reward_bins bins of their own (e.g. -1: Atari's lost points); 0: negative rewards count as 0
     obs: str = "tokens"  # tokens: every observation token is a stream position | encoded: a frame encoder hands the backbone obs_vectors vectors per observation and a frame decoder predicts the next observation's tokens in parallel
     obs_vectors: int = 1  # stream.obs=encoded: vectors per observation
     parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head; stream.obs=tokens)
@@ -84,6 +91,8 @@ class StreamConfig:
     def __post_init__(self):
         if self.reward_bins < 1:
             raise ConfigError(f"stream.reward_bins must be at least 1, got {self.reward_bins}")
+        if not -1e6 <= self.reward_lo <= 0:
+            raise ConfigError(f"stream.reward_lo must be <= 0 (0: no negative rewards), got {self.reward_lo}")
         if self.obs not in ("tokens", "encoded"):
             raise ConfigError(f"stream.obs must be tokens or encoded, got {self.obs!r}")
         if not 1 <= self.obs_vectors <= 64:
@@ -106,9 +115,12 @@ class EvalConfig:
     plan_horizon: int = 4  # imagined steps per candidate
     transitions: int = 2000  # held-out transitions scored for next-observation accuracy (per kind)
     open_loop: int = 200  # held-out episodes imagined open-loop for accuracy after 1/5/10 steps
+    max_steps: int = 0  # real-environment episodes cut (truncated) after this many steps (0: the environment's own limit)
     seed: int = 0
 
     def __post_init__(self):
+        if not 0 <= self.max_steps <= 10**7:
+            raise ConfigError(f"eval.max_steps must be in 0..10000000 (0: the environment's limit), got {self.max_steps}")
         for name in ("episodes", "envs", "transitions", "open_loop", "plan_horizon"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"eval.{name} must be positive, got {getattr(self, name)}")

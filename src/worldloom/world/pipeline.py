@@ -42,7 +42,7 @@ def collect_for(cfg: RunConfig, out_dir: Path, progress: bool = True, log=print,
     d = cfg.data
     return collect_dataset(out_dir, cfg.env.id, d.episodes, d.val_episodes, seed=d.seed, perturbed_fraction=d.perturbed,
                            epsilon=d.epsilon, workers=d.workers, bot_timeout=d.bot_timeout, progress=progress, log=log,
-                           world=world)
+                           world=world, policy=d.policy, max_steps=d.max_steps)
 
 
 def eval_seeds(cfg: RunConfig, n: int) -> list[int]:
@@ -142,16 +142,18 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     seeds = eval_seeds(cfg, n_real)
     t = time.perf_counter()
     res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision,
-                       seed=ec.seed, progress=progress, desc="eval episodes")
-    result["real"] = _summary(res, seeds, time.perf_counter() - t)
+                       seed=ec.seed, progress=progress, desc="eval episodes", max_steps=ec.max_steps)
+    achievements = make_adapter(cfg.env.id).achievements
+    result["real"] = _summary(res, seeds, time.perf_counter() - t, achievements)
     result["real"]["policy"] = "greedy" if ec.greedy else "sampled"
     log(f"policy ({result['real']['policy']}) in {cfg.env.id}: success {result['real']['success']:.1%} on {n_real} held-out seeds "
-        f"(mean return {result['real']['mean_return']:.3f}, mean length {result['real']['mean_length']:.1f})")
+        f"(mean return {result['real']['mean_return']:.3f}, mean length {result['real']['mean_length']:.1f})"
+        + (f"; Crafter score {result['real']['crafter_score']:.2f}%" if "crafter_score" in result["real"] else ""))
     if not ec.greedy:  # the greedy policy too, on the same seeds
         t = time.perf_counter()
         gres = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=True, precision=precision,
-                            progress=progress, desc="eval episodes (greedy)")
-        result["real_greedy"] = _summary(gres, seeds, time.perf_counter() - t)
+                            progress=progress, desc="eval episodes (greedy)", max_steps=ec.max_steps)
+        result["real_greedy"] = _summary(gres, seeds, time.perf_counter() - t, achievements)
         log(f"greedy policy: success {result['real_greedy']['success']:.1%} on the same seeds")
 
     if n_plan > 0:
@@ -192,10 +194,24 @@ def curve_rows(curve: dict) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in zip(*(curve[k] for k in keys))]
 
 
-def _summary(results, seeds, seconds: float) -> dict:
-    return {"episodes": len(results), "success": float(np.mean([r.success for r in results])),
-            "mean_return": float(np.mean([r.ret for r in results])), "mean_length": float(np.mean([r.length for r in results])),
-            "seeds": [int(seeds[0]), int(seeds[-1])], "seconds": round(seconds, 1)}
+def _summary(results, seeds, seconds: float, achievements: tuple[str, ...] = ()) -> dict:
+    """Success (a positive return), mean return and length; with ``achievements`` (the environment's list,
+    e.g. Crafter's 22) the success rate of each and the Crafter score."""
+    out = {"episodes": len(results), "success": float(np.mean([r.success for r in results])),
+           "mean_return": float(np.mean([r.ret for r in results])), "mean_length": float(np.mean([r.length for r in results])),
+           "seeds": [int(seeds[0]), int(seeds[-1])], "seconds": round(seconds, 1)}
+    if achievements:
+        rates = {a: float(np.mean([a in r.achievements for r in results])) for a in achievements}
+        out["achievements"] = rates
+        out["crafter_score"] = crafter_score(list(rates.values()))
+    return out
+
+
+def crafter_score(rates: list[float]) -> float:
+    """Crafter's score (Hafner 2021): the geometric mean of the achievements' success rates in percent,
+    S = exp(mean(ln(1 + s_i))) - 1, so that rare achievements count."""
+    s = np.asarray(rates, np.float64) * 100
+    return float(np.exp(np.mean(np.log1p(s))) - 1)
 
 
 def write_outputs(run, result: dict, log=print, gif_seed: int | None = None, gif_steps: int = 20) -> Path:

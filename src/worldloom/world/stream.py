@@ -86,7 +86,7 @@ class StreamLayout:
     def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, obs: ObsTokenizer) -> "StreamLayout":
         """A layout for a new run: the mission vocabulary is learned from the training missions; ``obs``
         is the observation tokenizer the environment adapter declares (``adapter.obs_tokenizer(meta)``)."""
-        return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), obs, n_actions, ScalarBins(cfg.reward_bins))
+        return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), obs, n_actions, ScalarBins(cfg.reward_bins, lo=cfg.reward_lo))
 
     # -- encoding
     def prefix(self, mission: str) -> np.ndarray:
@@ -165,7 +165,7 @@ class StreamLayout:
         self.mission.save(folder / "mission")
         self.obs.save(folder)
         write_json(folder / "stream.json", {"n_actions": self.n_actions, "reward_bins": self.reward.n_bins,
-                                            "reward_hi": self.reward.hi, "vocab_size": self.vocab_size,
+                                            "reward_hi": self.reward.hi, "reward_lo": self.reward.lo, "vocab_size": self.vocab_size,
                                             "obs_tokenizer": self.obs.kind})
 
     @classmethod
@@ -176,7 +176,7 @@ class StreamLayout:
         obs = load_obs_tokenizer(str(kind), folder)
         try:
             layout = cls(TextTokenizer.load(folder / "mission"), obs, int(meta["n_actions"]),
-                         ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"])))
+                         ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"]), float(meta.get("reward_lo", 0.0))))
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"stream layout {folder / 'stream.json'} is incomplete; the run folder is damaged") from None
         if layout.vocab_size != meta.get("vocab_size"):

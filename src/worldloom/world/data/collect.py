@@ -16,6 +16,11 @@ and, in a perturbed episode, replaces the bot's action at each step with probabi
 actually taken and re-plans from there. The same seeds therefore give the same data whatever
 the number of workers or the order in which they finish.
 
+Random play. ``policy="random"`` (environments without a bot: Crafter, Atari) plays uniformly
+random actions from each episode's own stream, every one marked ``random_action`` (no policy
+labels: the data teaches a world model, not a policy); ``max_steps`` > 0 cuts (truncates) every
+episode after that many steps, whoever plays.
+
 Dropped episodes. On a few seeds the bot loops forever inside ``replan()`` or raises (e.g. an
 assertion after a random action, or ``DisappearedBoxError`` after a random toggle opened a
 box). Every ``replan()`` is bounded by ``bot_timeout`` seconds (SIGALRM, in the main thread of
@@ -112,6 +117,8 @@ class _Settings:
     perturbed_fraction: float
     epsilon: float
     bot_timeout: float
+    policy: str = "bot"  # bot | random (uniform actions, every one marked random: no policy labels)
+    max_steps: int = 0  # 0: the environment's own limit
 
 
 class _Collector:
@@ -137,18 +144,22 @@ class _Collector:
         frames = [adapter.observe(obs)]
         actions, rewards, randoms = [], [], []
         terminated = truncated = False
+        if st.policy == "random":
+            perturbed, epsilon = True, 1.0
         try:
-            bot = BotTeacher(env, st.bot_timeout)
+            bot = BotTeacher(env, st.bot_timeout) if st.policy == "bot" else None
             while not (terminated or truncated):
-                suggested = bot.label()
-                if bot.failed:
+                suggested = bot.label() if bot is not None else -1
+                if bot is not None and bot.failed:
                     return _Dropped(env_seed, bot.failed)
                 if perturbed and rng.random() < epsilon:
                     action, is_random = int(rng.integers(adapter.n_actions)), True
                 else:
                     action, is_random = suggested, False
-                bot.taken(action)  # the bot re-plans from the action actually taken
+                if bot is not None:
+                    bot.taken(action)  # the bot re-plans from the action actually taken
                 obs, reward, terminated, truncated, _ = env.step(action)
+                truncated = truncated or (st.max_steps > 0 and len(actions) + 1 >= st.max_steps)
                 frames.append(adapter.observe(obs))
                 actions.append(action)
                 rewards.append(reward)
@@ -424,6 +435,8 @@ def collect_dataset(
     progress: bool = True,
     log: Callable[[str], None] = print,
     world: int = 1,
+    policy: str = "bot",
+    max_steps: int = 0,
 ) -> dict:
     """Collect train and val episodes of a BabyAI level into `out_dir`; returns the meta dict.
 
@@ -440,15 +453,17 @@ def collect_dataset(
         raise DataError(f"output path {out_dir} is a file; pick another --out")
 
     adapter = make_adapter(env_id)
-    probe = adapter.make()
-    try:
-        probe.reset(seed=seed)
-        if not hasattr(probe.unwrapped, "instrs"):
-            raise EnvError(f"the BabyAI bot plays BabyAI-* levels only; {env_id!r} has no BabyAI instructions")
-    finally:
-        probe.close()
+    if policy == "bot":
+        probe = adapter.make()
+        try:
+            probe.reset(seed=seed)
+            if not hasattr(probe.unwrapped, "instrs"):
+                raise EnvError(f"the BabyAI bot plays BabyAI-* levels only; {env_id!r} has no BabyAI instructions "
+                               "(collect with data.policy=random)")
+        finally:
+            probe.close()
 
-    settings = _Settings(env_id, seed, float(perturbed_fraction), float(epsilon), float(bot_timeout))
+    settings = _Settings(env_id, seed, float(perturbed_fraction), float(epsilon), float(bot_timeout), policy, int(max_steps))
     t0 = time.perf_counter()
     executor = _executor(settings, workers, world)
     if isinstance(executor, _RankExecutor) and executor.rank > 0:
@@ -477,7 +492,8 @@ def collect_dataset(
         "schema": SCHEMA_VERSION,
         **adapter.describe(),
         "collection": {
-            "policy": "minigrid.utils.baby_ai_bot.BabyAIBot",
+            "policy": "minigrid.utils.baby_ai_bot.BabyAIBot" if policy == "bot" else "random",
+            "max_steps": int(max_steps),
             "seed": seed,
             "seed_bases": dict(SEED_BASES),
             "perturbed_fraction": settings.perturbed_fraction,

@@ -49,6 +49,7 @@ class EnvAdapter:
         self.obs_fields: ObsFields = {}
         self.n_actions: int = 0
         self.action_names: tuple[str, ...] = ()
+        self.achievements: tuple[str, ...] = ()  # what the environment reports as unlocked (Crafter's info["achievements"])
 
     @classmethod
     def handles(cls, env_id: str) -> bool:

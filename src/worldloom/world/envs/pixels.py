@@ -131,6 +131,7 @@ class CrafterAdapter(_PixelAdapter):
 
         self.obs_fields = {PIXELS: ((FRAME, FRAME, 3), np.dtype(np.uint8))}
         self.action_names = tuple(crafter.constants.actions)
+        self.achievements = tuple(sorted(crafter.constants.achievements))
         self.n_actions = len(self.action_names)
 
     @classmethod

@@ -34,6 +34,7 @@ class EpisodeResult:
     ret: float
     length: int
     episode: Episode | None = None  # with record=True
+    achievements: tuple[str, ...] = ()  # environments that report them (Crafter's info["achievements"]): those unlocked
 
 
 class _Recording:
@@ -69,8 +70,9 @@ def _stack(obs_list: list[dict], adapter) -> dict:
 
 def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], envs: int = 64, greedy: bool = True,
                  precision: str = "fp32", seed: int = 0, planner=None, progress: bool = False, desc: str = "act",
-                 record: bool = False, teacher=None) -> list[EpisodeResult]:
-    """Play one episode per seed in the real environment with the model's actions.
+                 record: bool = False, teacher=None, max_steps: int = 0) -> list[EpisodeResult]:
+    """Play one episode per seed in the real environment with the model's actions (``max_steps`` > 0: each
+    episode cut, truncated, after that many steps).
 
     ``teacher(env)``, called after each reset, returns a labeller whose ``label()`` gives the
     expert's action in the current state (-1: none) and whose ``taken(action)`` is told the action
@@ -94,6 +96,7 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
         ret = np.zeros(len(wave))
         length = np.zeros(len(wave), dtype=np.int64)
         done = np.zeros(len(wave), dtype=bool)
+        unlocked: list[tuple[str, ...]] = [()] * len(wave)
         while len(alive):
             if planner is not None:
                 actions = planner.choose(runner, h)
@@ -106,7 +109,10 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
                     continue
                 a = int(actions[j])
                 label = teachers[w].label() if teachers is not None else -1
-                o, r, te, tr, _ = active[w].step(a)
+                o, r, te, tr, info = active[w].step(a)
+                tr = tr or (max_steps > 0 and length[w] + 1 >= max_steps)
+                if "achievements" in info:
+                    unlocked[w] = tuple(sorted(k for k, n in info["achievements"].items() if n > 0))
                 if teachers is not None:
                     teachers[w].taken(a)
                 if recs is not None:
@@ -132,7 +138,8 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
                 h = runner.feed(tail)[:, -1]
         for w, s in enumerate(wave):
             results.append(EpisodeResult(int(s), bool(ret[w] > 0), float(ret[w]), int(length[w]),
-                                         recs[w].episode(teachers is not None) if recs is not None else None))
+                                         recs[w].episode(teachers is not None) if recs is not None else None,
+                                         unlocked[w]))
     bar.close()
     for env in pool:
         env.close()
