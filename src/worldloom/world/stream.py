@@ -165,8 +165,8 @@ class StreamLayout:
         self.mission.save(folder / "mission")
         self.obs.save(folder)
         write_json(folder / "stream.json", {"n_actions": self.n_actions, "reward_bins": self.reward.n_bins,
-                                            "reward_hi": self.reward.hi, "reward_lo": self.reward.lo, "vocab_size": self.vocab_size,
-                                            "obs_tokenizer": self.obs.kind})
+                                            "reward_hi": self.reward.hi, "vocab_size": self.vocab_size, "obs_tokenizer": self.obs.kind,
+                                            **({"reward_lo": self.reward.lo} if self.reward.lo else {})})
 
     @classmethod
     def load(cls, folder: Path) -> "StreamLayout":
