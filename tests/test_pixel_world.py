@@ -60,6 +60,8 @@ def test_the_evaluation_scores_pixel_imagination_on_the_cells_read_back(pixel_ru
     h1 = result["open_loop"]["horizons"]["1"]
     assert h1["n"] > 0 and 0.0 <= h1["cell"] <= 1.0
     assert h1.get("n_seen", 0) > 0  # the restated (seen cells) metric works for rgb: the symbolic views are stored
+    wm = result["world_model"]["expert"]  # next frames teacher-forced: on codes, and read back as cells
+    assert wm["frame_n"] > 0 and wm["frame_cells_n"] == wm["frame_n"] and 0.0 <= wm["cell_cells"] <= 1.0
     assert (run_dir / "imagined.gif").is_file() and (run_dir / "report.md").is_file()
 
 

@@ -102,11 +102,16 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     val = load_dataset(dataset_dir(cfg, run.run_dir)).episodes("val")
     perturbed, after_random = episode_flags(val)
     novel = make_adapter(cfg.env.id).novel_objects(val)  # never-seen objects each next frame reveals (or None)
+    read_cells = cell_reader(val)  # pixel worlds with symbolic views stored: predicted frames read back as cells
     wm = teacher_forced_accuracy(model, layout, [layout.episode(e) for e in val], perturbed, after_random,
-                                 cfg.model.context, precision=precision, novel=novel)
+                                 cfg.model.context, precision=precision, novel=novel, read_cells=read_cells,
+                                 views=[e.obs["image"] for e in val] if read_cells else None)
     result["world_model"] = wm
     log(f"world model (held-out, {len(val)} episodes): next-frame exact {pct(wm, 'expert', 'frame')} expert, "
         f"{pct(wm, 'perturbed', 'frame')} perturbed, {pct(wm, 'after_random', 'frame')} after a random action")
+    if "frame_cells" in wm.get("expert", {}):
+        log(f"  read back as MiniGrid cells from the decoded frames: {pct(wm, 'expert', 'frame_cells')} expert, "
+            f"{pct(wm, 'perturbed', 'frame_cells')} perturbed next frames exact")
     if "novel" in wm.get("expert", {}):
         log(f"  {pct(wm, 'expert', 'novel')} of expert / {pct(wm, 'perturbed', 'novel')} of perturbed next frames reveal an "
             f"object never seen before in the episode (no model can predict those exactly); on the others: "
@@ -117,7 +122,6 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     order = sorted(range(len(val)), key=lambda i: -val[i].length)[: ec.open_loop]
     ol_eps, ol_novel = [val[i] for i in order], [novel[i] for i in order]
     ol_seen = make_adapter(cfg.env.id).seen_cells(ol_eps)  # the cells an earlier real observation showed (or None)
-    read_cells = cell_reader(val)  # pixel worlds with symbolic views stored: imagined frames read back as cells
     ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision, novel=ol_novel,
                             seen=ol_seen, read_cells=read_cells)
     ol["curve"] = curve_rows(ol["curve"])

@@ -54,18 +54,25 @@ class _Tally:
 @torch.no_grad()
 def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeTokens], perturbed: list[bool],
                             after_random: list[np.ndarray], context: int, batch_size: int = 16, precision: str = "fp32",
-                            novel: list[np.ndarray | None] | None = None) -> dict:
+                            novel: list[np.ndarray | None] | None = None, read_cells=None,
+                            views: list[np.ndarray] | None = None) -> dict:
     """Accuracy of next-observation frames and tokens, rewards, ends and expert actions.
 
     ``perturbed[i]`` marks episode i as perturbed; ``after_random[i]`` (T,) marks the steps whose
     action was injected at random; ``novel[i]`` (T,) (optional, None for an episode the adapter
     cannot tell) counts the never-seen objects that o_{t+1} reveals. Only each episode's first
     window (context) is scored.
+
+    A pixel world with its symbolic views stored (``views[i]`` (T+1, V, V, 3), and ``read_cells`` from
+    frames to views, as ``open_loop_accuracy`` takes it) also gets ``frame_cells``: the predicted next
+    frame's codes decoded to pixels and read back as cells, exact on every cell of the real view (the
+    symbolic world model's ``frame``, measured through the image tokenizer), and ``cell_cells``.
     """
     model.eval()
     data = EpisodeData(layout, episodes, episodes, _weights_all(), frame_head=model.frame is not None,
                        step_skip=model.skip_proj is not None, step_cost=step_positions(layout.step_len, model.cfg.obs_len, model.cfg.obs_vectors))
     tally = _Tally()
+    predicted = []  # (group, predicted frame ids, real view) of pixel worlds read back as cells
     L, S = layout.obs_len, layout.step_len
     i0 = 0
     for batch in data.windows("val", context, batch_size):
@@ -92,6 +99,8 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
                 if t > 0:  # o_t for t >= 1 is a transition's outcome (o_0 is given at reset)
                     frame = right[b, base : base + L]
                     tally.add(f"{group}/frame", frame.all())
+                    if read_cells is not None:
+                        predicted.append((group, pred[b, base : base + L], views[e][t]))
                     tally.add(f"{group}/token", frame)
                     if novel is not None and novel[e] is not None:
                         new = bool(novel[e][t - 1] > 0)
@@ -113,6 +122,7 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
                 b = flat // inp.shape[1]
                 tally.add(f"{'perturbed' if perturbed[i0 + b] else 'expert'}/frame_parallel", frame_ok[k].all())
         i0 += B
+    _add_cells_read_back(tally, layout, predicted, read_cells)
     res = tally.result()
     out = {}
     for key, v in res.items():
@@ -120,6 +130,17 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
         out.setdefault(group, {})[what] = v["accuracy"]
         out[group][f"{what}_n"] = v["n"]
     return out
+
+
+def _add_cells_read_back(tally, layout: StreamLayout, predicted: list, read_cells, chunk: int = 512) -> None:
+    """Predicted frames (ids) decoded by the image tokenizer, read back as cells, against the real views."""
+    for i in range(0, len(predicted), chunk):
+        part = predicted[i : i + chunk]
+        got = read_cells(layout.decode_obs(np.stack([p[1] for p in part]))["pixels"])  # (n, V, V, 3)
+        ok = (got == np.stack([p[2] for p in part])).all(-1).reshape(len(part), -1)  # (n, cells)
+        for (group, _, _), row in zip(part, ok):
+            tally.add(f"{group}/frame_cells", row.all())
+            tally.add(f"{group}/cell_cells", row)
 
 
 def _weights_all():
