@@ -170,3 +170,14 @@ def test_crafter_from_random_play_trains_end_to_end(tmp_path):
     assert result["real"]["mean_length"] <= 6 and "crafter_score" in result["real"]
     assert len(result["real"]["achievements"]) == 22
     assert result["open_loop"]["horizons"]["1"]["n"] > 0  # scored on codes (no symbolic view)
+
+
+def test_a_pixel_world_given_to_the_agent_tools_is_refused_in_one_line(pixel_run):
+    from worldloom.agent.tools import make_tools
+
+    _, run_dir, _ = pixel_run
+    with pytest.raises(ConfigError, match="pixel world") as e:
+        make_tools(f"world={run_dir}")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="crafter is a pixel world"):
+        make_tools("env=crafter")

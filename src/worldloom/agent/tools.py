@@ -197,11 +197,21 @@ class EnvTool:
         return describe_outcome(*play(self.env, seed, actions), asked=len(actions))
 
 
+def _check_symbolic(adapter, what: str) -> None:
+    """The env tools describe MiniGrid cells in words: a pixel world (frames only) is refused in one line."""
+    from ..world.envs.pixels import PIXELS
+
+    if PIXELS in adapter.obs_fields:
+        raise ConfigError(f"the {what} tool describes MiniGrid cells in words; {adapter.env_id} is a pixel world "
+                          "(give a symbolic world run or env, e.g. BabyAI-GoToLocal-v0)")
+
+
 def imagine_tool(world_run) -> EnvTool:
     """The world model of a world run (a folder or a LoadedRun) as the `imagine` tool."""
     from ..world.rollout.imagine import WorldModelEnv
 
     env = WorldModelEnv(world_run)
+    _check_symbolic(env.adapter, "imagine")
     return EnvTool("imagine", "what the world model predicts after actions from a seed: SEED: ACTION, ACTION, ...",
                    env, tuple(env.adapter.action_names))
 
@@ -211,6 +221,7 @@ def act_tool(env_id: str) -> EnvTool:
     from ..world.envs import make_adapter
 
     adapter = make_adapter(env_id)
+    _check_symbolic(adapter, "act")
     return EnvTool("act", f"take actions in the real {env_id} from a seed: SEED: ACTION, ACTION, ...",
                    adapter.make(), tuple(adapter.action_names))
 
