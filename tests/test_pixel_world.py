@@ -181,3 +181,8 @@ def test_a_pixel_world_given_to_the_agent_tools_is_refused_in_one_line(pixel_run
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="crafter is a pixel world"):
         make_tools("env=crafter")
+
+
+def test_dagger_needs_the_bot():
+    with pytest.raises(ConfigError, match="needs the BabyAI bot"):
+        build_config("crafter", ["data.onpolicy_episodes=10"])

@@ -59,6 +59,8 @@ class DataConfig:
             raise ConfigError(f"data.onpolicy_at must be between 0 and 1, got {self.onpolicy_at}")
         if self.policy not in ("bot", "random"):
             raise ConfigError(f"data.policy must be bot or random, got {self.policy!r}")
+        if self.onpolicy_episodes and self.policy != "bot":
+            raise ConfigError("data.onpolicy_episodes (DAgger) needs the BabyAI bot to label states: data.policy=bot")
         if not 0 <= self.max_steps <= 10**7:
             raise ConfigError(f"data.max_steps must be in 0..10000000 (0: the environment's limit), got {self.max_steps}")
 
