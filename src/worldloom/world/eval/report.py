@@ -279,6 +279,12 @@ def _table(result) -> list[str]:
           if replayed else []),
         *([("Next observation, exact frame in one pass (frame head): expert / perturbed", groups("frame_parallel", ("expert", "perturbed")))]
           if has_frame_head else []),
+        *([("Next observation decoded and read back as MiniGrid cells (pixel world), exact frame: expert / perturbed",
+            groups("frame_cells", ("expert", "perturbed"))),
+           ("... share of cells read back right: expert / perturbed", groups("cell_cells", ("expert", "perturbed")))]
+          if _num(_get(wm, "expert", "frame_cells")) is not None else []),
+        *([("Crafter score (geometric mean of achievement rates, %), plain policy", _fmt(_get(real, "crafter_score"), ".2f"))]
+          if _num(_get(real, "crafter_score")) is not None else []),
         ("Next observation, per-token accuracy: expert / perturbed / after random action", groups("token")),
         ("Reward accuracy: expert / perturbed", groups("reward", ("expert", "perturbed"))),
         ("Done accuracy: expert / perturbed", groups("done", ("expert", "perturbed"))),
@@ -304,7 +310,7 @@ def _table(result) -> list[str]:
     ]
     if isinstance(timing, dict):
         parts = [f"{name} {_fmt(timing.get(key), '.0f')} s" for name, key in
-                 (("collect", "collect_s"), ("train", "train_s"), ("on-policy collection", "onpolicy_s"), ("eval", "eval_s")) if _num(timing.get(key)) is not None]
+                 (("collect", "collect_s"), ("tokenizer stage", "tokenizer_s"), ("train", "train_s"), ("on-policy collection", "onpolicy_s"), ("eval", "eval_s")) if _num(timing.get(key)) is not None]
         if parts:
             rows.append(("Wall time", ", ".join(parts)))
     return ["| Figure | Value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
