@@ -19,8 +19,10 @@ MAX_TEXT = 120  # most words of one answer or caption
 class TalkModel:
     """A talk run's model and layout, continuing left-padded prompts (ids, slots) over one cache."""
 
-    def __init__(self, model, layout: StreamLayout, precision: str = "fp32", temperature: float = 0.0, seed: int = 0):
-        self.model, self.layout, self.precision, self.temperature = model, layout, precision, temperature
+    def __init__(self, model, layout: StreamLayout, precision: str = "fp32", temperature: float = 0.0, seed: int = 0,
+                 top_k: int = 0, top_p: float = 1.0):
+        self.model, self.layout, self.precision = model, layout, precision
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.device = next(model.parameters()).device
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -46,7 +48,8 @@ class TalkModel:
         logits, out = self._call(ids, slots, cache), []
         done = np.zeros(B, bool)
         for k in range(n_new):
-            nxt = sample(logits, self.temperature, allowed=allowed(k), generator=self.gen).cpu().numpy()
+            nxt = sample(logits, self.temperature, top_k=self.top_k, top_p=self.top_p, allowed=allowed(k),
+                         generator=self.gen).cpu().numpy()
             out.append(nxt)
             done |= nxt == SEP
             if stop and done.all():
