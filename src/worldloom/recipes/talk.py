@@ -99,6 +99,8 @@ def evaluate(args, run) -> int:
     write_json(Path(run.run_dir) / TALK_EVAL, result)
     if args.json:
         print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {Path(run.run_dir) / TALK_EVAL}")
     return 0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .generate import TalkModel, batched
+from .generate import MAX_ANSWER, TalkModel, batched
 from .stream import talk_items
 from .text import CAPTION, caption, check_pairs, drawn_right, facts_of, parse_caption
 
@@ -58,7 +58,8 @@ def score_views(tm: TalkModel, views: list[tuple], keep=lambda f: True) -> dict:
     caps = batched(lambda b: tm.read([views[i][0] for i in b], obs[b], [CAPTION] * len(b)), list(range(len(views))), BATCH)
     cap = [_fact_scores(t, parse_caption(c), keep) for t, c in zip(truths, caps)]
     qa = [(i, q, a) for i, v in enumerate(views) for q, a in talk_items(v[2], v[0])[1:]]
-    said = batched(lambda b: tm.read([views[i][0] for i, _, _ in b], obs[[i for i, _, _ in b]], [q for _, q, _ in b]), qa, BATCH)
+    said = batched(lambda b: tm.read([views[i][0] for i, _, _ in b], obs[[i for i, _, _ in b]], [q for _, q, _ in b],
+                                     MAX_ANSWER), qa, BATCH)
     drawn = batched(lambda b: tm.draw([caption(truths[i]) for i in b]), list(range(len(views))), BATCH)
     images = lay.decode_obs(np.stack(drawn))["image"]
     draws = [drawn_right(img, [f for f in t if keep(f)]) for img, t in zip(images, truths)]

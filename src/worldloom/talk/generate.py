@@ -13,7 +13,8 @@ from ..runtime import autocast
 from ..world.stream import PAD, SEP, StreamLayout
 from .stream import draw_prompt, read_prompt, text_allowed, text_of
 
-MAX_TEXT = 120  # most words of one answer or caption
+MAX_TEXT = 120  # most words of one caption (eight objects take about 90)
+MAX_ANSWER = 24  # most words of one answer to a question
 
 
 class TalkModel:
@@ -57,12 +58,12 @@ class TalkModel:
             logits = self._call(nxt[:, None], np.full((B, 1), slot_of(k)), cache)
         return np.stack(out, axis=1)
 
-    def read(self, missions: list[str], obs_ids: np.ndarray, texts: list[str]) -> list[str]:
+    def read(self, missions: list[str], obs_ids: np.ndarray, texts: list[str], max_new: int = MAX_TEXT) -> list[str]:
         """Each view (obs_ids (B, obs_len) stream ids) with its mission in context, then a text; the text's
-        continuation up to <sep>."""
+        continuation up to <sep> (at most ``max_new`` words)."""
         prompts = [read_prompt(self.layout, m, o, t) for m, o, t in zip(missions, obs_ids, texts)]
         mask = text_allowed(self.layout, self.model.cfg.vocab_size).to(self.device)
-        new = self._continue(prompts, min(MAX_TEXT, self.model.cfg.context - max(len(p[0]) for p in prompts)),
+        new = self._continue(prompts, min(max_new, self.model.cfg.context - max(len(p[0]) for p in prompts)),
                              lambda k: mask, lambda k: 0, stop=True)
         out = []
         for row in new:
