@@ -53,7 +53,7 @@ class TalkModel:
                          generator=self.gen).cpu().numpy()
             out.append(nxt)
             done |= nxt == SEP
-            if stop and done.all():
+            if k == n_new - 1 or stop and done.all():
                 break
             logits = self._call(nxt[:, None], np.full((B, 1), slot_of(k)), cache)
         return np.stack(out, axis=1)
