@@ -258,6 +258,10 @@ def _cmd_generate(args) -> int:
     from .run import load_run
     from .runtime import autocast, resolve_precision, set_threads
 
+    if args.view or args.draw is not None:  # a talk run: text about a view, or a view from text
+        from .talk.commands import generate
+
+        return generate(args)
     if not args.prompt:
         raise WorldloomError("the prompt is empty; give some text to continue")
     try:
@@ -509,8 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="continue a prompt with a trained model (streams to stdout)")
     s.add_argument("run", help="run folder, e.g. runs/shakespeare-char")
-    s.add_argument("prompt", help="text to continue")
+    s.add_argument("prompt", nargs="?", default="", help="text to continue")
     sampling_args(s)
+    s.add_argument("--view", metavar="seed=N", help="talk runs: the first view of level N in context, then the prompt "
+                   "continued (\"Q: what is in front of you? A:\", \"caption:\")")
+    s.add_argument("--draw", metavar="TEXT", help="talk runs: draw a view from a description (\"a red ball two steps ahead\")")
+    s.add_argument("--out", type=_out_path, default="view.png", help="with --draw: the PNG to write (default view.png)")
     s.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     s.add_argument("--num-samples", type=_int_in(1, 4096), default=1, help="sample several continuations as one batch")
     s.add_argument("--compile", action="store_true", help="torch.compile the one-token step: ~20 s to start, then ~1.3x faster")
@@ -740,6 +748,8 @@ def _exit_now(code: int | None) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "verb", None) == "generate" and not args.prompt and len(extra) == 1 and not extra[0].startswith("-"):
+        args.prompt, extra = extra[0], []  # `generate RUN --view seed=3 "PROMPT"`: the prompt after an option
     if extra:  # argparse stops filling `overrides` at the first option: `train preset --no-progress key=value`
         if getattr(args, "verb", None) in ("train", "collect", "tune", "import", "quantize") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides.extend(extra)

@@ -507,6 +507,34 @@ VISION_POLICIES = ("random", "bot")
 
 
 @dataclass
+class TalkConfig:
+    """A world model that talks (recipe talk, preset babyai-talk; worldloom.talk, docs/talk.md)."""
+
+    fraction: float = 0.5  # share of packed segments that are talk segments (the rest: whole episodes)
+    draw: float = 0.3  # share of talk segments that draw a view from its caption (the rest read a view: caption + questions)
+    weight_text: float = 1.0  # loss weight of caption and answer tokens
+    weight_draw: float = 1.0  # loss weight of a drawn view's tokens
+    held_out: str = "purple key,yellow box"  # colour-object pairs no training text names (comma-separated)
+    eval_views: int = 100  # held-out views scored by eval (and as many views showing a held-out pair)
+
+    def __post_init__(self):
+        for name in ("fraction", "draw"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"talk.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("weight_text", "weight_draw"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"talk.{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.eval_views <= 100000:
+            raise ConfigError(f"talk.eval_views must be in 1..100000, got {self.eval_views}")
+        from .talk.text import check_pairs
+
+        try:
+            check_pairs(self.held_out)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
 class VisionConfig:
     """An image tokenizer (recipe image-tokenizer, `worldloom train tokenizer-vq`): the autoencoder, its
     bottleneck and the frames it learns from (worldloom.vision)."""
@@ -584,6 +612,7 @@ class RunConfig:
     medusa: MedusaConfig = field(default_factory=MedusaConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    talk: TalkConfig = field(default_factory=TalkConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe
