@@ -15,6 +15,7 @@ from worldloom.io import load_tensors
 from worldloom.run import load_run
 from worldloom.world import rl as wrl
 from worldloom.world.data.collect import split_seed
+from worldloom.world.data.episodes import load_dataset
 from worldloom.world.rollout import imagined
 from worldloom.world.rollout.imagine import BatchedWorldModelEnv
 
@@ -156,13 +157,35 @@ def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_
 
 @pytest.mark.parametrize("args, message", [
     (["rl.world=dream"], "rl.world must be one of real, imagined"),
-    (["rl.world=imagined", "rl.wm_coef=1"], "rl.wm_coef must be 0 with rl.world=imagined"),
     (["rl.world=imagined", "rl.imagine_mode=telepathy"], "rl.imagine_mode must be one of"),
 ])
 def test_imagined_config_errors_are_one_line(world_run, tmp_path, capsys, args, message):
     assert main(["tune", "ppo", str(world_run), *args, f"out_dir={tmp_path}", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("worldloom: error:") and len(err.splitlines()) == 1
+
+
+def test_world_model_loss_in_imagination_trains_on_real_episodes_only(world_run, world_dataset, tmp_path, monkeypatch,
+                                                                        real_calls):
+    """rl.wm_coef > 0 in imagination: the world-model loss reads windows of the run's training episodes, never imagined ones."""
+    collate, seen = wrl.collate, []
+
+    def spy(rows, layout, wm):
+        if wm:
+            seen.append(rows)
+        return collate(rows, layout, wm)
+
+    monkeypatch.setattr(wrl, "collate", spy)
+    tu = wrl.start_tune(world_run, ["rl.world=imagined", "rl.wm_coef=0.5", "rl.updates=1", "rl.envs=2", "rl.episodes=2",
+                                    "rl.epochs=1", "rl.value_warmup=0", f"out_dir={tmp_path}", "name=wm"], log=lambda *a: None)
+    train = [e for e in load_dataset(world_dataset).episodes("train") if e.length > 0]
+    first = tu.layout.episode(train[0])
+    assert len(tu.real_rows) >= len(train)
+    assert np.array_equal(tu.real_rows[0][0][: len(first.prefix)], first.prefix)  # a real training episode's stream
+    row = wrl.tune_ppo(tu, **QUIET) and rows(tmp_path / "wm")[0]
+    assert row["wm"] > 0 and row["real_steps"] == 2 and real_calls == {"reset": 2, "step": 0}
+    real_ids = {id(r) for r in tu.real_rows}
+    assert seen and all(id(r) in real_ids for batch in seen for r in batch)
 
 
 def test_real_world_is_still_the_default():

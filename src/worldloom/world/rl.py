@@ -40,9 +40,11 @@ One update:
    wreck the world model (next frames exact 61.6% -> 4.7% after 28 updates; 60.9% with 1.0).
    In imagination the collected transitions are the model's own predictions: training on them
    would teach the world model its own mistakes (a model fitted to its samples only grows more
-   sure of them, and no real data corrects it), so ``rl.wm_coef`` is 0 there (a ConfigError
-   otherwise). The only real data an imagined episode holds is its first observation, which has
-   no transition to learn; the shared world model is guarded by the KL to the reference alone.
+   sure of them, and no real data corrects it), and the only real data an imagined episode
+   holds is its first observation, which has no transition to learn. So there ``rl.wm_coef``
+   defaults to 0 (the shared world model guarded by the KL to the reference alone); set above
+   0, the loss is taken on windows drawn from the world run's own training episodes (real
+   transitions collected before tuning: no new environment calls), as many as the minibatch has.
 
 The model stays in eval mode throughout (no dropout: the ratio must be exactly 1 before the
 first step) and computes in fp32 on the CPU (the acting agent's runner does too). A tuned run is a run folder like any other (``config.yaml`` of the source with the
@@ -63,7 +65,7 @@ import torch
 
 from ..checkpoint import latest_checkpoint, save_checkpoint
 from ..config import RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io import load_tensors, save_tensors
 from ..losses.next_token import next_token_loss
 from ..modality import step_positions
@@ -75,7 +77,8 @@ from ..run import CONFIG, METRICS, load_world_run
 from ..runtime import set_threads
 from .data.collect import SEEDS_PER_SPLIT, split_seed
 from .data.packing import skip_ids
-from .rollout.agent import run_episodes
+from .data.episodes import load_dataset
+from .rollout.agent import EpisodeResult, run_episodes
 from .rollout.imagine import MODES
 from .rollout.imagined import imagine_episodes, real_starts
 from .rollout.runner import steps_to_keep
@@ -95,8 +98,8 @@ class RLConfig(PPOConfig):
     envs: int = 32  # real environments played at once
     episodes: int = 0  # episodes collected per update (0 = rl.envs)
     seed: int = 0  # the RL generator: sampling seeds, minibatch order, value-head init
-    # world-model loss on the collected transitions (0 = PPO alone: the shared world model drifts); unset:
-    # 1 in the real world, 0 in imagination (imagined transitions are the model's own predictions)
+    # world-model loss on real transitions: the collected ones (0 = PPO alone: the shared world model drifts); in
+    # imagination the world run's own training episodes, never the imagined ones. Unset: 1 real, 0 imagined
     wm_coef: float | None = None
     checkpoint_every: int = 1  # updates between checkpoints (the last update always saves)
     batch_windows: int = 32  # windows per no-grad scoring forward
@@ -125,9 +128,6 @@ class RLConfig(PPOConfig):
                               f"got {self.imagine_mode!r}")
         if self.wm_coef is None:
             self.wm_coef = 1.0 if self.world == "real" else 0.0
-        elif self.world == "imagined" and self.wm_coef > 0:
-            raise ConfigError("rl.wm_coef must be 0 with rl.world=imagined: it would train the world model on its own "
-                              "imagined transitions (docs/tuning.md)")
 
     @property
     def per_update(self) -> int:
@@ -281,14 +281,19 @@ def minibatches(ro: Rollout, size: int, gen: torch.Generator) -> list[list]:
 
 
 def ppo_epochs(model, value_head, opt, layout, ro: Rollout, sc: Scored, cfg: RLConfig, value_only: bool,
-               gen: torch.Generator) -> dict:
-    """The PPO epochs of one update (worldloom.rl.runs.ppo_epochs) over minibatches of windows."""
+               gen: torch.Generator, real_rows: list | None = None) -> dict:
+    """The PPO epochs of one update (worldloom.rl.runs.ppo_epochs) over minibatches of windows. The world-model
+    loss is taken on the minibatch's own windows, or, given ``real_rows`` (imagination), on as many windows drawn
+    from those real ones."""
+    wm = cfg.wm_coef > 0 and not value_only
 
     def minibatch_loss(rows):
-        batch = collate(rows, layout, wm=cfg.wm_coef > 0 and not value_only)
+        batch = collate(rows, layout, wm=wm and real_rows is None)
         idx = batch["samples"]
         with torch.set_grad_enabled(not value_only):
             logits, h, wm_loss = policy_forward(model, layout, batch, wm="target" in batch)
+            if wm and real_rows is not None:
+                wm_loss = real_wm_loss(model, layout, real_rows, len(rows), gen)
         values = value_head(h if cfg.value_backbone and not value_only else h.detach())
         logp, ent, kl = categorical_terms(logits, sc.ref_logits[idx], ro.actions[idx])
         out = ppo_loss(logp, sc.old_logp[idx], sc.advantages[idx], values, sc.old_values[idx], sc.returns[idx],
@@ -298,6 +303,34 @@ def ppo_epochs(model, value_head, opt, layout, ro: Rollout, sc: Scored, cfg: RLC
         return out.total + cfg.wm_coef * wm_loss, dict(out.parts, wm=float(wm_loss.detach()))
 
     return run_epochs(lambda: minibatches(ro, cfg.minibatch, gen), minibatch_loss, opt, cfg, value_only)
+
+
+def real_wm_loss(model, layout: StreamLayout, real_rows: list, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The world-model loss on ``n`` windows drawn from ``real_rows`` (the world run's training episodes)."""
+    pick = torch.randint(len(real_rows), (n,), generator=gen).tolist()
+    return policy_forward(model, layout, collate([real_rows[i] for i in pick], layout, wm=True), wm=True)[2]
+
+
+def rollout_of(model, layout: StreamLayout, results) -> Rollout:
+    """Episodes -> their scored stream windows at the model's context and step costs."""
+    mc = model.cfg
+    return build_rollout(layout, results, mc.context, step_positions(layout.step_len, mc.obs_len, mc.obs_vectors),
+                         mc.obs_vectors or layout.obs_len)
+
+
+def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path) -> list | None:
+    """In imagination with ``rl.wm_coef`` > 0: the stream windows of the world run's own training episodes
+    (real transitions, collected before; no new environment calls), for the world-model loss. Else None."""
+    if cfg.world == "real" or cfg.wm_coef == 0:
+        return None
+    try:
+        episodes = [e for e in load_dataset(data_path).episodes("train") if e.length > 0]
+    except DataError as e:
+        raise ConfigError(f"rl.wm_coef > 0 with rl.world=imagined trains the world model on the world run's training "
+                          f"episodes, which are not readable ({e}); use rl.wm_coef=0") from None
+    if not episodes:
+        raise ConfigError(f"rl.wm_coef > 0 with rl.world=imagined needs the world run's training episodes; {data_path} has none")
+    return rollout_of(model, layout, [EpisodeResult(e.seed, False, 0.0, e.length, e) for e in episodes]).rows
 
 
 # ---------------------------------------------------------------- the run folder
@@ -323,6 +356,7 @@ class Tuner:
     real_steps: int = 0  # real environment calls: resets and steps (imagination: the resets for its first observations)
     imagined_steps: int = 0
     elapsed: float = 0.0
+    real_rows: list | None = None  # imagination with rl.wm_coef > 0: windows of real episodes for the world-model loss
 
 
 def parse_run_overrides(overrides: list[str], allow_run_keys: bool) -> tuple[dict, dict]:
@@ -364,6 +398,7 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
                           "or choose another name=")
     if run_dir.resolve() == Path(source).resolve():
         raise ConfigError("the tuned run needs its own folder; choose another name=")
+    real_rows = real_windows(cfg, src.model, src.layout, Path(new.data.path))
     src.layout.save(run_dir / STREAM_DIR)
     save_yaml(run_cfg, run_dir / CONFIG)
     weights = _unique_state(src.model)
@@ -374,7 +409,7 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
     model = src.model
     log(f"tune ppo: {source} (step {src.state.get('step')}) -> {run_dir}")
     tu = Tuner(run_dir, cfg, new.env.id, new.data.seed, model, _reference(model, weights), value_head,
-               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed))
+               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed), real_rows=real_rows)
     save(tu)  # update 0: a run killed before its first checkpoint resumes from the start
     return tu
 
@@ -394,7 +429,8 @@ def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
     ref = _reference(run.model, load_tensors(run_dir / REFERENCE, "reference weights"))
     log(f"tune ppo: resuming {run_dir} at update {state['step']}")
     return Tuner(run_dir, cfg, run.cfg.env.id, run.cfg.data.seed, run.model, ref, value_head, opt, run.layout, gen,
-                 update=state["step"], elapsed=float(state["elapsed"]), **{k: int(state.get(k, 0)) for k in COUNTS})
+                 update=state["step"], elapsed=float(state["elapsed"]), **{k: int(state.get(k, 0)) for k in COUNTS},
+                 real_rows=real_windows(cfg, run.model, run.layout, dataset_dir(run.cfg, run_dir)))
 
 
 def save(tu: Tuner) -> None:
@@ -442,12 +478,10 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     seeds = [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n)]
     sample_seed = int(torch.randint(2**31 - 1, (1,), generator=tu.gen))
     res = collect(tu, seeds, sample_seed, progress)
-    mc, lay = tu.model.cfg, tu.layout
-    ro = build_rollout(lay, res, mc.context, step_positions(lay.step_len, mc.obs_len, mc.obs_vectors),
-                       mc.obs_vectors or lay.obs_len)
+    ro = rollout_of(tu.model, tu.layout, res)
     sc = score(tu.model, tu.reference, tu.value_head, tu.layout, ro, cfg)
     value_only = tu.update < cfg.value_warmup
-    parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen)
+    parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen, tu.real_rows)
     tu.update += 1
     tu.episodes += n
     return {"update": tu.update, **outcome_row(tu, res), "value_only": value_only, **parts}
