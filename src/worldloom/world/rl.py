@@ -428,8 +428,11 @@ def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
     trim_metrics(Path(run_dir) / METRICS, state["step"])
     ref = _reference(run.model, load_tensors(run_dir / REFERENCE, "reference weights"))
     log(f"tune ppo: resuming {run_dir} at update {state['step']}")
+    counts = {k: int(state.get(k, 0)) for k in COUNTS}
+    if "real_steps" not in state:  # a real-environment run checkpointed before real_steps was counted
+        counts["real_steps"] = counts["episodes"] + counts["env_steps"]
     return Tuner(run_dir, cfg, run.cfg.env.id, run.cfg.data.seed, run.model, ref, value_head, opt, run.layout, gen,
-                 update=state["step"], elapsed=float(state["elapsed"]), **{k: int(state.get(k, 0)) for k in COUNTS},
+                 update=state["step"], elapsed=float(state["elapsed"]), **counts,
                  real_rows=real_windows(cfg, run.model, run.layout, dataset_dir(run.cfg, run_dir)))
 
 
@@ -491,12 +494,12 @@ def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
     """Run updates until rl.updates; checkpoint every rl.checkpoint_every and at the end."""
     tu.model.eval()
     key = "success" if tu.cfg.world == "real" else "imagined_success"
-    where = "" if tu.cfg.world == "real" else f" ({tu.imagined_steps} imagined)"
     row = run_updates(tu, lambda: one_update(tu), lambda: save(tu),
                       lambda r: {key: f"{r[key]:.0%}", "episodes": tu.episodes, "kl": f"{r.get('kl', 0):.3f}"},
                       lambda r: f"update {tu.update}: {key.replace('_', ' ')} {r[key]:.1%}, {tu.episodes} episodes, "
                                 f"{tu.real_steps} real env calls",
                       progress=progress, log=log)
+    where = "" if tu.cfg.world == "real" else f" ({tu.imagined_steps} imagined)"
     log(f"done: {tu.update} updates, {tu.episodes} episodes ({tu.cfg.world}), real environment: {tu.real_steps} calls "
         f"(resets + {tu.env_steps} steps){where}; run folder {tu.run_dir} (evaluate with `worldloom eval {tu.run_dir}`)")
     return {"run_dir": str(tu.run_dir), "updates": tu.update, "world": tu.cfg.world, key: row.get(key),
