@@ -192,3 +192,19 @@ def test_real_world_is_still_the_default():
     cfg = wrl.RLConfig()
     assert cfg.world == "real" and cfg.wm_coef == 1.0
     assert wrl.RLConfig(world="imagined").wm_coef == 0.0
+
+
+def test_tune_in_imagination_on_an_encoded_run(world_dataset, tmp_path):
+    """stream.obs=encoded: the observation decoder imagines whole frames; the windows count model positions."""
+    from worldloom.config import build_config
+    from worldloom.train import train
+
+    from conftest import TINY_WORLD
+
+    cfg = build_config(None, [*TINY_WORLD, f"data.path={world_dataset}", f"out_dir={tmp_path}", "name=enc",
+                              "stream.obs=encoded", "stream.obs_vectors=2"])
+    train(cfg, progress=False, log=lambda *a: None)
+    wrl.tune(cfg.run_dir, ["rl.world=imagined", "rl.updates=1", "rl.envs=2", "rl.episodes=2", "rl.epochs=1",
+                           "rl.value_warmup=0", f"out_dir={tmp_path}", "name=dream"], **QUIET)
+    row = rows(tmp_path / "dream")[0]
+    assert row["real_steps"] == 2 and row["imagined_steps"] >= 2 and row["kl"] == 0.0
