@@ -42,7 +42,8 @@ One update:
    would teach the world model its own mistakes (a model fitted to its samples only grows more
    sure of them, and no real data corrects it), and the only real data an imagined episode
    holds is its first observation, which has no transition to learn. So there ``rl.wm_coef``
-   defaults to 0 (the shared world model guarded by the KL to the reference alone); set above
+   defaults to 0 (nothing then holds the shared world model: the KL to the reference bounds the
+   policy's actions, not its frames and rewards; watch for drift on long runs); set above
    0, the loss is taken on windows drawn from the world run's own training episodes (real
    transitions collected before tuning: no new environment calls), as many as the minibatch has.
 
