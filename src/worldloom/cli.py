@@ -41,14 +41,15 @@ examples (docs/tuning.md has the whole path, data formats included):
   worldloom tune reward runs/sft data.path=data/prefs/train.jsonl name=rm
   worldloom tune ppo  runs/sft data.path=data/instr/prompts.jsonl reward=checker name=ppo
   worldloom tune ppo  runs/babyai rl.updates=50 rl.envs=32 name=ppo       # a world run: PPO in BabyAI
+  worldloom tune ppo  runs/babyai rl.world=imagined name=ppo-imagined      # a world run: PPO inside its world model
   worldloom tune dpo  runs/babyai wdpo.seeds=256 name=babyai-dpo          # a world run: trajectory DPO
   worldloom tune dpo --resume runs/dpo                                      # continue after a kill
   worldloom tune medusa runs/big heads=4 name=big-medusa                    # Medusa heads (generate --medusa)
 
 Keys: lora.* (rank: 0 = every weight trains; alpha, dropout, targets), dpo.* (beta, loss), orpo.lam,
 tune.* (prompt_format, stop, val_fraction, eval_rows), train.* (max_steps, lr, batch_size, ...),
-rl.* (ppo: updates, batch, kl_reward, lr, eval_path, ...), wdpo.* (trajectory DPO: seeds, samples,
-beta, lr, epochs, eval_episodes), medusa.* (heads, samples, prompt, length, temperature), name, out_dir.
+rl.* (ppo: updates, batch, kl_reward, lr, eval_path, world=real|imagined, ...), wdpo.* (trajectory DPO:
+seeds, samples, beta, lr, epochs, eval_episodes), medusa.* (heads, samples, prompt, length, temperature), name, out_dir.
 """
 
 

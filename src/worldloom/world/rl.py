@@ -1,4 +1,4 @@
-"""PPO fine-tuning of a world run's policy in the real environment (`worldloom tune ppo RUN`).
+"""PPO fine-tuning of a world run's policy in the real environment or inside its own world model (`worldloom tune ppo RUN`).
 
 This module lives in ``world/`` because it needs what only a world run has (the environment
 adapter, the stream layout, the acting agent); the PPO core it drives, ``worldloom.rl``, knows
@@ -10,7 +10,14 @@ One update:
    ``rl.envs`` environments at once, through ``run_episodes`` (the ``StreamRunner``; actions
    sampled at temperature 1 from the logits restricted to the action ids). Seeds come from the
    split ``rl`` (``data.seed + 3_000_000 + i``, worldloom.world.data.collect): never the
-   training, validation or held-out evaluation levels.
+   training, validation or held-out evaluation levels. With ``rl.world=imagined`` the episodes
+   are imagined instead (``imagine_episodes``, worldloom.world.rollout.imagined, as IRIS and
+   DreamerV3 learn): the real environment is only reset at the same seeds, for the first
+   observation, the mission and the step limit; every reward, end and next observation after
+   that is the model's own prediction (``rl.imagine_mode``, ``rl.imagine_greedy``). Each row
+   counts the real environment calls so far (``real_steps``: resets plus steps; in imagination
+   the resets alone) beside ``env_steps`` (real steps) and ``imagined_steps``; imagined
+   outcomes are reported as ``imagined_success`` / ``imagined_return``, never as ``success``.
 2. **Score.** Each episode is laid out as the stream the model was trained on (``StreamLayout.
    episode``) and cut into windows that mirror the runner's roll-over (the first window holds
    as many whole steps as fit the context; each later one restarts from the prefix and the
@@ -31,6 +38,14 @@ One update:
    world-model loss (next observation, reward and end tokens) on the collected transitions: the
    policy and the world model are one network, and PPO alone (``rl.wm_coef=0``) was measured to
    wreck the world model (next frames exact 61.6% -> 4.7% after 28 updates; 60.9% with 1.0).
+   In imagination the collected transitions are the model's own predictions: training on them
+   would teach the world model its own mistakes (a model fitted to its samples only grows more
+   sure of them, and no real data corrects it), and the only real data an imagined episode
+   holds is its first observation, which has no transition to learn. So there ``rl.wm_coef``
+   defaults to 0 (nothing then holds the shared world model: the KL to the reference bounds the
+   policy's actions, not its frames and rewards; watch for drift on long runs); set above
+   0, the loss is taken on windows drawn from the world run's own training episodes (real
+   transitions collected before tuning: no new environment calls), as many as the minibatch has.
 
 The model stays in eval mode throughout (no dropout: the ratio must be exactly 1 before the
 first step) and computes in fp32 on the CPU (the acting agent's runner does too). A tuned run is a run folder like any other (``config.yaml`` of the source with the
@@ -51,7 +66,7 @@ import torch
 
 from ..checkpoint import latest_checkpoint, save_checkpoint
 from ..config import RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io import load_tensors, save_tensors
 from ..losses.next_token import next_token_loss
 from ..modality import step_positions
@@ -63,12 +78,17 @@ from ..run import CONFIG, METRICS, load_world_run
 from ..runtime import set_threads
 from .data.collect import SEEDS_PER_SPLIT, split_seed
 from .data.packing import skip_ids
-from .rollout.agent import run_episodes
+from .data.episodes import load_dataset
+from .rollout.agent import EpisodeResult, run_episodes
+from .rollout.imagine import MODES
+from .rollout.imagined import imagine_episodes, real_starts
 from .rollout.runner import steps_to_keep
 from .stream import K_DONE, K_OBS, K_REWARD, PAD, StreamLayout
 from .task import STREAM_DIR, dataset_dir
 
 REFERENCE = "reference.safetensors"
+COUNTS = ("episodes", "env_steps", "real_steps", "imagined_steps")  # saved in every checkpoint's state
+WORLDS = ("real", "imagined")
 
 
 @dataclass
@@ -79,21 +99,36 @@ class RLConfig(PPOConfig):
     envs: int = 32  # real environments played at once
     episodes: int = 0  # episodes collected per update (0 = rl.envs)
     seed: int = 0  # the RL generator: sampling seeds, minibatch order, value-head init
-    wm_coef: float = 1.0  # world-model loss on the collected transitions (0 = PPO alone: the shared world model drifts)
+    # world-model loss on real transitions: the collected ones (0 = PPO alone: the shared world model drifts); in
+    # imagination the world run's own training episodes, never the imagined ones. Unset: 1 real, 0 imagined
+    wm_coef: float | None = None
     checkpoint_every: int = 1  # updates between checkpoints (the last update always saves)
     batch_windows: int = 32  # windows per no-grad scoring forward
+    world: str = "real"  # where episodes are played: "real" (the environment) or "imagined" (the world model)
+    imagine_mode: str = ""  # imagined: how the model imagines (tokens, parallel, fast; "" = the best it can)
+    imagine_greedy: bool = False  # imagined: the world model's tokens by argmax instead of sampled
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("updates", "envs", "checkpoint_every", "batch_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        self._check_world()
         if self.episodes < 0 or self.seed < 0 or self.wm_coef < 0:
             raise ConfigError("rl.episodes, rl.seed and rl.wm_coef must be >= 0, got "
                               f"{self.episodes}, {self.seed}, {self.wm_coef}")
         if self.updates * self.per_update > SEEDS_PER_SPLIT:
             raise ConfigError(f"rl.updates x episodes per update = {self.updates * self.per_update:,} is more than the "
                               f"{SEEDS_PER_SPLIT:,} seeds of the rl split")
+
+    def _check_world(self) -> None:
+        if self.world not in WORLDS:
+            raise ConfigError(f"rl.world must be one of {', '.join(WORLDS)}, got {self.world!r}")
+        if self.imagine_mode not in ("", *MODES):
+            raise ConfigError(f"rl.imagine_mode must be one of {', '.join(MODES)} (or empty: the best the model can), "
+                              f"got {self.imagine_mode!r}")
+        if self.wm_coef is None:
+            self.wm_coef = 1.0 if self.world == "real" else 0.0
 
     @property
     def per_update(self) -> int:
@@ -247,14 +282,19 @@ def minibatches(ro: Rollout, size: int, gen: torch.Generator) -> list[list]:
 
 
 def ppo_epochs(model, value_head, opt, layout, ro: Rollout, sc: Scored, cfg: RLConfig, value_only: bool,
-               gen: torch.Generator) -> dict:
-    """The PPO epochs of one update (worldloom.rl.runs.ppo_epochs) over minibatches of windows."""
+               gen: torch.Generator, real_rows: list | None = None) -> dict:
+    """The PPO epochs of one update (worldloom.rl.runs.ppo_epochs) over minibatches of windows. The world-model
+    loss is taken on the minibatch's own windows, or, given ``real_rows`` (imagination), on as many windows drawn
+    from those real ones."""
+    wm = cfg.wm_coef > 0 and not value_only
 
     def minibatch_loss(rows):
-        batch = collate(rows, layout, wm=cfg.wm_coef > 0 and not value_only)
+        batch = collate(rows, layout, wm=wm and real_rows is None)
         idx = batch["samples"]
         with torch.set_grad_enabled(not value_only):
             logits, h, wm_loss = policy_forward(model, layout, batch, wm="target" in batch)
+            if wm and real_rows is not None:
+                wm_loss = real_wm_loss(model, layout, real_rows, len(rows), gen)
         values = value_head(h if cfg.value_backbone and not value_only else h.detach())
         logp, ent, kl = categorical_terms(logits, sc.ref_logits[idx], ro.actions[idx])
         out = ppo_loss(logp, sc.old_logp[idx], sc.advantages[idx], values, sc.old_values[idx], sc.returns[idx],
@@ -264,6 +304,34 @@ def ppo_epochs(model, value_head, opt, layout, ro: Rollout, sc: Scored, cfg: RLC
         return out.total + cfg.wm_coef * wm_loss, dict(out.parts, wm=float(wm_loss.detach()))
 
     return run_epochs(lambda: minibatches(ro, cfg.minibatch, gen), minibatch_loss, opt, cfg, value_only)
+
+
+def real_wm_loss(model, layout: StreamLayout, real_rows: list, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The world-model loss on ``n`` windows drawn from ``real_rows`` (the world run's training episodes)."""
+    pick = torch.randint(len(real_rows), (n,), generator=gen).tolist()
+    return policy_forward(model, layout, collate([real_rows[i] for i in pick], layout, wm=True), wm=True)[2]
+
+
+def rollout_of(model, layout: StreamLayout, results) -> Rollout:
+    """Episodes -> their scored stream windows at the model's context and step costs."""
+    mc = model.cfg
+    return build_rollout(layout, results, mc.context, step_positions(layout.step_len, mc.obs_len, mc.obs_vectors),
+                         mc.obs_vectors or layout.obs_len)
+
+
+def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path) -> list | None:
+    """In imagination with ``rl.wm_coef`` > 0: the stream windows of the world run's own training episodes
+    (real transitions, collected before; no new environment calls), for the world-model loss. Else None."""
+    if cfg.world == "real" or cfg.wm_coef == 0:
+        return None
+    try:
+        episodes = [e for e in load_dataset(data_path).episodes("train") if e.length > 0]
+    except DataError as e:
+        raise ConfigError(f"rl.wm_coef > 0 with rl.world=imagined trains the world model on the world run's training "
+                          f"episodes, which are not readable ({e}); use rl.wm_coef=0") from None
+    if not episodes:
+        raise ConfigError(f"rl.wm_coef > 0 with rl.world=imagined needs the world run's training episodes; {data_path} has none")
+    return rollout_of(model, layout, [EpisodeResult(e.seed, False, 0.0, e.length, e) for e in episodes]).rows
 
 
 # ---------------------------------------------------------------- the run folder
@@ -285,8 +353,11 @@ class Tuner:
     gen: torch.Generator
     update: int = 0
     episodes: int = 0
-    env_steps: int = 0
+    env_steps: int = 0  # real environment steps (none in imagination)
+    real_steps: int = 0  # real environment calls: resets and steps (imagination: the resets for its first observations)
+    imagined_steps: int = 0
     elapsed: float = 0.0
+    real_rows: list | None = None  # imagination with rl.wm_coef > 0: windows of real episodes for the world-model loss
 
 
 def parse_run_overrides(overrides: list[str], allow_run_keys: bool) -> tuple[dict, dict]:
@@ -328,6 +399,7 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
                           "or choose another name=")
     if run_dir.resolve() == Path(source).resolve():
         raise ConfigError("the tuned run needs its own folder; choose another name=")
+    real_rows = real_windows(cfg, src.model, src.layout, Path(new.data.path))
     src.layout.save(run_dir / STREAM_DIR)
     save_yaml(run_cfg, run_dir / CONFIG)
     weights = _unique_state(src.model)
@@ -338,7 +410,7 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
     model = src.model
     log(f"tune ppo: {source} (step {src.state.get('step')}) -> {run_dir}")
     tu = Tuner(run_dir, cfg, new.env.id, new.data.seed, model, _reference(model, weights), value_head,
-               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed))
+               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed), real_rows=real_rows)
     save(tu)  # update 0: a run killed before its first checkpoint resumes from the start
     return tu
 
@@ -357,18 +429,51 @@ def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
     trim_metrics(Path(run_dir) / METRICS, state["step"])
     ref = _reference(run.model, load_tensors(run_dir / REFERENCE, "reference weights"))
     log(f"tune ppo: resuming {run_dir} at update {state['step']}")
+    counts = {k: int(state.get(k, 0)) for k in COUNTS}
+    if "real_steps" not in state:  # a real-environment run checkpointed before real_steps was counted
+        counts["real_steps"] = counts["episodes"] + counts["env_steps"]
     return Tuner(run_dir, cfg, run.cfg.env.id, run.cfg.data.seed, run.model, ref, value_head, opt, run.layout, gen,
-                 update=state["step"], episodes=int(state.get("episodes", 0)), env_steps=int(state.get("env_steps", 0)),
-                 elapsed=float(state["elapsed"]))
+                 update=state["step"], elapsed=float(state["elapsed"]), **counts,
+                 real_rows=real_windows(cfg, run.model, run.layout, dataset_dir(run.cfg, run_dir)))
 
 
 def save(tu: Tuner) -> None:
-    state = {"step": tu.update, "elapsed": round(tu.elapsed, 3), "precision": "fp32", "episodes": tu.episodes,
-             "env_steps": tu.env_steps, **rng_state(tu.gen)}
+    state = {"step": tu.update, "elapsed": round(tu.elapsed, 3), "precision": "fp32",
+             **{k: getattr(tu, k) for k in COUNTS}, **rng_state(tu.gen)}
     save_checkpoint(tu.run_dir, tu.model, tu.opt, state, extra={VALUE: tu.value_head.state_dict()})
 
 
 # ---------------------------------------------------------------- the loop
+
+
+def collect(tu: Tuner, seeds: list[int], sample_seed: int, progress: bool = False) -> list:
+    """One update's episodes, played in the real environment or imagined from real starts (rl.world);
+    the Tuner's counts of real environment calls and imagined steps move on."""
+    cfg = tu.cfg
+    if cfg.world == "real":
+        res = run_episodes(tu.model, tu.layout, tu.env_id, seeds, envs=cfg.envs, greedy=False, seed=sample_seed,
+                           record=True, progress=progress, desc="rl episodes")
+        steps = sum(r.length for r in res)
+        tu.env_steps += steps
+        tu.real_steps += len(seeds) + steps
+        return res
+    res = imagine_episodes(tu.model, tu.layout, real_starts(tu.env_id, seeds), envs=cfg.envs, seed=sample_seed,
+                           mode=cfg.imagine_mode, greedy_world=cfg.imagine_greedy)
+    tu.real_steps += len(seeds)  # the resets that gave the first observations
+    tu.imagined_steps += sum(r.length for r in res)
+    return res
+
+
+def outcome_row(tu: Tuner, res: list) -> dict:
+    """An update's outcome and the counts so far: real outcomes, or the IMAGINED ones (the model's own
+    rewards, keys ``imagined_*``) with the real environment calls that imagination used."""
+    pre = "" if tu.cfg.world == "real" else "imagined_"
+    row = {f"{pre}success": float(np.mean([r.success for r in res])), f"{pre}return": float(np.mean([r.ret for r in res])),
+           f"{pre}length": float(np.mean([r.length for r in res])), "episodes": tu.episodes, "env_steps": tu.env_steps,
+           "real_steps": tu.real_steps}
+    if pre:
+        row["imagined_steps"] = tu.imagined_steps
+    return row
 
 
 def one_update(tu: Tuner, progress: bool = False) -> dict:
@@ -376,33 +481,30 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     cfg, n = tu.cfg, tu.cfg.per_update
     seeds = [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n)]
     sample_seed = int(torch.randint(2**31 - 1, (1,), generator=tu.gen))
-    res = run_episodes(tu.model, tu.layout, tu.env_id, seeds, envs=cfg.envs, greedy=False, seed=sample_seed,
-                       record=True, progress=progress, desc="rl episodes")
-    mc, lay = tu.model.cfg, tu.layout
-    ro = build_rollout(lay, res, mc.context, step_positions(lay.step_len, mc.obs_len, mc.obs_vectors),
-                       mc.obs_vectors or lay.obs_len)
+    res = collect(tu, seeds, sample_seed, progress)
+    ro = rollout_of(tu.model, tu.layout, res)
     sc = score(tu.model, tu.reference, tu.value_head, tu.layout, ro, cfg)
     value_only = tu.update < cfg.value_warmup
-    parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen)
+    parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen, tu.real_rows)
     tu.update += 1
     tu.episodes += n
-    tu.env_steps += len(ro.actions)
-    return {"update": tu.update, "success": float(np.mean(ro.success)), "return": float(np.mean([r.ret for r in res])),
-            "length": float(np.mean([r.length for r in res])), "episodes": tu.episodes, "env_steps": tu.env_steps,
-            "value_only": value_only, **parts}
+    return {"update": tu.update, **outcome_row(tu, res), "value_only": value_only, **parts}
 
 
 def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
     """Run updates until rl.updates; checkpoint every rl.checkpoint_every and at the end."""
     tu.model.eval()
+    key = "success" if tu.cfg.world == "real" else "imagined_success"
     row = run_updates(tu, lambda: one_update(tu), lambda: save(tu),
-                      lambda r: {"success": f"{r['success']:.0%}", "episodes": tu.episodes, "kl": f"{r.get('kl', 0):.3f}"},
-                      lambda r: f"update {tu.update}: success {r['success']:.1%}, {tu.episodes} episodes, {tu.env_steps} env steps",
+                      lambda r: {key: f"{r[key]:.0%}", "episodes": tu.episodes, "kl": f"{r.get('kl', 0):.3f}"},
+                      lambda r: f"update {tu.update}: {key.replace('_', ' ')} {r[key]:.1%}, {tu.episodes} episodes, "
+                                f"{tu.real_steps} real env calls",
                       progress=progress, log=log)
-    log(f"done: {tu.update} updates, {tu.episodes} real episodes, {tu.env_steps} env steps; run folder {tu.run_dir} "
-        f"(evaluate with `worldloom eval {tu.run_dir}`)")
-    return {"run_dir": str(tu.run_dir), "updates": tu.update, "episodes": tu.episodes, "env_steps": tu.env_steps,
-            "success": row.get("success")}
+    where = "" if tu.cfg.world == "real" else f" ({tu.imagined_steps} imagined)"
+    log(f"done: {tu.update} updates, {tu.episodes} episodes ({tu.cfg.world}), real environment: {tu.real_steps} calls "
+        f"(resets + {tu.env_steps} steps){where}; run folder {tu.run_dir} (evaluate with `worldloom eval {tu.run_dir}`)")
+    return {"run_dir": str(tu.run_dir), "updates": tu.update, "world": tu.cfg.world, key: row.get(key),
+            **{k: getattr(tu, k) for k in COUNTS}}
 
 
 def tune(source: Path | None, overrides: list[str], resume: Path | None = None, progress: bool = True, log=print) -> dict:
