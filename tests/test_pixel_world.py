@@ -172,6 +172,13 @@ def test_crafter_from_random_play_trains_end_to_end(tmp_path):
     assert result["real"]["mean_length"] <= 6 and "crafter_score" in result["real"]
     assert len(result["real"]["achievements"]) == 22
     assert result["open_loop"]["horizons"]["1"]["n"] > 0  # scored on codes (no symbolic view)
+    # the agent learns in imagination (random play gave no labels): short imagined episodes from real resets
+    from worldloom.world import rl as wrl
+
+    out = wrl.tune(cfg.run_dir, ["rl.world=imagined", "rl.horizon=3", "rl.updates=1", "rl.envs=2", "rl.episodes=2",
+                                 "rl.epochs=1", "rl.minibatch=8", "rl.value_warmup=0", f"out_dir={tmp_path}", "name=dream"],
+                   progress=False, log=lambda *a: None)
+    assert out["real_steps"] == 2 and out["env_steps"] == 0 and 0 < out["imagined_steps"] <= 6  # cut at the horizon
 
 
 def test_a_pixel_world_given_to_the_agent_tools_is_refused_in_one_line(pixel_run):

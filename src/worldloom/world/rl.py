@@ -107,6 +107,7 @@ class RLConfig(PPOConfig):
     world: str = "real"  # where episodes are played: "real" (the environment) or "imagined" (the world model)
     imagine_mode: str = ""  # imagined: how the model imagines (tokens, parallel, fast; "" = the best it can)
     imagine_greedy: bool = False  # imagined: the world model's tokens by argmax instead of sampled
+    horizon: int = 0  # episodes (real or imagined) cut, truncated, after this many steps (0: the environment's limit; Crafter's is 10,000)
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +115,8 @@ class RLConfig(PPOConfig):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
         self._check_world()
+        if self.horizon < 0:
+            raise ConfigError(f"rl.horizon must be >= 0 (0: the environment's step limit), got {self.horizon}")
         if self.episodes < 0 or self.seed < 0 or self.wm_coef < 0:
             raise ConfigError("rl.episodes, rl.seed and rl.wm_coef must be >= 0, got "
                               f"{self.episodes}, {self.seed}, {self.wm_coef}")
@@ -452,12 +455,12 @@ def collect(tu: Tuner, seeds: list[int], sample_seed: int, progress: bool = Fals
     cfg = tu.cfg
     if cfg.world == "real":
         res = run_episodes(tu.model, tu.layout, tu.env_id, seeds, envs=cfg.envs, greedy=False, seed=sample_seed,
-                           record=True, progress=progress, desc="rl episodes")
+                           record=True, progress=progress, desc="rl episodes", max_steps=cfg.horizon)
         steps = sum(r.length for r in res)
         tu.env_steps += steps
         tu.real_steps += len(seeds) + steps
         return res
-    res = imagine_episodes(tu.model, tu.layout, real_starts(tu.env_id, seeds), envs=cfg.envs, seed=sample_seed,
+    res = imagine_episodes(tu.model, tu.layout, real_starts(tu.env_id, seeds, cfg.horizon), envs=cfg.envs, seed=sample_seed,
                            mode=cfg.imagine_mode, greedy_world=cfg.imagine_greedy)
     tu.real_steps += len(seeds)  # the resets that gave the first observations
     tu.imagined_steps += sum(r.length for r in res)

@@ -41,15 +41,20 @@ class RealStart:
     max_steps: int  # the real environment's step limit for this level
 
 
-def real_starts(env_id: str, seeds: list[int]) -> list[RealStart]:
-    """One real reset per seed (the only real environment calls imagination makes)."""
+def _cap(limit: int, horizon: int) -> int:
+    return min(limit, horizon) if horizon > 0 else limit
+
+
+def real_starts(env_id: str, seeds: list[int], horizon: int = 0) -> list[RealStart]:
+    """One real reset per seed (the only real environment calls imagination makes); ``horizon`` > 0 caps
+    each episode's step limit (IRIS-style short imagined rollouts in long games such as Crafter)."""
     adapter = make_adapter(env_id)
     env = adapter.make()
     try:
         out = []
         for s in seeds:
             raw, _ = env.reset(seed=int(s))
-            out.append(RealStart(int(s), adapter.mission(raw), adapter.observe(raw), int(adapter.max_steps(env))))
+            out.append(RealStart(int(s), adapter.mission(raw), adapter.observe(raw), _cap(int(adapter.max_steps(env)), horizon)))
         return out
     finally:
         env.close()
