@@ -38,6 +38,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "medusa": "worldloom.recipes.medusa",
     "ternary": "worldloom.recipes.ternary",
     "image-tokenizer": "worldloom.recipes.image_tokenizer",
+    "bind": "worldloom.recipes.bind",
 }
 
 
