@@ -117,6 +117,7 @@ TINY = ["bind.items=96", "bind.val_items=40", "bind.dim=16", "bind.channels=8", 
 def test_train_eval_and_refusals(tmp_path, capsys):
     from worldloom.bind.items import load_items
     from worldloom.cli import main
+    from worldloom.run import load_run
 
     run = tmp_path / "bind"
     assert main(["train", "bind", "--no-progress", f"out_dir={tmp_path}", "name=bind", *TINY]) == 0
@@ -136,6 +137,9 @@ def test_train_eval_and_refusals(tmp_path, capsys):
     assert "| view -> actions | no |" in capsys.readouterr().out
     line = cli_error(capsys, ["generate", str(run), "hello"])
     assert "bind run" in line and "worldloom eval" in line
+    assert main(["train", "--resume", str(run), "--no-progress", "train.max_steps=8"]) == 0  # the same items, further
+    assert np.array_equal(load_items(run / "items" / "train.npz")["image"], train["image"])
+    assert load_run(run, any_model=True).state["step"] == 8
 
 
 def test_bind_config_errors(tmp_path, capsys):
