@@ -1,6 +1,6 @@
 """The bind recipe: views, captions and action sequences embedded into one space (ImageBind-style).
 
-    worldloom train bind                                  # BabyAI-GoToObj items; view-text and actions-text trained
+    worldloom train bind                                  # BabyAI-GoToLocal items; view-text and actions-text trained
     worldloom train bind bind.pairs=view-actions          # the pair trained directly (a reference)
     worldloom eval runs/bind --json                       # R@1 / R@5 both ways on held-out items, every pair
 
