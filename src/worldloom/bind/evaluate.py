@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import encode_rows, text_tokenizer
+from ..tokenize import TextTokenizer
+from .data import TOKENIZER_DIR, encode_rows
 from .items import load_items
 from .model import MODALITIES
 from .retrieval import content_ids, equivalent, retrieval
@@ -32,7 +33,8 @@ def evaluate_bind(run, run_dir: Path) -> dict:
 
     cfg = run.cfg
     items = load_items(Path(run_dir) / ITEMS / "val.npz")
-    rows = encode_rows(items, text_tokenizer(run_dir, items["text"]), cfg.bind.view, cfg.bind.text_len)
+    tok = TextTokenizer.load(Path(run_dir) / TOKENIZER_DIR)  # the training captions' words
+    rows = encode_rows(items, tok, cfg.bind.view, cfg.bind.text_len)
     emb = embed_all(run.model.eval(), rows)
     ids = item_contents(items)
     trained = {frozenset(p) for p in cfg.bind.pair_list()}

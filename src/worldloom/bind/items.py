@@ -18,6 +18,7 @@ reachable object in sight become items.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections import deque
 from pathlib import Path
@@ -38,6 +39,7 @@ _TURN = {LEFT: -1, RIGHT: 1}
 _HEADINGS = ((0, -1), (1, 0), (0, 1), (-1, 0))  # view coordinates (x right, y towards the agent): up, right, down, left
 
 
+@functools.cache
 def _names():
     from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT, STATE_TO_IDX
 
@@ -53,7 +55,8 @@ def _passable(cell: np.ndarray) -> bool:
 def nearest_target(image: np.ndarray) -> tuple[tuple[int, int], list[int]] | None:
     """The first object (key, ball, box) the agent can face through seen passable cells, and the
     shortest actions that get it there: ((x, y) in the view, [action ids]); None if none can be reached.
-    Breadth-first over (x, y, heading) from the agent's cell, actions tried left, right, forward."""
+    Breadth-first over (x, y, heading) from the agent's cell, actions tried left, right, forward. A path
+    has at least one action: an object the agent already faces is a target only when reached again."""
     objects = _names()[0]
     V = image.shape[0]
     start = (V // 2, V - 1, 0)

@@ -39,7 +39,8 @@ class BindOutput:
 
 
 class SequenceEncoder(nn.Module):
-    """Ids (N, T) right-padded with ``pad`` -> (N, dim): a bidirectional pass, the mean of the real tokens' states."""
+    """Ids (N, T) right-padded with ``pad`` -> (N, dim): a bidirectional pass (pads are attended as one more
+    constant token), the mean of the real tokens' states."""
 
     def __init__(self, vocab: int, pad: int, model_cfg, context: int, dim: int):
         super().__init__()

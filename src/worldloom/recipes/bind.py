@@ -23,6 +23,7 @@ from ..bind.data import TOKENIZER_DIR, encode_rows, text_tokenizer
 from ..bind.items import VAL_SEEDS, load_items, make_items, save_items
 from ..bind.loss import bind_objective
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..runtime import autocast
 from . import Recipe
 
@@ -51,10 +52,11 @@ class BindTask:
 
     @torch.no_grad()
     def val_loss(self, model, precision: str, device) -> float:
-        """The trained pairs' InfoNCE over the held-out items in fixed batches of train.batch_size."""
+        """The trained pairs' InfoNCE over the held-out items in fixed batches of train.batch_size (or all of them)."""
         was = model.training
         model.eval()
-        rows, b = self.rows["val"], self.cfg.train.batch_size
+        rows = self.rows["val"]
+        b = min(self.cfg.train.batch_size, len(rows))
         total, n = 0.0, 0
         for i in range(0, len(rows) - b + 1, b):  # whole batches only: the loss depends on the batch size
             with autocast(precision, device):
@@ -78,8 +80,6 @@ class BindTask:
 
 def items_of(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
     """The run's training and held-out items: read from its items/ folder, or made now."""
-    from ..errors import ConfigError
-
     b = cfg.bind
     if cfg.train.batch_size > b.items:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than bind.items={b.items}")
