@@ -35,15 +35,18 @@ PASSABLE = ("empty", "floor", "goal")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 WALK = 24  # random actions tried per level while looking for items
 LEFT, RIGHT, FORWARD = 0, 1, 2  # MiniGrid's action ids
-_TURN = {LEFT: -1, RIGHT: 1}
 _HEADINGS = ((0, -1), (1, 0), (0, 1), (-1, 0))  # view coordinates (x right, y towards the agent): up, right, down, left
 
 
-@functools.cache
-def _names():
-    from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT, STATE_TO_IDX
+OPEN = 0  # MiniGrid's state index of an open door (STATE_TO_IDX["open"])
 
-    return IDX_TO_OBJECT, IDX_TO_COLOR, STATE_TO_IDX["open"]
+
+@functools.cache
+def _names() -> tuple[dict[int, str], dict[int, str], int]:
+    """MiniGrid's object and colour names by index (through the adapter: nothing else imports minigrid), and OPEN."""
+    from ..world.envs import MiniGridAdapter
+
+    return (*MiniGridAdapter.cell_names(), OPEN)
 
 
 def _passable(cell: np.ndarray) -> bool:
