@@ -578,6 +578,42 @@ class VisionConfig:
                               f"got {self.minutes} and {self.max_steps}")
 
 
+BIND_MODALITIES = ("view", "text", "actions")
+
+
+@dataclass
+class BindConfig:
+    """Modality binding (recipe bind, worldloom.bind): items seen as a view, a caption and an action
+    sequence, embedded into one space by contrastive pairs with text as the hub."""
+
+    items: int = 20000  # training items from env.id levels (seeds data.seed + i)
+    val_items: int = 1000  # held-out items, from seeds never used in training (data.seed + 10**6 + i)
+    per_level: int = 4  # items taken from one level (its first state and a short random walk)
+    pairs: str = "view-text,actions-text"  # the pairs trained together; retrieval is measured on every pair
+    dim: int = 128  # the shared embedding size
+    channels: int = 64  # the view encoder's convolution channels
+    view: int = 7  # the egocentric view's side (MiniGrid: 7)
+    text_len: int = 16  # words of a caption segment (longer captions are refused)
+    action_len: int = 12  # actions of a path segment (items with longer paths are skipped)
+    temperature: float = 0.07  # initial softmax temperature (learned)
+
+    def pair_list(self) -> list[tuple[str, ...]]:
+        """'view-text,actions-text' -> [('view', 'text'), ('actions', 'text')]."""
+        return [tuple(x.strip() for x in p.split("-")) for p in self.pairs.split(",") if p.strip()]
+
+    def __post_init__(self):
+        for name in ("items", "val_items", "per_level", "dim", "channels", "view", "text_len", "action_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"bind.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.temperature <= 1.0:
+            raise ConfigError(f"bind.temperature must be in (0, 1], got {self.temperature}")
+        pairs = self.pair_list()
+        bad = [p for p in pairs if len(p) != 2 or p[0] == p[1] or not set(p) <= set(BIND_MODALITIES)]
+        if not pairs or bad:
+            raise ConfigError(f"bind.pairs must be comma-separated pairs of two of {', '.join(BIND_MODALITIES)} "
+                              f"(e.g. view-text,actions-text), got {self.pairs!r}")
+
+
 STREAM_DERIVED = ("slots", "period", "frame_tokens", "slot_grid", "obs_vectors", "obs_len", "obs_grid")  # model fields the world stream layout sets
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
@@ -613,6 +649,7 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     talk: TalkConfig = field(default_factory=TalkConfig)
+    bind: BindConfig = field(default_factory=BindConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe

@@ -39,6 +39,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "ternary": "worldloom.recipes.ternary",
     "image-tokenizer": "worldloom.recipes.image_tokenizer",
     "talk": "worldloom.recipes.talk",
+    "bind": "worldloom.recipes.bind",
 }
 
 
