@@ -57,15 +57,10 @@ def train_and_eval(d: Path, name: str, extra: list[str], log=print) -> dict:
 
 def table(results: dict) -> str:
     """One Markdown row per run, pair and direction."""
-    lines = ["| run | query -> candidates | trained together | R@1 | R@5 | chance R@1 | chance R@5 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for run, res in results.items():
-        for pair in res["pairs"].values():
-            for way, r in pair.items():
-                if way != "trained":
-                    lines.append(f"| {run} | {way.replace('_to_', ' -> ')} | {'yes' if pair['trained'] else 'no'} | "
-                                 f"{r['r1']:.1%} | {r['r5']:.1%} | {r['chance_r1']:.1%} | {r['chance_r5']:.1%} |")
-    return "\n".join(lines)
+    from worldloom.bind.evaluate import TABLE_HEAD, table_rows
+
+    head = ["| run " + TABLE_HEAD[0], "| --- " + TABLE_HEAD[1]]
+    return "\n".join([*head, *(row for run, res in results.items() for row in table_rows(res, run))])
 
 
 def main(argv=None) -> int:

@@ -47,14 +47,21 @@ def evaluate_bind(run, run_dir: Path) -> dict:
             "temperature": float(1.0 / run.model.scale.detach()), "pairs": pairs}
 
 
+def table_rows(res: dict, run: str | None = None) -> list[str]:
+    """Markdown rows, one per direction of every pair (with a first column naming the run when given)."""
+    first = f"| {run} " if run is not None else ""
+    return [f"{first}| {name.replace('_to_', ' -> ')} | {'yes' if pair['trained'] else 'no'} | {r['r1']:.1%} | {r['r5']:.1%} "
+            f"| {r['chance_r1']:.1%} | {r['chance_r5']:.1%} |"
+            for pair in res["pairs"].values() for name, r in pair.items() if name != "trained"]
+
+
+TABLE_HEAD = ["| query -> candidates | trained together | R@1 | R@5 | chance R@1 | chance R@5 |",
+              "| --- | --- | --- | --- | --- | --- |"]
+
+
 def format_table(res: dict) -> str:
     """A Markdown table: one row per direction of every pair."""
     lines = [f"{res['run']} (step {res['step']}): retrieval among {res['items']:,} held-out items of {res['env_id']} "
              f"(distinct views {res['distinct']['view']}, captions {res['distinct']['text']}, action sequences {res['distinct']['actions']})",
-             "", "| query -> candidates | trained together | R@1 | R@5 | chance R@1 | chance R@5 |", "| --- | --- | --- | --- | --- | --- |"]
-    for pair in res["pairs"].values():
-        for name, r in pair.items():
-            if name != "trained":
-                lines.append(f"| {name.replace('_to_', ' -> ')} | {'yes' if pair['trained'] else 'no'} | {r['r1']:.1%} | {r['r5']:.1%} "
-                             f"| {r['chance_r1']:.1%} | {r['chance_r5']:.1%} |")
+             "", *TABLE_HEAD, *table_rows(res)]
     return "\n".join(lines)

@@ -57,6 +57,35 @@ class Recipe:
     build_model: Callable | None = None  # cfg -> the module it trains, when it is not an LWM (an image autoencoder)
 
 
+def prepare_then_train(cfg, prepare, save, folder: str, progress: bool = True, log=print) -> dict:
+    """A non-LM recipe's `worldloom train`: make its data first (with a progress bar; ``prepare(cfg, run_dir,
+    progress)`` -> {split: data}, each saved by ``save(path, data)`` as ``<run>/<folder>/<split>.npz``) unless the
+    run has a checkpoint, then train."""
+    from pathlib import Path
+
+    from ..checkpoint import latest_checkpoint
+    from ..train import train
+
+    if progress and latest_checkpoint(cfg.run_dir) is None:
+        for split, data in prepare(cfg, cfg.run_dir, progress).items():
+            save(Path(cfg.run_dir) / folder / f"{split}.npz", data)
+    return train(cfg, progress=progress, log=log)
+
+
+def resume_training(run_dir, overrides: list[str], progress: bool = True, log=print) -> dict:
+    """`worldloom train --resume` of a recipe whose pipeline is its training alone."""
+    from pathlib import Path
+
+    from ..train import train
+
+    return train(resume=Path(run_dir), overrides=overrides, progress=progress, log=log)
+
+
+def load_nothing(run_dir) -> tuple[None, dict]:
+    """The run loader's part of a recipe that builds its own model (``build_model``): no tokenizer, no layout."""
+    return None, {}
+
+
 def recipe_names() -> list[str]:
     return list(_MODULES)
 

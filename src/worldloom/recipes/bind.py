@@ -25,7 +25,7 @@ from ..bind.loss import bind_objective
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..runtime import autocast
-from . import Recipe
+from . import Recipe, load_nothing, prepare_then_train, resume_training
 
 ITEMS = "items"
 
@@ -100,23 +100,7 @@ def build_model(cfg: RunConfig):
 
 def run(cfg: RunConfig, progress: bool = True, log=print) -> dict:
     """Make the items (with a progress bar; kept in the run folder), then train."""
-    from ..checkpoint import latest_checkpoint
-    from ..train import train
-
-    if progress and latest_checkpoint(cfg.run_dir) is None:
-        for split, items in items_of(cfg, cfg.run_dir, progress).items():
-            save_items(Path(cfg.run_dir) / ITEMS / f"{split}.npz", items)
-    return train(cfg, progress=progress, log=log)
-
-
-def resume(run_dir: Path, overrides: list[str], progress: bool = True, log=print) -> dict:
-    from ..train import train
-
-    return train(resume=Path(run_dir), overrides=overrides, progress=progress, log=log)
-
-
-def load(run_dir: Path) -> tuple[None, dict]:
-    return None, {}
+    return prepare_then_train(cfg, items_of, save_items, ITEMS, progress, log)
 
 
 def evaluate(args, run) -> int:
@@ -129,4 +113,4 @@ def evaluate(args, run) -> int:
 
 
 RECIPE = Recipe("bind", "modality binding: views, captions and action sequences in one embedding space (InfoNCE, text as the hub)",
-                BindTask, run, resume, load, evaluate, build_model=build_model)
+                BindTask, run, resume_training, load_nothing, evaluate, build_model=build_model)

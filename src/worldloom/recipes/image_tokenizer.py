@@ -30,7 +30,7 @@ from ..runtime import autocast
 from ..vision.frames import VAL_SEEDS, collect_frames, load_frames, save_frames
 from ..vision.tokenizer import META, tokenizer_meta
 from ..world.envs.pixels import PIXELS
-from . import Recipe
+from . import Recipe, load_nothing, prepare_then_train, resume_training
 
 FRAMES = "frames"
 RECON = "reconstructions.png"
@@ -130,23 +130,7 @@ def build_model(cfg: RunConfig):
 
 def run(cfg: RunConfig, progress: bool = True, log=print) -> dict:
     """Play the frames (with a progress bar; kept in the run folder), then train."""
-    from ..checkpoint import latest_checkpoint
-    from ..train import train
-
-    if progress and latest_checkpoint(cfg.run_dir) is None:
-        for split, frames in frames_of(cfg, cfg.run_dir, progress).items():
-            save_frames(Path(cfg.run_dir) / FRAMES / f"{split}.npz", frames)
-    return train(cfg, progress=progress, log=log)
-
-
-def resume(run_dir: Path, overrides: list[str], progress: bool = True, log=print) -> dict:
-    from ..train import train
-
-    return train(resume=Path(run_dir), overrides=overrides, progress=progress, log=log)
-
-
-def load(run_dir: Path) -> tuple[None, dict]:
-    return None, {}
+    return prepare_then_train(cfg, frames_of, save_frames, FRAMES, progress, log)
 
 
 def evaluate(args, run) -> int:
@@ -171,4 +155,4 @@ def evaluate(args, run) -> int:
 
 
 RECIPE = Recipe("image-tokenizer", "an image tokenizer (VQ-VAE or FSQ) on frames of a pixel environment",
-                ImageTokenizerTask, run, resume, load, evaluate, model_fields=(), build_model=build_model)
+                ImageTokenizerTask, run, resume_training, load_nothing, evaluate, model_fields=(), build_model=build_model)

@@ -63,7 +63,7 @@ def ensure_tokenizer(cfg: RunConfig, run_dir: Path, progress: bool = True, log=p
                               "folder, or leave it empty to train one first")
     elif latest_checkpoint(where) is not None:
         log(f"tokenizer stage: finishing {where}")
-        image_tokenizer.resume(where, [], progress=progress, log=log)
+        image_tokenizer.RECIPE.resume(where, [], progress=progress, log=log)
     else:
         log(f"tokenizer stage: an image tokenizer for {cfg.env.id} in {where} "
             f"({cfg.vision.minutes:g} min{f' or {cfg.vision.max_steps} steps' if cfg.vision.max_steps else ''})")
