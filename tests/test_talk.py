@@ -209,3 +209,10 @@ def test_talk_refuses_a_frame_head(tmp_path, capsys):
 
 def test_env_is_the_worlds():
     assert build_config("babyai-talk", []).env.id == WORLD_ENV
+
+
+@pytest.mark.parametrize("args", [["tune", "sft", "{run}", "data.path=x.jsonl"], ["quantize", "{run}", "--bits", "8", "name=q"]])
+def test_text_only_commands_refuse_a_talk_run_as_a_world_run(talk_run, capsys, tmp_path, args):
+    assert main([a.format(run=talk_run) for a in args] + [f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a talk (world) run" in err and len(err.splitlines()) == 1

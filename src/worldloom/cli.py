@@ -169,9 +169,10 @@ def _cmd_tune(args) -> int:
 
 def _is_world(run_dir: Path) -> bool:
     """Whether a run folder (or a world PPO run, whose config is its source's) holds a world run."""
+    from .recipes import get_recipe
     from .run import read_run_config
 
-    return read_run_config(run_dir).recipe == "world"
+    return get_recipe(read_run_config(run_dir).recipe).world
 
 
 def _cmd_quantize(args) -> int:

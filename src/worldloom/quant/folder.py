@@ -67,8 +67,10 @@ def quant_config(base: Path, bits: float, overrides: list[str]) -> RunConfig:
     base = Path(base)
     bcfg = read_run_config(base)
     refuse_quantised(bcfg, base, "be quantised again")
-    if bcfg.recipe == "world":
-        raise ConfigError(f"{base} is a world run; `worldloom quantize` takes text runs (world runs are not supported yet)")
+    from ..recipes import get_recipe
+
+    if get_recipe(bcfg.recipe).world:
+        raise ConfigError(f"{base} is a {bcfg.recipe} (world) run; `worldloom quantize` takes text runs (world runs are not supported yet)")
     if bits == TERNARY and bcfg.recipe != "text":
         raise ConfigError(f"{base} is a {bcfg.recipe} run; ternary QAT fine-tunes on the base's own text file, which "
                           "only a text run has (quantise this one with --bits 8)")

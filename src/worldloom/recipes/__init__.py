@@ -10,6 +10,7 @@ A recipe (``Recipe``) gives everything that differs between kinds of run:
 - ``evaluate(args, run)``: behind `worldloom eval RUN` (prints, returns an exit status);
 - ``objectives``: the ``train.objective`` values it trains (default: next-token only);
 - ``model_fields``: the model config fields its task sets from the data (default: vocab_size);
+- ``world``: its runs are world runs (world, talk): a stream layout, played by `tune ppo`;
 - ``build_model(cfg)``: the module it trains when that is not an ``LWM`` (the image tokenizer's
   autoencoder); its ``load`` then returns ``(None, {})``.
 
@@ -55,6 +56,7 @@ class Recipe:
     objectives: tuple[str, ...] = ("next",)  # the train.objective values its task trains on
     model_fields: tuple[str, ...] = ("vocab_size",)  # the ModelConfig fields its task sets (Task.model_sizes)
     build_model: Callable | None = None  # cfg -> the module it trains, when it is not an LWM (an image autoencoder)
+    world: bool = False  # its runs are world runs (a stream layout; `tune ppo` plays them; text-only commands refuse them)
 
 
 def prepare_then_train(cfg, prepare, save, folder: str, progress: bool = True, log=print) -> dict:

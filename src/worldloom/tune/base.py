@@ -90,8 +90,10 @@ def tuned_config(base: Path, recipe: str, overrides: list[str], train_defaults: 
         from ..quant import refuse_quantised
 
         refuse_quantised(bcfg, base, f"be tuned ({recipe})")
-    if bcfg.recipe == "world":
-        raise ConfigError(f"{base} is a world run; `worldloom tune {recipe}` tunes text runs (world runs: `worldloom tune ppo`)")
+    from ..recipes import get_recipe
+
+    if get_recipe(bcfg.recipe).world:
+        raise ConfigError(f"{base} is a {bcfg.recipe} (world) run; `worldloom tune {recipe}` tunes text runs (world runs: `worldloom tune ppo`)")
     data = to_dict(bcfg)
     data.update(recipe=recipe, name=recipe, train=dict(train_defaults), lora={}, dpo={}, orpo={})
     data["tune"] = {k: v for k, v in data["tune"].items() if k in ("prompt_format", "stop")}  # a chat template carries over
