@@ -101,7 +101,8 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     # held-out transitions (validation seeds): teacher-forced accuracy = greedy one-step imagination
     val = load_dataset(dataset_dir(cfg, run.run_dir)).episodes("val")
     perturbed, after_random = episode_flags(val)
-    novel = make_adapter(cfg.env.id).novel_objects(val)  # never-seen objects each next frame reveals (or None)
+    adapter = make_adapter(cfg.env.id)  # made once: an Atari adapter makes a gym env to read its actions
+    novel = adapter.novel_objects(val)  # never-seen objects each next frame reveals (or None)
     read_cells = cell_reader(val)  # pixel worlds with symbolic views stored: predicted frames read back as cells
     wm = teacher_forced_accuracy(model, layout, [layout.episode(e) for e in val], perturbed, after_random,
                                  cfg.model.context, precision=precision, novel=novel, read_cells=read_cells,
@@ -121,7 +122,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     # token by token (the accurate way); with a frame head, also in one pass per frame
     order = sorted(range(len(val)), key=lambda i: -val[i].length)[: ec.open_loop]
     ol_eps, ol_novel = [val[i] for i in order], [novel[i] for i in order]
-    ol_seen = make_adapter(cfg.env.id).seen_cells(ol_eps)  # the cells an earlier real observation showed (or None)
+    ol_seen = adapter.seen_cells(ol_eps)  # the cells an earlier real observation showed (or None)
     ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision, novel=ol_novel,
                             seen=ol_seen, read_cells=read_cells)
     ol["curve"] = curve_rows(ol["curve"])
@@ -147,7 +148,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     t = time.perf_counter()
     res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision,
                        seed=ec.seed, progress=progress, desc="eval episodes", max_steps=ec.max_steps)
-    achievements = make_adapter(cfg.env.id).achievements
+    achievements = adapter.achievements
     result["real"] = _summary(res, seeds, time.perf_counter() - t, achievements)
     result["real"]["policy"] = "greedy" if ec.greedy else "sampled"
     log(f"policy ({result['real']['policy']}) in {cfg.env.id}: success {result['real']['success']:.1%} on {n_real} held-out seeds "
