@@ -96,6 +96,35 @@ def test_imagined_episodes_start_real_and_carry_the_models_rewards(world_run, mo
     one_by_one = imagined.imagine_episodes(run.model, lay, starts[:2], envs=1, seed=1)  # a stream per wave: no compaction
     assert np.array_equal(np.concatenate(told), np.concatenate([r.episode.reward for r in one_by_one]))
 
+def test_imagination_temperature_zero_is_argmax_and_lower_temperatures_keep_likelier_tokens(world_run):
+    """rl.imagine_temperature: 0 imagines exactly the greedy world; a low temperature stays closer to it than
+    sampling at 1 does (fewer unlikely tokens), over the same real starts and action sequence."""
+    run = load_run(world_run)
+    lay = run.layout
+    starts = imagined.real_starts("BabyAI-GoToLocal-v0", [split_seed("rl", 0, i) for i in range(6)])
+    missions = [s.mission for s in starts]
+    first = {k: np.stack([s.fields[k] for s in starts]) for k in starts[0].fields}
+    actions = np.random.default_rng(0).integers(0, lay.n_actions, size=(5, len(starts)))
+
+    def frames(**kw):
+        sim = BatchedWorldModelEnv(run.model, lay, "tokens", seed=3, **kw)
+        sim.reset(missions, first)
+        out = []
+        for a in actions:
+            sim.step(a)
+            out.append(sim.last_ids.copy())
+        return np.stack(out)
+
+    greedy = frames(greedy=True)
+    assert np.array_equal(frames(greedy=False, temperature=0.0), greedy)
+    hot = frames(greedy=True, temperature=1.0)  # temperature overrides greedy
+    assert not np.array_equal(hot, greedy)
+    cool = frames(temperature=0.1)
+    assert (cool == greedy).mean() > (hot == greedy).mean()
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        BatchedWorldModelEnv(run.model, lay, "tokens", temperature=-0.5)
+
+
 def test_imagined_tune_counts_only_the_resets_as_real(tuned, world_run):
     got = rows(tuned)
     assert [r["update"] for r in got] == [1, 2]
@@ -158,6 +187,9 @@ def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_
 @pytest.mark.parametrize("args, message", [
     (["rl.world=dream"], "rl.world must be one of real, imagined"),
     (["rl.world=imagined", "rl.imagine_mode=telepathy"], "rl.imagine_mode must be one of"),
+    (["rl.world=imagined", "rl.imagine_temperature=-1"], "rl.imagine_temperature must be >= 0"),
+    (["rl.world=imagined", "rl.imagine_greedy=true", "rl.imagine_temperature=0.5"], "contradicts rl.imagine_temperature"),
+    (["rl.world=imagined", "rl.imagine_mode=fast", "rl.imagine_temperature=0.5"], "use tokens or parallel"),
 ])
 def test_imagined_config_errors_are_one_line(world_run, tmp_path, capsys, args, message):
     assert main(["tune", "ppo", str(world_run), *args, f"out_dir={tmp_path}", "--no-progress"]) == 2

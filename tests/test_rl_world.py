@@ -110,6 +110,39 @@ def test_scored_log_probs_match_the_runner_that_acted(world_run, world_dataset):
     assert np.allclose(sc.old_logp.numpy(), want, atol=1e-4)
 
 
+def test_an_episode_cut_at_the_horizon_bootstraps_from_its_last_observation(world_run, world_dataset):
+    """rl.horizon cuts: the return past the cut is the critic's value of o_T, read as the runner would read it
+    had the game gone on; GAE carries it back by (gamma * lambda) per step. A level's own time limit is not
+    bootstrapped (an episode of another length than the cut)."""
+    import dataclasses
+    run = load_run(world_run)
+    lay, model = run.layout, run.model
+    ep = max(load_dataset(world_dataset).episodes("train"), key=lambda e: e.length)
+    ep = dataclasses.replace(ep, terminated=False, truncated=True)
+    T, tok = ep.length, lay.episode(ep)
+    res = [EpisodeResult(ep.seed, False, 0.0, T, ep)]
+    torch.manual_seed(0)
+    value_head = wrl.ValueHead(model.cfg.d_model)
+    torch.nn.init.normal_(value_head.out.weight)  # a critic with an opinion (a fresh one says 0 everywhere)
+    cfg = wrl.RLConfig(gamma=0.9, lam=0.8)
+    plain = wrl.build_rollout(lay, res, model.cfg.context)
+    cut = wrl.build_rollout(lay, res, model.cfg.context, cut=T)
+    assert plain.tails == [] and len(cut.tails) == 1 and wrl.build_rollout(lay, res, model.cfg.context, cut=T + 1).tails == []
+    runner = StreamRunner(model, lay)
+    h = runner.reset([tok.prefix], tok.steps[:1, : lay.obs_len])
+    for t in range(T):
+        rest = tok.steps[t, lay.obs_len :].copy()
+        if t == T - 1:
+            rest[-1] = lay.done_ids(np.zeros(1, bool), np.zeros(1, bool))[0]  # "continue": the game goes on
+        h = runner.feed(np.concatenate([rest, lay.encode_obs({k: v[t + 1 : t + 2] for k, v in ep.obs.items()})[0]])[None])[:, -1]
+    with torch.no_grad():
+        boot = float(value_head(h)[0])
+        a = wrl.score(model, model, value_head, lay, plain, cfg).returns.numpy()
+        b = wrl.score(model, model, value_head, lay, cut, cfg).returns.numpy()
+    want = cfg.gamma * boot * (cfg.gamma * cfg.lam) ** np.arange(T)[::-1]
+    assert abs(boot) > 1e-3 and np.allclose(b - a, want, atol=1e-4)
+
+
 def test_rl_seeds_are_their_own_split():
     seeds = {split_seed(s, 0, i) for s in ("train", "val", "eval") for i in (0, 999_999)}
     assert not seeds & {split_seed("rl", 0, 0), split_seed("rl", 0, 999_999)}

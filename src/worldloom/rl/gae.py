@@ -11,8 +11,9 @@ where V(s_T) = ``last_value`` (N,) bootstraps the episodes still running at the 
 Truncation vs termination: an episode that ``dones`` marks as ended is treated as *terminated*
 (nothing after it is counted). A caller whose episode was cut by a time limit, and who wants
 to bootstrap from the state it was cut at, adds γ·V(s_cut) to that step's reward before calling
-(the usual correction); the world runs' RL treats BabyAI's time limit as the end of the task
-(its reward is then 0: the level was failed), as BabyAI's own PPO does.
+(the usual correction). The world runs' RL does so for episodes cut at ``rl.horizon``
+(worldloom.world.rl.score) and treats a level's own time limit as the end of the task (its
+reward is then 0: the level was failed), as BabyAI's own PPO does.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ One update:
    are imagined instead (``imagine_episodes``, worldloom.world.rollout.imagined, as IRIS and
    DreamerV3 learn): the real environment is only reset at the same seeds, for the first
    observation, the mission and the step limit; every reward, end and next observation after
-   that is the model's own prediction (``rl.imagine_mode``, ``rl.imagine_greedy``). Each row
+   that is the model's own prediction (``rl.imagine_mode``, ``rl.imagine_greedy``, ``rl.imagine_temperature``). Each row
    counts the real environment calls so far (``real_steps``: resets plus steps; in imagination
    the resets alone) beside ``env_steps`` (real steps) and ``imagined_steps``; imagined
    outcomes are reported as ``imagined_success`` / ``imagined_return``, never as ``success``.
@@ -58,7 +58,7 @@ a run resumed after a kill continues the same sequence as one never stopped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,7 @@ class RLConfig(PPOConfig):
     world: str = "real"  # where episodes are played: "real" (the environment) or "imagined" (the world model)
     imagine_mode: str = ""  # imagined: how the model imagines (tokens, parallel, fast; "" = the best it can)
     imagine_greedy: bool = False  # imagined: the world model's tokens by argmax instead of sampled
+    imagine_temperature: float | None = None  # imagined: the world model's sampling temperature (0: argmax; unset: 1, or 0 with imagine_greedy)
     horizon: int = 0  # episodes (real or imagined) cut, truncated, after this many steps (0: the environment's limit; Crafter's is 10,000)
 
     def __post_init__(self):
@@ -132,6 +133,14 @@ class RLConfig(PPOConfig):
                               f"got {self.imagine_mode!r}")
         if self.wm_coef is None:
             self.wm_coef = 1.0 if self.world == "real" else 0.0
+        if self.imagine_temperature is not None and self.imagine_temperature < 0:
+            raise ConfigError(f"rl.imagine_temperature must be >= 0 (0: argmax), got {self.imagine_temperature}")
+        if self.imagine_greedy and self.imagine_temperature not in (None, 0.0):
+            raise ConfigError(f"rl.imagine_greedy=true is temperature 0; it contradicts rl.imagine_temperature="
+                              f"{self.imagine_temperature} (set one of them)")
+        if self.imagine_mode == "fast" and self.imagine_temperature not in (None, 0.0, 1.0):
+            raise ConfigError(f"rl.imagine_mode=fast imagines at temperature 0 or 1, got rl.imagine_temperature="
+                              f"{self.imagine_temperature}: use tokens or parallel")
 
     @property
     def per_update(self) -> int:
@@ -168,16 +177,39 @@ class Rollout:
     step_of: np.ndarray  # (M,) step within its episode
     rows: list  # per window: (ids, slots, skip, policy positions, sample indices)
     success: list[bool]
+    # episodes cut at rl.horizon: a window ending at their last observation o_T, whose value bootstraps
+    # the return past the cut; as rows, with the episode's index in place of sample indices
+    tails: list = field(default_factory=list)
+
+
+def _row(lay: StreamLayout, seq: np.ndarray, P: int, pos: np.ndarray, index: np.ndarray) -> tuple:
+    slots = np.zeros(len(seq), np.int64)
+    slots[P:] = lay.slots_at(0, len(seq) - P)
+    return seq, slots, skip_ids(seq, P, lay.step_len), pos, index
+
+
+def _tail(lay: StreamLayout, ep, tok, index: int, step_cost: int, context: int, obs_cost: int) -> tuple:
+    """The window that reads episode ``ep``'s last observation o_T after its T steps, the cut step's end
+    token read as "continue" (the game goes on past the cut), for V(o_T)."""
+    P, T = len(tok.prefix), tok.length
+    start = windows(P, T + 1, step_cost, context, obs_cost)[-1][0]
+    steps = tok.steps[start:T].copy()
+    if len(steps):
+        steps[-1, -1] = lay.done_ids(np.zeros(1, bool), np.zeros(1, bool))[0]
+    last = lay.encode_obs({k: v[T : T + 1] for k, v in ep.obs.items()})[0]  # (obs_len,)
+    seq = np.concatenate([tok.prefix, steps.reshape(-1), last])
+    return _row(lay, seq, P, np.array([len(seq) - 1]), np.array([index]))
 
 
 def build_rollout(layout: StreamLayout, results, context: int, step_cost: int | None = None,
-                  obs_cost: int | None = None) -> Rollout:
+                  obs_cost: int | None = None, cut: int = 0) -> Rollout:
     """``step_cost`` / ``obs_cost``: model positions of a step and of an observation (encoded observations
     take fewer than their ids; default: the ids). A window's last step ends at its observation when its
-    action, reward and end would overflow the context (the next window holds them)."""
+    action, reward and end would overflow the context (the next window holds them). ``cut`` (rl.horizon):
+    an episode truncated after exactly that many steps also gets a tail window (`Rollout.tails`)."""
     lay = layout
     step_cost, obs_cost = step_cost or lay.step_len, obs_cost or lay.obs_len
-    actions, rewards, ep_of, step_of, rows = [], [], [], [], []
+    actions, rewards, ep_of, step_of, rows, tails = [], [], [], [], [], []
     first = 0
     for i, res in enumerate(results):
         ep = res.episode
@@ -187,18 +219,18 @@ def build_rollout(layout: StreamLayout, results, context: int, step_cost: int | 
             seq = np.concatenate([tok.prefix, tok.steps[start:end].reshape(-1)])
             if P + (end - start) * step_cost > context:
                 seq = seq[: len(seq) - (lay.step_len - lay.obs_len)]
-            slots = np.zeros(len(seq), np.int64)
-            slots[P:] = lay.slots_at(0, len(seq) - P)
             t = np.arange(scored, end)
             pos = P + (t - start) * lay.step_len + lay.obs_len - 1  # the last observation token of step t
-            rows.append((seq, slots, skip_ids(seq, P, lay.step_len), pos, first + t))
+            rows.append(_row(lay, seq, P, pos, first + t))
+        if cut > 0 and T == cut and ep.truncated and not ep.terminated:
+            tails.append(_tail(lay, ep, tok, i, step_cost, context, obs_cost))
         actions.append(ep.action)
         rewards.append(ep.reward)
         ep_of.append(np.full(T, i))
         step_of.append(np.arange(T))
         first += T
     return Rollout(torch.from_numpy(np.concatenate(actions)), np.concatenate(rewards).astype(np.float32),
-                   np.concatenate(ep_of), np.concatenate(step_of), rows, [r.success for r in results])
+                   np.concatenate(ep_of), np.concatenate(step_of), rows, [r.success for r in results], tails)
 
 
 def collate(rows: list, layout: StreamLayout, wm: bool) -> dict:
@@ -258,7 +290,15 @@ def score(model, reference, value_head, layout: StreamLayout, ro: Rollout, cfg: 
         old_logp[idx] = torch.log_softmax(logits, -1).gather(-1, ro.actions[idx, None]).squeeze(-1)
         values[idx] = value_head(h)
         ref_logits[idx] = policy_forward(reference, layout, batch)[0]
-    adv, ret = gae(*time_major(ro, values), cfg.gamma, cfg.lam)
+    rewards, vals, dones, last = time_major(ro, values)
+    if ro.tails:  # episodes cut at rl.horizon: the return goes on past the cut, as the critic values o_T
+        boot = torch.zeros(len(ro.success))
+        for i in range(0, len(ro.tails), cfg.batch_windows):
+            batch = collate(ro.tails[i : i + cfg.batch_windows], layout, wm=False)
+            boot[batch["samples"]] = value_head(policy_forward(model, layout, batch)[1])
+        ends = torch.from_numpy(np.bincount(ro.episode_of, minlength=len(ro.success)) - 1)  # each episode's last step
+        rewards[ends, torch.arange(len(ro.success))] += cfg.gamma * boot
+    adv, ret = gae(rewards, vals, dones, last, cfg.gamma, cfg.lam)
     back = (torch.from_numpy(ro.step_of), torch.from_numpy(ro.episode_of))
     return Scored(old_logp, ref_logits, adv[back], ret[back], values)
 
@@ -315,11 +355,11 @@ def real_wm_loss(model, layout: StreamLayout, real_rows: list, n: int, gen: torc
     return policy_forward(model, layout, collate([real_rows[i] for i in pick], layout, wm=True), wm=True)[2]
 
 
-def rollout_of(model, layout: StreamLayout, results) -> Rollout:
-    """Episodes -> their scored stream windows at the model's context and step costs."""
+def rollout_of(model, layout: StreamLayout, results, cut: int = 0) -> Rollout:
+    """Episodes -> their scored stream windows at the model's context and step costs (``cut``: rl.horizon)."""
     mc = model.cfg
     return build_rollout(layout, results, mc.context, step_positions(layout.step_len, mc.obs_len, mc.obs_vectors),
-                         mc.obs_vectors or layout.obs_len)
+                         mc.obs_vectors or layout.obs_len, cut)
 
 
 def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path) -> list | None:
@@ -461,7 +501,8 @@ def collect(tu: Tuner, seeds: list[int], sample_seed: int, progress: bool = Fals
         tu.real_steps += len(seeds) + steps
         return res
     res = imagine_episodes(tu.model, tu.layout, real_starts(tu.env_id, seeds, cfg.horizon), envs=cfg.envs, seed=sample_seed,
-                           mode=cfg.imagine_mode, greedy_world=cfg.imagine_greedy)
+                           mode=cfg.imagine_mode, greedy_world=cfg.imagine_greedy,
+                           temperature=cfg.imagine_temperature)
     tu.real_steps += len(seeds)  # the resets that gave the first observations
     tu.imagined_steps += sum(r.length for r in res)
     return res
@@ -485,7 +526,7 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     seeds = [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n)]
     sample_seed = int(torch.randint(2**31 - 1, (1,), generator=tu.gen))
     res = collect(tu, seeds, sample_seed, progress)
-    ro = rollout_of(tu.model, tu.layout, res)
+    ro = rollout_of(tu.model, tu.layout, res, cfg.horizon)
     sc = score(tu.model, tu.reference, tu.value_head, tu.layout, ro, cfg)
     value_only = tu.update < cfg.value_warmup
     parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen, tu.real_rows)

@@ -104,6 +104,10 @@ class BatchedWorldModelEnv:
         need a frame head (ValueError otherwise); ``redraft``: fast mode's drafts after a
         rejection ("verify" or "head", see worldloom.world.rollout.fast).
     greedy: argmax tokens (deterministic) or samples from the softmax (seeded by ``seed``).
+    temperature: (overrides ``greedy``) the sampling temperature of every imagined token; 0 is argmax.
+        Below 1 the world keeps fewer unlikely tokens: sampled at 1, the token stream of the BabyAI
+        preset often imagines the mission's object straight in front of the agent (BENCHMARKS.md).
+        ``fast`` mode takes 0 or 1 only.
     max_steps: imagined episodes are truncated after this many steps (None: ``env_id``'s own
         limit when an env id is given, otherwise no limit besides the model's own predictions).
 
@@ -115,13 +119,19 @@ class BatchedWorldModelEnv:
 
     def __init__(self, model, layout: StreamLayout, mode: str = "tokens", greedy: bool = True, seed: int = 0,
                  max_steps: int | None = None, env_id: str | None = None, precision: str = "fp32",
-                 device: str | torch.device = "cpu", redraft: str = "verify"):
+                 device: str | torch.device = "cpu", redraft: str = "verify", temperature: float | None = None):
         mode = _check_mode(model, mode)
+        temperature = (0.0 if greedy else 1.0) if temperature is None else float(temperature)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: argmax), got {temperature}")
+        if mode == "fast" and temperature not in (0.0, 1.0):
+            raise ValueError(f"fast imagination is argmax or sampled at temperature 1, got {temperature}: use tokens or parallel")
+        greedy = temperature == 0.0
         if max_steps is None and env_id is not None:
             max_steps = env_max_steps(env_id)
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-        self.model, self.layout, self.mode, self.greedy = model, layout, mode, bool(greedy)
+        self.model, self.layout, self.mode, self.greedy, self.temperature = model, layout, mode, bool(greedy), temperature
         self.max_steps, self.redraft = max_steps, redraft
         self.runner = StreamRunner(model, layout, precision, device)
         self.generator = torch.Generator(device=self.runner.device)
@@ -169,7 +179,7 @@ class BatchedWorldModelEnv:
         return self.layout.decode_action(self._pick(self.policy_logits()))
 
     def _pick(self, logits: torch.Tensor) -> np.ndarray:
-        return sample(logits, 0.0 if self.greedy else 1.0, generator=self.generator).cpu().numpy()
+        return sample(logits, self.temperature, generator=self.generator).cpu().numpy()
 
     def step(self, actions) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
         """Imagine one step for every row: actions (B,) env action indices ->

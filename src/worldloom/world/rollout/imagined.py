@@ -111,14 +111,18 @@ def _imagine_wave(sim: BatchedWorldModelEnv, layout: StreamLayout, starts: list[
 
 @torch.no_grad()
 def imagine_episodes(model, layout: StreamLayout, starts: list[RealStart], envs: int = 64, seed: int = 0,
-                     mode: str = "", greedy_world: bool = False) -> list[EpisodeResult]:
+                     mode: str = "", greedy_world: bool = False, temperature: float | None = None) -> list[EpisodeResult]:
     """One imagined episode per real start, ``envs`` at a time. ``mode``: how the world model imagines
     (`BatchedWorldModelEnv`'s tokens / parallel / fast; "" = the best the model can); ``greedy_world``:
-    the world model's tokens by argmax instead of sampled. Actions are always sampled (the PPO policy).
+    the world model's tokens by argmax instead of sampled; ``temperature`` (overrides it): the world model's
+    sampling temperature (0: argmax). Actions are always sampled (the PPO policy).
     Everything random is drawn from one generator seeded by ``seed``."""
     if envs < 1:
         raise ValueError(f"envs must be at least 1, got {envs}")
-    sim = BatchedWorldModelEnv(model, layout, mode or available_modes(model)[0], greedy=greedy_world, seed=seed)
+    if not mode:  # the best mode the model has that imagines at this temperature (fast: 0 or 1 only)
+        mode = [m for m in available_modes(model) if m != "fast" or temperature in (None, 0.0, 1.0)][0]
+    sim = BatchedWorldModelEnv(model, layout, mode, greedy=greedy_world, seed=seed,
+                               temperature=temperature)
     out: list[EpisodeResult] = []
     for i in range(0, len(starts), envs):
         out += _imagine_wave(sim, layout, starts[i : i + envs])
