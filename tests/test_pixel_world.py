@@ -171,6 +171,9 @@ def test_crafter_from_random_play_trains_end_to_end(tmp_path):
     assert load_world_run(cfg.run_dir).layout.obs_len == 64  # 8x8 codes per 64x64 frame
     assert result["real"]["mean_length"] <= 6 and "crafter_score" in result["real"]
     assert len(result["real"]["achievements"]) == 22
+    rnd = result["random"]  # the uniformly random agent on the same seeds, Crafter's floor
+    assert rnd["seeds"] == result["real"]["seeds"] and len(rnd["achievements"]) == 22 and rnd["mean_length"] <= 6
+    assert 0.0 <= rnd["crafter_score"] <= 100.0
     assert result["open_loop"]["horizons"]["1"]["n"] > 0  # scored on codes (no symbolic view)
     # the agent learns in imagination (random play gave no labels): short imagined episodes from real resets
     from worldloom.world import rl as wrl

@@ -154,6 +154,14 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     log(f"policy ({result['real']['policy']}) in {cfg.env.id}: success {result['real']['success']:.1%} on {n_real} held-out seeds "
         f"(mean return {result['real']['mean_return']:.3f}, mean length {result['real']['mean_length']:.1f})"
         + (f"; Crafter score {result['real']['crafter_score']:.2f}%" if "crafter_score" in result["real"] else ""))
+    if achievements:  # a uniformly random agent on the same seeds: the floor of Crafter's tables
+        from .rollout.agent import UniformRandom
+        t = time.perf_counter()
+        rres = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, planner=UniformRandom(layout.n_actions, ec.seed),
+                            precision=precision, progress=progress, desc="random agent", max_steps=ec.max_steps)
+        result["random"] = _summary(rres, seeds, time.perf_counter() - t, achievements)
+        log(f"uniformly random agent on the same seeds: Crafter score {result['random']['crafter_score']:.2f}% "
+            f"(mean return {result['random']['mean_return']:.3f}, mean length {result['random']['mean_length']:.1f})")
     if not ec.greedy:  # the greedy policy too, on the same seeds
         t = time.perf_counter()
         gres = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=True, precision=precision,

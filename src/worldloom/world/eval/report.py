@@ -283,7 +283,8 @@ def _table(result) -> list[str]:
             groups("frame_cells", ("expert", "perturbed"))),
            ("... share of cells read back right: expert / perturbed", groups("cell_cells", ("expert", "perturbed")))]
           if _num(_get(wm, "expert", "frame_cells")) is not None else []),
-        *([("Crafter score (geometric mean of achievement rates, %), plain policy", _fmt(_get(real, "crafter_score"), ".2f"))]
+        *([("Crafter score (geometric mean of achievement rates, %), plain policy / uniformly random agent, same seeds",
+            f'{_fmt(_get(real, "crafter_score"), ".2f")} / {_fmt(_get(result, "random", "crafter_score"), ".2f")}')]
           if _num(_get(real, "crafter_score")) is not None else []),
         ("Next observation, per-token accuracy: expert / perturbed / after random action", groups("token")),
         ("Reward accuracy: expert / perturbed", groups("reward", ("expert", "perturbed"))),

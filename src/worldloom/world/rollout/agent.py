@@ -68,6 +68,17 @@ def _stack(obs_list: list[dict], adapter) -> dict:
     return {k: np.stack([f[k] for f in fields]) for k in fields[0]}
 
 
+class UniformRandom:
+    """A planner that ignores the model: uniformly random actions (the random agent of Crafter's tables),
+    seeded, played through ``run_episodes`` so that it meets the same levels, limits and achievement count."""
+
+    def __init__(self, n_actions: int, seed: int = 0):
+        self.n_actions, self.rng = int(n_actions), np.random.default_rng(seed)
+
+    def choose(self, runner, h) -> np.ndarray:
+        return self.rng.integers(self.n_actions, size=len(h))
+
+
 def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], envs: int = 64, greedy: bool = True,
                  precision: str = "fp32", seed: int = 0, planner=None, progress: bool = False, desc: str = "act",
                  record: bool = False, teacher=None, max_steps: int = 0) -> list[EpisodeResult]:
