@@ -190,6 +190,9 @@ def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_
     (["rl.world=imagined", "rl.imagine_temperature=-1"], "rl.imagine_temperature must be >= 0"),
     (["rl.world=imagined", "rl.imagine_greedy=true", "rl.imagine_temperature=0.5"], "contradicts rl.imagine_temperature"),
     (["rl.world=imagined", "rl.imagine_mode=fast", "rl.imagine_temperature=0.5"], "use tokens or parallel"),
+    (["rl.collect_every=2"], "rl.collect_every is for rl.world=imagined"),
+    (["rl.world=imagined", "rl.collect_every=2"], "it needs rl.wm_coef > 0"),
+    (["rl.world=imagined", "rl.wm_coef=1", "rl.collect_every=-1"], "must be >= 0"),
 ])
 def test_imagined_config_errors_are_one_line(world_run, tmp_path, capsys, args, message):
     assert main(["tune", "ppo", str(world_run), *args, f"out_dir={tmp_path}", "--no-progress"]) == 2
@@ -218,6 +221,57 @@ def test_world_model_loss_in_imagination_trains_on_real_episodes_only(world_run,
     assert row["wm"] > 0 and row["real_steps"] == 2 and real_calls == {"reset": 2, "step": 0}
     real_ids = {id(r) for r in tu.real_rows}
     assert seen and all(id(r) in real_ids for batch in seen for r in batch)
+
+
+COLLECTING = [*TINY_IMAGINED, "rl.wm_coef=0.5", "rl.collect_every=1", "rl.collect_episodes=2", "rl.collect_steps=5"]
+
+
+def test_the_agent_collects_real_episodes_for_the_world_model(world_run, tmp_path, monkeypatch):
+    """rl.collect_every (IRIS's loop): before updates 1 and 2 the current agent plays 2 real episodes (cut at 5 steps);
+    they are counted as real calls, kept in collected/, and join the world-model loss's real windows."""
+    sizes = []
+    real_wm_loss = wrl.real_wm_loss
+    monkeypatch.setattr(wrl, "real_wm_loss", lambda model, layout, real_rows, n, gen: (sizes.append(len(real_rows)),
+                                                                                        real_wm_loss(model, layout, real_rows, n, gen))[1])
+    tu = wrl.start_tune(world_run, [*COLLECTING, f"out_dir={tmp_path}", "name=iris"], log=lambda *a: None)
+    base = len(tu.real_rows)  # the world run's own training episodes
+    out = wrl.tune_ppo(tu, **QUIET)
+    got = rows(tmp_path / "iris")
+    assert [r["collected"] for r in got] == [2, 4]
+    assert 0 < got[0]["env_steps"] <= 10 and got[1]["env_steps"] <= 20
+    assert [r["real_steps"] - r["env_steps"] for r in got] == [3 + 2, 6 + 4]  # resets: imagined starts + collected episodes
+    assert out["collected"] == 4 and out["env_steps"] == got[1]["env_steps"]
+    shards = sorted((tmp_path / "iris" / "collected").glob("shard-*.npz"))
+    assert [p.name for p in shards] == ["shard-00000.npz", "shard-00001.npz"]
+    from worldloom.world.data.episodes import read_shard
+    eps = [e for p in shards for e in read_shard(p)]
+    assert len(eps) == 4 and all(e.length <= 5 for e in eps) and len({e.seed for e in eps}) == 4
+    extra = len(wrl.collected_windows(tmp_path / "iris", tu.model, tu.layout, tu.cfg, 2))  # as a resumed run reads them back
+    assert extra >= 4 and len(tu.real_rows) == base + extra
+    assert sizes and sizes[-1] == base + extra  # the world-model loss of update 2 drew from both rounds' episodes too
+
+
+def test_a_collecting_run_resumed_after_a_kill_continues_the_same_sequence(world_run, tmp_path, monkeypatch):
+    wrl.tune(world_run, [*COLLECTING, f"out_dir={tmp_path}", "name=whole"], **QUIET)
+    real = wrl.imagine_episodes
+    calls = []
+
+    def dies_in_update_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(wrl, "imagine_episodes", dies_in_update_two)
+    with pytest.raises(RuntimeError, match="killed"):  # after update 2's collection round, before its checkpoint
+        wrl.tune(world_run, [*COLLECTING, f"out_dir={tmp_path}", "name=cut"], **QUIET)
+    monkeypatch.setattr(wrl, "imagine_episodes", real)
+    assert load_run(tmp_path / "cut").state["step"] == 1
+    assert main(["tune", "ppo", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed"} for r in rs]  # noqa: E731
+    assert strip(rows(tmp_path / "whole")) == strip(rows(tmp_path / "cut"))
 
 
 def test_real_world_is_still_the_default():

@@ -31,7 +31,8 @@ One update:
    windows by a step: a small, documented off-policy gap).
 3. **GAE** over the episodes (time-major, padded): an episode's last step is its end, whether
    terminated or truncated — BabyAI's time limit means the level was failed (reward 0), as
-   BabyAI's own PPO treats it; nothing is bootstrapped past it.
+   BabyAI's own PPO treats it. Only an episode cut at ``rl.horizon`` goes on past its end: the
+   critic's value of its last observation is added, discounted, to the cut step's reward.
 4. **PPO epochs** over minibatches of windows (``worldloom.rl.ppo_loss``), stopping early once
    the approximate KL to the collecting policy passes ``rl.target_kl``. The first
    ``rl.value_warmup`` updates train the value head only. ``rl.wm_coef`` (default 1) adds the
@@ -46,6 +47,9 @@ One update:
    policy's actions, not its frames and rewards; watch for drift on long runs); set above
    0, the loss is taken on windows drawn from the world run's own training episodes (real
    transitions collected before tuning: no new environment calls), as many as the minibatch has.
+   ``rl.collect_every=N`` closes IRIS's loop: every N updates the current agent plays
+   ``rl.collect_episodes`` real episodes whose transitions join that real data (kept in the run
+   folder's ``collected/``), so that the world model learns where the agent now goes.
 
 The model stays in eval mode throughout (no dropout: the ratio must be exactly 1 before the
 first step) and computes in fp32 on the CPU (the acting agent's runner does too). A tuned run is a run folder like any other (``config.yaml`` of the source with the
@@ -78,7 +82,7 @@ from ..run import CONFIG, METRICS, load_world_run
 from ..runtime import set_threads
 from .data.collect import SEEDS_PER_SPLIT, split_seed
 from .data.packing import skip_ids
-from .data.episodes import load_dataset
+from .data.episodes import load_dataset, read_shard, write_shard
 from .rollout.agent import EpisodeResult, run_episodes
 from .rollout.imagine import MODES
 from .rollout.imagined import imagine_episodes, real_starts
@@ -87,7 +91,9 @@ from .stream import K_DONE, K_OBS, K_REWARD, PAD, StreamLayout
 from .task import STREAM_DIR, dataset_dir
 
 REFERENCE = "reference.safetensors"
-COUNTS = ("episodes", "env_steps", "real_steps", "imagined_steps")  # saved in every checkpoint's state
+COUNTS = ("episodes", "env_steps", "real_steps", "imagined_steps", "collected")  # saved in every checkpoint's state
+COLLECTED = "collected"  # the RL run's folder of the real episodes the agent played for the world model (rl.collect_every)
+COLLECT_SEEDS = SEEDS_PER_SPLIT // 2  # collection seeds: the upper half of the rl split (updates take the lower half)
 WORLDS = ("real", "imagined")
 
 
@@ -109,6 +115,11 @@ class RLConfig(PPOConfig):
     imagine_greedy: bool = False  # imagined: the world model's tokens by argmax instead of sampled
     imagine_temperature: float | None = None  # imagined: the world model's sampling temperature (0: argmax; unset: 1, or 0 with imagine_greedy)
     horizon: int = 0  # episodes (real or imagined) cut, truncated, after this many steps (0: the environment's limit; Crafter's is 10,000)
+    # imagined: every N updates (from update 0) the current agent plays rl.collect_episodes REAL episodes (sampled)
+    # whose transitions join the world-model loss's real data (IRIS's loop: collect, learn the world, learn in it)
+    collect_every: int = 0
+    collect_episodes: int = 0  # real episodes per collection (0 = rl.envs)
+    collect_steps: int = 0  # collected real episodes cut after this many steps (0: the environment's limit)
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,9 +132,24 @@ class RLConfig(PPOConfig):
         if self.episodes < 0 or self.seed < 0 or self.wm_coef < 0:
             raise ConfigError("rl.episodes, rl.seed and rl.wm_coef must be >= 0, got "
                               f"{self.episodes}, {self.seed}, {self.wm_coef}")
+        self._check_collection()
         if self.updates * self.per_update > SEEDS_PER_SPLIT:
             raise ConfigError(f"rl.updates x episodes per update = {self.updates * self.per_update:,} is more than the "
                               f"{SEEDS_PER_SPLIT:,} seeds of the rl split")
+
+    def _check_collection(self) -> None:
+        if min(self.collect_every, self.collect_episodes, self.collect_steps) < 0:
+            raise ConfigError("rl.collect_every, rl.collect_episodes and rl.collect_steps must be >= 0, got "
+                              f"{self.collect_every}, {self.collect_episodes}, {self.collect_steps}")
+        if not self.collect_every:
+            return
+        if self.world != "imagined":
+            raise ConfigError("rl.collect_every is for rl.world=imagined (in the real world every update plays real episodes)")
+        if self.wm_coef == 0:
+            raise ConfigError("rl.collect_every collects real episodes for the world-model loss; it needs rl.wm_coef > 0")
+        rounds = -(-self.updates // self.collect_every)
+        if self.updates * self.per_update > COLLECT_SEEDS or rounds * (self.collect_episodes or self.envs) > COLLECT_SEEDS:
+            raise ConfigError(f"with rl.collect_every, updates and collections each have {COLLECT_SEEDS:,} seeds of the rl split")
 
     def _check_world(self) -> None:
         if self.world not in WORLDS:
@@ -362,9 +388,11 @@ def rollout_of(model, layout: StreamLayout, results, cut: int = 0) -> Rollout:
                          mc.obs_vectors or layout.obs_len, cut)
 
 
-def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path) -> list | None:
+def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path, run_dir: Path | None = None,
+                 update: int = 0) -> list | None:
     """In imagination with ``rl.wm_coef`` > 0: the stream windows of the world run's own training episodes
-    (real transitions, collected before; no new environment calls), for the world-model loss. Else None."""
+    (real transitions, collected before; no new environment calls), for the world-model loss, and of the
+    episodes the agent collected before ``update`` (a resumed ``run_dir``, rl.collect_every). Else None."""
     if cfg.world == "real" or cfg.wm_coef == 0:
         return None
     try:
@@ -374,7 +402,8 @@ def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path) ->
                           f"episodes, which are not readable ({e}); use rl.wm_coef=0") from None
     if not episodes:
         raise ConfigError(f"rl.wm_coef > 0 with rl.world=imagined needs the world run's training episodes; {data_path} has none")
-    return rollout_of(model, layout, [EpisodeResult(e.seed, False, 0.0, e.length, e) for e in episodes]).rows
+    rows = rollout_of(model, layout, [EpisodeResult(e.seed, False, 0.0, e.length, e) for e in episodes]).rows
+    return rows + (collected_windows(run_dir, model, layout, cfg, update) if run_dir is not None else [])
 
 
 # ---------------------------------------------------------------- the run folder
@@ -399,6 +428,7 @@ class Tuner:
     env_steps: int = 0  # real environment steps (none in imagination)
     real_steps: int = 0  # real environment calls: resets and steps (imagination: the resets for its first observations)
     imagined_steps: int = 0
+    collected: int = 0  # real episodes the agent played for the world model (rl.collect_every)
     elapsed: float = 0.0
     real_rows: list | None = None  # imagination with rl.wm_coef > 0: windows of real episodes for the world-model loss
 
@@ -477,7 +507,7 @@ def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
         counts["real_steps"] = counts["episodes"] + counts["env_steps"]
     return Tuner(run_dir, cfg, run.cfg.env.id, run.cfg.data.seed, run.model, ref, value_head, opt, run.layout, gen,
                  update=state["step"], elapsed=float(state["elapsed"]), **counts,
-                 real_rows=real_windows(cfg, run.model, run.layout, dataset_dir(run.cfg, run_dir)))
+                 real_rows=real_windows(cfg, run.model, run.layout, dataset_dir(run.cfg, run_dir), run_dir, state["step"]))
 
 
 def save(tu: Tuner) -> None:
@@ -508,6 +538,42 @@ def collect(tu: Tuner, seeds: list[int], sample_seed: int, progress: bool = Fals
     return res
 
 
+def _collected_shard(run_dir: Path, k: int) -> Path:
+    return Path(run_dir) / COLLECTED / f"shard-{k:05d}.npz"
+
+
+def gather_real(tu: Tuner, progress: bool = False) -> None:
+    """One collection round (rl.collect_every): the current agent plays real episodes, sampled, on seeds of
+    the rl split's upper half; saved as ``collected/shard-K.npz`` (a resumed run reads them back) and added to
+    the real windows of the world-model loss. Counted as real environment calls."""
+    cfg, k = tu.cfg, tu.update // tu.cfg.collect_every
+    n = cfg.collect_episodes or cfg.envs
+    seeds = [split_seed("rl", tu.data_seed, COLLECT_SEEDS + tu.collected + i) for i in range(n)]
+    res = run_episodes(tu.model, tu.layout, tu.env_id, seeds, envs=cfg.envs, greedy=False, seed=cfg.seed * 7919 + k,
+                       record=True, progress=progress, desc="collect real", max_steps=cfg.collect_steps)
+    write_shard(_collected_shard(tu.run_dir, k), [r.episode for r in res])
+    tu.real_rows += rollout_of(tu.model, tu.layout, res).rows
+    steps = sum(r.length for r in res)
+    tu.env_steps += steps
+    tu.real_steps += n + steps
+    tu.collected += n
+
+
+def collected_windows(run_dir: Path, model, layout: StreamLayout, cfg: RLConfig, update: int) -> list:
+    """The windows of the collection rounds done before ``update`` (a resumed run's share of the real data)."""
+    if not cfg.collect_every:
+        return []
+    rounds = -(-update // cfg.collect_every)
+    eps = []
+    for k in range(rounds):
+        try:
+            eps += read_shard(_collected_shard(run_dir, k))
+        except (DataError, OSError) as e:
+            raise ConfigError(f"{run_dir} is missing the real episodes of collection round {k} ({e}); "
+                              "it cannot resume as it ran") from None
+    return rollout_of(model, layout, [EpisodeResult(e.seed, e.success, float(e.reward.sum()), e.length, e) for e in eps]).rows
+
+
 def outcome_row(tu: Tuner, res: list) -> dict:
     """An update's outcome and the counts so far: real outcomes, or the IMAGINED ones (the model's own
     rewards, keys ``imagined_*``) with the real environment calls that imagination used."""
@@ -517,6 +583,8 @@ def outcome_row(tu: Tuner, res: list) -> dict:
            "real_steps": tu.real_steps}
     if pre:
         row["imagined_steps"] = tu.imagined_steps
+    if tu.cfg.collect_every:
+        row["collected"] = tu.collected
     return row
 
 
@@ -524,6 +592,8 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     """Collect, score, PPO epochs; the metrics row of this update."""
     cfg, n = tu.cfg, tu.cfg.per_update
     seeds = [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n)]
+    if cfg.collect_every and tu.update % cfg.collect_every == 0:
+        gather_real(tu, progress)
     sample_seed = int(torch.randint(2**31 - 1, (1,), generator=tu.gen))
     res = collect(tu, seeds, sample_seed, progress)
     ro = rollout_of(tu.model, tu.layout, res, cfg.horizon)
