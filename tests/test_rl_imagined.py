@@ -161,8 +161,8 @@ def test_kl_to_the_reference_is_zero_at_the_start_and_the_update_moves_the_polic
     assert any(not torch.equal(v, src[k]) for k, v in new.items())
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_path, monkeypatch, every):
+def killed_in_update_two_then_resumed(world_run, args: list[str], run_dir: Path, monkeypatch, step_at_kill: int) -> None:
+    """Tune with ``args`` into ``run_dir``, killed inside update 2's imagination, then resumed from the CLI."""
     real = wrl.imagine_episodes
     calls = []
 
@@ -174,14 +174,24 @@ def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_
 
     monkeypatch.setattr(wrl, "imagine_episodes", dies_in_update_two)
     with pytest.raises(RuntimeError, match="killed"):
-        wrl.tune(world_run, [*TINY_IMAGINED, f"rl.checkpoint_every={every}", f"out_dir={tmp_path}", "name=dream"], **QUIET)
+        wrl.tune(world_run, [*args, f"out_dir={run_dir.parent}", f"name={run_dir.name}"], **QUIET)
     monkeypatch.setattr(wrl, "imagine_episodes", real)
-    assert load_run(tmp_path / "dream").state["step"] == (1 if every == 1 else 0)
-    assert main(["tune", "ppo", "--resume", str(tmp_path / "dream"), "--no-progress"]) == 0
-    a, b = final_state(tuned), final_state(tmp_path / "dream")
+    assert load_run(run_dir).state["step"] == step_at_kill
+    assert main(["tune", "ppo", "--resume", str(run_dir), "--no-progress"]) == 0
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    a, b = final_state(a_dir), final_state(b_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed"} for r in rs]  # noqa: E731
-    assert strip(rows(tuned)) == strip(rows(tmp_path / "dream"))
+    assert strip(rows(a_dir)) == strip(rows(b_dir))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_resumed_after_a_kill_continues_the_same_sequence(tuned, world_run, tmp_path, monkeypatch, every):
+    killed_in_update_two_then_resumed(world_run, [*TINY_IMAGINED, f"rl.checkpoint_every={every}"], tmp_path / "dream",
+                                      monkeypatch, 1 if every == 1 else 0)
+    assert_same_run(tuned, tmp_path / "dream")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -252,26 +262,10 @@ def test_the_agent_collects_real_episodes_for_the_world_model(world_run, tmp_pat
 
 
 def test_a_collecting_run_resumed_after_a_kill_continues_the_same_sequence(world_run, tmp_path, monkeypatch):
+    """Killed after update 2's collection round, before its checkpoint: the resumed run reads round 1 back."""
     wrl.tune(world_run, [*COLLECTING, f"out_dir={tmp_path}", "name=whole"], **QUIET)
-    real = wrl.imagine_episodes
-    calls = []
-
-    def dies_in_update_two(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*a, **k)
-
-    monkeypatch.setattr(wrl, "imagine_episodes", dies_in_update_two)
-    with pytest.raises(RuntimeError, match="killed"):  # after update 2's collection round, before its checkpoint
-        wrl.tune(world_run, [*COLLECTING, f"out_dir={tmp_path}", "name=cut"], **QUIET)
-    monkeypatch.setattr(wrl, "imagine_episodes", real)
-    assert load_run(tmp_path / "cut").state["step"] == 1
-    assert main(["tune", "ppo", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
-    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "cut")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed"} for r in rs]  # noqa: E731
-    assert strip(rows(tmp_path / "whole")) == strip(rows(tmp_path / "cut"))
+    killed_in_update_two_then_resumed(world_run, COLLECTING, tmp_path / "cut", monkeypatch, 1)
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
 
 
 def test_real_world_is_still_the_default():
