@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Issue 14's quantisation figures: batch-1 decode tokens/s, held-out loss and weights on disk of one
-text run in fp32, bf16 (autocast), weight-only int8 and ternary (BitNet b1.58 QAT), in one process.
+text run in fp32, bf16 (autocast), weight-only int8 and ternary (BitNet b1.58 QAT), each quantised run on its
+exact kernel and on FBGEMM's dynamic quantised linear (quant.kernel=fbgemm), in one process.
 
     python benchmarks/bench_quant.py runs/big                       # makes runs/big-int8 and runs/big-ternary if absent
     python benchmarks/bench_quant.py runs/big --int8 runs/i8 --ternary runs/t --tokens 300 --repeats 7
@@ -95,6 +96,15 @@ def weights_bytes(run: Path) -> dict:
     return {"file": path.stat().st_size, "quantised_linears": quant}
 
 
+def with_kernel(model, kernel: str):
+    """The quantised model with every quantised layer on ``kernel`` (what quant.kernel=fbgemm loads)."""
+    layers = [m for m in model.modules() if hasattr(m, "set_kernel")]
+    assert layers, "no quantised layer"
+    for m in layers:
+        m.set_kernel(kernel)
+    return model
+
+
 def measure(variants: dict, prompt: list[int], n: int, repeats: int) -> dict:
     """Median tokens/s of every variant, the variants alternating within each round (round 0: warm-up)."""
     times = {k: [] for k in variants}
@@ -115,7 +125,9 @@ def run_bench(args) -> dict:
     b = load_run(base)
     loaded = {k: load_run(v) for k, v in runs.items()}
     variants = {"fp32": (b.model, "fp32"), "bf16": (b.model, "bf16"), "int8": (loaded["int8"].model, "fp32"),
-                "ternary": (loaded["ternary"].model, "fp32")}
+                "ternary": (loaded["ternary"].model, "fp32"),
+                "int8 fbgemm": (with_kernel(load_run(runs["int8"]).model, "fbgemm"), "fp32"),
+                "ternary fbgemm": (with_kernel(load_run(runs["ternary"]).model, "fbgemm"), "fp32")}
     prompt = b.tokenizer.encode(PROMPT).tolist()
     n = min(args.tokens, b.cfg.model.context - len(prompt))
     tps = measure(variants, prompt, n, args.repeats)
@@ -134,7 +146,7 @@ def run_bench(args) -> dict:
 
 def table(res: dict) -> str:
     rows = ["| variant | tokens/s | vs faster of fp32/bf16 | held-out loss | loss vs fp32 |", "| --- | ---: | ---: | ---: | ---: |"]
-    for k in ("fp32", "bf16", "int8", "ternary"):
+    for k in ("fp32", "bf16", "int8", "int8 fbgemm", "ternary", "ternary fbgemm"):
         rows.append(f"| {k} | {res['tokens_per_s'][k]:.1f} | {res['speedup'][k]:.2f}x | {res['loss'][k]:.4f} | "
                     f"{res['loss_ratio'][k]:.3f} |")
     d = res["disk"]

@@ -109,6 +109,27 @@ def test_ternary_layer_matches_bitlinear(kernel, K, N):
     assert (m(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("K,N", [(48, 144), (63, 47), (1, 5)])
+def test_fbgemm_kernel_is_close_to_the_exact_one_and_repacks_after_a_load(K, N):
+    """quant.kernel=fbgemm: activations quantised per call to 8 bits (7-bit range), so close to the exact kernels,
+    not equal; the packed weight is derived at load (a shell loaded with the weights gives the same outputs)."""
+    torch.manual_seed(K)
+    lin = nn.Linear(K, N)
+    x = torch.randn(1, 5, K)
+    for exact, fast in ((Int8Linear.from_linear(lin), Int8Linear.from_linear(lin, "fbgemm")),
+                        (TernaryLinear.from_linear(lin), TernaryLinear.from_linear(lin, "fbgemm"))):
+        ref, y = exact(x), fast(x)
+        assert y.shape == ref.shape == (1, 5, N) and fast.packed is not None and exact.packed is None
+        assert (y - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-6
+        if K > 1:
+            assert not torch.equal(y, ref)  # really another kernel
+        shell = type(fast)(K, N, bias=True, kernel="fbgemm")
+        shell.load_state_dict(fast.state_dict())
+        assert torch.equal(shell(x), y)
+    with pytest.raises(ValueError, match="kernel must be"):
+        Int8Linear(4, 4, kernel="int_mm")
+
+
 def tiny_model(**kw) -> LWM:
     from worldloom.config import ModelConfig
 
@@ -180,6 +201,19 @@ def test_ternary_weights_on_disk_are_an_eighth_of_fp16(quant_runs, capsys):
     assert packed <= fp16 / 8  # 2 bits a weight (K = 48, 128: no padding)
     assert scales == 4 * len(layers)  # one fp32 scale per matrix
     assert disk - (packed + scales + rest) < 4096  # the rest of the file is the safetensors header
+
+
+def test_a_run_quantised_for_the_fbgemm_kernel_loads_it(trained_run, tmp_path, capsys):
+    assert cli("quantize", trained_run, "--bits", "8", "quant.kernel=fbgemm", f"out_dir={tmp_path}", "name=f8") == 0
+    assert yaml.safe_load((tmp_path / "f8" / "config.yaml").read_text())["quant"] == {"bits": 8.0, "kernel": "fbgemm"}
+    model = load_run(tmp_path / "f8").model
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.kernel == "fbgemm" and m.packed is not None for m in layers)
+    capsys.readouterr()
+    assert cli("generate", tmp_path / "f8", "The cat", "--max-new-tokens", "8", "--temperature", "0") == 0
+    assert capsys.readouterr().out.startswith("The cat")
+    assert "quant.kernel must be exact or fbgemm" in refused(capsys, "quantize", trained_run, "--bits", "8",
+                                                             "quant.kernel=avx", f"out_dir={tmp_path}", "name=x")
 
 
 def test_generate_and_eval_work_on_both_quantised_runs(quant_runs, capsys):

@@ -496,10 +496,15 @@ class QuantConfig:
     """A quantised run (worldloom.quant, `worldloom quantize`): what its weights are stored as."""
 
     bits: float = 0.0  # 0 = full precision | 8 = weight-only int8 (no training) | 1.58 = ternary (BitNet b1.58, QAT)
+    # how the quantised layers multiply: exact (int8pack: weight-only int8, exact ternary sums) | fbgemm
+    # (PyTorch's dynamic quantised linear: activations to 8 bits per call; faster at batch 1, not exact)
+    kernel: str = "exact"
 
     def __post_init__(self):
         if self.bits not in QUANT_BITS:
             raise ConfigError(f"quant.bits must be 8 (weight-only int8) or 1.58 (ternary), or 0 (full precision); got {self.bits:g}")
+        if self.kernel not in ("exact", "fbgemm"):
+            raise ConfigError(f"quant.kernel must be exact or fbgemm, got {self.kernel!r}")
 
 
 VISION_QUANTIZERS = ("vq", "fsq")

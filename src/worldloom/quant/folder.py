@@ -74,13 +74,13 @@ def quant_config(base: Path, bits: float, overrides: list[str]) -> RunConfig:
     if bits == TERNARY and bcfg.recipe != "text":
         raise ConfigError(f"{base} is a {bcfg.recipe} run; ternary QAT fine-tunes on the base's own text file, which "
                           "only a text run has (quantise this one with --bits 8)")
-    allowed = ("name", "out_dir") + (("train",) if bits == TERNARY else ())
-    bad = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in allowed]
+    allowed = ("name", "out_dir", "quant.kernel") + (("train",) if bits == TERNARY else ())
+    bad = [o for o in overrides if o.split("=", 1)[0] not in allowed and o.split("=", 1)[0].split(".")[0] not in allowed]
     if bad:
         raise ConfigError(f"{bad[0].split('=')[0]} cannot be set by `quantize --bits {bits:g}` "
                           f"(it takes {', '.join(k + ('.*' if k == 'train' else '=') for k in allowed)})")
     data = to_dict(bcfg)
-    data.update(name=f"{base.name}-{SUFFIX[bits]}", out_dir=str(base.parent), lora={}, quant={"bits": bits})
+    data.update(name=f"{base.name}-{SUFFIX[bits]}", out_dir=str(base.parent), lora={}, quant={"bits": bits, "kernel": "exact"})
     if bits == TERNARY:
         data["recipe"] = "ternary"
     apply_overrides(data, overrides)
@@ -141,7 +141,7 @@ def prepare_loaded(model, cfg: RunConfig, state: dict) -> None:
     if packed:
         if packed != cfg.quant.bits:
             raise CheckpointError(f"checkpoint holds {packed}-bit weights but the config says quant.bits={cfg.quant.bits:g}")
-        swap_linears(model, shell(cfg.quant.bits))
+        swap_linears(model, shell(cfg.quant.bits, cfg.quant.kernel))
     elif cfg.quant.bits == TERNARY:  # a QAT run still training: latent full-precision weights
         swap_linears(model, to_bitlinear)
     else:

@@ -11,6 +11,14 @@
   ``torch._weight_int8pack_mm`` on the integer-valued activations (kernel ``int8pack``, default) or
   ``torch._int_mm`` (int8 x int8 -> int32, kernel ``int_mm``); both are exact integer sums, scaled after.
 
+Kernel ``fbgemm`` (both layers; ``quant.kernel=fbgemm``): PyTorch's dynamic quantised linear
+(``torch.ops.quantized.linear_dynamic`` on a weight prepacked once at load by
+``linear_prepack``, FBGEMM): the activations are quantised per call to 8 bits (one scale per call,
+a 7-bit range so that no CPU without VNNI overflows) and multiplied as int8 × int8. Not exact:
+W8A8 where ``int8pack`` is weight-only for int8 layers, and per-call rather than BitNet's
+per-token activation scales for ternary ones (the same at batch 1). It is the fast one at batch 1:
+``_weight_int8pack_mm`` was measured 2× slower than the fp32 GEMV it replaces (BENCHMARKS.md).
+
 The activations reach ``torch._weight_int8pack_mm`` in fp32 whatever the autocast: in torch 2.13 its
 CPU kernel crashes (segfault) on bf16 inputs for many shapes (e.g. K = 8, N = 3), and it is only
 exact for fp32. The output is cast back to the input's dtype.
@@ -29,13 +37,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .pack import absmax_int8, absmax_tokens, absmean_ternary, pack_ternary, unpack_ternary
 
-KERNELS = ("int8pack", "int_mm")  # TernaryLinear's integer matmul
+KERNELS = ("int8pack", "int_mm", "fbgemm")  # TernaryLinear's integer matmul (Int8Linear: int8pack or fbgemm)
+QUANT_KERNELS = ("exact", "fbgemm")  # quant.kernel: exact = each layer's exact kernel (int8pack)
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -69,6 +80,19 @@ class _QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)  # a buffer: nothing here trains
+        self.packed = None  # kernel fbgemm: the prepacked weight (derived at load, never stored)
+
+    def _prepack(self, scale: torch.Tensor) -> None:
+        """FBGEMM's packed form of the int8 ``weight_q`` with ``scale`` (one per output channel) and the bias."""
+        zeros = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # torch 2.13 marks quantised tensors deprecated; the kernel is the fast one here
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(self.weight_q, scale.double().expand(self.out_features).contiguous(), zeros, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None if self.bias is None else self.bias.float())
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(self._flat(x).float(), self.packed, True)  # (M, N), bias included
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, self.in_features).contiguous()  # (..., K) -> (M, K): the kernels take matrices
@@ -86,24 +110,36 @@ class Int8Linear(_QuantLinear):
 
     bits = 8.0
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, kernel: str = "int8pack"):
         super().__init__(in_features, out_features, bias)
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.set_kernel(module.kernel) and None)
+        self.set_kernel(kernel)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, lin: nn.Linear, kernel: str = "int8pack") -> "Int8Linear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None)
         m.weight_q, m.weight_scale = absmax_int8(lin.weight)
         if lin.bias is not None:
             m.bias = lin.bias.detach().float().clone()
-        return m
+        return m.set_kernel(kernel)
+
+    def set_kernel(self, kernel: str) -> "Int8Linear":
+        if kernel not in ("int8pack", "fbgemm"):
+            raise ValueError(f"kernel must be int8pack or fbgemm, got {kernel!r}")
+        self.kernel, self.packed = kernel, None
+        if kernel == "fbgemm":
+            self._prepack(self.weight_scale)
+        return self
 
     @property
     def weight(self) -> torch.Tensor:
         return self.weight_q.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self._dynamic(x)
         y = torch._weight_int8pack_mm(self._flat(x).float(), self.weight_q, self.weight_scale.float())  # (M, N)
         return self._out(y.to(x.dtype), x)
 
@@ -143,6 +179,9 @@ class TernaryLinear(_QuantLinear):
         self.weight_q = unpack_ternary(self.weight_packed, self.in_features)
         self.weight_qt = self.weight_q.t().contiguous() if self.kernel == "int_mm" else None  # (K, N) for _int_mm
         self.ones = torch.ones(self.out_features, device=self.weight_q.device)  # int8pack's per-channel scale: 1
+        self.packed = None
+        if self.kernel == "fbgemm":
+            self._prepack(self.weight_scale)  # one scale for the layer, given to every channel
         return self
 
     @property
@@ -150,6 +189,8 @@ class TernaryLinear(_QuantLinear):
         return self.weight_q.float() * self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self._dynamic(x)
         x2 = self._flat(x).float()
         xq, xs = absmax_tokens(x2)  # (M, K) integer-valued, (M, 1)
         if self.kernel == "int_mm" and self.in_features > 1:  # torch 2.13's CPU _int_mm is wrong for K = 1
@@ -181,10 +222,18 @@ def to_bitlinear(lin: nn.Linear) -> BitLinear:
     return m
 
 
-def shell(bits: float) -> Callable[[nn.Linear], nn.Module]:
-    """An empty inference layer of a Linear's shape, for loading stored quantised weights into."""
+def layer_kernel(kernel: str) -> str:
+    """quant.kernel -> the layers' kernel name ("exact" is each layer's exact default, int8pack)."""
+    if kernel not in QUANT_KERNELS:
+        raise ValueError(f"quant.kernel must be one of {', '.join(QUANT_KERNELS)}, got {kernel!r}")
+    return "int8pack" if kernel == "exact" else kernel
+
+
+def shell(bits: float, kernel: str = "exact") -> Callable[[nn.Linear], nn.Module]:
+    """An empty inference layer of a Linear's shape, for loading stored quantised weights into (``kernel``:
+    quant.kernel; the layer prepacks for it once the weights are loaded)."""
     cls = Int8Linear if bits == Int8Linear.bits else TernaryLinear
-    return lambda lin: cls(lin.in_features, lin.out_features, lin.bias is not None)
+    return lambda lin: cls(lin.in_features, lin.out_features, lin.bias is not None, layer_kernel(kernel))
 
 
 def quantiser(bits: float) -> Callable[[nn.Linear], nn.Module]:
