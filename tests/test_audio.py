@@ -148,15 +148,24 @@ TINY = ["audio.utterances=24", "audio.val_utterances=4", "audio.n_mels=32", "aud
         "train.log_interval=10", "train.max_minutes=0", "train.warmup_steps=5", "train.lr=0.003", "train.threads=1"]
 
 
+@pytest.fixture(scope="module")
+def tok_run(tmp_path_factory):
+    """One tiny audio-tokenizer run, trained once for the recipe tests of this module."""
+    from worldloom.cli import main
+
+    out = tmp_path_factory.mktemp("audio")
+    assert main(["train", "tokenizer-audio", "--no-progress", f"out_dir={out}", "name=tok", *TINY]) == 0
+    return out / "tok"
+
+
 @needs_espeak
-def test_train_eval_and_refusals(tmp_path, capsys):
+def test_train_eval_and_refusals(tok_run, capsys):
     from worldloom.audio.speech import read_wav
     from worldloom.audio.tokenizer import AudioTokenizer
     from worldloom.audio.utterances import load_utterances
     from worldloom.cli import main
 
-    run = tmp_path / "tok"
-    assert main(["train", "tokenizer-audio", "--no-progress", f"out_dir={tmp_path}", "name=tok", *TINY]) == 0
+    run = tok_run
     for f in ("speech/train.npz", "speech/val.npz", "speech/voices.npz", "reconstructions/0-codes.wav", "loss.png"):
         assert (run / f).is_file(), f
     voices = load_utterances(run / "speech" / "voices.npz")
@@ -172,6 +181,71 @@ def test_train_eval_and_refusals(tmp_path, capsys):
     assert tok.vocab_size == 32 and tok.cfg.n_mels == 32
     line = cli_error(capsys, ["generate", str(run), "hello"])
     assert "audio-tokenizer run" in line
+
+# ---------------------------------------------------------------- listening and speaking (recipe listen)
+
+
+def test_listen_rows_weigh_only_the_answer():
+    from worldloom.audio.listen import ListenVocab, pack_rows
+
+    v = ListenVocab.for_missions(10)
+    assert v.words == ("a", "ball", "blue", "box", "go", "green", "grey", "key", "purple", "red", "the", "to", "yellow")
+    assert v.size == 10 + 4 + 13 and v.decode_text(v.encode_text("go to the red ball")) == "go to the red ball"
+    hear, p = v.hear_row([3, 4, 5], "go to a key")
+    assert hear == [v.bos, 3, 4, 5, v.hear, *v.encode_text("go to a key"), v.eos] and p == 5
+    b = pack_rows([(hear, p), v.say_row([7], "go to a key")], 12, v.eos)
+    assert b["input"].shape == b["target"].shape == b["weight"].shape == (2, 12)
+    assert b["weight"][0].tolist() == [0] * 4 + [1] * 5 + [0] * 3  # targets: 4 words + <eos>
+    assert b["target"][0, 4:9].tolist() == [*v.encode_text("go to a key"), v.eos]
+    assert b["weight"][1].tolist() == [0] * 5 + [1] * 2 + [0] * 5 and b["target"][1, 5:7].tolist() == [7, v.eos]
+    with pytest.raises(Exception, match="'pink' is not a word"):
+        v.encode_text("go to the pink ball")
+
+
+class Scripted(torch.nn.Module):
+    """A 'model' whose next token is fixed by the current one (a lookup table), for greedy decoding."""
+
+    def __init__(self, table: dict[int, int], vocab: int, context: int = 64):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.cfg = type("C", (), {"vocab_size": vocab, "context": context})()
+        self.table = torch.full((vocab,), 0, dtype=torch.long)
+        for a, b in table.items():
+            self.table[a] = b
+
+    def forward(self, idx):
+        logits = torch.nn.functional.one_hot(self.table[idx], self.cfg.vocab_size).float() * 5
+        logits[..., 1] += 4  # a strong favourite outside [lo, hi): must be masked away
+        return type("O", (), {"logits": logits})()
+
+
+def test_greedy_follows_the_model_inside_the_allowed_ids_and_stops_at_eos():
+    from worldloom.audio.listen import greedy
+
+    m = Scripted({9: 4, 4: 5, 5: 3, 7: 6, 6: 6}, vocab=10, context=12)  # 3 is <eos>
+    out = greedy(m, [[0, 9], [2, 2, 7], [9]], lo=4, hi=9, eos=3, max_new=20)
+    assert out[0] == [4, 5] and out[2] == [4, 5]  # 9 -> 4 -> 5 -> <eos>
+    assert out[1] == [6] * 9  # never ends: cut at the context (3 + 9 = 12)
+
+
+@needs_espeak
+def test_listen_trains_evaluates_and_is_refused_by_text_verbs(tok_run, tmp_path, capsys):
+    from worldloom.cli import main
+
+    args = ["train", "babyai-audio", "--no-progress", f"out_dir={tmp_path}", "name=hear", f"audio.tokenizer={tok_run}",
+            "audio.eval_utterances=3", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=56", "train.max_steps=6",
+            "train.eval_interval=3", "train.batch_size=8", "train.threads=1", "audio.griffin_lim=2"]
+    assert main(args) == 0
+    run = tmp_path / "hear"
+    res = json.loads((run / "eval.json").read_text())
+    assert res["val"]["utterances"] == 3 and res["voices"]["utterances"] == 3 and 0 <= res["voices"]["exact"] <= 1
+    assert res["speak"]["missions"] == 3 and len(list((run / "spoken").glob("*.wav"))) == 3
+    assert all(e["voice"].startswith("en-029+") or e["voice"].endswith("+f4") for e in res["voices"]["examples"])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val"] == res["val"]
+    assert "listen run" in cli_error(capsys, ["generate", str(run), "go to"])
+    assert "audio.tokenizer=" in cli_error(capsys, [*args[:4], "name=x", f"audio.tokenizer={tmp_path / 'none'}"])
 
 
 def test_audio_config_errors():

@@ -605,6 +605,8 @@ class AudioConfig:
     griffin_lim: int = 32  # Griffin-Lim iterations of the vocoder
     tokenizer: str = ""  # listen: an audio-tokenizer run folder; empty: trained first into <run>/tokenizer
     tokenizer_steps: int = 1500  # listen: the tokenizer stage's train.max_steps
+    speak: float = 0.5  # listen: share of training rows that speak (text -> audio tokens); the rest transcribe
+    eval_utterances: int = 200  # listen: utterances per evaluation set
 
     def held_out(self) -> set[str]:
         return {x.strip() for x in self.held_out_voices.split(",") if x.strip()}
@@ -625,8 +627,9 @@ class AudioConfig:
         if not 1 <= self.utterances <= 10**6 or not 1 <= self.val_utterances <= 10**6 or not 1 <= self.griffin_lim <= 1000:
             raise ConfigError(f"audio.utterances and audio.val_utterances must be in 1..10^6, audio.griffin_lim in 1..1000; "
                               f"got {self.utterances}, {self.val_utterances}, {self.griffin_lim}")
-        if not 1 <= self.tokenizer_steps <= 10**9:
-            raise ConfigError(f"audio.tokenizer_steps must be >= 1, got {self.tokenizer_steps}")
+        if not 1 <= self.tokenizer_steps <= 10**9 or not 0 <= self.speak <= 1 or not 1 <= self.eval_utterances <= 10**6:
+            raise ConfigError(f"audio.tokenizer_steps must be >= 1, audio.speak in [0, 1], audio.eval_utterances in 1..10^6; "
+                              f"got {self.tokenizer_steps}, {self.speak}, {self.eval_utterances}")
 
 
 @dataclass

@@ -48,6 +48,7 @@ class MelSpec:
         self.iters = ac.griffin_lim
         self.fb = torch.from_numpy(mel_filterbank(ac.sample_rate, ac.n_fft, ac.n_mels, ac.fmax))  # (M, F)
         self.window = torch.hann_window(self.n_fft)
+        self._inverse = None  # the filterbank's pseudo-inverse (F, M), made on the first griffin_lim
 
     def _stft(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stft(x, self.n_fft, self.hop, window=self.window, center=True, return_complex=True)  # (F, T)
@@ -63,7 +64,9 @@ class MelSpec:
     def griffin_lim(self, logmel: np.ndarray, seed: int = 0) -> np.ndarray:
         """(T, n_mels) log-mel frames -> (≈ T * hop,) float32 samples, peak-normalised to 0.9."""
         mel = torch.exp(torch.as_tensor(np.asarray(logmel, np.float32))).t()  # (M, T)
-        mag = (torch.linalg.pinv(self.fb) @ mel).clamp_min(0)  # (F, T) magnitudes
+        if self._inverse is None:
+            self._inverse = torch.linalg.pinv(self.fb)
+        mag = (self._inverse @ mel).clamp_min(0)  # (F, T) magnitudes
         length = (mag.shape[1] - 1) * self.hop
         gen = torch.Generator().manual_seed(seed)
         angle = torch.polar(torch.ones_like(mag), 2 * np.pi * torch.rand(mag.shape, generator=gen))

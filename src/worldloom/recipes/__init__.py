@@ -42,6 +42,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "talk": "worldloom.recipes.talk",
     "bind": "worldloom.recipes.bind",
     "audio-tokenizer": "worldloom.recipes.audio_tokenizer",
+    "listen": "worldloom.recipes.listen",
 }
 
 
