@@ -234,13 +234,15 @@ def test_listen_trains_evaluates_and_is_refused_by_text_verbs(tok_run, tmp_path,
 
     args = ["train", "babyai-audio", "--no-progress", f"out_dir={tmp_path}", "name=hear", f"audio.tokenizer={tok_run}",
             "audio.eval_utterances=3", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=56", "train.max_steps=6",
-            "train.eval_interval=3", "train.batch_size=8", "train.threads=1", "audio.griffin_lim=2"]
+            "train.eval_interval=3", "train.log_interval=2", "train.batch_size=8", "train.threads=1", "audio.griffin_lim=2"]
     assert main(args) == 0
     run = tmp_path / "hear"
     res = json.loads((run / "eval.json").read_text())
     assert res["val"]["utterances"] == 3 and res["voices"]["utterances"] == 3 and 0 <= res["voices"]["exact"] <= 1
     assert res["speak"]["missions"] == 3 and len(list((run / "spoken").glob("*.wav"))) == 3
     assert all(e["voice"].startswith("en-029+") or e["voice"].endswith("+f4") for e in res["voices"]["examples"])
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_hear" in r and "loss_say" in r for r in logged)  # batch_size 8 at speak 0.5: both kinds, almost surely
     capsys.readouterr()
     assert main(["eval", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["val"] == res["val"]

@@ -26,7 +26,7 @@ import torch
 from ..config import RunConfig, from_dict, load_preset, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..io import read_json, write_json
-from ..losses import language_model_loss
+from ..losses import language_model_loss, world_stream_loss
 from ..runtime import autocast
 from . import Recipe, resume_training
 
@@ -88,7 +88,7 @@ def utterance_codes(tok, data: dict, n: int | None = None) -> list[np.ndarray]:
 
 
 class ListenTask:
-    objective = staticmethod(language_model_loss)
+    objective = staticmethod(world_stream_loss)  # the weighted next-token loss, with loss_hear / loss_say logged apart
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resuming: bool):
         from ..audio.listen import ListenVocab, pack_rows
@@ -115,8 +115,9 @@ class ListenTask:
         train = self.packed["train"]
         say = torch.rand(batch_size, generator=gen) < self.cfg.audio.speak
         idx = torch.randint(len(train["hear"]["input"]), (batch_size,), generator=gen)
-        return {k: torch.where(say.view(-1, *[1] * (v.ndim - 1)), train["say"][k][idx], v[idx])
-                for k, v in train["hear"].items()}
+        b = {k: torch.where(say.view(-1, *[1] * (v.ndim - 1)), train["say"][k][idx], v[idx]) for k, v in train["hear"].items()}
+        answer = b["weight"] > 0
+        return {**b, "part_hear": answer & ~say[:, None], "part_say": answer & say[:, None]}
 
     @torch.no_grad()
     def val_loss(self, model, precision: str, device) -> float:
