@@ -587,6 +587,57 @@ BIND_MODALITIES = ("view", "text", "actions")
 
 
 @dataclass
+class AudioConfig:
+    """Speech as tokens (issue 16 req 7, worldloom.audio): utterances spoken by espeak-ng, log-mel frames,
+    the quantiser over them (recipe audio-tokenizer) and the transcription recipe (listen)."""
+
+    sample_rate: int = 22050  # espeak-ng's own rate
+    n_fft: int = 1024
+    hop: int = 256  # samples between mel frames (11.6 ms at 22050 Hz)
+    n_mels: int = 64
+    fmax: float = 8000.0
+    stack: int = 4  # mel frames per code (a power of 2): 4 -> one token per 46 ms
+    codebook: int = 512
+    code_dim: int = 32
+    channels: int = 128
+    beta: float = 0.25  # commitment loss weight
+    ema_decay: float = 0.99
+    dead_code: float = 0.03
+    crop: int = 64  # training clip length in mel frames (a multiple of stack)
+    utterances: int = 2000  # training utterances (missions spoken by random training voices)
+    val_utterances: int = 200  # held-out utterances: other seeds, training voices
+    held_out_voices: str = "en-029,f4"  # voice languages or variants never spoken in training (a separate held-out set)
+    griffin_lim: int = 32  # Griffin-Lim iterations of the vocoder
+    tokenizer: str = ""  # listen: an audio-tokenizer run folder; empty: trained first into <run>/tokenizer
+    tokenizer_steps: int = 1500  # listen: the tokenizer stage's train.max_steps
+    speak: float = 0.5  # listen: share of training rows that speak (text -> audio tokens); the rest transcribe
+    eval_utterances: int = 200  # listen: utterances per evaluation set
+
+    def held_out(self) -> set[str]:
+        return {x.strip() for x in self.held_out_voices.split(",") if x.strip()}
+
+    def __post_init__(self):
+        if not 8000 <= self.sample_rate <= 48000 or self.hop < 16 or self.n_fft < self.hop or self.n_fft & (self.n_fft - 1):
+            raise ConfigError(f"audio.sample_rate must be in 8000..48000, audio.n_fft a power of 2 >= audio.hop >= 16; got "
+                              f"{self.sample_rate}, {self.n_fft}, {self.hop}")
+        if not 8 <= self.n_mels <= 256 or not 0 < self.fmax <= self.sample_rate / 2:
+            raise ConfigError(f"audio.n_mels must be in 8..256 and audio.fmax in (0, sample_rate/2]; got {self.n_mels}, {self.fmax}")
+        if self.stack < 1 or self.stack & (self.stack - 1) or self.stack > 32 or self.crop < self.stack or self.crop % self.stack:
+            raise ConfigError(f"audio.stack must be a power of 2 up to 32 and audio.crop a multiple of it; got {self.stack}, {self.crop}")
+        if not 2 <= self.codebook <= 65536 or not 1 <= self.code_dim <= 1024 or not 1 <= self.channels <= 1024:
+            raise ConfigError(f"audio.codebook must be in 2..65536, audio.code_dim and audio.channels in 1..1024; got "
+                              f"{self.codebook}, {self.code_dim}, {self.channels}")
+        if not 0 <= self.ema_decay < 1 or self.beta < 0 or self.dead_code < 0:
+            raise ConfigError("audio.ema_decay must be in [0, 1), audio.beta and audio.dead_code >= 0")
+        if not 1 <= self.utterances <= 10**6 or not 1 <= self.val_utterances <= 10**6 or not 1 <= self.griffin_lim <= 1000:
+            raise ConfigError(f"audio.utterances and audio.val_utterances must be in 1..10^6, audio.griffin_lim in 1..1000; "
+                              f"got {self.utterances}, {self.val_utterances}, {self.griffin_lim}")
+        if not 1 <= self.tokenizer_steps <= 10**9 or not 0 <= self.speak <= 1 or not 1 <= self.eval_utterances <= 10**6:
+            raise ConfigError(f"audio.tokenizer_steps must be >= 1, audio.speak in [0, 1], audio.eval_utterances in 1..10^6; "
+                              f"got {self.tokenizer_steps}, {self.speak}, {self.eval_utterances}")
+
+
+@dataclass
 class BindConfig:
     """Modality binding (recipe bind, worldloom.bind): items seen as a view, a caption and an action
     sequence, embedded into one space by contrastive pairs with text as the hub."""
@@ -655,6 +706,7 @@ class RunConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     talk: TalkConfig = field(default_factory=TalkConfig)
     bind: BindConfig = field(default_factory=BindConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe

@@ -41,6 +41,8 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "image-tokenizer": "worldloom.recipes.image_tokenizer",
     "talk": "worldloom.recipes.talk",
     "bind": "worldloom.recipes.bind",
+    "audio-tokenizer": "worldloom.recipes.audio_tokenizer",
+    "listen": "worldloom.recipes.listen",
 }
 
 

@@ -53,7 +53,7 @@ class ObsTokenizer(Protocol):
 
 
 OBS_TOKENIZERS: dict[str, type] = {}
-LAZY = {"image": "worldloom.vision.tokenizer"}  # kinds whose module (and its heavier imports) loads on first use
+LAZY = {"image": "worldloom.vision.tokenizer", "audio": "worldloom.audio.tokenizer"}  # kinds whose module (and its heavier imports) loads on first use
 
 
 def register_obs_tokenizer(cls: type) -> type:
