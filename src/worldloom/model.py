@@ -128,19 +128,22 @@ class LWM(nn.Module):
             return self._forward_encoded(idx, cache, slots, head, causal)
         x = self._embed(idx, slots, skip)
         if prefix_at is not None and prefix_views is not None and len(prefix_views):
-            if self.vision_prefix is None:
-                raise ValueError("this model has no vision prefix (a talk run with talk.view=prefix has one)")
-            vectors = self.vision_prefix(prefix_views).to(x.dtype)  # (N, K, C)
-            if int(prefix_at.sum()) != vectors.shape[0] * vectors.shape[1]:
-                raise ValueError(f"prefix_at marks {int(prefix_at.sum())} positions for {vectors.shape[0]} images of "
-                                 f"{vectors.shape[1]} vectors")
-            x = x.masked_scatter(prefix_at.unsqueeze(-1), vectors.reshape(-1, x.shape[-1]))
+            x = self._put_prefix(x, prefix_views, prefix_at)
         h, cache = self.backbone(self.drop(x), cache, causal=causal, tree=tree)
         logits = self.logits_of(h) if head else None
         frame = None
         if frame_index is not None and self.frame is not None and frame_index.numel():
             frame = self.frame_logits(h.flatten(0, 1)[frame_index])  # (N, F, V)
         return ModelOutput(logits, h, cache, frame, self._moe_aux(), self._values(h))
+
+    def _put_prefix(self, x: torch.Tensor, views: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) with the vision prefix's vectors of ``views`` (N images -> N * K vectors) at ``at`` (B, T), in order."""
+        if self.vision_prefix is None:
+            raise ValueError("this model has no vision prefix (a talk run with talk.view=prefix has one)")
+        vectors = self.vision_prefix(views).to(x.dtype)  # (N, K, C)
+        if int(at.sum()) != vectors.shape[0] * vectors.shape[1]:
+            raise ValueError(f"prefix_at marks {int(at.sum())} positions for {vectors.shape[0]} images of {vectors.shape[1]} vectors")
+        return x.masked_scatter(at.unsqueeze(-1), vectors.reshape(-1, x.shape[-1]))
 
     def _values(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.value(self.norm(h)).squeeze(-1).float() if self.value is not None else None
