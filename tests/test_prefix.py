@@ -107,6 +107,29 @@ def test_prefix_goes_through_the_kv_cache(setup):
     assert torch.allclose(full, step, atol=1e-5)
 
 
+def test_talk_model_reads_left_padded_prefix_prompts_as_alone(setup):
+    from worldloom.talk.generate import TalkModel
+
+    layout, data, model = setup
+    tm = TalkModel(model, layout, render=ViewRenderer(WORLD_ENV, SMALL.tile))
+    firsts = []  # the logits after each prompt (its first call)
+    call = tm._call
+    tm._call = lambda ids, slots, cache, prefix=None: firsts.append(call(ids, slots, cache, prefix)) or firsts[-1]
+
+    def first_logits(missions, images):
+        firsts.clear()
+        tm.read(missions, np.zeros((len(missions), layout.obs_len), np.int64), ["caption:"] * len(missions), 2, images)
+        return firsts[0]
+
+    missions, images = ["go to the red ball", "go to the ball"], np.stack([RED_BALL, BLUE_KEY])  # prompts of two lengths
+    both = first_logits(missions, images)
+    alone = torch.cat([first_logits(missions[i:i + 1], images[i:i + 1]) for i in range(2)])
+    assert torch.allclose(both, alone, atol=1e-5)
+    assert not torch.allclose(alone[:1], first_logits(missions[:1], images[1:]), atol=1e-5)  # the view matters
+    with pytest.raises(ValueError, match="reads views as a vision prefix"):
+        tm.read(missions, np.zeros((2, layout.obs_len), np.int64), ["caption:"] * 2)
+
+
 def test_stage_one_freezes_the_backbone_and_stage_two_does_not(setup):
     layout, data, model = setup
     freeze = StageFreeze(model)
