@@ -55,9 +55,10 @@ class TalkTask(WorldTask):
         self.n_demos = self.n_train = len(train_eps)
         self.n_hidden = len(every) - len(train_eps)
         self.resuming, self.freeze = resuming, None
-        self.base = base_config(cfg) if cfg.talk.view == "prefix" else None
+        # a new prefix run on a base: the base's layout and model; a resumed run has both already
+        self.base = base_config(cfg) if cfg.talk.view == "prefix" and not resuming else None
         if resuming or self.base is not None:
-            self.layout = StreamLayout.load(Path(cfg.prefix.base if not resuming else run_dir) / STREAM_DIR)
+            self.layout = StreamLayout.load(Path(run_dir if resuming else cfg.prefix.base) / STREAM_DIR)
         else:
             obs = make_adapter(cfg.env.id).obs_tokenizer(ds.meta)
             texts = [e.mission for e in every] + [vocabulary()]
