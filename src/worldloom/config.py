@@ -521,8 +521,11 @@ class TalkConfig:
     weight_draw: float = 1.0  # loss weight of a drawn view's tokens
     held_out: str = "purple key,yellow box"  # colour-object pairs no training text names (comma-separated)
     eval_views: int = 100  # held-out views scored by eval (and as many views showing a held-out pair)
+    view: str = "tokens"  # how a read segment shows its view: tokens (the stream's 50 ids) or prefix (prefix.*: LLaVA-style vectors)
 
     def __post_init__(self):
+        if self.view not in ("tokens", "prefix"):
+            raise ConfigError(f"talk.view must be tokens or prefix, got {self.view!r}")
         for name in ("fraction", "draw"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"talk.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -638,6 +641,27 @@ class AudioConfig:
 
 
 @dataclass
+class PrefixConfig:
+    """A vision prefix for the talk model (talk.view=prefix; worldloom.talk.prefix, docs/talk.md): a small CNN over
+    the rendered RGB view, its vectors projected by an MLP into the backbone's embedding space, trained first with
+    the backbone frozen (stage 1), then jointly."""
+
+    tile: int = 8  # pixels per view cell of the rendered view (MiniGrid's renderer; 8 is the rgb: envs' size)
+    grid: int = 7  # the encoder's output: grid x grid vectors (7: one per view cell; fewer: pooled)
+    channels: int = 64  # the CNN's width
+    hidden: int = 256  # the projector MLP's hidden width
+    stage1_steps: int = 200  # optimizer steps with the backbone frozen (only encoder + projector learn); then jointly
+    base: str = ""  # a talk run (talk.view=tokens) whose model and stream the backbone starts from; "": its own init
+
+    def __post_init__(self):
+        for name in ("tile", "grid", "channels", "hidden"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise ConfigError(f"prefix.{name} must be in 1..4096, got {getattr(self, name)}")
+        if self.stage1_steps < 0:
+            raise ConfigError(f"prefix.stage1_steps must be >= 0, got {self.stage1_steps}")
+
+
+@dataclass
 class BindConfig:
     """Modality binding (recipe bind, worldloom.bind): items seen as a view, a caption and an action
     sequence, embedded into one space by contrastive pairs with text as the hub."""
@@ -707,11 +731,13 @@ class RunConfig:
     talk: TalkConfig = field(default_factory=TalkConfig)
     bind: BindConfig = field(default_factory=BindConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
     def __post_init__(self):
         from .recipes import check_recipe, get_recipe
 
         check_recipe(self.recipe)
+        _check_prefix(self)
         if self.train.objective != "next":
             _check_objective(self)
         check_run_name(self.name)
@@ -725,6 +751,16 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+
+def _check_prefix(cfg: RunConfig) -> None:
+    """prefix.* settings and talk.view=prefix belong to a talk run (worldloom.talk.prefix)."""
+    if cfg.talk.view == "prefix" and cfg.recipe != "talk":
+        raise ConfigError(f"talk.view=prefix is for a talk run (worldloom train babyai-talk-prefix); a {cfg.recipe} run has no talk")
+    if cfg.prefix != PrefixConfig() and cfg.talk.view != "prefix":
+        what = f"a {cfg.recipe} run" if cfg.recipe != "talk" else "a talk run with talk.view=tokens"
+        raise ConfigError(f"prefix.* settings are for a talk run with talk.view=prefix; {what} has no vision prefix "
+                          "(drop them, or train babyai-talk-prefix)")
 
 
 def _check_objective(cfg: RunConfig) -> None:

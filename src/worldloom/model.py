@@ -21,7 +21,10 @@ parts serve world-model streams:
   output head as next-token prediction;
 * encoded observations (``model.obs_vectors``, ``stream.obs=encoded``): a frame encoder hands the
   backbone a few vectors per observation instead of its tokens, and a frame decoder predicts the
-  next observation's tokens from the step's state and the previous frame (worldloom.modality).
+  next observation's tokens from the step's state and the previous frame (worldloom.modality);
+* a vision prefix (``vision_prefix``, attached by the talk recipe's ``talk.view=prefix``,
+  worldloom.talk.prefix): images encoded and projected into the embedding space, their vectors
+  put in place of the token embeddings at the positions ``prefix_at`` marks (LLaVA-style).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
 from .modality import FrameDecoder, FrameEncoder, FramePlan
 
-MODEL_INPUTS = ("slots", "skip", "frame_index", "causal")  # batch keys that are model inputs besides "input"
+MODEL_INPUTS = ("slots", "skip", "frame_index", "causal", "prefix_views", "prefix_at")  # batch keys that are model inputs besides "input"
 
 
 @dataclass
@@ -93,6 +96,7 @@ class LWM(nn.Module):
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
         self._moe = [m for m in self.modules() if isinstance(m, MoEFeedForward)]  # a plain list: not registered twice
+        self.vision_prefix = None  # images (N, H, W, 3) -> (N, K, d_model); attached by worldloom.talk.prefix
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -105,7 +109,7 @@ class LWM(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None,
                 frame_index: torch.Tensor | None = None, head: bool = True, causal: bool | torch.Tensor = True,
-                tree=None) -> ModelOutput:
+                tree=None, prefix_views: torch.Tensor | None = None, prefix_at: torch.Tensor | None = None) -> ModelOutput:
         """idx (B, T) [, slots (B, T), skip (B, T)] -> ModelOutput. The one entry point: training,
         evaluation and decoding all call the model, so ``torch.compile`` and DDP/FSDP wrap what runs.
 
@@ -115,17 +119,31 @@ class LWM(nn.Module):
         ``head=False`` skips the output head (callers that only need a few positions' logits).
         ``causal=False`` makes a bidirectional pass (masked objectives, `worldloom fill`; attention-only
         models); a (B,) bool tensor chooses per row (True: causal). ``tree = (see, pos)``: the new tokens
-        are a tree of candidates verified in one pass (Medusa; `backbones.stack.Stack.forward`)."""
+        are a tree of candidates verified in one pass (Medusa; `backbones.stack.Stack.forward`).
+        ``prefix_views`` (N, H, W, 3) images and ``prefix_at`` (B, T) bool with N * K True positions: a model with a
+        ``vision_prefix`` embeds the images as K vectors each and puts them there, in order (a vision prefix)."""
         if self.obs_encoder is not None:
             if tree is not None:
                 raise ValueError("a tree of candidates is for token streams; this model encodes observations")
             return self._forward_encoded(idx, cache, slots, head, causal)
-        h, cache = self.backbone(self.drop(self._embed(idx, slots, skip)), cache, causal=causal, tree=tree)
+        x = self._embed(idx, slots, skip)
+        if prefix_at is not None and prefix_views is not None and len(prefix_views):
+            x = self._put_prefix(x, prefix_views, prefix_at)
+        h, cache = self.backbone(self.drop(x), cache, causal=causal, tree=tree)
         logits = self.logits_of(h) if head else None
         frame = None
         if frame_index is not None and self.frame is not None and frame_index.numel():
             frame = self.frame_logits(h.flatten(0, 1)[frame_index])  # (N, F, V)
         return ModelOutput(logits, h, cache, frame, self._moe_aux(), self._values(h))
+
+    def _put_prefix(self, x: torch.Tensor, views: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) with the vision prefix's vectors of ``views`` (N images -> N * K vectors) at ``at`` (B, T), in order."""
+        if self.vision_prefix is None:
+            raise ValueError("this model has no vision prefix (a talk run with talk.view=prefix has one)")
+        vectors = self.vision_prefix(views).to(x.dtype)  # (N, K, C)
+        if int(at.sum()) != vectors.shape[0] * vectors.shape[1]:
+            raise ValueError(f"prefix_at marks {int(at.sum())} positions for {vectors.shape[0]} images of {vectors.shape[1]} vectors")
+        return x.masked_scatter(at.unsqueeze(-1), vectors.reshape(-1, x.shape[-1]))
 
     def _values(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.value(self.norm(h)).squeeze(-1).float() if self.value is not None else None

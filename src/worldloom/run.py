@@ -79,6 +79,10 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", any_model: bool 
         from .tune.base import prepare_tuned
 
         prepare_tuned(model, cfg, run_dir)
+    if cfg.talk.view == "prefix":  # a talk run's vision prefix: encoder + projector, saved with the model
+        from .talk.prefix import attach_prefix
+
+        attach_prefix(model, cfg, parts["layout"].obs.view)
     if cfg.quant.bits:  # int8 or ternary layers in place of the backbone's nn.Linear
         from .quant import prepare_loaded
 

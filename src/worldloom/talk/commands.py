@@ -48,6 +48,7 @@ def generate(args) -> int:
     from ..run import load_run
     from ..runtime import set_threads
     from .generate import TalkModel
+    from .prefix import view_renderer
 
     if args.view and args.draw:
         raise WorldloomError("--view (text about a view) and --draw (a view from text) are two directions; choose one")
@@ -66,11 +67,12 @@ def generate(args) -> int:
     unknown = unknown_words(run.layout, text)
     if unknown:
         raise WorldloomError(f"words the run never learned: {', '.join(sorted(set(unknown)))} (docs/talk.md lists the talk's words)")
-    tm = TalkModel(run.model, run.layout, args.precision, args.temperature, args.seed or 0, args.top_k, args.top_p)
+    tm = TalkModel(run.model, run.layout, args.precision, args.temperature, args.seed or 0, args.top_k, args.top_p,
+                   render=view_renderer(run))
     try:
         if seed is not None:
             fields, mission = first_view(run.cfg.env.id, seed)
-            answer = tm.read([mission], run.layout.encode_obs(fields), [text])[0]
+            answer = tm.read([mission], run.layout.encode_obs(fields), [text], images=fields["image"])[0]
             print(tidy(f"{norm(text)} {answer}"))
             return 0
         drawn = run.layout.decode_obs(tm.draw([text]))

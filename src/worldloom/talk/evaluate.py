@@ -9,6 +9,7 @@ pair of ``talk.held_out`` (never named by any training text). On each:
   no fact counts as said and wrong); ``caption_exact``: captions whose facts are exactly the true ones.
   On ``held_out_pairs`` both count only facts of a held-out pair.
 * ``qa``: answers equal to the program's (every question of the view).
+  A run with a vision prefix (``talk.view=prefix``) reads each view as its rendered image; the checkers are the same.
 * ``draw_attr``: the model draws a view from the true caption (``draw: CAPTION``), and each described
   fact is checked at its place in the drawn cells (``drawn_right``); on ``held_out_pairs`` only the
   held-out facts.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .generate import MAX_ANSWER, TalkModel, batched
+from .prefix import view_renderer
 from .stream import talk_items
 from .text import CAPTION, caption, check_pairs, drawn_right, facts_of, parse_caption
 
@@ -55,14 +57,16 @@ def score_views(tm: TalkModel, views: list[tuple], keep=lambda f: True) -> dict:
     lay = tm.layout
     obs = np.stack([v[1][: lay.obs_len] for v in views])
     truths = [facts_of(v[2]) for v in views]
-    caps = batched(lambda b: tm.read([views[i][0] for i in b], obs[b], [CAPTION] * len(b)), list(range(len(views))), BATCH)
+    images = np.stack([v[2] for v in views])  # the symbolic views (a vision prefix reads them rendered)
+    caps = batched(lambda b: tm.read([views[i][0] for i in b], obs[b], [CAPTION] * len(b), images=images[b]),
+                   list(range(len(views))), BATCH)
     cap = [_fact_scores(t, parse_caption(c), keep) for t, c in zip(truths, caps)]
     qa = [(i, q, a) for i, v in enumerate(views) for q, a in talk_items(v[2], v[0])[1:]]
     said = batched(lambda b: tm.read([views[i][0] for i, _, _ in b], obs[[i for i, _, _ in b]], [q for _, q, _ in b],
-                                     MAX_ANSWER), qa, BATCH)
+                                     MAX_ANSWER, images[[i for i, _, _ in b]]), qa, BATCH)
     drawn = batched(lambda b: tm.draw([caption(truths[i]) for i in b]), list(range(len(views))), BATCH)
-    images = lay.decode_obs(np.stack(drawn))["image"]
-    draws = [drawn_right(img, [f for f in t if keep(f)]) for img, t in zip(images, truths)]
+    drawn_images = lay.decode_obs(np.stack(drawn))["image"]
+    draws = [drawn_right(img, [f for f in t if keep(f)]) for img, t in zip(drawn_images, truths)]
     n_draw = sum(len(d) for d in draws)
     return {"n_views": len(views), "caption_attr": sum(c[0] for c in cap) / max(sum(c[1] for c in cap), 1),
             "caption_exact": float(np.mean([c[2] for c in cap])), "n_questions": len(qa),
@@ -74,7 +78,7 @@ def score_views(tm: TalkModel, views: list[tuple], keep=lambda f: True) -> dict:
 def evaluate_talk(run, episodes: list, precision: str = "fp32") -> dict:
     """Both sets' figures (module doc) for a loaded talk run over its held-out ``TalkEpisode``s."""
     pairs = check_pairs(run.cfg.talk.held_out)
-    tm = TalkModel(run.model, run.layout, precision)
+    tm = TalkModel(run.model, run.layout, precision, render=view_renderer(run))
     sets = eval_views(episodes, run.cfg.talk.eval_views, pairs)
     return {"views": score_views(tm, sets["views"]),
             "held_out_pairs": {"pairs": list(pairs), **score_views(tm, sets["held_out_pairs"], lambda f: f.pair in pairs)}}

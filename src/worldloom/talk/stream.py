@@ -17,6 +17,12 @@ segment's items come in a random order, so any one of them may follow the view d
 ``TalkData`` is the world recipe's ``EpisodeData`` whose ``row`` returns, with probability
 ``talk.fraction``, a talk segment about a random view of the episode instead of the episode; a
 training episode (``TalkEpisode.hide``) never yields a text that names a held-out colour-object pair.
+
+With a vision prefix (``talk.view=prefix``, ``worldloom.talk.prefix``) a read segment holds K
+placeholders where the view's 50 ids would be (``<bos> mission <sep> | K x <pad> | caption: ...``);
+the batch carries the views rendered as RGB (``prefix_views``) and where their vectors go
+(``prefix_at``); the model puts the projected vectors there. A prefix cut by the end of a row is left
+out (its placeholders stay; nothing after them is in the row). Draw segments and episodes keep token views.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 
 from ..world.data.packing import EpisodeData
-from ..world.stream import BOS, K_MISSION, K_OBS, SEP, EpisodeTokens, StreamLayout
+from ..world.stream import BOS, K_MISSION, K_OBS, PAD, SEP, EpisodeTokens, StreamLayout
 from .text import CAPTION, DRAW, caption, facts_of, mentions, norm, questions
 
 
@@ -47,6 +53,8 @@ class TalkSegment:
     slots: np.ndarray
     kinds: np.ndarray
     weight: np.ndarray
+    view: np.ndarray | None = None  # (V, V, 3) the view a vision prefix shows at ``view_at`` (prefix runs)
+    view_at: int = -1  # where its placeholders start in the segment
 
 
 def text_ids(layout: StreamLayout, text: str) -> np.ndarray:
@@ -71,11 +79,15 @@ def text_allowed(layout: StreamLayout, vocab: int) -> torch.Tensor:
     return mask
 
 
-def read_prompt(layout: StreamLayout, mission: str, obs_ids: np.ndarray, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """<bos> mission <sep> obs text -> (ids, slots): a view in context, then the start of a text about it."""
+def read_prompt(layout: StreamLayout, mission: str, obs_ids: np.ndarray, text: str,
+                vectors: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """<bos> mission <sep> obs text -> (ids, slots): a view in context, then the start of a text about it.
+    ``vectors`` > 0: the view is that many placeholders (slot 0) that a vision prefix fills, not ``obs_ids``."""
     prefix, words = layout.prefix(mission), text_ids(layout, text)
-    ids = np.concatenate([prefix, obs_ids, words])
-    slots = np.concatenate([np.zeros(len(prefix), np.int64), layout.step_slots[: layout.obs_len], np.zeros(len(words), np.int64)])
+    view = np.full(vectors, PAD, np.int64) if vectors else obs_ids
+    view_slots = np.zeros(vectors, np.int64) if vectors else layout.step_slots[: layout.obs_len]
+    ids = np.concatenate([prefix, view, words]).astype(np.int64)
+    slots = np.concatenate([np.zeros(len(prefix), np.int64), view_slots, np.zeros(len(words), np.int64)])
     return ids, slots
 
 
@@ -86,9 +98,10 @@ def draw_prompt(layout: StreamLayout, description: str) -> tuple[np.ndarray, np.
 
 
 def read_segment(layout: StreamLayout, mission: str, obs_ids: np.ndarray, items: list[tuple[str, str]],
-                 weight: float) -> tuple[np.ndarray, int, TalkSegment]:
-    """A view then (prompt, answer) items, each answer ended by <sep>; the answers weigh ``weight``."""
-    ids, slots = read_prompt(layout, mission, obs_ids, "")
+                 weight: float, vectors: int = 0) -> tuple[np.ndarray, int, TalkSegment]:
+    """A view then (prompt, answer) items, each answer ended by <sep>; the answers weigh ``weight``.
+    ``vectors`` > 0: the view is a vision prefix of that many vectors (``read_prompt``)."""
+    ids, slots = read_prompt(layout, mission, obs_ids, "", vectors)
     P = len(layout.prefix(mission))
     w = [np.zeros(len(ids), np.float32)]
     parts = [ids]
@@ -118,12 +131,13 @@ def talk_items(image, mission: str) -> list[tuple[str, str]]:
 
 
 class TalkData(EpisodeData):
-    """Episodes and talk segments packed together (module doc). ``tc`` is the run's ``talk`` config."""
+    """Episodes and talk segments packed together (module doc). ``tc`` is the run's ``talk`` config;
+    ``vectors`` > 0 (and ``render``: symbolic views -> RGB) for read segments that show a vision prefix."""
 
     def __init__(self, layout: StreamLayout, train: list[TalkEpisode], val: list[TalkEpisode], cfg, tc,
-                 step_skip: bool = False):
+                 step_skip: bool = False, vectors: int = 0, render=None):
         super().__init__(layout, train, val, cfg, frame_head=False, step_skip=step_skip)
-        self.tc = tc
+        self.tc, self.vectors, self.render = tc, vectors, render
 
     def row(self, ep, context: int, start: int | None = None, gen: torch.Generator | None = None):
         if start is None and isinstance(ep, TalkEpisode) and ep.length and float(torch.rand(1, generator=gen)) < self.tc.fraction:
@@ -141,7 +155,11 @@ class TalkData(EpisodeData):
             return None if mentions(text, ep.hide) else draw_segment(self.layout, text, obs_ids, self.tc.weight_draw)
         items = [it for it in talk_items(image, ep.mission) if not mentions(f"{it[0]} {it[1]}", ep.hide)]
         order = torch.randperm(len(items), generator=gen).tolist()
-        return read_segment(self.layout, ep.mission, obs_ids, [items[k] for k in order], self.tc.weight_text)
+        seq, P, seg = read_segment(self.layout, ep.mission, obs_ids, [items[k] for k in order], self.tc.weight_text,
+                                   self.vectors)
+        if self.vectors:
+            seg.view, seg.view_at = image, P
+        return seq, P, seg
 
     def segment(self, seq: np.ndarray, P: int, policy):
         if not isinstance(policy, TalkSegment):
@@ -156,4 +174,28 @@ class TalkData(EpisodeData):
         lo, n = self.layout.offset["mission"], self.layout.size["mission"]
         tgt = batch["target"]
         batch["part_text"] = (((tgt >= lo) & (tgt < lo + n)) | (tgt == SEP)) & (batch["weight"] > 0)
+        if self.vectors:
+            batch.update(self.prefix_inputs(rows, batch["input"].shape, length))
         return batch
+
+    def prefix_inputs(self, rows, shape: tuple[int, int], length: int | None) -> dict:
+        """``prefix_views`` (N, H, W, 3) uint8 and ``prefix_at`` (B, T) bool for the read segments whose
+        placeholders all lie in the (cut) input row, in row order."""
+        K = self.vectors
+        at = np.zeros(shape, bool)
+        views = []
+        for b, segments in enumerate(rows):
+            total = sum(len(seg[0]) for seg in segments)
+            n = (min(total, length) if length is not None else total) - 1  # input positions of this row
+            off = 0
+            for seq, _, policy in segments:
+                if isinstance(policy, TalkSegment) and policy.view is not None and off + policy.view_at + K <= n:
+                    at[b, off + policy.view_at: off + policy.view_at + K] = True
+                    views.append(policy.view)
+                off += len(seq)
+        return {"prefix_views": torch.from_numpy(self.render(np.asarray(views, np.uint8).reshape(-1, *self.view_shape))),
+                "prefix_at": torch.from_numpy(at)}
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        return tuple(self.splits["train"][0].images.shape[1:])

@@ -183,6 +183,8 @@ def train_step(tr: Trainer, lr: float) -> tuple[float, dict, int]:
     tc = tr.cfg.train
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
+    if hasattr(tr.task, "before_step"):  # a staged task (a talk run's vision prefix: backbone frozen in stage 1)
+        tr.task.before_step(tr.model, tr.step)
     loss_sum, extra, tokens = 0.0, {}, 0
     shard = D.shard_sequence if tr.cfg.model.attention == "ring" else D.shard_rows
     for _ in range(tc.grad_accum):

@@ -38,3 +38,5 @@ class Task(Protocol):
     # Optional: ``prepare_model(model)`` is called on the freshly built model before it is moved,
     # wrapped or restored (the tuning recipes load their base run's weights and add LoRA
     # adapters there); a model with frozen parameters checkpoints only its trained ones.
+    # Optional: ``before_step(model, step)`` is called before each optimizer step (a talk run with a vision
+    # prefix freezes its backbone for its first steps there).
