@@ -754,11 +754,14 @@ class RunConfig:
 
 
 def _check_prefix(cfg: RunConfig) -> None:
-    """prefix.* settings and talk.view=prefix belong to a talk run (worldloom.talk.prefix)."""
-    if cfg.talk.view == "prefix" and cfg.recipe != "talk":
+    """prefix.* settings and talk.view=prefix belong to a recipe that reads views as a prefix (the talk recipe)."""
+    from .recipes import get_recipe
+
+    has_prefix = get_recipe(cfg.recipe).vision_prefix
+    if cfg.talk.view == "prefix" and not has_prefix:
         raise ConfigError(f"talk.view=prefix is for a talk run (worldloom train babyai-talk-prefix); a {cfg.recipe} run has no talk")
     if cfg.prefix != PrefixConfig() and cfg.talk.view != "prefix":
-        what = f"a {cfg.recipe} run" if cfg.recipe != "talk" else "a talk run with talk.view=tokens"
+        what = f"a {cfg.recipe} run" if not has_prefix else f"a {cfg.recipe} run with talk.view=tokens"
         raise ConfigError(f"prefix.* settings are for a talk run with talk.view=prefix; {what} has no vision prefix "
                           "(drop them, or train babyai-talk-prefix)")
 

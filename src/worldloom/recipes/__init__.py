@@ -59,6 +59,7 @@ class Recipe:
     model_fields: tuple[str, ...] = ("vocab_size",)  # the ModelConfig fields its task sets (Task.model_sizes)
     build_model: Callable | None = None  # cfg -> the module it trains, when it is not an LWM (an image autoencoder)
     world: bool = False  # its runs are world runs (a stream layout; `tune ppo` plays them; text-only commands refuse them)
+    vision_prefix: bool = False  # its views can be read as a vision prefix (talk.view=prefix, prefix.*)
 
 
 def prepare_then_train(cfg, prepare, save, folder: str, progress: bool = True, log=print) -> dict:

@@ -105,4 +105,5 @@ def evaluate(args, run) -> int:
 
 
 RECIPE = Recipe("talk", "a world model that talks: views, actions and text about them in one stream", make_task, run,
-                resume, load, evaluate, model_fields=("vocab_size", "slots", "period", "frame_tokens", "slot_grid"), world=True)
+                resume, load, evaluate, model_fields=("vocab_size", "slots", "period", "frame_tokens", "slot_grid"), world=True,
+                vision_prefix=True)
