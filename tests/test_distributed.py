@@ -127,6 +127,22 @@ def test_shard_rows_splits_the_global_batch():
         shard_rows(batch, Dist(0, 3, "ddp"))
 
 
+def test_shard_rows_gives_each_rank_the_prefix_images_of_its_rows():
+    """A talk batch with a vision prefix (2 vectors per view): row 0 holds one view, row 1 none, rows 2-3 two and one."""
+    from worldloom.train.dist import Dist, shard_rows, shard_sequence
+
+    B, T = 4, 6
+    at = torch.zeros(B, T, dtype=torch.bool)
+    at[0, 1:3] = at[2, 0:2] = at[2, 3:5] = at[3, 4:6] = True
+    views = torch.arange(4).view(4, 1, 1, 1).expand(4, 2, 2, 3)  # view i is filled with i
+    batch = {"input": torch.zeros(B, T, dtype=torch.long), "prefix_at": at, "prefix_views": views}
+    halves = [shard_rows(batch, Dist(r, 2, "ddp")) for r in range(2)]
+    assert [h["prefix_views"][:, 0, 0, 0].tolist() for h in halves] == [[0], [1, 2, 3]]
+    assert all(int(h["prefix_at"].sum()) == 2 * len(h["prefix_views"]) for h in halves)
+    with pytest.raises(Exception, match="ring attention"):
+        shard_sequence(batch, Dist(0, 2, "ddp"))
+
+
 def test_torchrun_launches_the_cli(corpus_file, tmp_path):
     """The documented command: torchrun --nproc-per-node 2 -m worldloom train ... train.dist=ddp."""
     import os

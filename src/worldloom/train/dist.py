@@ -115,7 +115,12 @@ def shard_rows(batch: dict, dist: Dist) -> dict:
         return batch
     B, T = batch["input"].shape
     lo, hi = _span(B, dist, f"train.batch_size={B}")
-    return _shard(batch, dist, lambda v: v[lo:hi], lambda b, t: (b >= lo) & (b < hi), lambda b, t: (b - lo) * T + t)
+    out = _shard(batch, dist, lambda v: v[lo:hi], lambda b, t: (b >= lo) & (b < hi), lambda b, t: (b - lo) * T + t)
+    if "prefix_views" in batch:  # a talk batch's vision-prefix images follow their rows (row-major placeholder order)
+        views, at = batch["prefix_views"], batch["prefix_at"]
+        per_row = at.sum(1) // max(int(at.sum()) // max(len(views), 1), 1)  # (B,) views placed in each row
+        out["prefix_views"] = views[int(per_row[:lo].sum()) : int(per_row[:hi].sum())]
+    return out
 
 
 def shard_sequence(batch: dict, dist: Dist) -> dict:
@@ -124,6 +129,9 @@ def shard_sequence(batch: dict, dist: Dist) -> dict:
     if dist.world <= 1:
         return batch
     B, T = batch["input"].shape
+    if "prefix_views" in batch:
+        raise ConfigError("a vision prefix (talk.view=prefix) cannot be split along the sequence by ring attention; "
+                          "use train.dist=ddp or fsdp with model.attention=flash")
     lo, hi = _span(T, dist, f"model.context={T} (model.attention=ring)")
     return _shard(batch, dist, lambda v: v[:, lo:hi], lambda b, t: (t >= lo) & (t < hi), lambda b, t: b * (hi - lo) + t - lo)
 
@@ -140,7 +148,7 @@ def _shard(batch: dict, dist: Dist, take, keep_frame, frame_pos) -> dict:
     ``keep_frame`` accepts, renumbered by ``frame_pos``; add ``loss_scale``."""
     B, T = batch["input"].shape
     out = {k: take(v) if torch.is_tensor(v) and v.ndim >= 2 and v.shape[:2] == (B, T) else v
-           for k, v in batch.items() if k not in ("frame_index", "frame_target")}
+           for k, v in batch.items() if k not in ("frame_index", "frame_target", "prefix_views")}
     if "frame_index" in batch:
         b, t = batch["frame_index"] // T, batch["frame_index"] % T
         keep = keep_frame(b, t)
