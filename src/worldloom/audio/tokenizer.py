@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..io import read_json, write_json
 from ..tokenize.base import register_obs_tokenizer
+from ..tokenize.learned import load_learned, save_learned
 from .mel import MelSpec
 from .utterances import pad_frames
 
@@ -90,26 +90,11 @@ class AudioTokenizer:
         return {"kind": self.kind, "audio": to_dict(self.cfg), "clip": self.clip}
 
     def save(self, folder: Path) -> None:
-        from ..io import save_tensors
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / WEIGHTS, self.model.state_dict())
-        write_json(folder / META, self.meta())
+        save_learned(folder, self.model, self.meta(), META, WEIGHTS)
 
     @classmethod
     def load(cls, folder: Path) -> "AudioTokenizer":
-        from ..io import load_tensors
-
-        folder = Path(folder)
-        if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
-            raise CheckpointError(f"{folder} holds no audio tokenizer ({META} and {WEIGHTS})")
-        meta = read_json(folder / META, "audio tokenizer")
-        model = build_autoencoder(meta["audio"])
-        missing, unexpected = model.load_state_dict(load_tensors(folder / WEIGHTS), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{folder / WEIGHTS} does not match its audio config (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]})")
+        model, meta = load_learned(folder, META, WEIGHTS, "audio tokenizer", lambda m: build_autoencoder(m["audio"]))
         return cls(model, meta.get("clip"))
 
     @classmethod

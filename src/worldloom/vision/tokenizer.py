@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..io import read_json, write_json
+from ..io import read_json
 from ..tokenize.base import register_obs_tokenizer
+from ..tokenize.learned import load_learned, save_learned
 from ..world.envs.pixels import PIXELS
 
 META = "image_tokenizer.json"
@@ -96,23 +97,11 @@ class ImageTokenizer:
         return tokenizer_meta(self.model.cfg, self.frame_shape, self.env_id)
 
     def save(self, folder: Path) -> None:
-        from ..io import save_tensors
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / WEIGHTS, self.model.state_dict())
-        write_json(folder / META, self.meta())
+        save_learned(folder, self.model, self.meta(), META, WEIGHTS)
 
     @classmethod
     def load(cls, folder: Path) -> "ImageTokenizer":
-        from ..io import load_tensors
-
-        folder = Path(folder)
-        if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
-            raise CheckpointError(f"{folder} holds no image tokenizer ({META} and {WEIGHTS})")
-        meta = read_json(folder / META, "image tokenizer")
-        model = build_autoencoder(meta["vision"])
-        _load_weights(model, load_tensors(folder / WEIGHTS), folder / WEIGHTS)
+        model, meta = load_learned(folder, META, WEIGHTS, "image tokenizer", lambda m: build_autoencoder(m["vision"]))
         return cls(model, meta["frame_shape"], meta.get("env_id", ""))
 
     @classmethod
@@ -127,9 +116,3 @@ class ImageTokenizer:
         meta = read_json(Path(run_dir) / META, "image tokenizer")
         return cls(load_run(run_dir, any_model=True).model, meta["frame_shape"], cfg.env.id)
 
-
-def _load_weights(model, weights: dict, where) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{where} does not match its image tokenizer config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
