@@ -86,6 +86,26 @@ def resume_training(run_dir, overrides: list[str], progress: bool = True, log=pr
     return train(resume=Path(run_dir), overrides=overrides, progress=progress, log=log)
 
 
+def tokenizer_stage(where, given: str, key: str, train_command: str, recipe, stage_config, started: str,
+                    progress: bool = True, log=print) -> None:
+    """A run's learned tokenizer before it trains: ``given`` (the ``key`` setting) names one, which must be a
+    folder; else the stage trains one into ``where`` (``recipe.run(stage_config())``, ``started`` logged), or
+    finishes it if a kill interrupted it."""
+    from ..checkpoint import latest_checkpoint
+    from ..errors import ConfigError
+
+    if given:
+        if not where.is_dir():
+            raise ConfigError(f"{key}={where} is not a folder; give a `{train_command}` run folder, or leave it empty "
+                              "to train one first")
+    elif latest_checkpoint(where) is not None:
+        log(f"tokenizer stage: finishing {where}")
+        recipe.RECIPE.resume(where, [], progress=progress, log=log)
+    else:
+        log(f"tokenizer stage: {started} in {where}")
+        recipe.run(stage_config(), progress=progress, log=log)
+
+
 def load_nothing(run_dir) -> tuple[None, dict]:
     """The run loader's part of a recipe that builds its own model (``build_model``): no tokenizer, no layout."""
     return None, {}

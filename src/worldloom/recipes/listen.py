@@ -53,20 +53,12 @@ def stage_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
 
 def ensure_tokenizer(cfg: RunConfig, run_dir: Path, progress: bool = True, log=print) -> Path:
-    from ..checkpoint import latest_checkpoint
-    from . import audio_tokenizer
+    from . import audio_tokenizer, tokenizer_stage
 
     where = tokenizer_dir(cfg, run_dir)
-    if cfg.audio.tokenizer:
-        if not where.is_dir():
-            raise ConfigError(f"audio.tokenizer={where} is not a folder; give a `worldloom train tokenizer-audio` run "
-                              "folder, or leave it empty to train one first")
-    elif latest_checkpoint(where) is not None:
-        log(f"tokenizer stage: finishing {where}")
-        audio_tokenizer.RECIPE.resume(where, [], progress=progress, log=log)
-    else:
-        log(f"tokenizer stage: an audio tokenizer in {where} ({cfg.audio.tokenizer_steps} steps)")
-        audio_tokenizer.run(stage_config(cfg, run_dir), progress=progress, log=log)
+    tokenizer_stage(where, cfg.audio.tokenizer, "audio.tokenizer", "worldloom train tokenizer-audio", audio_tokenizer,
+                    lambda: stage_config(cfg, run_dir), f"an audio tokenizer ({cfg.audio.tokenizer_steps} steps)",
+                    progress, log)
     return where
 
 

@@ -53,21 +53,12 @@ def stage_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
 def ensure_tokenizer(cfg: RunConfig, run_dir: Path, progress: bool = True, log=print) -> Path:
     """The tokenizer run of a pixel world run, trained first (or finished, if a kill interrupted it) when the
     world run trains its own; checked against the environment's frames either way."""
-    from ..checkpoint import latest_checkpoint
-    from ..recipes import image_tokenizer
+    from ..recipes import image_tokenizer, tokenizer_stage
 
     where = tokenizer_dir(cfg, run_dir)
-    if cfg.stream.tokenizer:
-        if not where.is_dir():
-            raise ConfigError(f"stream.tokenizer={where} is not a folder; give a `worldloom train tokenizer-vq` run "
-                              "folder, or leave it empty to train one first")
-    elif latest_checkpoint(where) is not None:
-        log(f"tokenizer stage: finishing {where}")
-        image_tokenizer.RECIPE.resume(where, [], progress=progress, log=log)
-    else:
-        log(f"tokenizer stage: an image tokenizer for {cfg.env.id} in {where} "
-            f"({cfg.vision.minutes:g} min{f' or {cfg.vision.max_steps} steps' if cfg.vision.max_steps else ''})")
-        image_tokenizer.run(stage_config(cfg, run_dir), progress=progress, log=log)
+    budget = f"{cfg.vision.minutes:g} min{f' or {cfg.vision.max_steps} steps' if cfg.vision.max_steps else ''}"
+    tokenizer_stage(where, cfg.stream.tokenizer, "stream.tokenizer", "worldloom train tokenizer-vq", image_tokenizer,
+                    lambda: stage_config(cfg, run_dir), f"an image tokenizer for {cfg.env.id} ({budget})", progress, log)
     image_tokenizer_for(cfg, run_dir)  # refuse a tokenizer of other frames now, not after the world model trained
     return where
 
