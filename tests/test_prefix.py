@@ -208,7 +208,8 @@ def test_stage_one_from_a_base_run_then_resume_into_stage_two(runs, capsys):
 @pytest.mark.parametrize("args, message", [
     (["babyai", "prefix.grid=3"], "prefix.* settings are for a talk run with talk.view=prefix; a world run"),
     (["babyai", "talk.view=prefix"], "talk.view=prefix is for a talk run"),
-    (["babyai-talk", "prefix.stage1_steps=5"], "a talk run with talk.view=tokens has no vision prefix"),
+    (["babyai-talk", "prefix.channels=32"], "a talk run with talk.view=tokens has no vision prefix"),
+    (["babyai-talk-prefix", "prefix.stage1_steps=5"], "without prefix.base is its random init"),
     (["babyai-talk-prefix", "talk.view=pixels"], "talk.view must be tokens or prefix"),
 ])
 def test_prefix_settings_elsewhere_are_one_line(tmp_path, capsys, args, message):

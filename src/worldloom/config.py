@@ -650,7 +650,9 @@ class PrefixConfig:
     grid: int = 7  # the encoder's output: grid x grid vectors (7: one per view cell; fewer: pooled)
     channels: int = 64  # the CNN's width
     hidden: int = 256  # the projector MLP's hidden width
-    stage1_steps: int = 200  # optimizer steps with the backbone frozen (only encoder + projector learn); then jointly
+    # optimizer steps with the backbone frozen (only encoder + projector learn), then jointly; needs prefix.base (a
+    # trained backbone to align to, as LLaVA's stage 1 has): freezing a backbone at its random init teaches nothing
+    stage1_steps: int = 0
     base: str = ""  # a talk run (talk.view=tokens) whose model and stream the backbone starts from; "": its own init
 
     def __post_init__(self):
@@ -659,6 +661,9 @@ class PrefixConfig:
                 raise ConfigError(f"prefix.{name} must be in 1..4096, got {getattr(self, name)}")
         if self.stage1_steps < 0:
             raise ConfigError(f"prefix.stage1_steps must be >= 0, got {self.stage1_steps}")
+        if self.stage1_steps and not self.base:
+            raise ConfigError(f"prefix.stage1_steps={self.stage1_steps} freezes the backbone, which without prefix.base is "
+                              "its random init: give prefix.base=TALK_RUN (a trained babyai-talk run) or prefix.stage1_steps=0")
 
 
 @dataclass
