@@ -650,9 +650,9 @@ class PrefixConfig:
     grid: int = 7  # the encoder's output: grid x grid vectors (7: one per view cell; fewer: pooled)
     channels: int = 64  # the CNN's width
     hidden: int = 256  # the projector MLP's hidden width
-    # optimizer steps with the backbone frozen (only encoder + projector learn), then jointly; needs prefix.base (a
-    # trained backbone to align to, as LLaVA's stage 1 has): freezing a backbone at its random init teaches nothing
-    stage1_steps: int = 0
+    # optimizer steps with the backbone frozen (only encoder + projector learn), then jointly; > 0 needs prefix.base
+    # (a trained backbone to align to, as LLaVA's stage 1 has): freezing a backbone at its random init teaches nothing
+    stage1_steps: int = 200
     base: str = ""  # a talk run (talk.view=tokens) whose model and stream the backbone starts from; "": its own init
 
     def __post_init__(self):
@@ -661,9 +661,6 @@ class PrefixConfig:
                 raise ConfigError(f"prefix.{name} must be in 1..4096, got {getattr(self, name)}")
         if self.stage1_steps < 0:
             raise ConfigError(f"prefix.stage1_steps must be >= 0, got {self.stage1_steps}")
-        if self.stage1_steps and not self.base:
-            raise ConfigError(f"prefix.stage1_steps={self.stage1_steps} freezes the backbone, which without prefix.base is "
-                              "its random init: give prefix.base=TALK_RUN (a trained babyai-talk run) or prefix.stage1_steps=0")
 
 
 @dataclass
@@ -765,6 +762,9 @@ def _check_prefix(cfg: RunConfig) -> None:
     has_prefix = get_recipe(cfg.recipe).vision_prefix
     if cfg.talk.view == "prefix" and not has_prefix:
         raise ConfigError(f"talk.view=prefix is for a talk run (worldloom train babyai-talk-prefix); a {cfg.recipe} run has no talk")
+    if cfg.talk.view == "prefix" and cfg.prefix.stage1_steps and not cfg.prefix.base:
+        raise ConfigError(f"prefix.stage1_steps={cfg.prefix.stage1_steps} freezes the backbone, which without prefix.base is "
+                          "its random init: give prefix.base=TALK_RUN (a trained babyai-talk run) or prefix.stage1_steps=0")
     if cfg.prefix != PrefixConfig() and cfg.talk.view != "prefix":
         what = f"a {cfg.recipe} run" if not has_prefix else f"a {cfg.recipe} run with talk.view=tokens"
         raise ConfigError(f"prefix.* settings are for a talk run with talk.view=prefix; {what} has no vision prefix "
