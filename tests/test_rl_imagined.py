@@ -248,6 +248,7 @@ def test_the_agent_collects_real_episodes_for_the_world_model(world_run, tmp_pat
     out = wrl.tune_ppo(tu, **QUIET)
     got = rows(tmp_path / "iris")
     assert [r["collected"] for r in got] == [2, 4]
+    assert all(0.0 <= r["collected_success"] <= 1.0 for r in got)  # the agent's real success, round by round
     assert 0 < got[0]["env_steps"] <= 10 and got[1]["env_steps"] <= 20
     assert [r["real_steps"] - r["env_steps"] for r in got] == [3 + 2, 6 + 4]  # resets: imagined starts + collected episodes
     assert out["collected"] == 4 and out["env_steps"] == got[1]["env_steps"]

@@ -542,10 +542,10 @@ def _collected_shard(run_dir: Path, k: int) -> Path:
     return Path(run_dir) / COLLECTED / f"shard-{k:05d}.npz"
 
 
-def gather_real(tu: Tuner, progress: bool = False) -> None:
+def gather_real(tu: Tuner, progress: bool = False) -> float:
     """One collection round (rl.collect_every): the current agent plays real episodes, sampled, on seeds of
     the rl split's upper half; saved as ``collected/shard-K.npz`` (a resumed run reads them back) and added to
-    the real windows of the world-model loss. Counted as real environment calls."""
+    the real windows of the world-model loss. Counted as real environment calls. Returns their real success."""
     cfg, k = tu.cfg, tu.update // tu.cfg.collect_every
     n = cfg.collect_episodes or cfg.envs
     seeds = [split_seed("rl", tu.data_seed, COLLECT_SEEDS + tu.collected + i) for i in range(n)]
@@ -557,6 +557,7 @@ def gather_real(tu: Tuner, progress: bool = False) -> None:
     tu.env_steps += steps
     tu.real_steps += n + steps
     tu.collected += n
+    return float(np.mean([r.success for r in res]))
 
 
 def collected_windows(run_dir: Path, model, layout: StreamLayout, cfg: RLConfig, update: int) -> list:
@@ -592,8 +593,9 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     """Collect, score, PPO epochs; the metrics row of this update."""
     cfg, n = tu.cfg, tu.cfg.per_update
     seeds = [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n)]
+    collected = {}
     if cfg.collect_every and tu.update % cfg.collect_every == 0:
-        gather_real(tu, progress)
+        collected = {"collected_success": gather_real(tu, progress)}
     sample_seed = int(torch.randint(2**31 - 1, (1,), generator=tu.gen))
     res = collect(tu, seeds, sample_seed, progress)
     ro = rollout_of(tu.model, tu.layout, res, cfg.horizon)
@@ -602,7 +604,7 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen, tu.real_rows)
     tu.update += 1
     tu.episodes += n
-    return {"update": tu.update, **outcome_row(tu, res), "value_only": value_only, **parts}
+    return {"update": tu.update, **outcome_row(tu, res), **collected, "value_only": value_only, **parts}
 
 
 def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
