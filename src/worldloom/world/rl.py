@@ -388,6 +388,11 @@ def rollout_of(model, layout: StreamLayout, results, cut: int = 0) -> Rollout:
                          mc.obs_vectors or layout.obs_len, cut)
 
 
+def episode_windows(model, layout: StreamLayout, episodes: list) -> list:
+    """Stored real episodes -> their stream windows, for the world-model loss (only the episodes are read)."""
+    return rollout_of(model, layout, [EpisodeResult(e.seed, False, 0.0, e.length, e) for e in episodes]).rows
+
+
 def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path, run_dir: Path | None = None,
                  update: int = 0) -> list | None:
     """In imagination with ``rl.wm_coef`` > 0: the stream windows of the world run's own training episodes
@@ -402,7 +407,7 @@ def real_windows(cfg: RLConfig, model, layout: StreamLayout, data_path: Path, ru
                           f"episodes, which are not readable ({e}); use rl.wm_coef=0") from None
     if not episodes:
         raise ConfigError(f"rl.wm_coef > 0 with rl.world=imagined needs the world run's training episodes; {data_path} has none")
-    rows = rollout_of(model, layout, [EpisodeResult(e.seed, False, 0.0, e.length, e) for e in episodes]).rows
+    rows = episode_windows(model, layout, episodes)
     return rows + (collected_windows(run_dir, model, layout, cfg, update) if run_dir is not None else [])
 
 
@@ -572,7 +577,7 @@ def collected_windows(run_dir: Path, model, layout: StreamLayout, cfg: RLConfig,
         except (DataError, OSError) as e:
             raise ConfigError(f"{run_dir} is missing the real episodes of collection round {k} ({e}); "
                               "it cannot resume as it ran") from None
-    return rollout_of(model, layout, [EpisodeResult(e.seed, e.success, float(e.reward.sum()), e.length, e) for e in eps]).rows
+    return episode_windows(model, layout, eps)
 
 
 def outcome_row(tu: Tuner, res: list) -> dict:
