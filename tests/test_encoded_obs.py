@@ -18,10 +18,10 @@ def longest(eps):
     return max(eps, key=lambda e: e.length)
 
 
-def encoded_model(layout, vectors=2, seed=0, backbone="transformer", context=256):
+def encoded_model(layout, vectors=2, seed=0, backbone="transformer", context=256, film=False):
     cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}", f"model.context={context}"]).model
     cfg.vocab_size, cfg.slots = layout.vocab_size, layout.n_slots
-    cfg.obs_vectors, cfg.obs_len, cfg.obs_grid = vectors, layout.obs_len, 7
+    cfg.obs_vectors, cfg.obs_len, cfg.obs_grid, cfg.obs_film = vectors, layout.obs_len, 7, film
     torch.manual_seed(seed)
     return LWM(cfg).eval()
 
@@ -85,13 +85,14 @@ def test_one_network_serves_policy_and_world_model(layout, episodes):
     assert min(grads) > 0
 
 
-@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-def test_runner_matches_the_training_forward(layout, episodes, backbone):
+@pytest.mark.parametrize("backbone,film", [("transformer", False), ("mamba", False), ("transformer", True)])
+def test_runner_matches_the_training_forward(layout, episodes, backbone, film):
     """Fed step by step through the runner (cache, chunks [a r d obs]), the policy's logits and the frame
-    decoder's logits are those of one forward over the whole row."""
+    decoder's logits are those of one forward over the whole row (with FiLM, the runner hands the model the
+    mission that the cached calls no longer hold)."""
     from worldloom.world.rollout.runner import StreamRunner
 
-    model = encoded_model(layout, backbone=backbone)
+    model = encoded_model(layout, backbone=backbone, film=film)
     ep = layout.episode(longest(episodes[1]))
     T = min(ep.length, 4)
     runner = StreamRunner(model, layout)
@@ -124,7 +125,53 @@ def test_runner_matches_the_training_forward(layout, episodes, backbone):
         torch.testing.assert_close(got[ok], ref[ok], rtol=1e-4, atol=1e-4)
 
 
+def test_mission_vectors_on_a_hand_made_row():
+    """Two episodes packed in one row (<bos> words <sep> steps ...): each frame gets the mean embedding of its
+    own episode's words; an empty mission gives zeros; a frame with no <bos> before it is refused."""
+    from worldloom.modality import mission_vectors
+
+    emb_table = torch.randn(20, 4)
+    #        bos  w5  w6  sep  obs  obs  bos  sep  obs | bos  w7  sep obs
+    idx = torch.tensor([[1, 5, 6, 2, 10, 11, 1, 2, 12], [1, 7, 2, 13, 0, 0, 0, 0, 0]])
+    slots = torch.tensor([[0, 0, 0, 0, 1, 2, 0, 0, 1], [0, 0, 0, 1, 2, 0, 0, 0, 0]])
+    at = torch.tensor([4, 8, 9 + 3])
+    got = mission_vectors(emb_table[idx], idx, slots, at, bos=1, first_word=3)
+    torch.testing.assert_close(got[0], (emb_table[5] + emb_table[6]) / 2)
+    torch.testing.assert_close(got[1], torch.zeros(4))
+    torch.testing.assert_close(got[2], emb_table[7])
+    with pytest.raises(ValueError, match="mission prefix"):
+        mission_vectors(emb_table[idx[:, 3:]], idx[:, 3:], slots[:, 3:], torch.tensor([1]), bos=1, first_word=3)
+
+
+def test_film_conditions_the_frame_on_the_mission(layout, episodes):
+    """With FiLM the policy's logits at the first observation depend on the mission through the frame
+    encoder too: swapping the mission words changes the frame vectors; a cached call without the mission
+    is refused in one line rather than silently unconditioned."""
+    ep = layout.episode(longest(episodes[1]))
+    other = next(layout.episode(e) for e in episodes[0] if e.mission != longest(episodes[1]).mission)
+    seq = [torch.from_numpy(np.concatenate([p, ep.steps[0, : layout.obs_len]]))[None] for p in (ep.prefix, other.prefix)]
+    outs = {}
+    for film in (False, True):
+        model = encoded_model(layout, film=film)
+        seen = []
+        model.obs_encoder.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+        for s in seq:
+            slots = torch.zeros_like(s)
+            slots[0, -layout.obs_len:] = torch.arange(1, layout.obs_len + 1)
+            with torch.no_grad():
+                model(s, slots=slots)
+        outs[film] = seen
+    torch.testing.assert_close(outs[False][0], outs[False][1])
+    assert not torch.allclose(outs[True][0], outs[True][1])
+    model = encoded_model(layout, film=True)
+    obs = torch.from_numpy(ep.steps[:1, : layout.obs_len])
+    with pytest.raises(ValueError, match="mission"):
+        model(obs, slots=torch.arange(1, layout.obs_len + 1)[None])
+
+
 def test_encoded_config_errors():
+    with pytest.raises(ConfigError, match="obs_film"):
+        build_config(None, [*TINY_WORLD, "stream.obs_film=true"])
     with pytest.raises(ConfigError, match="stream.obs must be"):
         build_config(None, [*TINY_WORLD, "stream.obs=pixels"])
     with pytest.raises(ConfigError, match="parallel_obs"):
@@ -209,3 +256,15 @@ def test_tune_ppo_on_an_encoded_run(encoded_run, tmp_path):
                            f"out_dir={tmp_path}", "name=ppo"], progress=False, log=lambda *a: None)
     row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["episodes"] == 2 and row["kl"] == 0.0
+
+
+def test_frame_decoder_forward_is_the_torch_layers():
+    """The decoder's written-out forward (plain matmul attention) computes what its nn.TransformerEncoder
+    layers compute, so its checkpoints mean the same thing."""
+    torch.manual_seed(0)
+    dec = FrameDecoder(d_model=16, obs_len=50, n_layer=2, n_head=4, d_ff=32).eval()
+    h, prev = torch.randn(5, 16), torch.randn(5, 50, 16)
+    with torch.no_grad():
+        ref = dec.layers(prev + dec.query + dec.cond(h).unsqueeze(1))
+        got = dec(h, prev)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

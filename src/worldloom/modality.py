@@ -35,28 +35,66 @@ from torch.nn import functional as F
 
 class FrameEncoder(nn.Module):
     """Token embeddings of observations (N, obs_len, C) -> (N, vectors, C). The first grid**2 tokens are
-    the cells of a square grid (row-major); the rest (e.g. the direction) join after the convolutions."""
+    the cells of a square grid (row-major); the rest (e.g. the direction) join after the convolutions.
+    With ``film``, every convolution's output is scaled and shifted per channel by a linear function of a
+    conditioning vector (N, C) — the episode's mission (FiLM, as in BabyAI's agents: the mission decides
+    which cells matter before the frame is squeezed into a few vectors)."""
 
-    def __init__(self, d_model: int, obs_len: int, grid: int, vectors: int, channels: int = 64):
+    def __init__(self, d_model: int, obs_len: int, grid: int, vectors: int, channels: int = 64, film: bool = False):
         super().__init__()
         self.grid, self.vectors, self.rest = grid, vectors, obs_len - grid * grid
         self.inp = nn.Conv2d(d_model, channels, 3, padding=1)
         self.res = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2))
+        self.film = nn.Linear(d_model, 2 * channels * (1 + len(self.res))) if film else None
         self.out = nn.Linear(channels * grid * grid + d_model * self.rest, vectors * d_model)
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, e: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         N, _, C = e.shape
         g = self.grid
-        x = F.gelu(self.inp(e[:, : g * g].transpose(1, 2).reshape(N, C, g, g)))  # (N, ch, g, g)
-        for conv in self.res:
-            x = x + F.gelu(conv(x))
+        mods = [None] * (1 + len(self.res))
+        if self.film is not None:
+            if cond is None:
+                raise ValueError("this frame encoder is conditioned on the mission (FiLM): pass cond=")
+            gb = self.film(cond.to(e.dtype)).view(N, len(mods), 2, self.inp.out_channels, 1, 1)  # (N, layers, scale/shift, ch, 1, 1)
+            mods = [(gb[:, i, 0], gb[:, i, 1]) for i in range(len(mods))]
+
+        def act(x, mod):
+            return F.gelu(x if mod is None else x * (1 + mod[0]) + mod[1])
+
+        x = act(self.inp(e[:, : g * g].transpose(1, 2).reshape(N, C, g, g)), mods[0])  # (N, ch, g, g)
+        for conv, mod in zip(self.res, mods[1:]):
+            x = x + act(conv(x), mod)
         feats = torch.cat([x.flatten(1), e[:, g * g :].flatten(1)], dim=1)
         return self.out(feats).view(N, self.vectors, C)
 
 
+def mission_vectors(emb: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bos: int,
+                    first_word: int) -> torch.Tensor:
+    """The mean embedding of the mission words of the episode that flat positions ``at`` (N,) belong to, in
+    id rows ``idx``/``slots`` (B, T) whose episodes each start with ``<bos> words <sep>`` (slot 0): (N, C).
+    Words are the slot-0 ids >= ``first_word`` (not padding, <bos> or <sep>); an empty mission gives zeros.
+    A position with no ``<bos>`` before it in its row raises (cached decoding passes the prefixes instead)."""
+    B, T = idx.shape
+    C = emb.shape[-1]
+    seg = torch.cumsum((idx == bos) & (slots == 0), dim=1)  # episode number within the row (0 = before any <bos>)
+    if len(at) and bool((seg.reshape(-1)[at] == 0).any()):
+        raise ValueError("a frame has no mission prefix before it in its row: pass the rows' mission prefixes as mission=")
+    key = (torch.arange(B, device=idx.device).unsqueeze(1) * (T + 1) + seg).reshape(-1)
+    word = ((slots == 0) & (idx >= first_word)).reshape(-1)
+    sums = emb.new_zeros(B * (T + 1), C).index_add(0, key[word], emb.reshape(-1, C)[word])
+    counts = emb.new_zeros(B * (T + 1)).index_add(0, key[word], emb.new_ones(int(word.sum())))
+    k = key[at]
+    return sums[k] / counts[k].clamp(min=1).unsqueeze(1)
+
+
 class FrameDecoder(nn.Module):
     """(state (N, C), previous frame's token embeddings (N, obs_len, C)) -> (N, obs_len, C): one output per
-    cell of the next frame, each cell attending to all cells of the previous frame and the state."""
+    cell of the next frame, each cell attending to all cells of the previous frame and the state.
+
+    The layers are ``nn.TransformerEncoderLayer`` s (pre-norm, GELU; their parameters are the checkpoint's),
+    but the forward pass is written out here: attention over ~50 cells for hundreds of frames at once is a
+    batch of tiny matrices, where PyTorch's CPU flash-attention kernel is slow (its bf16 backward ~6x
+    slower than two plain matmuls and a softmax; measured in BENCHMARKS.md, "encoded observations")."""
 
     def __init__(self, d_model: int, obs_len: int, n_layer: int, n_head: int, d_ff: int):
         super().__init__()
@@ -65,9 +103,21 @@ class FrameDecoder(nn.Module):
         layer = nn.TransformerEncoderLayer(d_model, n_head, d_ff, dropout=0.0, activation="gelu", batch_first=True,
                                            norm_first=True)
         self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.n_head = n_head
 
     def forward(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        return self.layers(prev + self.query + self.cond(h).unsqueeze(1))
+        x = prev + self.query + self.cond(h).unsqueeze(1)
+        for layer in self.layers.layers:
+            x = x + self._attend(layer.self_attn, layer.norm1(x))
+            x = x + layer.linear2(F.gelu(layer.linear1(layer.norm2(x))))
+        return x
+
+    def _attend(self, attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+        N, L, C = x.shape
+        H = self.n_head
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(N, L, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        w = (q @ k.transpose(-1, -2)).float().mul_((C // H) ** -0.5).softmax(-1).to(v.dtype)  # (N, H, L, L)
+        return attn.out_proj((w @ v).transpose(1, 2).reshape(N, L, C))
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .backbones import build_backbone
 from .backbones.moe import MoEFeedForward
 from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
-from .modality import FrameDecoder, FrameEncoder, FramePlan
+from .modality import FrameDecoder, FrameEncoder, FramePlan, mission_vectors
 
 MODEL_INPUTS = ("slots", "skip", "frame_index", "causal", "prefix_views", "prefix_at")  # batch keys that are model inputs besides "input"
 
@@ -86,7 +86,7 @@ class LWM(nn.Module):
         self.value = nn.Linear(cfg.d_model, 1) if cfg.value_head else None  # reward models: a scalar per position
         self.obs_encoder = self.obs_decoder = None
         if cfg.obs_vectors:
-            self.obs_encoder = FrameEncoder(cfg.d_model, cfg.obs_len, cfg.obs_grid, cfg.obs_vectors)
+            self.obs_encoder = FrameEncoder(cfg.d_model, cfg.obs_len, cfg.obs_grid, cfg.obs_vectors, film=cfg.obs_film)
             self.obs_decoder = FrameDecoder(cfg.d_model, cfg.obs_len, cfg.obs_decoder_layers, cfg.n_head, cfg.ff_dim)
             self.register_buffer("obs_cell", torch.arange(cfg.obs_len), persistent=False)
         init_weights(self, cfg.n_layer)  # also restores Mamba's own init of Δ, A and D
@@ -109,7 +109,8 @@ class LWM(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache=None, slots: torch.Tensor | None = None, skip: torch.Tensor | None = None,
                 frame_index: torch.Tensor | None = None, head: bool = True, causal: bool | torch.Tensor = True,
-                tree=None, prefix_views: torch.Tensor | None = None, prefix_at: torch.Tensor | None = None) -> ModelOutput:
+                tree=None, prefix_views: torch.Tensor | None = None, prefix_at: torch.Tensor | None = None,
+                mission: torch.Tensor | None = None) -> ModelOutput:
         """idx (B, T) [, slots (B, T), skip (B, T)] -> ModelOutput. The one entry point: training,
         evaluation and decoding all call the model, so ``torch.compile`` and DDP/FSDP wrap what runs.
 
@@ -121,11 +122,14 @@ class LWM(nn.Module):
         models); a (B,) bool tensor chooses per row (True: causal). ``tree = (see, pos)``: the new tokens
         are a tree of candidates verified in one pass (Medusa; `backbones.stack.Stack.forward`).
         ``prefix_views`` (N, H, W, 3) images and ``prefix_at`` (B, T) bool with N * K True positions: a model with a
-        ``vision_prefix`` embeds the images as K vectors each and puts them there, in order (a vision prefix)."""
+        ``vision_prefix`` embeds the images as K vectors each and puts them there, in order (a vision prefix).
+        ``mission`` (B, P): each row's mission prefix ids (left padded), for a model whose frame encoder reads
+        the mission (``model.obs_film``) when the rows fed hold no prefix (cached decoding); rows that do
+        (training, prefill) need none."""
         if self.obs_encoder is not None:
             if tree is not None:
                 raise ValueError("a tree of candidates is for token streams; this model encodes observations")
-            return self._forward_encoded(idx, cache, slots, head, causal)
+            return self._forward_encoded(idx, cache, slots, head, causal, mission)
         x = self._embed(idx, slots, skip)
         if prefix_at is not None and prefix_views is not None and len(prefix_views):
             x = self._put_prefix(x, prefix_views, prefix_at)
@@ -148,7 +152,7 @@ class LWM(nn.Module):
     def _values(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.value(self.norm(h)).squeeze(-1).float() if self.value is not None else None
 
-    def _forward_encoded(self, idx, cache, slots, head, causal) -> ModelOutput:
+    def _forward_encoded(self, idx, cache, slots, head, causal, mission=None) -> ModelOutput:
         """Encoded observations (worldloom.modality): compress, run the backbone, expand back to the ids,
         and put the frame decoder's logits where the stream predicts observation tokens."""
         if slots is None:
@@ -157,7 +161,8 @@ class LWM(nn.Module):
         B, T = idx.shape
         plan = FramePlan.build(slots, cfg.obs_len, cfg.slots - 1, cfg.obs_vectors, idx)
         tokens = self._embed(idx, slots, None)
-        vectors = self.obs_encoder(self.embed(plan.frames(idx, plan.frame_src, cfg.obs_len)))  # (N, K, C)
+        vectors = self.obs_encoder(self.embed(plan.frames(idx, plan.frame_src, cfg.obs_len)),
+                                   self._mission_of(idx, slots, plan.frame_src, mission) if cfg.obs_film else None)  # (N, K, C)
         vectors = vectors + self.slot_embed.weight[1 : 1 + cfg.obs_vectors]
         hc, cache = self.backbone(self.drop(plan.compress(tokens, vectors, B)), cache, causal=causal)
         h = plan.expand(hc)  # (B, T, C)
@@ -169,6 +174,19 @@ class LWM(nn.Module):
             V = logits.shape[-1]
             logits = logits.reshape(-1, V).index_copy(0, at[ok], frame[ok].to(logits.dtype)).view(B, T, V)
         return ModelOutput(logits, h, cache, None, self._moe_aux(), self._values(h))
+
+    def _mission_of(self, idx, slots, at, mission) -> torch.Tensor:
+        """The mission vector (mean word embedding) of the episode each flat position ``at`` (N,) of idx (B, T) is in."""
+        from .world.stream import BOS, N_SPECIAL
+
+        if mission is None:
+            return mission_vectors(self.embed(idx), idx, slots, at, BOS, N_SPECIAL)
+        if mission.shape[0] != idx.shape[0]:
+            raise ValueError(f"mission= has {mission.shape[0]} rows for {idx.shape[0]} rows of ids")
+        words = (mission >= N_SPECIAL).unsqueeze(-1)
+        e = self.embed(mission) * words
+        per_row = e.sum(1) / words.sum(1).clamp(min=1)
+        return per_row[at // idx.shape[1]]
 
     def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, T, C), plus slot, 2-D cell position and step-skip inputs where the model has them."""

@@ -75,11 +75,21 @@ class StreamRunner:
     def _forward(self, ids: np.ndarray, slots: np.ndarray, skip: np.ndarray) -> torch.Tensor:
         dev = self.device
         skip_t = torch.from_numpy(np.ascontiguousarray(skip)).to(dev) if self.model.skip_proj is not None else None
+        extra = {"mission": self._missions()} if getattr(self.model.cfg, "obs_film", False) else {}
         with autocast(self.precision, dev):
-            out = self.model(torch.from_numpy(ids).to(dev), self.cache, torch.from_numpy(slots).to(dev), skip_t, head=False)
+            out = self.model(torch.from_numpy(ids).to(dev), self.cache, torch.from_numpy(slots).to(dev), skip_t, head=False,
+                             **extra)
         self.forwards += 1
         h, self.cache = out.hidden, out.cache
         return h
+
+    def _missions(self) -> torch.Tensor:
+        """Every row's mission prefix (B, P), left padded: for a frame encoder that reads the mission."""
+        P = max(len(p) for p in self.prefixes)
+        out = np.full((self.batch, P), PAD, np.int64)
+        for b, p in enumerate(self.prefixes):
+            out[b, P - len(p) :] = p
+        return torch.from_numpy(out).to(self.device)
 
     def _skip(self, start: int, n: int) -> np.ndarray:
         """Step-skip ids (B, n) of step positions start .. start+n-1 (see LWM.hidden)."""
