@@ -78,6 +78,7 @@ class StreamConfig:
     reward_lo: float = 0.0  # rewards in [reward_lo, 0) get reward_bins bins of their own (e.g. -1: Atari's lost points); 0: negative rewards count as 0
     obs: str = "tokens"  # tokens: every observation token is a stream position | encoded: a frame encoder hands the backbone obs_vectors vectors per observation and a frame decoder predicts the next observation's tokens in parallel
     obs_vectors: int = 1  # stream.obs=encoded: vectors per observation
+    mission_every: bool = False  # every step position also embeds its episode's mission vector (mean word embedding, projected), so the policy need not attend back to the prefix to read it
     obs_film: bool = False  # stream.obs=encoded: the frame encoder's convolutions are conditioned (FiLM) on the episode's mission words, as BabyAI's agents are
     parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head; stream.obs=tokens)
     step_skip: bool = True  # each position also sees the token at its target's place one step earlier (stream.obs=tokens; the encoded decoder reads the previous frame itself)
@@ -261,6 +262,7 @@ class ModelConfig:
     obs_vectors: int = 0  # encoded observations: each observation's obs_len tokens enter the backbone as this many vectors of a frame encoder (0 = as tokens); set from the stream
     obs_len: int = 0  # tokens of one observation (encoded observations); set from the stream
     obs_grid: int = 0  # the observation's first obs_grid**2 tokens are a square grid of cells (encoded observations); set from the stream
+    mission_vec: bool = False  # world streams: every step position adds a projection of its episode's mission vector (mean word embedding); set from the stream
     obs_film: bool = False  # encoded observations: FiLM-condition the frame encoder on the mission words (mean embedding); set from the stream
     obs_decoder_layers: int = 2  # encoded observations: bidirectional layers of the frame decoder (next frame from the step's state and the previous frame)
     value_head: bool = False  # a scalar head on the last hidden state (reward models); set by the reward recipe

@@ -73,11 +73,12 @@ def mission_vectors(emb: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, a
     """The mean embedding of the mission words of the episode that flat positions ``at`` (N,) belong to, in
     id rows ``idx``/``slots`` (B, T) whose episodes each start with ``<bos> words <sep>`` (slot 0): (N, C).
     Words are the slot-0 ids >= ``first_word`` (not padding, <bos> or <sep>); an empty mission gives zeros.
-    A position with no ``<bos>`` before it in its row raises (cached decoding passes the prefixes instead)."""
+    A step position (slot > 0) with no ``<bos>`` before it in its row raises (cached decoding passes the
+    prefixes instead); other such positions (the left padding of a prefill) get zeros."""
     B, T = idx.shape
     C = emb.shape[-1]
     seg = torch.cumsum((idx == bos) & (slots == 0), dim=1)  # episode number within the row (0 = before any <bos>)
-    if len(at) and bool((seg.reshape(-1)[at] == 0).any()):
+    if len(at) and bool(((seg.reshape(-1)[at] == 0) & (slots.reshape(-1)[at] > 0)).any()):
         raise ValueError("a frame has no mission prefix before it in its row: pass the rows' mission prefixes as mission=")
     key = (torch.arange(B, device=idx.device).unsqueeze(1) * (T + 1) + seg).reshape(-1)
     word = ((slots == 0) & (idx >= first_word)).reshape(-1)

@@ -73,6 +73,7 @@ class LWM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.slot_embed = nn.Embedding(cfg.slots, cfg.d_model) if cfg.slots else None
+        self.mission_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.mission_vec else None
         self.skip_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.period else None
         self.grid_embed = None
         if cfg.slot_grid:  # row and column (1..g; 0 = not a grid cell) of every slot, one table for both
@@ -123,14 +124,14 @@ class LWM(nn.Module):
         are a tree of candidates verified in one pass (Medusa; `backbones.stack.Stack.forward`).
         ``prefix_views`` (N, H, W, 3) images and ``prefix_at`` (B, T) bool with N * K True positions: a model with a
         ``vision_prefix`` embeds the images as K vectors each and puts them there, in order (a vision prefix).
-        ``mission`` (B, P): each row's mission prefix ids (left padded), for a model whose frame encoder reads
-        the mission (``model.obs_film``) when the rows fed hold no prefix (cached decoding); rows that do
-        (training, prefill) need none."""
+        ``mission`` (B, P): each row's mission prefix ids (left padded), for a model that reads the mission
+        vector (``model.obs_film``, ``model.mission_vec``) when the rows fed hold no prefix (cached decoding);
+        rows that do (training, prefill) need none."""
         if self.obs_encoder is not None:
             if tree is not None:
                 raise ValueError("a tree of candidates is for token streams; this model encodes observations")
             return self._forward_encoded(idx, cache, slots, head, causal, mission)
-        x = self._embed(idx, slots, skip)
+        x = self._embed(idx, slots, skip, mission)
         if prefix_at is not None and prefix_views is not None and len(prefix_views):
             x = self._put_prefix(x, prefix_views, prefix_at)
         h, cache = self.backbone(self.drop(x), cache, causal=causal, tree=tree)
@@ -160,7 +161,7 @@ class LWM(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         plan = FramePlan.build(slots, cfg.obs_len, cfg.slots - 1, cfg.obs_vectors, idx)
-        tokens = self._embed(idx, slots, None)
+        tokens = self._embed(idx, slots, None, mission)
         vectors = self.obs_encoder(self.embed(plan.frames(idx, plan.frame_src, cfg.obs_len)),
                                    self._mission_of(idx, slots, plan.frame_src, mission) if cfg.obs_film else None)  # (N, K, C)
         vectors = vectors + self.slot_embed.weight[1 : 1 + cfg.obs_vectors]
@@ -188,9 +189,14 @@ class LWM(nn.Module):
         per_row = e.sum(1) / words.sum(1).clamp(min=1)
         return per_row[at // idx.shape[1]]
 
-    def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (B, T, C), plus slot, 2-D cell position and step-skip inputs where the model has them."""
+    def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None,
+               mission: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, C), plus slot, 2-D cell position, step-skip and mission inputs where the model has them."""
         x = self.embed(idx)
+        if self.mission_proj is not None and slots is not None:  # every step position (slot > 0) hears the mission
+            B, T = idx.shape
+            m = self._mission_of(idx, slots, torch.arange(B * T, device=idx.device), mission).view(B, T, -1)
+            x = x + self.mission_proj(m.to(x.dtype)) * (slots > 0).unsqueeze(-1)
         if self.slot_embed is not None:
             if slots is None:
                 raise ValueError("this model embeds slots (a world-model stream); pass slots=")

@@ -44,7 +44,8 @@ def stream_model_sizes(lay: StreamLayout, sc) -> dict:
             "period": lay.step_len if sc.step_skip and not encoded else 0,
             "slot_grid": grid if sc.grid_pos else 0,
             "obs_vectors": sc.obs_vectors if encoded else 0, "obs_len": lay.obs_len if encoded else 0,
-            "obs_grid": grid if encoded else 0, "obs_film": bool(sc.obs_film and encoded)}
+            "obs_grid": grid if encoded else 0, "obs_film": bool(sc.obs_film and encoded),
+            "mission_vec": bool(sc.mission_every)}
 
 
 def observation_tokenizer(cfg: RunConfig, run_dir: Path, meta: dict):
