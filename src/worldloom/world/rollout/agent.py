@@ -81,9 +81,11 @@ class UniformRandom:
 
 def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], envs: int = 64, greedy: bool = True,
                  precision: str = "fp32", seed: int = 0, planner=None, progress: bool = False, desc: str = "act",
-                 record: bool = False, teacher=None, max_steps: int = 0) -> list[EpisodeResult]:
+                 record: bool = False, teacher=None, max_steps: int = 0, voices: list | None = None) -> list[EpisodeResult]:
     """Play one episode per seed in the real environment with the model's actions (``max_steps`` > 0: each
-    episode cut, truncated, after that many steps).
+    episode cut, truncated, after that many steps). ``voices`` (one per seed, a ``Voice`` or None): the
+    mission of that episode is heard, spoken in that voice (``StreamLayout.prefix(mission, voice)``; a
+    layout with audio tokens), instead of read.
 
     ``teacher(env)``, called after each reset, returns a labeller whose ``label()`` gives the
     expert's action in the current state (-1: none) and whose ``taken(action)`` is told the action
@@ -93,13 +95,16 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
     runner = StreamRunner(model, layout, precision)
     results: list[EpisodeResult] = []
     bar = tqdm(total=len(seeds), desc=desc, disable=not progress or None, leave=False, dynamic_ncols=True)
-    todo = list(seeds)
+    if voices is not None and len(voices) != len(seeds):
+        raise ValueError(f"{len(voices)} voices for {len(seeds)} seeds")
+    todo = list(zip(seeds, voices if voices is not None else [None] * len(seeds)))
     pool = [adapter.make() for _ in range(min(envs, len(seeds)))]
     while todo:
-        wave, todo = todo[: len(pool)], todo[len(pool):]
+        heard, todo = todo[: len(pool)], todo[len(pool):]
+        wave = [s for s, _ in heard]
         active = pool[: len(wave)]
         obs = [env.reset(seed=s)[0] for env, s in zip(active, wave)]
-        prefixes = [layout.prefix(adapter.mission(o)) for o in obs]
+        prefixes = [layout.prefix(adapter.mission(o), v) for o, (_, v) in zip(obs, heard)]
         recs = [_Recording(adapter, s, o) for s, o in zip(wave, obs)] if record else None
         teachers = [teacher(env) for env in active] if teacher is not None else None
         h = runner.reset(prefixes, layout.encode_obs(_stack(obs, adapter)))
