@@ -92,6 +92,7 @@ class WorldTask:
     """Episodes as a training task (``worldloom.train.task.Task``): packed stream rows, the world-stream objective."""
 
     objective = staticmethod(world_stream_loss)
+    n_spoken = 0  # training episodes that hear their mission (stream.spoken)
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resuming: bool):
         self.cfg = cfg
