@@ -123,6 +123,31 @@ def test_spoken_config_errors():
     assert build_config("babyai-spoken", []).stream.spoken == 0.5 and build_config("babyai", []).stream.spoken == 0
 
 
+def test_other_missions_give_each_level_a_mission_not_its_own():
+    from worldloom.world.rollout.agent import level_missions, other_missions
+
+    assert other_missions(["a", "a", "b", "c"]) == ["b", "b", "c", "a"]
+    assert other_missions(["a", "a"]) == ["a", "a"]  # nothing else to give
+    own = level_missions("BabyAI-GoToLocal-v0", [5, 6, 7, 8])
+    assert all(m in missions() for m in own) and own == level_missions("BabyAI-GoToLocal-v0", [5, 6, 7, 8])
+    assert all(o != m for o, m in zip(other_missions(own), own)) or len(set(own)) == 1
+
+
+def test_run_episodes_gives_the_model_the_mission_asked_for(world_run):
+    from worldloom.run import load_world_run
+    from worldloom.world.rollout import agent
+
+    run = load_world_run(world_run)
+    seen = []
+    real = run.layout.prefix
+    run.layout.prefix = lambda m, v=None: seen.append((m, v)) or real(m, v)
+    agent.run_episodes(run.model, run.layout, "BabyAI-GoToLocal-v0", [3, 4], envs=2, missions=["go to the red ball", None],
+                       max_steps=2)
+    assert seen[0] == ("go to the red ball", None) and seen[1] == (agent.level_missions("BabyAI-GoToLocal-v0", [4])[0], None)
+    with pytest.raises(ValueError, match="1 missions for 2 seeds"):
+        agent.run_episodes(run.model, run.layout, "BabyAI-GoToLocal-v0", [3, 4], missions=["x"])
+
+
 TINY_AUDIO = ["audio.utterances=24", "audio.val_utterances=4", "audio.n_mels=32", "audio.channels=32", "audio.codebook=32",
               "audio.code_dim=8", "audio.griffin_lim=4", "audio.tokenizer_steps=20"]
 
@@ -143,11 +168,12 @@ def test_spoken_preset_trains_and_reports_text_and_spoken_success_on_the_same_se
     res = json.loads((run / "eval.json").read_text())
     sp = res["spoken"]
     assert sp["text"] == res["real"]["success"] and sp["held_out"] == "en-029,f4" and sp["policy"] == "sampled"
-    for key in ("training_voices", "held_out_voices"):
+    for key in ("training_voices", "held_out_voices", "other_mission"):
         assert sp[key]["episodes"] == res["real"]["episodes"] == 6 and sp[key]["seeds"] == res["real"]["seeds"]
         assert 0 <= sp[key]["success"] <= 1
     assert sp["gap"] == pytest.approx(sp["text"] - sp["training_voices"]["success"])
-    assert "Success with the mission spoken" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "Success with the mission spoken" in report and "another level's mission" in report
 
     loaded = load_world_run(run)  # the run stands alone: its layout holds the tokenizer
     assert loaded.layout.audio is not None and loaded.model.cfg.vocab_size == loaded.layout.vocab_size

@@ -198,9 +198,11 @@ def spoken_success(model, layout, cfg: RunConfig, seeds: list[int], text_success
                    progress: bool = True, log=print) -> dict:
     """The policy on ``seeds`` with each mission heard instead of read (worldloom.audio.spoken.voice_for): in a
     training voice drawn from the seed, then in a held-out voice (never heard by the tokenizer nor the model);
-    beside ``text_success``, the same policy on the same seeds reading the mission."""
+    beside ``text_success``, the same policy on the same seeds reading the mission. The control
+    ``other_mission``: the same seeds given another level's mission as text (how much the mission is worth: a
+    policy that ignores it scores the same there as with its own)."""
     from ..audio.spoken import voice_for
-    from .rollout.agent import run_episodes
+    from .rollout.agent import level_missions, other_missions, run_episodes
 
     ec = cfg.eval
     held = layout.audio.cfg.held_out()
@@ -211,10 +213,15 @@ def spoken_success(model, layout, cfg: RunConfig, seeds: list[int], text_success
         res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
                            progress=progress, desc=f"eval episodes, heard ({what})", max_steps=ec.max_steps, voices=voices)
         out[key] = _summary(res, seeds, time.perf_counter() - t)
+    t = time.perf_counter()
+    res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
+                       progress=progress, desc="eval episodes, another level's mission", max_steps=ec.max_steps,
+                       missions=other_missions(level_missions(cfg.env.id, seeds)))
+    out["other_mission"] = _summary(res, seeds, time.perf_counter() - t)
     out["gap"] = text_success - out["training_voices"]["success"]
     log(f"spoken missions ({out['policy']} policy, same {len(seeds)} seeds): success {out['training_voices']['success']:.1%} "
         f"in training voices, {out['held_out_voices']['success']:.1%} in held-out voices ({out['held_out']}); "
-        f"{text_success:.1%} with the text mission")
+        f"{text_success:.1%} with the text mission, {out['other_mission']['success']:.1%} given another level's mission")
     return out
 
 

@@ -271,6 +271,9 @@ def _table(result) -> list[str]:
             f"{pct(_get(result, 'spoken', 'training_voices', 'success'))} / "
             f"{pct(_get(result, 'spoken', 'held_out_voices', 'success'))} / {pct(_get(result, 'spoken', 'text'))}")]
           if _get(result, "spoken") is not None else []),
+        *([("Success given another level's mission (text, same seeds): what a policy that ignores the mission keeps",
+            pct(_get(result, "spoken", "other_mission", "success")))]
+          if _get(result, "spoken", "other_mission") is not None else []),
         ("Mean return, plain policy", _fmt(_get(real, "mean_return"))),
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", pct(_get(plan, "success"))),
@@ -373,7 +376,9 @@ def _how_measured(result) -> list[str]:
         lines.append("- **Spoken missions**: the same seeds played again with the mission heard instead of read: espeak-ng "
                      "speaks it in a voice drawn from the seed, the run's audio tokenizer turns the speech into audio tokens, "
                      "and they stand where the words stood. *Training voices* are voices of the kind the run trained on "
-                     "(other speeds and pitches); *held-out voices* were never heard by the tokenizer nor the model.")
+                     "(other speeds and pitches); *held-out voices* were never heard by the tokenizer nor the model. The "
+                     "control gives each seed the mission of another level (as text): a policy that reads its mission "
+                     "loses success there; one that ignores it does not, and then the spoken rows say little.")
     return lines
 
 
