@@ -91,8 +91,14 @@ class StreamConfig:
     weight_done: float = 1.0
     weight_mission: float = 0.0  # predicting the mission text itself (0: only condition on it)
     weight_frame: float = 1.0  # the frame head's loss (with parallel_obs)
+    # share (0..1) of training episodes whose mission enters the stream as speech: audio tokens of a voice drawn from
+    # the episode's seed (worldloom.audio.spoken), through the audio tokenizer of audio.tokenizer (else trained first
+    # into <run>/audio-tokenizer); eval then reports success with the text and the spoken mission. 0: words only
+    spoken: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.spoken <= 1.0:
+            raise ConfigError(f"stream.spoken must be in [0, 1] (the share of training episodes whose mission is spoken), got {self.spoken}")
         if self.reward_bins < 1:
             raise ConfigError(f"stream.reward_bins must be at least 1, got {self.reward_bins}")
         if not -1e6 <= self.reward_lo <= 0:
@@ -619,8 +625,8 @@ class AudioConfig:
     val_utterances: int = 200  # held-out utterances: other seeds, training voices
     held_out_voices: str = "en-029,f4"  # voice languages or variants never spoken in training (a separate held-out set)
     griffin_lim: int = 32  # Griffin-Lim iterations of the vocoder
-    tokenizer: str = ""  # listen: an audio-tokenizer run folder; empty: trained first into <run>/tokenizer
-    tokenizer_steps: int = 1500  # listen: the tokenizer stage's train.max_steps
+    tokenizer: str = ""  # listen and world runs with stream.spoken > 0: an audio-tokenizer run folder; empty: trained first into <run>/tokenizer (listen) or <run>/audio-tokenizer (world)
+    tokenizer_steps: int = 1500  # listen, stream.spoken: the tokenizer stage's train.max_steps
     speak: float = 0.5  # listen: share of training rows that speak (text -> audio tokens); the rest transcribe
     eval_utterances: int = 200  # listen: utterances per evaluation set
 
@@ -751,6 +757,9 @@ class RunConfig:
         if self.train.objective != "next":
             _check_objective(self)
         check_run_name(self.name)
+        if self.stream.spoken and not get_recipe(self.recipe).spoken:
+            raise ConfigError(f"stream.spoken={self.stream.spoken:g} is for a world run (recipe world: worldloom train babyai-spoken); "
+                              f"a {self.recipe} run has no spoken missions")
         derived = [k for k in STREAM_DERIVED if getattr(self.model, k)]
         if derived and derived[0] not in get_recipe(self.recipe).model_fields:
             raise ConfigError(f"model.{derived[0]} is set from a world-model stream; a {self.recipe} run has none "

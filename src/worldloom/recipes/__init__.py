@@ -11,6 +11,7 @@ A recipe (``Recipe``) gives everything that differs between kinds of run:
 - ``objectives``: the ``train.objective`` values it trains (default: next-token only);
 - ``model_fields``: the model config fields its task sets from the data (default: vocab_size);
 - ``world``: its runs are world runs (world, talk): a stream layout, played by `tune ppo`;
+- ``spoken``: its runs can hear their missions (``stream.spoken``; the world recipe);
 - ``build_model(cfg)``: the module it trains when that is not an ``LWM`` (the image tokenizer's
   autoencoder); its ``load`` then returns ``(None, {})``.
 
@@ -60,6 +61,7 @@ class Recipe:
     build_model: Callable | None = None  # cfg -> the module it trains, when it is not an LWM (an image autoencoder)
     world: bool = False  # its runs are world runs (a stream layout; `tune ppo` plays them; text-only commands refuse them)
     vision_prefix: bool = False  # its views can be read as a vision prefix (talk.view=prefix, prefix.*)
+    spoken: bool = False  # its missions can be spoken (stream.spoken > 0: audio tokens in the stream, worldloom.audio.spoken)
 
 
 def prepare_then_train(cfg, prepare, save, folder: str, progress: bool = True, log=print) -> dict:

@@ -36,15 +36,16 @@ EVAL = "eval.json"
 STAGE_PRESET = "tokenizer-audio"
 
 
-def tokenizer_dir(cfg: RunConfig, run_dir: Path) -> Path:
-    return Path(cfg.audio.tokenizer) if cfg.audio.tokenizer else Path(run_dir) / TOKENIZER_DIR
+def tokenizer_dir(cfg: RunConfig, run_dir: Path, folder: str = TOKENIZER_DIR) -> Path:
+    """The audio-tokenizer run of a run: ``audio.tokenizer``, else its own stage ``<run>/<folder>``."""
+    return Path(cfg.audio.tokenizer) if cfg.audio.tokenizer else Path(run_dir) / folder
 
 
-def stage_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
+def stage_config(cfg: RunConfig, run_dir: Path, folder: str = TOKENIZER_DIR) -> RunConfig:
     """The tokenizer stage: preset tokenizer-audio with the run's audio settings, seed, threads and device,
-    audio.tokenizer_steps steps, in ``<run>/tokenizer``."""
+    audio.tokenizer_steps steps, in ``<run>/<folder>``."""
     data = load_preset(STAGE_PRESET)
-    data.update(name=TOKENIZER_DIR, out_dir=str(run_dir), audio=to_dict(cfg.audio))
+    data.update(name=folder, out_dir=str(run_dir), audio=to_dict(cfg.audio))
     data["data"] = {**data.get("data", {}), "seed": cfg.data.seed}
     tc = cfg.train
     data["train"] = {**data["train"], "max_minutes": 0, "max_steps": cfg.audio.tokenizer_steps, "seed": tc.seed,
@@ -52,12 +53,13 @@ def stage_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
-def ensure_tokenizer(cfg: RunConfig, run_dir: Path, progress: bool = True, log=print) -> Path:
+def ensure_tokenizer(cfg: RunConfig, run_dir: Path, progress: bool = True, log=print, folder: str = TOKENIZER_DIR) -> Path:
+    """The run's audio-tokenizer run: ``audio.tokenizer``, else trained (or finished) first in ``<run>/<folder>``."""
     from . import audio_tokenizer, tokenizer_stage
 
-    where = tokenizer_dir(cfg, run_dir)
+    where = tokenizer_dir(cfg, run_dir, folder)
     tokenizer_stage(where, cfg.audio.tokenizer, "audio.tokenizer", "worldloom train tokenizer-audio", audio_tokenizer,
-                    lambda: stage_config(cfg, run_dir), f"an audio tokenizer ({cfg.audio.tokenizer_steps} steps)",
+                    lambda: stage_config(cfg, run_dir, folder), f"an audio tokenizer ({cfg.audio.tokenizer_steps} steps)",
                     progress, log)
     return where
 

@@ -56,4 +56,5 @@ def evaluate(args, run) -> int:
 
 
 RECIPE = Recipe("world", "collect episodes, train a world model + policy, evaluate, report", make_task, run, resume, load,
-                evaluate, model_fields=("vocab_size", "slots", "period", "frame_tokens", "slot_grid"), world=True)
+                evaluate, model_fields=("vocab_size", "slots", "period", "frame_tokens", "slot_grid"), world=True,
+                spoken=True)

@@ -8,6 +8,11 @@ existing collection, or the run already has its data), trains the one model that
 world model and policy, evaluates it (``evaluate_world``) and writes ``eval.json``,
 ``report.md``, plots and a GIF of imagined beside real frames into the run folder.
 
+With ``stream.spoken`` > 0 an audio tokenizer is trained first into ``<run>/audio-tokenizer``
+(unless ``audio.tokenizer`` names one; worldloom.recipes.listen's stage), a share of the training
+missions is heard instead of read (worldloom.world.task), and the evaluation plays the same
+held-out seeds three times: the mission read, heard in training voices, heard in held-out voices.
+
 With ``data.onpolicy_episodes`` > 0 (DAgger, worldloom.world.data.onpolicy) training pauses at
 ``data.onpolicy_at`` of its budget, the model plays that many training seeds with the bot
 labelling every state, and training resumes on demonstrations + on-policy episodes for the
@@ -168,6 +173,8 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
                             progress=progress, desc="eval episodes (greedy)", max_steps=ec.max_steps)
         result["real_greedy"] = _summary(gres, seeds, time.perf_counter() - t, achievements)
         log(f"greedy policy: success {result['real_greedy']['success']:.1%} on the same seeds")
+    if layout.audio is not None:  # a run that hears missions: the same seeds with the mission spoken
+        result["spoken"] = spoken_success(model, layout, cfg, seeds, result["real"]["success"], precision, progress, log)
 
     if n_plan > 0:
         plan_seeds = seeds[:n_plan]
@@ -185,6 +192,37 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
             f"(plain policy on the same seeds {result['plan']['policy_success_same_seeds']:.1%})")
     result.setdefault("timing", {})["eval_s"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def spoken_success(model, layout, cfg: RunConfig, seeds: list[int], text_success: float, precision: str = "fp32",
+                   progress: bool = True, log=print) -> dict:
+    """The policy on ``seeds`` with each mission heard instead of read (worldloom.audio.spoken.voice_for): in a
+    training voice drawn from the seed, then in a held-out voice (never heard by the tokenizer nor the model);
+    beside ``text_success``, the same policy on the same seeds reading the mission. The control
+    ``other_mission``: the same seeds given another level's mission as text (how much the mission is worth: a
+    policy that ignores it scores the same there as with its own)."""
+    from ..audio.spoken import voice_for
+    from .rollout.agent import level_missions, other_missions, run_episodes
+
+    ec = cfg.eval
+    held = layout.audio.cfg.held_out()
+    out = {"policy": "greedy" if ec.greedy else "sampled", "text": text_success, "held_out": ",".join(sorted(held))}
+    for key, is_held, what in (("training_voices", False, "training voices"), ("held_out_voices", True, "held-out voices")):
+        t = time.perf_counter()
+        voices = [voice_for(s, held, is_held) for s in seeds]
+        res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
+                           progress=progress, desc=f"eval episodes, heard ({what})", max_steps=ec.max_steps, voices=voices)
+        out[key] = _summary(res, seeds, time.perf_counter() - t)
+    t = time.perf_counter()
+    res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
+                       progress=progress, desc="eval episodes, another level's mission", max_steps=ec.max_steps,
+                       missions=other_missions(level_missions(cfg.env.id, seeds)))
+    out["other_mission"] = _summary(res, seeds, time.perf_counter() - t)
+    out["gap"] = text_success - out["training_voices"]["success"]
+    log(f"spoken missions ({out['policy']} policy, same {len(seeds)} seeds): success {out['training_voices']['success']:.1%} "
+        f"in training voices, {out['held_out_voices']['success']:.1%} in held-out voices ({out['held_out']}); "
+        f"{text_success:.1%} with the text mission, {out['other_mission']['success']:.1%} given another level's mission")
+    return out
 
 
 def cell_reader(episodes: list):
@@ -261,6 +299,15 @@ def run_world(cfg: RunConfig, progress: bool = True, log=print) -> dict:
         collect_for(cfg, data, progress and dist.main, log if dist.main else (lambda *a: None), world=dist.world)
     D.barrier(dist)
     timing["collect_s"] = round(time.perf_counter() - t, 1)
+    if cfg.stream.spoken:  # missions heard through an audio tokenizer: trained first unless named
+        from ..recipes.listen import ensure_tokenizer as ensure_audio_tokenizer
+        from .task import AUDIO_DIR
+
+        t = time.perf_counter()
+        if dist.main:
+            ensure_audio_tokenizer(cfg, Path(cfg.run_dir), progress, log, folder=AUDIO_DIR)
+        D.barrier(dist)
+        timing["audio_tokenizer_s"] = round(time.perf_counter() - t, 1)
     if has_pixels(cfg.env.id):  # frames become tokens through an image tokenizer: trained first unless named
         t = time.perf_counter()
         if dist.main:

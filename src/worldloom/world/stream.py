@@ -8,6 +8,11 @@ where ``obs_t`` is the observation tokenizer's tokens (any ``worldloom.tokenize.
 one the environment adapter declares; 50 for a MiniGrid view: 49 cells and the direction), ``a_t`` the action, ``r_t`` the reward (binned) and ``d_t`` whether the step
 ended the episode (continue / terminated / truncated). One step is ``step_len`` tokens.
 
+A layout built with an audio tokenizer (a run with ``stream.spoken`` > 0, worldloom.audio.spoken)
+can also lay the mission out as speech: ``prefix(mission, voice)`` is ``<bos> audio codes <sep>``,
+the codes of that voice's speech of the mission. The codes own the last slice of the vocabulary,
+after ``done``, so a layout without audio has exactly the ids it always had.
+
 Reading the stream left to right, the same next-token prediction makes the model
 
 * a **policy** at the last token of ``obs_t`` (the next token is the action ``a_t``), and
@@ -52,10 +57,14 @@ class EpisodeTokens:
 
 
 class StreamLayout:
-    def __init__(self, mission: TextTokenizer, obs: ObsTokenizer, n_actions: int, reward: ScalarBins):
+    def __init__(self, mission: TextTokenizer, obs: ObsTokenizer, n_actions: int, reward: ScalarBins, audio=None):
         self.mission, self.obs, self.n_actions, self.reward = mission, obs, n_actions, reward
+        self.audio = audio  # an AudioTokenizer: missions may be heard (prefix(mission, voice)); None: words only
+        self._heard: dict[tuple[str, object], np.ndarray] = {}  # (mission, voice) -> codes, each spoken once
         sizes = {"mission": mission.vocab_size, "obs": obs.vocab_size, "action": n_actions,
                  "reward": reward.vocab_size, "done": 3}
+        if audio is not None:
+            sizes["audio"] = audio.vocab_size  # appended last: every other slice keeps its ids
         self.offset, start = {}, N_SPECIAL
         for name, n in sizes.items():
             self.offset[name] = start
@@ -83,15 +92,33 @@ class StreamLayout:
         return self.step_kinds[(start + np.arange(n)) % self.step_len]
 
     @classmethod
-    def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, obs: ObsTokenizer) -> "StreamLayout":
+    def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, obs: ObsTokenizer, audio=None) -> "StreamLayout":
         """A layout for a new run: the mission vocabulary is learned from the training missions; ``obs``
-        is the observation tokenizer the environment adapter declares (``adapter.obs_tokenizer(meta)``)."""
-        return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), obs, n_actions, ScalarBins(cfg.reward_bins, lo=cfg.reward_lo))
+        is the observation tokenizer the environment adapter declares (``adapter.obs_tokenizer(meta)``);
+        ``audio`` an audio tokenizer for spoken missions (stream.spoken > 0), or None."""
+        return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), obs, n_actions,
+                   ScalarBins(cfg.reward_bins, lo=cfg.reward_lo), audio)
 
     # -- encoding
-    def prefix(self, mission: str) -> np.ndarray:
+    def prefix(self, mission: str, voice=None) -> np.ndarray:
+        """``<bos> mission words <sep>``; with a ``voice`` (worldloom.audio.speech.Voice), ``<bos> codes <sep>``:
+        the audio tokens of that voice speaking the mission."""
+        if voice is not None and mission.strip():  # an environment without missions has nothing to speak
+            return np.concatenate([[BOS], self.heard(mission, voice) + self.offset["audio"], [SEP]]).astype(np.int64)
         words = self.mission.encode(mission).numpy() + self.offset["mission"] if mission.strip() else np.zeros(0, np.int64)
         return np.concatenate([[BOS], words, [SEP]]).astype(np.int64)
+
+    def heard(self, mission: str, voice) -> np.ndarray:
+        """The audio tokenizer's codes (n,) of ``voice`` speaking ``mission`` (espeak-ng; each pair spoken once)."""
+        if self.audio is None:
+            raise ValueError("this stream layout has no audio tokens: its run was trained without spoken missions "
+                             "(stream.spoken=0)")
+        key = (mission, voice)
+        if key not in self._heard:
+            from ..audio.spoken import mission_codes
+
+            self._heard[key] = mission_codes(self.audio, mission, voice)
+        return self._heard[key]
 
     def encode_obs(self, fields: dict) -> np.ndarray:
         """Batched observation fields (as the env adapter names them, leading axis N) -> (N, obs_len) ids."""
@@ -112,9 +139,9 @@ class StreamLayout:
         code = np.where(terminated, DONE_TERMINATED, np.where(truncated, DONE_TRUNCATED, DONE_CONTINUE))
         return code.astype(np.int64) + self.offset["done"]
 
-    def episode(self, ep) -> EpisodeTokens:
-        """An Episode (worldloom.world.data.episodes) -> its tokens. The final observation o_T is not in
-        the stream: after the last ``done`` token the episode is over."""
+    def episode(self, ep, voice=None) -> EpisodeTokens:
+        """An Episode (worldloom.world.data.episodes) -> its tokens (its mission heard in ``voice``, if given).
+        The final observation o_T is not in the stream: after the last ``done`` token the episode is over."""
         T = ep.length
         obs = self.encode_obs({k: v[:T] for k, v in ep.obs.items()})  # (T, obs_len)
         term = np.zeros(T, bool)
@@ -125,7 +152,7 @@ class StreamLayout:
                                 self.done_ids(term, trunc)[:, None]], axis=1)
         label = ep.policy_label
         policy = np.where(label >= 0, self.action_ids(np.maximum(label, 0)), -1)
-        return EpisodeTokens(self.prefix(ep.mission), steps, policy)
+        return EpisodeTokens(self.prefix(ep.mission, voice), steps, policy)
 
     # -- decoding
     def decode_obs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -153,20 +180,27 @@ class StreamLayout:
         ids = np.asarray(ids)
         kinds = np.full(ids.shape, K_PAD, dtype=np.int64)
         kinds[(ids == BOS) | (ids == SEP)] = K_MISSION
-        for name, k in (("mission", K_MISSION), ("obs", K_OBS), ("action", K_ACTION), ("reward", K_REWARD), ("done", K_DONE)):
+        for name, k in (("mission", K_MISSION), ("obs", K_OBS), ("action", K_ACTION), ("reward", K_REWARD), ("done", K_DONE),
+                        ("audio", K_MISSION)):
+            if name not in self.offset:
+                continue
             lo = self.offset[name]
             kinds[(ids >= lo) & (ids < lo + self.size[name])] = k
         return kinds
 
     # -- persistence (the run folder's stream/ directory: stream.json records the observation tokenizer's
-    # kind, which its own files beside it (grid_tokenizer.json for a grid) are loaded by)
+    # kind, which its own files beside it (grid_tokenizer.json for a grid) are loaded by; a layout with spoken
+    # missions also records "audio_tokenizer": its kind, whose files (audio_tokenizer.*) lie in the same folder)
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         self.mission.save(folder / "mission")
         self.obs.save(folder)
+        if self.audio is not None:
+            self.audio.save(folder)
         write_json(folder / "stream.json", {"n_actions": self.n_actions, "reward_bins": self.reward.n_bins,
                                             "reward_hi": self.reward.hi, "vocab_size": self.vocab_size, "obs_tokenizer": self.obs.kind,
-                                            **({"reward_lo": self.reward.lo} if self.reward.lo else {})})
+                                            **({"reward_lo": self.reward.lo} if self.reward.lo else {}),
+                                            **({"audio_tokenizer": self.audio.kind} if self.audio is not None else {})})
 
     @classmethod
     def load(cls, folder: Path) -> "StreamLayout":
@@ -174,9 +208,10 @@ class StreamLayout:
         meta = read_json(folder / "stream.json", "stream layout")
         kind = meta.get("obs_tokenizer", "grid")  # folders written before the key existed hold a grid tokenizer
         obs = load_obs_tokenizer(str(kind), folder)
+        audio = load_obs_tokenizer(str(meta["audio_tokenizer"]), folder) if meta.get("audio_tokenizer") else None
         try:
             layout = cls(TextTokenizer.load(folder / "mission"), obs, int(meta["n_actions"]),
-                         ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"]), float(meta.get("reward_lo", 0.0))))
+                         ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"]), float(meta.get("reward_lo", 0.0))), audio)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"stream layout {folder / 'stream.json'} is incomplete; the run folder is damaged") from None
         if layout.vocab_size != meta.get("vocab_size"):

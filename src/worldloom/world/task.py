@@ -5,6 +5,11 @@ is empty, from ``<run>/data`` (where `worldloom train` collects it). The stream 
 vocabulary, codebook, offsets) is built from the training episodes once and saved in
 ``<run>/stream/``; the model's vocabulary, slot count and frame head follow from it. Episodes
 the run collected on-policy (``<run>/onpolicy``, worldloom.world.data.onpolicy) join the training set.
+
+With ``stream.spoken`` > 0 the layout also holds an audio tokenizer (``audio.tokenizer``, else the
+run's own ``<run>/audio-tokenizer`` stage, which the pipeline trains first; saved in ``stream/``), and
+that share of the episodes, chosen by their seeds, hear their mission in a training voice drawn
+from the seed (worldloom.audio.spoken): espeak-ng speaks each one when the task is built.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .stream import StreamLayout
 
 STREAM_DIR = "stream"
 DATA_DIR = "data"
+AUDIO_DIR = "audio-tokenizer"  # a spoken run's own audio-tokenizer stage (when audio.tokenizer is empty)
 
 
 def dataset_dir(cfg: RunConfig, run_dir: Path) -> Path:
@@ -58,10 +64,36 @@ def observation_tokenizer(cfg: RunConfig, run_dir: Path, meta: dict):
     return make_adapter(cfg.env.id).obs_tokenizer(meta)
 
 
+def audio_tokenizer_for(cfg: RunConfig, run_dir: Path):
+    """A new run's audio tokenizer when its missions are spoken (``stream.spoken`` > 0), else None."""
+    if not cfg.stream.spoken:
+        return None
+    from ..audio.tokenizer import AudioTokenizer
+    from ..recipes.listen import tokenizer_dir
+
+    where = tokenizer_dir(cfg, run_dir, AUDIO_DIR)
+    if not where.is_dir():
+        raise DataError(f"stream.spoken={cfg.stream.spoken:g} hears missions through an audio tokenizer, and {where} holds "
+                        "none; give audio.tokenizer=RUN (a `worldloom train tokenizer-audio` run) or let `worldloom train` "
+                        "train one first")
+    return AudioTokenizer.from_run(where)
+
+
+def mission_voices(layout: StreamLayout, episodes: list, share: float) -> list:
+    """The voice each episode hears its mission in (worldloom.audio.spoken), None where it reads the words."""
+    if layout.audio is None or share <= 0:
+        return [None] * len(episodes)
+    from ..audio.spoken import is_spoken, voice_for
+
+    held = layout.audio.cfg.held_out()  # the tokenizer's held-out voices: never heard by it nor by this run
+    return [voice_for(e.seed, held) if is_spoken(e.seed, share) else None for e in episodes]
+
+
 class WorldTask:
     """Episodes as a training task (``worldloom.train.task.Task``): packed stream rows, the world-stream objective."""
 
     objective = staticmethod(world_stream_loss)
+    n_spoken = 0  # training episodes that hear their mission (stream.spoken)
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resuming: bool):
         self.cfg = cfg
@@ -78,10 +110,14 @@ class WorldTask:
             self.layout = StreamLayout.load(Path(run_dir) / STREAM_DIR)
         else:
             obs = observation_tokenizer(cfg, run_dir, ds.meta)
-            self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream, obs)
+            self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream, obs,
+                                             audio_tokenizer_for(cfg, Path(run_dir)))
         lay = self.layout
         sizes = stream_model_sizes(lay, cfg.stream)  # the model's stream inputs decide the batches' shape
-        self.data = EpisodeData(lay, [lay.episode(e) for e in train_eps], [lay.episode(e) for e in val_eps], cfg.stream,
+        voices = {s: mission_voices(lay, eps, cfg.stream.spoken) for s, eps in (("train", train_eps), ("val", val_eps))}
+        self.n_spoken = sum(v is not None for v in voices["train"])
+        self.data = EpisodeData(lay, [lay.episode(e, v) for e, v in zip(train_eps, voices["train"])],
+                                [lay.episode(e, v) for e, v in zip(val_eps, voices["val"])], cfg.stream,
                                 frame_head=bool(sizes["frame_tokens"]), step_skip=bool(sizes["period"]),
                                 step_cost=step_positions(lay.step_len, sizes["obs_len"], sizes["obs_vectors"]))
         self.n_train, self.n_val = len(train_eps), len(val_eps)
@@ -96,6 +132,8 @@ class WorldTask:
 
     def describe(self) -> str:
         extra = f" ({self.n_demos:,} demonstrations + {self.n_train - self.n_demos:,} on-policy)" if self.n_train > self.n_demos else ""
+        if self.n_spoken:
+            extra += f", {self.n_spoken:,} of them with the mission spoken"
         return (f"{self.cfg.env.id}: {self.n_train:,} training episodes{extra} ({self.n_train_steps:,} steps, "
                 f"{self.data.tokens('train'):,} tokens), {self.n_val:,} validation episodes, vocab {self.layout.vocab_size}")
 

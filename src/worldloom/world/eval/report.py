@@ -266,6 +266,14 @@ def _table(result) -> list[str]:
         (f"Success, plain policy{' (' + str(_get(real, 'policy')) + ')' if _get(real, 'policy') else ''} "
          f"({n_real} held-out seeds, {_seeds(real)})", pct(_get(real, "success"))),
         ("Success, greedy policy (same seeds)", pct(_get(result, "real_greedy", "success"))),
+        *([(f"Success with the mission spoken ({_get(result, 'spoken', 'policy')} policy, same seeds): training voices / "
+            f"held-out voices ({_get(result, 'spoken', 'held_out')}) / text mission",
+            f"{pct(_get(result, 'spoken', 'training_voices', 'success'))} / "
+            f"{pct(_get(result, 'spoken', 'held_out_voices', 'success'))} / {pct(_get(result, 'spoken', 'text'))}")]
+          if _get(result, "spoken") is not None else []),
+        *([("Success given another level's mission (text, same seeds): what a policy that ignores the mission keeps",
+            pct(_get(result, "spoken", "other_mission", "success")))]
+          if _get(result, "spoken", "other_mission") is not None else []),
         ("Mean return, plain policy", _fmt(_get(real, "mean_return"))),
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", pct(_get(plan, "success"))),
@@ -311,7 +319,9 @@ def _table(result) -> list[str]:
     ]
     if isinstance(timing, dict):
         parts = [f"{name} {_fmt(timing.get(key), '.0f')} s" for name, key in
-                 (("collect", "collect_s"), ("tokenizer stage", "tokenizer_s"), ("train", "train_s"), ("on-policy collection", "onpolicy_s"), ("eval", "eval_s")) if _num(timing.get(key)) is not None]
+                 (("collect", "collect_s"), ("audio tokenizer stage", "audio_tokenizer_s"), ("tokenizer stage", "tokenizer_s"),
+                  ("train", "train_s"), ("on-policy collection", "onpolicy_s"), ("eval", "eval_s"))
+                 if _num(timing.get(key)) is not None]
         if parts:
             rows.append(("Wall time", ", ".join(parts)))
     return ["| Figure | Value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
@@ -362,6 +372,13 @@ def _how_measured(result) -> list[str]:
         "- **Losses** are per-modality cross-entropies of the training batches (nats per token); the held-out loss "
         "is the weighted next-token loss on the validation episodes.",
     ]
+    if _get(result, "spoken") is not None:
+        lines.append("- **Spoken missions**: the same seeds played again with the mission heard instead of read: espeak-ng "
+                     "speaks it in a voice drawn from the seed, the run's audio tokenizer turns the speech into audio tokens, "
+                     "and they stand where the words stood. *Training voices* are voices of the kind the run trained on "
+                     "(other speeds and pitches); *held-out voices* were never heard by the tokenizer nor the model. The "
+                     "control gives each seed the mission of another level (as text): a policy that reads its mission "
+                     "loses success there; one that ignores it does not, and then the spoken rows say little.")
     return lines
 
 

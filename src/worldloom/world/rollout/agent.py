@@ -68,6 +68,25 @@ def _stack(obs_list: list[dict], adapter) -> dict:
     return {k: np.stack([f[k] for f in fields]) for k in fields[0]}
 
 
+def level_missions(env_id: str, seeds: list[int]) -> list[str]:
+    """The mission the environment writes for each seed (a reset each, nothing played)."""
+    adapter = make_adapter(env_id)
+    env = adapter.make()
+    try:
+        return [adapter.mission(env.reset(seed=int(s))[0]) for s in seeds]
+    finally:
+        env.close()
+
+
+def other_missions(own: list[str]) -> list[str]:
+    """For each level, the mission of the next level (wrapping) whose mission differs from its own (its own if none does)."""
+    out = []
+    for i, m in enumerate(own):
+        others = [own[(i + k) % len(own)] for k in range(1, len(own))]
+        out.append(next((o for o in others if o != m), m))
+    return out
+
+
 class UniformRandom:
     """A planner that ignores the model: uniformly random actions (the random agent of Crafter's tables),
     seeded, played through ``run_episodes`` so that it meets the same levels, limits and achievement count."""
@@ -81,9 +100,13 @@ class UniformRandom:
 
 def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], envs: int = 64, greedy: bool = True,
                  precision: str = "fp32", seed: int = 0, planner=None, progress: bool = False, desc: str = "act",
-                 record: bool = False, teacher=None, max_steps: int = 0) -> list[EpisodeResult]:
+                 record: bool = False, teacher=None, max_steps: int = 0, voices: list | None = None,
+                 missions: list | None = None) -> list[EpisodeResult]:
     """Play one episode per seed in the real environment with the model's actions (``max_steps`` > 0: each
-    episode cut, truncated, after that many steps).
+    episode cut, truncated, after that many steps). ``voices`` (one per seed, a ``Voice`` or None): the
+    mission of that episode is heard, spoken in that voice (``StreamLayout.prefix(mission, voice)``; a
+    layout with audio tokens), instead of read. ``missions`` (one per seed, a string or None): the mission the
+    model is given instead of the environment's own (a control: how much the mission is worth).
 
     ``teacher(env)``, called after each reset, returns a labeller whose ``label()`` gives the
     expert's action in the current state (-1: none) and whose ``taken(action)`` is told the action
@@ -93,13 +116,18 @@ def run_episodes(model, layout: StreamLayout, env_id: str, seeds: list[int], env
     runner = StreamRunner(model, layout, precision)
     results: list[EpisodeResult] = []
     bar = tqdm(total=len(seeds), desc=desc, disable=not progress or None, leave=False, dynamic_ncols=True)
-    todo = list(seeds)
+    for name, given in (("voices", voices), ("missions", missions)):
+        if given is not None and len(given) != len(seeds):
+            raise ValueError(f"{len(given)} {name} for {len(seeds)} seeds")
+    none = [None] * len(seeds)
+    todo = list(zip(seeds, voices if voices is not None else none, missions if missions is not None else none))
     pool = [adapter.make() for _ in range(min(envs, len(seeds)))]
     while todo:
-        wave, todo = todo[: len(pool)], todo[len(pool):]
+        heard, todo = todo[: len(pool)], todo[len(pool):]
+        wave = [s for s, _, _ in heard]
         active = pool[: len(wave)]
         obs = [env.reset(seed=s)[0] for env, s in zip(active, wave)]
-        prefixes = [layout.prefix(adapter.mission(o)) for o in obs]
+        prefixes = [layout.prefix(adapter.mission(o) if m is None else m, v) for o, (_, v, m) in zip(obs, heard)]
         recs = [_Recording(adapter, s, o) for s, o in zip(wave, obs)] if record else None
         teachers = [teacher(env) for env in active] if teacher is not None else None
         h = runner.reset(prefixes, layout.encode_obs(_stack(obs, adapter)))
