@@ -238,6 +238,9 @@ def test_encoded_world_run_trains_acts_and_imagines(encoded_run):
     assert wm["frame_n"] > 0 and wm["token_n"] == 50 * wm["frame_n"]  # the decoder's logits, read as the stream's
     assert res["real"]["episodes"] == 6 and res["open_loop"]["horizons"]["1"]["n"] > 0
     assert res["plan"]["mode"] == "parallel"
+    mc = res["mission_control"]  # the same 6 seeds again, each given another level's mission
+    assert mc["episodes"] == 6 and mc["own"] == res["real"]["success"] and 0.0 <= mc["other"] <= 1.0
+    assert "another level's" in (encoded_run / "report.md").read_text()
     from worldloom.run import load_world_run
 
     run = load_world_run(encoded_run)

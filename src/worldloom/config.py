@@ -124,6 +124,7 @@ class EvalConfig:
     envs: int = 100  # environments stepped together (one batch)
     greedy: bool = False  # act with the likeliest action (false: sample from the policy; the greedy policy is reported too)
     plan_episodes: int = 100  # episodes for planning in imagination (0 = skip)
+    mission_control: int = 200  # the first this many evaluation seeds played again with another level's mission (how much the mission is worth: a policy that ignores it scores the same); 0 = skip, and environments without missions skip it
     plan_horizon: int = 4  # imagined steps per candidate
     transitions: int = 2000  # held-out transitions scored for next-observation accuracy (per kind)
     open_loop: int = 200  # held-out episodes imagined open-loop for accuracy after 1/5/10 steps
@@ -138,6 +139,8 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be positive, got {getattr(self, name)}")
         if self.plan_episodes < 0:
             raise ConfigError(f"eval.plan_episodes must be >= 0, got {self.plan_episodes}")
+        if self.mission_control < 0:
+            raise ConfigError(f"eval.mission_control must be >= 0 (0 = skip), got {self.mission_control}")
 
 
 @dataclass

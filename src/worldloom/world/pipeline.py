@@ -173,6 +173,13 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
                             progress=progress, desc="eval episodes (greedy)", max_steps=ec.max_steps)
         result["real_greedy"] = _summary(gres, seeds, time.perf_counter() - t, achievements)
         log(f"greedy policy: success {result['real_greedy']['success']:.1%} on the same seeds")
+    n_control = min(ec.mission_control, len(seeds))
+    if n_control:  # the same seeds with another level's mission: what reading the mission is worth
+        control = mission_control(model, layout, cfg, seeds[:n_control], res[:n_control], precision, progress)
+        if control is not None:
+            result["mission_control"] = control
+            log(f"given another level's mission: success {control['other']:.1%} on the first {n_control} seeds "
+                f"(own mission {control['own']:.1%}: the mission is worth {control['own'] - control['other']:+.1%})")
     if layout.audio is not None:  # a run that hears missions: the same seeds with the mission spoken
         result["spoken"] = spoken_success(model, layout, cfg, seeds, result["real"]["success"], precision, progress, log)
 
@@ -192,6 +199,25 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
             f"(plain policy on the same seeds {result['plan']['policy_success_same_seeds']:.1%})")
     result.setdefault("timing", {})["eval_s"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def mission_control(model, layout, cfg: RunConfig, seeds: list[int], own: list, precision: str = "fp32",
+                    progress: bool = True) -> dict | None:
+    """The policy on ``seeds`` given another level's mission (``other_missions``) beside ``own``, its results with
+    its own on the same seeds; None for an environment whose levels all share one mission (nothing to swap)."""
+    from .rollout.agent import level_missions, other_missions, run_episodes
+
+    ec = cfg.eval
+    levels = level_missions(cfg.env.id, seeds)
+    if len(set(levels)) < 2:
+        return None
+    t = time.perf_counter()
+    res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
+                       progress=progress, desc="eval episodes, another level's mission", max_steps=ec.max_steps,
+                       missions=other_missions(levels))
+    return {"episodes": len(seeds), "policy": "greedy" if ec.greedy else "sampled",
+            "own": float(np.mean([r.success for r in own])), "other": float(np.mean([r.success for r in res])),
+            "seconds": round(time.perf_counter() - t, 1)}
 
 
 def spoken_success(model, layout, cfg: RunConfig, seeds: list[int], text_success: float, precision: str = "fp32",

@@ -274,6 +274,10 @@ def _table(result) -> list[str]:
         *([("Success given another level's mission (text, same seeds): what a policy that ignores the mission keeps",
             pct(_get(result, "spoken", "other_mission", "success")))]
           if _get(result, "spoken", "other_mission") is not None else []),
+        *([(f"Mission control ({_get(result, 'mission_control', 'policy')} policy, first "
+            f"{_get(result, 'mission_control', 'episodes')} seeds): success with its own mission / with another level's",
+            f"{pct(_get(result, 'mission_control', 'own'))} / {pct(_get(result, 'mission_control', 'other'))}")]
+          if _get(result, "mission_control") is not None else []),
         ("Mean return, plain policy", _fmt(_get(real, "mean_return"))),
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", pct(_get(plan, "success"))),
