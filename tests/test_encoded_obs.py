@@ -169,15 +169,15 @@ def test_film_conditions_the_frame_on_the_mission(layout, episodes):
         model(obs, slots=torch.arange(1, layout.obs_len + 1)[None])
 
 
-@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-def test_mission_every_position_runner_matches_the_training_forward(layout, episodes, backbone):
-    """stream.mission_every (token stream): the runner's cached calls (which hold no prefix) get the rows'
+@pytest.mark.parametrize("backbone,where", [("transformer", "all"), ("mamba", "all"), ("transformer", "policy")])
+def test_mission_vector_runner_matches_the_training_forward(layout, episodes, backbone, where):
+    """stream.mission_vec (token stream): the runner's cached calls (which hold no prefix) get the rows'
     missions and reproduce the full forward's policy logits; the mission moves them; a cached call
     without it is refused."""
     from worldloom.world.rollout.runner import StreamRunner
 
     cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}", "model.context=256"]).model
-    cfg.vocab_size, cfg.slots, cfg.mission_vec = layout.vocab_size, layout.n_slots, True
+    cfg.vocab_size, cfg.slots, cfg.mission_vec = layout.vocab_size, layout.n_slots, where
     torch.manual_seed(0)
     model = LWM(cfg).eval()
     ep = layout.episode(longest(episodes[1]))
@@ -210,6 +210,8 @@ N_WORD = 3  # the first mission word id (N_SPECIAL): a mission of one repeated w
 def test_encoded_config_errors():
     with pytest.raises(ConfigError, match="obs_film"):
         build_config(None, [*TINY_WORLD, "stream.obs_film=true"])
+    with pytest.raises(ConfigError, match="mission_vec"):
+        build_config(None, [*TINY_WORLD, "stream.mission_vec=every"])
     with pytest.raises(ConfigError, match="stream.obs must be"):
         build_config(None, [*TINY_WORLD, "stream.obs=pixels"])
     with pytest.raises(ConfigError, match="parallel_obs"):

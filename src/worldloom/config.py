@@ -78,7 +78,7 @@ class StreamConfig:
     reward_lo: float = 0.0  # rewards in [reward_lo, 0) get reward_bins bins of their own (e.g. -1: Atari's lost points); 0: negative rewards count as 0
     obs: str = "tokens"  # tokens: every observation token is a stream position | encoded: a frame encoder hands the backbone obs_vectors vectors per observation and a frame decoder predicts the next observation's tokens in parallel
     obs_vectors: int = 1  # stream.obs=encoded: vectors per observation
-    mission_every: bool = False  # every step position also embeds its episode's mission vector (mean word embedding, projected), so the policy need not attend back to the prefix to read it
+    mission_vec: str = ""  # add a projection of the episode's mission vector (mean word embedding) to step positions, so the policy need not attend back to the prefix to read it: "" off | all (every step position) | policy (the position that predicts the action)
     obs_film: bool = False  # stream.obs=encoded: the frame encoder's convolutions are conditioned (FiLM) on the episode's mission words, as BabyAI's agents are
     parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head; stream.obs=tokens)
     step_skip: bool = True  # each position also sees the token at its target's place one step earlier (stream.obs=tokens; the encoded decoder reads the previous frame itself)
@@ -107,6 +107,8 @@ class StreamConfig:
             raise ConfigError(f"stream.obs must be tokens or encoded, got {self.obs!r}")
         if not 1 <= self.obs_vectors <= 64:
             raise ConfigError(f"stream.obs_vectors must be in 1..64, got {self.obs_vectors}")
+        if self.mission_vec not in ("", "all", "policy"):
+            raise ConfigError(f"stream.mission_vec must be empty (off), all or policy; got {self.mission_vec!r}")
         if self.obs_film and self.obs != "encoded":
             raise ConfigError("stream.obs_film conditions the frame encoder of stream.obs=encoded; set stream.obs=encoded or drop stream.obs_film")
         if self.obs == "encoded" and self.parallel_obs:
@@ -271,7 +273,7 @@ class ModelConfig:
     obs_vectors: int = 0  # encoded observations: each observation's obs_len tokens enter the backbone as this many vectors of a frame encoder (0 = as tokens); set from the stream
     obs_len: int = 0  # tokens of one observation (encoded observations); set from the stream
     obs_grid: int = 0  # the observation's first obs_grid**2 tokens are a square grid of cells (encoded observations); set from the stream
-    mission_vec: bool = False  # world streams: every step position adds a projection of its episode's mission vector (mean word embedding); set from the stream
+    mission_vec: str = ""  # world streams: "" | all | policy: which step positions add a projection of the episode's mission vector (mean word embedding); set from the stream
     obs_film: bool = False  # encoded observations: FiLM-condition the frame encoder on the mission words (mean embedding); set from the stream
     obs_decoder_layers: int = 2  # encoded observations: bidirectional layers of the frame decoder (next frame from the step's state and the previous frame)
     value_head: bool = False  # a scalar head on the last hidden state (reward models); set by the reward recipe
@@ -297,6 +299,10 @@ class ModelConfig:
             raise ConfigError(f"model.slot_grid={self.slot_grid} needs more than {self.slot_grid**2} slots, got model.slots={self.slots}")
         if self.obs_vectors < 0 or self.obs_len < 0 or self.obs_grid < 0 or self.obs_decoder_layers < 1:
             raise ConfigError("model.obs_vectors, model.obs_len and model.obs_grid must be >= 0 and model.obs_decoder_layers >= 1")
+        if self.mission_vec not in ("", "all", "policy"):
+            raise ConfigError(f"model.mission_vec must be empty (off), all or policy; got {self.mission_vec!r}")
+        if self.mission_vec and not self.slots:
+            raise ConfigError("model.mission_vec is for world-model streams (model.slots > 0)")
         if self.obs_film and not self.obs_vectors:
             raise ConfigError("model.obs_film conditions the frame encoder of encoded observations (model.obs_vectors > 0)")
         if self.obs_vectors and not (self.slots > self.obs_len + 3 and 0 < self.obs_grid**2 <= self.obs_len):

@@ -193,10 +193,12 @@ class LWM(nn.Module):
                mission: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, C), plus slot, 2-D cell position, step-skip and mission inputs where the model has them."""
         x = self.embed(idx)
-        if self.mission_proj is not None and slots is not None:  # every step position (slot > 0) hears the mission
+        if self.mission_proj is not None and slots is not None:  # step positions hear the mission (model.mission_vec)
             B, T = idx.shape
             m = self._mission_of(idx, slots, torch.arange(B * T, device=idx.device), mission).view(B, T, -1)
-            x = x + self.mission_proj(m.to(x.dtype)) * (slots > 0).unsqueeze(-1)
+            # "policy": only the step's last observation position (slot step_len - 3, before a, r, d), which predicts the action
+            where = slots > 0 if self.cfg.mission_vec == "all" else slots == self.cfg.slots - 4
+            x = x + self.mission_proj(m.to(x.dtype)) * where.unsqueeze(-1)
         if self.slot_embed is not None:
             if slots is None:
                 raise ValueError("this model embeds slots (a world-model stream); pass slots=")
