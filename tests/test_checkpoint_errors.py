@@ -358,3 +358,23 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         f.write(b"{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "a.json").read_bytes() == b"{}"
+
+
+def test_atomic_write_never_replaces_a_device_or_a_folder(tmp_path):
+    """A rename onto /dev/null would leave a plain file in the device's place (as root: for the whole machine;
+    a hostile-config test once did this): anything but a regular file at the path is refused, untouched."""
+    import stat
+    from pathlib import Path
+
+    from worldloom.errors import WorldloomError
+    from worldloom.io import atomic_write_bytes
+
+    for path in (Path("/dev/null"), tmp_path):
+        mode = path.stat().st_mode
+        with pytest.raises(WorldloomError, match="not a regular file"):
+            atomic_write_bytes(path, b"x")
+        assert path.stat().st_mode == mode
+    assert stat.S_ISCHR(Path("/dev/null").stat().st_mode)
+    atomic_write_bytes(tmp_path / "f.bin", b"x")  # a new file, then a regular file replaced: as ever
+    atomic_write_bytes(tmp_path / "f.bin", b"y")
+    assert (tmp_path / "f.bin").read_bytes() == b"y"

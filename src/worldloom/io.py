@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, WorldloomError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,7 +42,13 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's t
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place. Only a regular file (or nothing)
+    is ever replaced: a rename onto a device such as /dev/null would put a plain file in its place (as root,
+    for the whole machine), so anything else at ``path`` is refused with a one-line error."""
     path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise WorldloomError(f"{path} exists and is not a regular file (a device, folder or socket); "
+                             "give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
