@@ -85,12 +85,17 @@ class StreamRunner:
         return h
 
     def _missions(self) -> torch.Tensor:
-        """Every row's mission prefix (B, P), left padded: for a frame encoder that reads the mission."""
+        """Every row's mission prefix (B, P), left padded: for a model that reads the mission vector. Built once per
+        list of prefixes (reset, keep and fork assign a new one), not on every fed token."""
+        cached = getattr(self, "_missions_of", None)
+        if cached is not None and cached[0] is self.prefixes:
+            return cached[1]
         P = max(len(p) for p in self.prefixes)
         out = np.full((self.batch, P), PAD, np.int64)
         for b, p in enumerate(self.prefixes):
             out[b, P - len(p) :] = p
-        return torch.from_numpy(out).to(self.device)
+        self._missions_of = (self.prefixes, torch.from_numpy(out).to(self.device))
+        return self._missions_of[1]
 
     def _skip(self, start: int, n: int) -> np.ndarray:
         """Step-skip ids (B, n) of step positions start .. start+n-1 (see LWM.hidden)."""
