@@ -121,12 +121,18 @@ def main() -> int:
     res = json.loads(out_path.read_text()) if out_path.is_file() else {}
     res.setdefault("stages", {})
     t0 = time.time()
+    ran = False
     for name, made, args in stages(d, a.quick, a.direct):
         if made.is_file():
             print(f"[{name}] done already")
             continue
         res["stages"][name] = worldloom(args, print)
+        ran = True
         out_path.write_text(json.dumps(res, indent=2))
+    if not ran and "eval" in res and ("direct" in res["eval"]) == a.direct:
+        print("[eval] done already")  # nothing trained since the stored scores
+        print(table(res))
+        return 0
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

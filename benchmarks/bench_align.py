@@ -106,9 +106,17 @@ def run_dir_of(name: str, args: list[str], d: Path) -> Path | None:
 
 
 def evaluate(d: Path, run: str, log) -> dict:
+    """`worldloom eval RUN --tasks test --baseline sft --json`, in this process (no memory to measure: one torch
+    import for all the evaluations instead of one each)."""
+    from worldloom.cli import run_captured
+
     test = d / "data" / "instr" / "test.jsonl"
-    r = worldloom(["eval", str(d / "runs" / run), "--tasks", str(test), "--baseline", str(d / "runs" / "sft"), "--json"], log)
-    return json.loads(r["stdout"])
+    args = ["eval", str(d / "runs" / run), "--tasks", str(test), "--baseline", str(d / "runs" / "sft"), "--json"]
+    log("$ worldloom " + " ".join(args))
+    rc, out = run_captured(args)
+    if rc:
+        raise SystemExit(f"evaluation failed ({rc}): worldloom {' '.join(args)}\n{out[-2000:]}")
+    return json.loads(out)
 
 
 def params_of(d: Path, run: str) -> dict:
@@ -165,6 +173,7 @@ def main() -> int:
     out_path = d / "align.json"
     res = json.loads(out_path.read_text()) if out_path.is_file() else {"stages": {}}
     only = set(a.only.split(",")) if a.only else None
+    ran = set()  # stages run now: their runs are evaluated again; the others keep a stored evaluation
     for name, args in stages(d, a.quick):
         if name in a.skip.split(",") or (only and name not in only):
             continue
@@ -175,13 +184,19 @@ def main() -> int:
             log(f"[{name}] done already")
             continue
         r = worldloom(args, log)
+        ran.add(rd.name if rd else name)
         if rd:
             (rd / "stage.txt").write_text(r["stdout"])
         res["stages"][name] = {k: v for k, v in r.items() if k != "stdout"}
         out_path.write_text(json.dumps(res, indent=2))
     for run in ("base", "sft", "sft_full", "dpo", "dpo_rpo", "orpo", "ppo"):
-        if finished(d / "runs" / run) or (run == "base" and (d / "runs/base/checkpoint.json").is_file()):
-            res.setdefault("eval", {})[run] = {**evaluate(d, run, log), **params_of(d, run)}
+        if not (finished(d / "runs" / run) or (run == "base" and (d / "runs/base/checkpoint.json").is_file())):
+            continue
+        if run in res.get("eval", {}) and run not in ran and "sft" not in ran:  # (every run is compared with sft)
+            log(f"[eval {run}] done already")
+            continue
+        res.setdefault("eval", {})[run] = {**evaluate(d, run, log), **params_of(d, run)}
+        out_path.write_text(json.dumps(res, indent=2))
     if (d / "runs/rm/tune_eval.json").is_file():
         res["reward_pair_accuracy"] = json.loads((d / "runs/rm/tune_eval.json").read_text())["pair_accuracy"]
     if (d / "data/prefs/meta.json").is_file():

@@ -79,11 +79,13 @@ def train_one(bb: str, cfg: dict, data: Path, minutes: float, out_dir: Path, ext
     if proc.returncode != 0:
         return {"status": "error", "stderr_tail": (proc.stderr or proc.stdout)[-1500:], "wall_s": round(wall, 1)}
     run = out_dir / name
-    ev = subprocess.run([sys.executable, "-m", "worldloom.cli", "eval", str(run), "--json"], capture_output=True,
-                        text=True, timeout=timeout)
-    if ev.returncode != 0:
-        return {"status": "error", "stderr_tail": ev.stderr[-1500:], "wall_s": round(wall, 1)}
-    held = json.loads(ev.stdout)
+    from worldloom.cli import run_captured  # in this process: no second interpreter and torch import per backbone
+
+    rc, out = run_captured(["eval", str(run), "--json"])
+    if rc != 0:
+        return {"status": "error", "stderr_tail": f"`worldloom eval {run} --json` failed (exit {rc}; its message is above)",
+                "wall_s": round(wall, 1)}
+    held = json.loads(out)
     import yaml
 
     tc = yaml.safe_load((run / "config.yaml").read_text())

@@ -18,8 +18,6 @@ together, far above chance.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -32,14 +30,12 @@ RUNS = {"hub": [], "direct": ["bind.pairs=view-actions"]}
 
 def worldloom(argv: list[str]) -> str:
     """One `worldloom` command in this process; its stdout. Exits with its one-line error on failure."""
-    from worldloom.cli import main
+    from worldloom.cli import run_captured
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = main(argv)
+    rc, out = run_captured(argv)
     if rc:
         raise SystemExit(f"bench_bind: `worldloom {' '.join(argv)}` failed (exit {rc})")
-    return out.getvalue()
+    return out
 
 
 def train_and_eval(d: Path, name: str, extra: list[str], log=print) -> dict:

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # as the commands it runs see it (PYTHONPATH below), for its in-process evaluations
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 QUICK = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context=64", "train.batch_size=4",
          "train.eval_interval=5", "train.eval_batches=2", "train.warmup_steps=2", "train.log_interval=1"]
@@ -64,14 +65,16 @@ def train_one(objective: str, name: str, data: Path, minutes: float, alpha: floa
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         return {"status": "error", "stderr_tail": (proc.stderr or proc.stdout)[-1500:]}
-    ev = cli("eval", str(out_dir / name), "--json", timeout=timeout)
-    if ev.returncode != 0:
-        return {"status": "error", "stderr_tail": ev.stderr[-1500:]}
+    from worldloom.cli import run_captured  # in this process: no second interpreter and torch import per run
+
+    rc, ev = run_captured(["eval", str(out_dir / name), "--json"])
+    if rc != 0:
+        return {"status": "error", "stderr_tail": f"`worldloom eval {out_dir / name} --json` failed (exit {rc}; its message is above)"}
     rows = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = max((r["step"] for r in rows), default=0)
     masked = [r["loss_masked"] for r in rows if "loss_masked" in r]
     return {"status": "ok", "objective": objective, "train_wall_s": round(wall, 1), "steps": steps,
-            "heldout": json.loads(ev.stdout), "last_train_loss_masked": masked[-1] if masked else None,
+            "heldout": json.loads(ev), "last_train_loss_masked": masked[-1] if masked else None,
             "cmd": "worldloom " + " ".join(args)}
 
 

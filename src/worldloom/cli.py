@@ -719,6 +719,18 @@ def main(argv: list[str] | None = None) -> int:
             _exit_now(code)
 
 
+def run_captured(argv: list[str]) -> tuple[int, str]:
+    """``worldloom ARGV`` in this process with its stdout captured: (exit status, stdout). For scripts that run
+    many commands (the benchmarks): one interpreter and one torch import for all of them."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(list(argv))
+    return rc, out.getvalue()
+
+
 def _leave_process_group() -> bool:
     """End the torchrun process group a verb joined (train under train.dist), if any; whether it did."""
     if "torch" not in sys.modules:
