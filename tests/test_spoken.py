@@ -153,10 +153,22 @@ TINY_AUDIO = ["audio.utterances=24", "audio.val_utterances=4", "audio.n_mels=32"
 
 
 @needs_espeak
-def test_spoken_preset_trains_and_reports_text_and_spoken_success_on_the_same_seeds(world_dataset, tmp_path, capsys):
+def test_spoken_preset_trains_and_reports_text_and_spoken_success_on_the_same_seeds(world_dataset, tmp_path, capsys,
+                                                                                   monkeypatch):
     from worldloom.cli import main
     from worldloom.run import load_world_run
+    from worldloom.world.rollout import agent
     from worldloom.world.task import AUDIO_DIR, WorldTask
+
+    swapped = []  # passes played with missions other than the levels' own
+    real_run = agent.run_episodes
+
+    def counting(*a, **k):
+        if k.get("missions"):
+            swapped.append(1)
+        return real_run(*a, **k)
+
+    monkeypatch.setattr(agent, "run_episodes", counting)
 
     args = ["train", "babyai-spoken", "--no-progress", f"out_dir={tmp_path}", "name=spoken", f"data.path={world_dataset}",
             *TINY_WORLD, *TINY_AUDIO, "stream.spoken=0.5", "eval.plan_episodes=0"]
@@ -172,6 +184,8 @@ def test_spoken_preset_trains_and_reports_text_and_spoken_success_on_the_same_se
         assert sp[key]["episodes"] == res["real"]["episodes"] == 6 and sp[key]["seeds"] == res["real"]["seeds"]
         assert 0 <= sp[key]["success"] <= 1
     assert sp["gap"] == pytest.approx(sp["text"] - sp["training_voices"]["success"])
+    assert res["mission_control"]["episodes"] == 6 and sp["other_mission"]["success"] == res["mission_control"]["other"]
+    assert len(swapped) == 1  # the control and the spoken figures share one pass
     report = (run / "report.md").read_text()
     assert "Success with the mission spoken" in report and "another level's mission" in report
 

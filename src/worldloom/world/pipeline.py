@@ -174,14 +174,18 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         result["real_greedy"] = _summary(gres, seeds, time.perf_counter() - t, achievements)
         log(f"greedy policy: success {result['real_greedy']['success']:.1%} on the same seeds")
     n_control = min(ec.mission_control, len(seeds))
+    if n_control and layout.audio is not None:
+        n_control = len(seeds)  # the spoken figures compare on every seed: one control pass serves both
+    other = None
     if n_control:  # the same seeds with another level's mission: what reading the mission is worth
-        control = mission_control(model, layout, cfg, seeds[:n_control], res[:n_control], precision, progress)
+        control, other = mission_control(model, layout, cfg, seeds[:n_control], res[:n_control], precision, progress)
         if control is not None:
             result["mission_control"] = control
             log(f"given another level's mission: success {control['other']:.1%} on the first {n_control} seeds "
                 f"(own mission {control['own']:.1%}: the mission is worth {control['own'] - control['other']:+.1%})")
     if layout.audio is not None:  # a run that hears missions: the same seeds with the mission spoken
-        result["spoken"] = spoken_success(model, layout, cfg, seeds, result["real"]["success"], precision, progress, log)
+        result["spoken"] = spoken_success(model, layout, cfg, seeds, result["real"]["success"], precision, progress, log,
+                                          other=other)
 
     if n_plan > 0:
         plan_seeds = seeds[:n_plan]
@@ -202,31 +206,34 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
 
 
 def mission_control(model, layout, cfg: RunConfig, seeds: list[int], own: list, precision: str = "fp32",
-                    progress: bool = True) -> dict | None:
+                    progress: bool = True) -> tuple[dict | None, dict | None]:
     """The policy on ``seeds`` given another level's mission (``other_missions``) beside ``own``, its results with
-    its own on the same seeds; None for an environment whose levels all share one mission (nothing to swap)."""
+    its own on the same seeds, and the summary of those episodes; (None, None) for an environment whose levels
+    all share one mission (nothing to swap)."""
     from .rollout.agent import level_missions, other_missions, run_episodes
 
     ec = cfg.eval
     levels = level_missions(cfg.env.id, seeds)
     if len(set(levels)) < 2:
-        return None
+        return None, None
     t = time.perf_counter()
     res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
                        progress=progress, desc="eval episodes, another level's mission", max_steps=ec.max_steps,
                        missions=other_missions(levels))
-    return {"episodes": len(seeds), "policy": "greedy" if ec.greedy else "sampled",
-            "own": float(np.mean([r.success for r in own])), "other": float(np.mean([r.success for r in res])),
-            "seconds": round(time.perf_counter() - t, 1)}
+    seconds = time.perf_counter() - t
+    return ({"episodes": len(seeds), "policy": "greedy" if ec.greedy else "sampled",
+             "own": float(np.mean([r.success for r in own])), "other": float(np.mean([r.success for r in res])),
+             "seconds": round(seconds, 1)}, _summary(res, seeds, seconds))
 
 
 def spoken_success(model, layout, cfg: RunConfig, seeds: list[int], text_success: float, precision: str = "fp32",
-                   progress: bool = True, log=print) -> dict:
+                   progress: bool = True, log=print, other: dict | None = None) -> dict:
     """The policy on ``seeds`` with each mission heard instead of read (worldloom.audio.spoken.voice_for): in a
     training voice drawn from the seed, then in a held-out voice (never heard by the tokenizer nor the model);
     beside ``text_success``, the same policy on the same seeds reading the mission. The control
     ``other_mission``: the same seeds given another level's mission as text (how much the mission is worth: a
-    policy that ignores it scores the same there as with its own)."""
+    policy that ignores it scores the same there as with its own); ``other``, the summary of that pass where
+    the caller played it already (``mission_control`` on the same seeds)."""
     from ..audio.spoken import voice_for
     from .rollout.agent import level_missions, other_missions, run_episodes
 
@@ -239,11 +246,13 @@ def spoken_success(model, layout, cfg: RunConfig, seeds: list[int], text_success
         res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
                            progress=progress, desc=f"eval episodes, heard ({what})", max_steps=ec.max_steps, voices=voices)
         out[key] = _summary(res, seeds, time.perf_counter() - t)
-    t = time.perf_counter()
-    res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision, seed=ec.seed,
-                       progress=progress, desc="eval episodes, another level's mission", max_steps=ec.max_steps,
-                       missions=other_missions(level_missions(cfg.env.id, seeds)))
-    out["other_mission"] = _summary(res, seeds, time.perf_counter() - t)
+    if other is None:
+        t = time.perf_counter()
+        res = run_episodes(model, layout, cfg.env.id, seeds, envs=ec.envs, greedy=ec.greedy, precision=precision,
+                           seed=ec.seed, progress=progress, desc="eval episodes, another level's mission",
+                           max_steps=ec.max_steps, missions=other_missions(level_missions(cfg.env.id, seeds)))
+        other = _summary(res, seeds, time.perf_counter() - t)
+    out["other_mission"] = other
     out["gap"] = text_success - out["training_voices"]["success"]
     log(f"spoken missions ({out['policy']} policy, same {len(seeds)} seeds): success {out['training_voices']['success']:.1%} "
         f"in training voices, {out['held_out_voices']['success']:.1%} in held-out voices ({out['held_out']}); "
