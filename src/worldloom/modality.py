@@ -68,6 +68,16 @@ class FrameEncoder(nn.Module):
         return self.out(feats).view(N, self.vectors, C)
 
 
+PAD, BOS, SEP = 0, 1, 2  # the stream's special ids (worldloom.world.stream): padding, <bos> and <sep> around a mission
+N_SPECIAL = 3  # ids below this are special; mission words come after
+
+
+def policy_slot(slots: int) -> int:
+    """The slot of a step's last observation position, whose output predicts the action: a stream of ``slots`` slots
+    numbers the mission prefix 0, the observation positions from 1, then action, reward and done (the last three)."""
+    return slots - 4
+
+
 def mission_vectors(emb: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bos: int,
                     first_word: int) -> torch.Tensor:
     """The mean embedding of the mission words of the episode that flat positions ``at`` (N,) belong to, in

@@ -39,7 +39,7 @@ from .backbones import build_backbone
 from .backbones.moe import MoEFeedForward
 from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
-from .modality import FrameDecoder, FrameEncoder, FramePlan, mission_vectors
+from .modality import BOS, N_SPECIAL, FrameDecoder, FrameEncoder, FramePlan, mission_vectors, policy_slot
 
 MODEL_INPUTS = ("slots", "skip", "frame_index", "causal", "prefix_views", "prefix_at")  # batch keys that are model inputs besides "input"
 
@@ -131,7 +131,7 @@ class LWM(nn.Module):
             if tree is not None:
                 raise ValueError("a tree of candidates is for token streams; this model encodes observations")
             return self._forward_encoded(idx, cache, slots, head, causal, mission)
-        x = self._embed(idx, slots, skip, mission)
+        x, _ = self._embed(idx, slots, skip, mission)
         if prefix_at is not None and prefix_views is not None and len(prefix_views):
             x = self._put_prefix(x, prefix_views, prefix_at)
         h, cache = self.backbone(self.drop(x), cache, causal=causal, tree=tree)
@@ -161,9 +161,9 @@ class LWM(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         plan = FramePlan.build(slots, cfg.obs_len, cfg.slots - 1, cfg.obs_vectors, idx)
-        tokens = self._embed(idx, slots, None, mission)
+        tokens, m = self._embed(idx, slots, None, mission)
         vectors = self.obs_encoder(self.embed(plan.frames(idx, plan.frame_src, cfg.obs_len)),
-                                   self._mission_of(idx, slots, plan.frame_src, mission) if cfg.obs_film else None)  # (N, K, C)
+                                   m.flatten(0, 1)[plan.frame_src] if cfg.obs_film else None)  # (N, K, C)
         vectors = vectors + self.slot_embed.weight[1 : 1 + cfg.obs_vectors]
         hc, cache = self.backbone(self.drop(plan.compress(tokens, vectors, B)), cache, causal=causal)
         h = plan.expand(hc)  # (B, T, C)
@@ -176,28 +176,29 @@ class LWM(nn.Module):
             logits = logits.reshape(-1, V).index_copy(0, at[ok], frame[ok].to(logits.dtype)).view(B, T, V)
         return ModelOutput(logits, h, cache, None, self._moe_aux(), self._values(h))
 
-    def _mission_of(self, idx, slots, at, mission) -> torch.Tensor:
-        """The mission vector (mean word embedding) of the episode each flat position ``at`` (N,) of idx (B, T) is in."""
-        from .world.stream import BOS, N_SPECIAL
-
+    def _mission_of(self, x, idx, slots, mission) -> torch.Tensor:
+        """The mission vector (mean word embedding) of the episode each position of idx (B, T) is in: (B, T, C);
+        ``x`` = the token embeddings of idx, looked up already."""
+        B, T = idx.shape
         if mission is None:
-            return mission_vectors(self.embed(idx), idx, slots, at, BOS, N_SPECIAL)
-        if mission.shape[0] != idx.shape[0]:
-            raise ValueError(f"mission= has {mission.shape[0]} rows for {idx.shape[0]} rows of ids")
+            return mission_vectors(x, idx, slots, torch.arange(B * T, device=idx.device), BOS, N_SPECIAL).view(B, T, -1)
+        if mission.shape[0] != B:
+            raise ValueError(f"mission= has {mission.shape[0]} rows for {B} rows of ids")
         words = (mission >= N_SPECIAL).unsqueeze(-1)
         e = self.embed(mission) * words
-        per_row = e.sum(1) / words.sum(1).clamp(min=1)
-        return per_row[at // idx.shape[1]]
+        return (e.sum(1) / words.sum(1).clamp(min=1)).unsqueeze(1).expand(B, T, -1)
 
     def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None,
-               mission: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings (B, T, C), plus slot, 2-D cell position, step-skip and mission inputs where the model has them."""
+               mission: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings (B, T, C), plus slot, 2-D cell position, step-skip and mission inputs where the model has
+        them; and the mission vector of every position (B, T, C) for a model that reads it (else None)."""
         x = self.embed(idx)
+        m = None
+        if slots is not None and (self.mission_proj is not None or self.cfg.obs_film):
+            m = self._mission_of(x, idx, slots, mission)
         if self.mission_proj is not None and slots is not None:  # step positions hear the mission (model.mission_vec)
-            B, T = idx.shape
-            m = self._mission_of(idx, slots, torch.arange(B * T, device=idx.device), mission).view(B, T, -1)
-            # "policy": only the step's last observation position (slot step_len - 3, before a, r, d), which predicts the action
-            where = slots > 0 if self.cfg.mission_vec == "all" else slots == self.cfg.slots - 4
+            # "policy": only the step's last observation position, which predicts the action
+            where = slots > 0 if self.cfg.mission_vec == "all" else slots == policy_slot(self.cfg.slots)
             x = x + self.mission_proj(m.to(x.dtype)) * where.unsqueeze(-1)
         if self.slot_embed is not None:
             if slots is None:
@@ -209,7 +210,7 @@ class LWM(nn.Module):
             if skip is None:
                 raise ValueError("this model has a step-skip input (a world-model stream); pass skip=")
             x = x + self.skip_proj(self.embed(skip) * (skip != 0).unsqueeze(-1))
-        return x
+        return x, m
 
     def _moe_aux(self) -> dict[str, torch.Tensor]:
         """The MoE layers' auxiliary loss (summed) and load (averaged) of the forward that just ran."""

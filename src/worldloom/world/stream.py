@@ -36,8 +36,7 @@ from ..errors import CheckpointError
 from ..io import read_json, write_json
 from ..tokenize import ObsTokenizer, ScalarBins, TextTokenizer, load_obs_tokenizer
 
-PAD, BOS, SEP = 0, 1, 2  # special tokens
-N_SPECIAL = 3
+from ..modality import BOS, N_SPECIAL, PAD, SEP  # noqa: F401 - the special ids, shared with the model
 KINDS = ("pad", "mission", "obs", "action", "reward", "done")
 K_PAD, K_MISSION, K_OBS, K_ACTION, K_REWARD, K_DONE = range(len(KINDS))
 DONE_CONTINUE, DONE_TERMINATED, DONE_TRUNCATED = range(3)
