@@ -19,9 +19,11 @@ def longest(eps):
 
 
 def encoded_model(layout, vectors=2, seed=0, backbone="transformer", context=256, film=False):
+    """film: False, True (the mean word embedding conditions the frame encoder) or "gru" (a GRU read of the words)."""
     cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}", f"model.context={context}"]).model
     cfg.vocab_size, cfg.slots = layout.vocab_size, layout.n_slots
-    cfg.obs_vectors, cfg.obs_len, cfg.obs_grid, cfg.obs_film = vectors, layout.obs_len, 7, film
+    cfg.obs_vectors, cfg.obs_len, cfg.obs_grid, cfg.obs_film = vectors, layout.obs_len, 7, bool(film)
+    cfg.mission_encoder = "gru" if film == "gru" else "mean"
     torch.manual_seed(seed)
     return LWM(cfg).eval()
 
@@ -85,7 +87,8 @@ def test_one_network_serves_policy_and_world_model(layout, episodes):
     assert min(grads) > 0
 
 
-@pytest.mark.parametrize("backbone,film", [("transformer", False), ("mamba", False), ("transformer", True)])
+@pytest.mark.parametrize("backbone,film", [("transformer", False), ("mamba", False), ("transformer", True),
+                                           ("transformer", "gru")])
 def test_runner_matches_the_training_forward(layout, episodes, backbone, film):
     """Fed step by step through the runner (cache, chunks [a r d obs]), the policy's logits and the frame
     decoder's logits are those of one forward over the whole row (with FiLM, the runner hands the model the
@@ -151,7 +154,7 @@ def test_film_conditions_the_frame_on_the_mission(layout, episodes):
     other = next(layout.episode(e) for e in episodes[0] if e.mission != longest(episodes[1]).mission)
     seq = [torch.from_numpy(np.concatenate([p, ep.steps[0, : layout.obs_len]]))[None] for p in (ep.prefix, other.prefix)]
     outs = {}
-    for film in (False, True):
+    for film in (False, True, "gru"):
         model = encoded_model(layout, film=film)
         seen = []
         model.obs_encoder.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
@@ -163,6 +166,7 @@ def test_film_conditions_the_frame_on_the_mission(layout, episodes):
         outs[film] = seen
     torch.testing.assert_close(outs[False][0], outs[False][1])
     assert not torch.allclose(outs[True][0], outs[True][1])
+    assert not torch.allclose(outs["gru"][0], outs["gru"][1])
     model = encoded_model(layout, film=True)
     obs = torch.from_numpy(ep.steps[:1, : layout.obs_len])
     with pytest.raises(ValueError, match="mission"):
@@ -311,3 +315,44 @@ def test_frame_decoder_forward_is_the_torch_layers():
         ref = dec.layers(prev + dec.query + dec.cond(h).unsqueeze(1))
         got = dec(h, prev)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mission_words_on_a_hand_made_row():
+    """The GRU's input: each position's episode words, in order (two episodes packed in one row, an empty
+    mission, a second row); a frame with no <bos> before it is refused."""
+    from worldloom.modality import mission_words
+
+    #                  bos w5 w6 sep obs obs bos sep obs | bos w7 w8 w9 sep obs
+    idx = torch.tensor([[1, 5, 6, 2, 10, 11, 1, 2, 12], [1, 7, 8, 9, 2, 13, 0, 0, 0]])
+    slots = torch.tensor([[0, 0, 0, 0, 1, 2, 0, 0, 1], [0, 0, 0, 0, 0, 1, 0, 0, 0]])
+    words, lengths, which = mission_words(idx, slots, torch.tensor([4, 8, 9 + 5]), bos=1, first_word=3)
+    assert words.tolist() == [[5, 6, 0], [7, 8, 9]] and lengths.tolist() == [2, 3]
+    assert which.tolist() == [0, -1, 1]
+    with pytest.raises(ValueError, match="mission prefix"):
+        mission_words(idx[:, 3:], slots[:, 3:], torch.tensor([1]), bos=1, first_word=3)
+
+
+def test_gru_mission_reads_word_order(layout, episodes):
+    """mission_encoder=gru: the same words in another order give another mission vector (the mean cannot
+    tell them apart), and the batched cached path (left-padded prefixes) gives each row its own words' vector."""
+    model = encoded_model(layout, film="gru")
+    ep = layout.episode(longest(episodes[1]))
+    P = len(ep.prefix)
+    swapped = ep.prefix.copy()
+    swapped[1 : P - 1] = swapped[1 : P - 1][::-1]
+    vecs = []
+    for prefix in (ep.prefix, swapped):
+        idx = torch.from_numpy(np.concatenate([prefix, ep.steps[0, : layout.obs_len]]))[None]
+        slots = torch.zeros_like(idx)
+        slots[0, P:] = torch.arange(1, layout.obs_len + 1)
+        with torch.no_grad():
+            vecs.append(model._mission_of(model.embed(idx), idx, slots, None)[0, -1])
+    assert not torch.allclose(vecs[0], vecs[1])
+    short = np.array([ep.prefix[0], ep.prefix[1], ep.prefix[-1]])  # <bos> one word <sep>
+    rows = torch.tensor([list(ep.prefix), [0] * (P - 3) + list(short)])  # left padded
+    obs = torch.from_numpy(np.stack([ep.steps[0, :2]] * 2))
+    with torch.no_grad():
+        got = model._mission_of(model.embed(obs), obs, torch.ones_like(obs), rows)
+        one = model._mission_of(model.embed(obs[:1]), obs[:1], torch.ones_like(obs[:1]), torch.from_numpy(short)[None])
+    torch.testing.assert_close(got[0, 0], vecs[0])
+    torch.testing.assert_close(got[1, 1], one[0, 0])

@@ -80,6 +80,7 @@ class StreamConfig:
     obs_vectors: int = 1  # stream.obs=encoded: vectors per observation
     mission_vec: str = ""  # add a projection of the episode's mission vector (mean word embedding) to step positions, so the policy need not attend back to the prefix to read it: "" off | all (every step position) | policy (the position that predicts the action)
     obs_film: bool = False  # stream.obs=encoded: the frame encoder's convolutions are conditioned (FiLM) on the episode's mission words, as BabyAI's agents are
+    mission_encoder: str = "mean"  # the mission vector of obs_film / mission_vec: mean (of the word embeddings) | gru (a GRU read of the words, as BabyAI 1.1's agent)
     parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head; stream.obs=tokens)
     step_skip: bool = True  # each position also sees the token at its target's place one step earlier (stream.obs=tokens; the encoded decoder reads the previous frame itself)
     grid_pos: bool = False  # observation cells also embed their row and column in the view (2-D position)
@@ -109,6 +110,8 @@ class StreamConfig:
             raise ConfigError(f"stream.obs_vectors must be in 1..64, got {self.obs_vectors}")
         if self.mission_vec not in ("", "all", "policy"):
             raise ConfigError(f"stream.mission_vec must be empty (off), all or policy; got {self.mission_vec!r}")
+        if self.mission_encoder not in ("mean", "gru"):
+            raise ConfigError(f"stream.mission_encoder must be mean or gru; got {self.mission_encoder!r}")
         if self.obs_film and self.obs != "encoded":
             raise ConfigError("stream.obs_film conditions the frame encoder of stream.obs=encoded; set stream.obs=encoded or drop stream.obs_film")
         if self.obs == "encoded" and self.parallel_obs:
@@ -275,6 +278,7 @@ class ModelConfig:
     obs_grid: int = 0  # the observation's first obs_grid**2 tokens are a square grid of cells (encoded observations); set from the stream
     mission_vec: str = ""  # world streams: "" | all | policy: which step positions add a projection of the episode's mission vector (mean word embedding); set from the stream
     obs_film: bool = False  # encoded observations: FiLM-condition the frame encoder on the mission words (mean embedding); set from the stream
+    mission_encoder: str = "mean"  # the mission vector (obs_film, mission_vec): mean word embedding | gru (a GRU over the words); set from the stream
     obs_decoder_layers: int = 2  # encoded observations: bidirectional layers of the frame decoder (next frame from the step's state and the previous frame)
     value_head: bool = False  # a scalar head on the last hidden state (reward models); set by the reward recipe
 
@@ -303,6 +307,8 @@ class ModelConfig:
             raise ConfigError(f"model.mission_vec must be empty (off), all or policy; got {self.mission_vec!r}")
         if self.mission_vec and not self.slots:
             raise ConfigError("model.mission_vec is for world-model streams (model.slots > 0)")
+        if self.mission_encoder not in ("mean", "gru"):
+            raise ConfigError(f"model.mission_encoder must be mean or gru; got {self.mission_encoder!r}")
         if self.obs_film and not self.obs_vectors:
             raise ConfigError("model.obs_film conditions the frame encoder of encoded observations (model.obs_vectors > 0)")
         if self.obs_vectors and not (self.slots > self.obs_len + 3 and 0 < self.obs_grid**2 <= self.obs_len):

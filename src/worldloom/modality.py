@@ -98,6 +98,29 @@ def mission_vectors(emb: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, a
     return sums[k] / counts[k].clamp(min=1).unsqueeze(1)
 
 
+
+def mission_words(idx: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bos: int, first_word: int):
+    """The mission words of the episodes that flat positions ``at`` (N,) belong to, in id rows ``idx``/``slots``
+    (B, T) laid out as for ``mission_vectors``: (words (S, L) ids padded with 0, lengths (S,), which (N,) = the
+    row of ``words`` of each position or -1 where its episode has no words). For encoders that read the words
+    in order (a GRU) rather than their mean."""
+    B, T = idx.shape
+    seg = torch.cumsum((idx == bos) & (slots == 0), dim=1)
+    if len(at) and bool(((seg.reshape(-1)[at] == 0) & (slots.reshape(-1)[at] > 0)).any()):
+        raise ValueError("a frame has no mission prefix before it in its row: pass the rows' mission prefixes as mission=")
+    key = (torch.arange(B, device=idx.device).unsqueeze(1) * (T + 1) + seg).reshape(-1)
+    pos = torch.nonzero(((slots == 0) & (idx >= first_word)).reshape(-1)).squeeze(1)  # in order: keys never decrease
+    if not len(pos):
+        return idx.new_zeros(0, 1), idx.new_zeros(0), torch.full_like(at, -1)
+    keys, inv, lengths = torch.unique_consecutive(key[pos], return_inverse=True, return_counts=True)
+    rank = torch.arange(len(pos), device=idx.device) - (torch.cumsum(lengths, 0) - lengths)[inv]
+    words = idx.new_zeros(len(keys), int(lengths.max()))
+    words[inv, rank] = idx.reshape(-1)[pos]
+    k = key[at]
+    j = torch.searchsorted(keys, k).clamp(max=len(keys) - 1)
+    return words, lengths, torch.where(keys[j] == k, j, -1)
+
+
 class FrameDecoder(nn.Module):
     """(state (N, C), previous frame's token embeddings (N, obs_len, C)) -> (N, obs_len, C): one output per
     cell of the next frame, each cell attending to all cells of the previous frame and the state.

@@ -39,7 +39,7 @@ from .backbones import build_backbone
 from .backbones.moe import MoEFeedForward
 from .backbones.transformer import RMSNorm, init_weights
 from .config import ModelConfig
-from .modality import BOS, N_SPECIAL, FrameDecoder, FrameEncoder, FramePlan, mission_vectors, policy_slot
+from .modality import BOS, N_SPECIAL, FrameDecoder, FrameEncoder, FramePlan, mission_vectors, mission_words, policy_slot
 
 MODEL_INPUTS = ("slots", "skip", "frame_index", "causal", "prefix_views", "prefix_at")  # batch keys that are model inputs besides "input"
 
@@ -75,6 +75,9 @@ class LWM(nn.Module):
         self.slot_embed = nn.Embedding(cfg.slots, cfg.d_model) if cfg.slots else None
         self.mission_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.mission_vec else None
         self.skip_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.period else None
+        reads_mission = bool(cfg.mission_vec or cfg.obs_film)
+        self.mission_gru = (nn.GRU(cfg.d_model, cfg.d_model, batch_first=True)
+                            if reads_mission and cfg.mission_encoder == "gru" else None)
         self.grid_embed = None
         if cfg.slot_grid:  # row and column (1..g; 0 = not a grid cell) of every slot, one table for both
             g = cfg.slot_grid
@@ -180,10 +183,24 @@ class LWM(nn.Module):
         """The mission vector (mean word embedding) of the episode each position of idx (B, T) is in: (B, T, C);
         ``x`` = the token embeddings of idx, looked up already."""
         B, T = idx.shape
+        if mission is not None and mission.shape[0] != B:
+            raise ValueError(f"mission= has {mission.shape[0]} rows for {B} rows of ids")
+        if self.mission_gru is not None:  # the words in order, through a GRU: its last state
+            if mission is None:
+                words, lengths, which = mission_words(idx, slots, torch.arange(B * T, device=idx.device), BOS, N_SPECIAL)
+            else:  # each row's prefix (left padded): its words, moved to the front in order
+                is_word = mission >= N_SPECIAL
+                order = torch.sort((~is_word).to(torch.int8), dim=1, stable=True).indices
+                lengths = is_word.sum(1)
+                words = mission.gather(1, order)[:, : max(int(lengths.max()), 1)] * (lengths > 0).unsqueeze(1)
+                which = torch.where(lengths > 0, torch.arange(B, device=idx.device), -1).repeat_interleave(T)
+            if not len(words):
+                return x.new_zeros(B, T, x.shape[-1])
+            out, _ = self.mission_gru(self.embed(words).to(x.dtype))
+            last = out[torch.arange(len(words), device=idx.device), (lengths - 1).clamp(min=0)]  # (S, C)
+            return torch.where((which >= 0).unsqueeze(1), last[which.clamp(min=0)], 0.0).view(B, T, -1)
         if mission is None:
             return mission_vectors(x, idx, slots, torch.arange(B * T, device=idx.device), BOS, N_SPECIAL).view(B, T, -1)
-        if mission.shape[0] != B:
-            raise ValueError(f"mission= has {mission.shape[0]} rows for {B} rows of ids")
         words = (mission >= N_SPECIAL).unsqueeze(-1)
         e = self.embed(mission) * words
         return (e.sum(1) / words.sum(1).clamp(min=1)).unsqueeze(1).expand(B, T, -1)

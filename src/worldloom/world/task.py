@@ -51,7 +51,7 @@ def stream_model_sizes(lay: StreamLayout, sc) -> dict:
             "slot_grid": grid if sc.grid_pos else 0,
             "obs_vectors": sc.obs_vectors if encoded else 0, "obs_len": lay.obs_len if encoded else 0,
             "obs_grid": grid if encoded else 0, "obs_film": bool(sc.obs_film and encoded),
-            "mission_vec": sc.mission_vec}
+            "mission_vec": sc.mission_vec, "mission_encoder": sc.mission_encoder}
 
 
 def observation_tokenizer(cfg: RunConfig, run_dir: Path, meta: dict):
