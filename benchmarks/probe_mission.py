@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import platform
 import sys
 from pathlib import Path
@@ -132,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "probe_mission.json")
     a = ap.parse_args(argv)
+    from worldloom.io import write_json
     from worldloom.world.data.episodes import load_dataset
 
     if a.threads:
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
            "machine": platform.processor() or platform.machine(), "run": str(a.run), "data": str(data),
            "episodes": len(episodes), "same_mission_after_rotation": same, "results": results}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(a.out)
+    write_json(a.out, out)  # a temporary file, then renamed
     print(f"{len(episodes)} validation episodes of {data} ({same} keep their own mission after the rotation)")
     print(table(results))
     print(f"wrote {a.out}")
