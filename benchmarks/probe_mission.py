@@ -19,64 +19,33 @@ Prints a table (NLL in nats per action, accuracy of the argmax) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHIFT = 7  # the other mission: that of the episode SHIFT places on in the split
-STEPS = 4  # steps 0..STEPS-1 reported one by one, the rest together
+from worldloom.world.eval.metrics import MISSION_SHIFT as SHIFT, MISSION_STEPS as STEPS, by_step  # noqa: E402 - as the pipeline
 
 
 def rotated(missions: list[str]) -> list[str]:
     return [missions[(i + SHIFT) % len(missions)] for i in range(len(missions))]
 
 
-def summarise(by: dict[int, list[tuple[float, int]]]) -> dict:
-    out = {f"{k}" if k < STEPS else f"{STEPS}+": {"nll": float(np.mean([x[0] for x in v])),
-                                                   "accuracy": float(np.mean([x[1] for x in v])), "n": len(v)}
-           for k, v in sorted(by.items())}
-    every = [x for v in by.values() for x in v]
-    out["all"] = {"nll": float(np.mean([x[0] for x in every])), "accuracy": float(np.mean([x[1] for x in every])),
-                  "n": len(every)}
-    return out
-
-
-@torch.no_grad()
 def probe_run(run_dir: Path, episodes: list) -> dict:
-    """Per-step action NLL / accuracy of a world run's policy, own and other missions."""
-    from worldloom.modality import step_positions
-    from worldloom.model import model_inputs
+    """Per-step action NLL / accuracy of a world run's policy, own and other missions (the pipeline's
+    ``mission_reading``, which every world evaluation reports too)."""
     from worldloom.run import load_world_run
-    from worldloom.world.data.packing import EpisodeData
+    from worldloom.world.eval.metrics import mission_reading
 
     run = load_world_run(run_dir)
-    lay, mc = run.layout, run.model.cfg
-    run.model.eval()
-    lo, hi = lay.offset["action"], lay.offset["action"] + lay.n_actions
-    res = {}
-    for name, missions in (("own", [e.mission for e in episodes]), ("other", rotated([e.mission for e in episodes]))):
-        eps = [lay.episode(dataclasses.replace(e, mission=m)) for e, m in zip(episodes, missions)]
-        data = EpisodeData(lay, eps[:1], eps, run.cfg.stream, step_skip=bool(mc.period),
-                           step_cost=step_positions(lay.step_len, mc.obs_len, mc.obs_vectors))
-        by: dict[int, list] = {}
-        for batch in data.windows("val", mc.context, 16):  # each episode's first window: action j is step j
-            out = run.model(**model_inputs(batch))
-            tgt, w = batch["target"], batch["weight"]
-            is_act = (tgt >= lo) & (tgt < hi) & (w > 0)
-            logp = torch.log_softmax(out.logits[..., lo:hi].float(), -1)
-            for b in range(tgt.shape[0]):
-                for j, p in enumerate(torch.nonzero(is_act[b]).flatten().tolist()):
-                    t = int(tgt[b, p]) - lo
-                    by.setdefault(min(j, STEPS), []).append((-float(logp[b, p, t]), int(logp[b, p].argmax() == t)))
-        res[name] = summarise(by)
-    return res
+    res = mission_reading(run.model, run.layout, episodes, run.model.cfg.context)
+    if res is None:
+        raise SystemExit("probe_mission: every episode has the same mission; nothing to swap")
+    return {"own": res["own"], "other": res["other"]}
 
 
 @torch.no_grad()
@@ -105,7 +74,7 @@ def probe_baseline(data_dir: Path, episodes: list, minutes: float, log=print) ->
             for r, t in torch.nonzero(bt["labels"] >= 0).tolist():
                 y = int(bt["labels"][r, t])
                 by.setdefault(min(t, STEPS), []).append((-float(logp[r, t, y]), int(logp[r, t].argmax() == y)))
-        res[name] = summarise(by)
+        res[name] = by_step(by)
     return res
 
 

@@ -247,6 +247,10 @@ def test_encoded_world_run_trains_acts_and_imagines(encoded_run):
     mc = res["mission_control"]  # the same 6 seeds again, each given another level's mission
     assert mc["episodes"] == 6 and mc["own"] == res["real"]["success"] and 0.0 <= mc["other"] <= 1.0
     assert "another level's" in (encoded_run / "report.md").read_text()
+    mr = res["mission_reading"]  # the held-out expert actions behind their own and another episode's mission
+    assert mr["episodes"] == 12 and mr["same_mission"] < 12
+    assert mr["own"]["all"]["n"] == mr["other"]["all"]["n"] == sum(v["n"] for k, v in mr["own"].items() if k != "all")
+    assert mr["own"]["all"]["nll"] != mr["other"]["all"]["nll"] and "Mission read" in (encoded_run / "report.md").read_text()
     from worldloom.run import load_world_run
 
     run = load_world_run(encoded_run)
@@ -356,3 +360,19 @@ def test_gru_mission_reads_word_order(layout, episodes):
         one = model._mission_of(model.embed(obs[:1]), obs[:1], torch.ones_like(obs[:1]), torch.from_numpy(short)[None])
     torch.testing.assert_close(got[0, 0], vecs[0])
     torch.testing.assert_close(got[1, 1], one[0, 0])
+
+
+def test_mission_reading_needs_two_missions_and_scores_every_action(layout, episodes):
+    """Episodes that all share one mission give None (nothing to swap); otherwise every action of each episode's
+    first window is scored twice, by step, and the step rows add up to "all"."""
+    import dataclasses
+
+    from worldloom.world.eval.metrics import mission_reading
+
+    model = encoded_model(layout, film=True)
+    val = episodes[1][:6]
+    assert mission_reading(model, layout, [dataclasses.replace(e, mission="go to the red ball") for e in val], 256) is None
+    res = mission_reading(model, layout, val, 256)
+    assert set(res["own"]) == set(res["other"]) and "0" in res["own"] and "all" in res["own"]
+    assert res["own"]["all"]["n"] == sum(v["n"] for k, v in res["own"].items() if k != "all")
+    assert res["own"]["0"]["n"] == len(val)  # every episode's first action

@@ -92,7 +92,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     from .envs import make_adapter
     from .data.episodes import load_dataset
     from .rollout.imagine import open_loop_accuracy
-    from .eval.metrics import episode_flags, teacher_forced_accuracy
+    from .eval.metrics import episode_flags, mission_reading, teacher_forced_accuracy
     from .rollout.plan import ImaginationPlanner
 
     cfg, model, layout = run.cfg, run.model, run.layout
@@ -122,6 +122,14 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         log(f"  {pct(wm, 'expert', 'novel')} of expert / {pct(wm, 'perturbed', 'novel')} of perturbed next frames reveal an "
             f"object never seen before in the episode (no model can predict those exactly); on the others: "
             f"{pct(wm, 'expert', 'frame_known')} expert, {pct(wm, 'perturbed', 'frame_known')} perturbed")
+
+    reading = mission_reading(model, layout, val, cfg.model.context, precision=precision)
+    if reading is not None:  # the policy's loss on the expert's actions behind another episode's mission
+        result["mission_reading"] = reading
+        o, x = reading["own"], reading["other"]
+        log(f"mission read (held-out actions, own -> another episode's mission): step 0 {o['0']['nll']:.3f} -> "
+            f"{x['0']['nll']:.3f} nats, all steps {o['all']['nll']:.3f} -> {x['all']['nll']:.3f} "
+            f"(accuracy {o['all']['accuracy']:.1%} -> {x['all']['accuracy']:.1%})")
 
     # open-loop imagination from the real first observation, fed the episode's real actions:
     # token by token (the accurate way); with a frame head, also in one pass per frame

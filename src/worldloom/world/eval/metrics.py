@@ -132,6 +132,59 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
     return out
 
 
+MISSION_SHIFT = 7  # mission_reading's other mission: that of the episode this many places on
+MISSION_STEPS = 4  # steps reported one by one; the later ones together
+
+
+def mission_reading(model, layout: StreamLayout, episodes: list, context: int, batch_size: int = 16,
+                    precision: str = "fp32") -> dict | None:
+    """How much the policy reads its mission: its loss (nats) and argmax accuracy on the expert's action at every
+    step of ``episodes`` (Episode objects; each one's first window), behind each episode's own mission (``own``)
+    and behind the mission of the episode ``MISSION_SHIFT`` places on (``other``), by step of the episode
+    ("0".."3", "4+") and over ``all``. A policy that reads its mission loses more behind the wrong one, above all
+    before its path shows the target. None when the episodes share one mission (nothing to swap)."""
+    import dataclasses
+
+    missions = [e.mission for e in episodes]
+    if len(set(missions)) < 2:
+        return None
+    model.eval()
+    lo, hi = layout.offset["action"], layout.offset["action"] + layout.n_actions
+    cost = step_positions(layout.step_len, model.cfg.obs_len, model.cfg.obs_vectors)
+    out = {"episodes": len(episodes), "same_mission": 0, "own": {}, "other": {}}
+    other = [missions[(i + MISSION_SHIFT) % len(missions)] for i in range(len(missions))]
+    out["same_mission"] = sum(a == b for a, b in zip(missions, other))
+    for name, ms in (("own", missions), ("other", other)):
+        eps = [layout.episode(dataclasses.replace(e, mission=m)) for e, m in zip(episodes, ms)]
+        data = EpisodeData(layout, eps[:1], eps, _weights_all(), step_skip=model.skip_proj is not None, step_cost=cost)
+        by: dict[int, list] = {}
+        for batch in data.windows("val", context, batch_size):  # each episode's first window: action j is step j
+            with torch.no_grad(), autocast(precision, torch.device("cpu")):
+                logits = model(**model_inputs(batch)).logits
+            logp = torch.log_softmax(logits[..., lo:hi].float(), -1)
+            tgt = batch["target"]
+            is_act = (tgt >= lo) & (tgt < hi) & (batch["weight"] > 0)
+            for b in range(tgt.shape[0]):
+                pos = torch.nonzero(is_act[b]).flatten()
+                t = tgt[b, pos] - lo
+                lp = logp[b, pos]
+                nll = (-lp.gather(1, t.unsqueeze(1)).squeeze(1)).tolist()
+                ok = (lp.argmax(-1) == t).tolist()
+                for j in range(len(pos)):
+                    by.setdefault(min(j, MISSION_STEPS), []).append((nll[j], ok[j]))
+        out[name] = by_step(by)
+    return out
+
+
+def by_step(by: dict[int, list[tuple[float, int]]]) -> dict:
+    """{step: [(nll, right), ...]} -> mission_reading's rows: steps "0".."3", "4+" and "all", each
+    {"nll", "accuracy", "n"}."""
+    rows = {(str(k) if k < MISSION_STEPS else f"{MISSION_STEPS}+"): v for k, v in sorted(by.items())}
+    rows["all"] = [x for v in by.values() for x in v]
+    return {k: {"nll": float(np.mean([x[0] for x in v])), "accuracy": float(np.mean([x[1] for x in v])), "n": len(v)}
+            for k, v in rows.items()}
+
+
 def _add_cells_read_back(tally, layout: StreamLayout, predicted: list, read_cells, chunk: int = 512) -> None:
     """Predicted frames (ids) decoded by the image tokenizer, read back as cells, against the real views."""
     for i in range(0, len(predicted), chunk):

@@ -278,6 +278,13 @@ def _table(result) -> list[str]:
             f"{_get(result, 'mission_control', 'episodes')} seeds): success with its own mission / with another level's",
             f"{pct(_get(result, 'mission_control', 'own'))} / {pct(_get(result, 'mission_control', 'other'))}")]
           if _get(result, "mission_control") is not None else []),
+        *([(f"Mission read: the policy's loss on the held-out expert actions (nats), own mission / another episode's, "
+            f"at step 0 and over all steps ({_get(result, 'mission_reading', 'episodes')} episodes)",
+            f"{_fmt(_get(result, 'mission_reading', 'own', '0', 'nll'), '.3f')} / "
+            f"{_fmt(_get(result, 'mission_reading', 'other', '0', 'nll'), '.3f')}; "
+            f"{_fmt(_get(result, 'mission_reading', 'own', 'all', 'nll'), '.3f')} / "
+            f"{_fmt(_get(result, 'mission_reading', 'other', 'all', 'nll'), '.3f')}")]
+          if _get(result, "mission_reading") is not None else []),
         ("Mean return, plain policy", _fmt(_get(real, "mean_return"))),
         ("Mean episode length, plain policy (steps)", _fmt(_get(real, "mean_length"), ".1f")),
         (f"Success, planning in imagination ({', '.join(plan_note) or DASH})", pct(_get(plan, "success"))),
