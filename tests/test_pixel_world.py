@@ -156,7 +156,7 @@ def test_crafter_from_random_play_trains_end_to_end(tmp_path):
     from worldloom.world.data.episodes import load_dataset
     from worldloom.world.pipeline import run_world
 
-    cfg = build_config("crafter", [f"out_dir={tmp_path}", "name=c", "data.episodes=3", "data.val_episodes=2",
+    cfg = build_config("crafter", [f"out_dir={tmp_path}", "name=c", "data.episodes=2", "data.val_episodes=1",
                                    "data.max_steps=8", "data.workers=1", "vision.frames=64", "vision.val_frames=16",
                                    "vision.channels=16", "vision.code_dim=8", "vision.codebook=16", "vision.minutes=0",
                                    "vision.max_steps=2", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
