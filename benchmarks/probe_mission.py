@@ -28,11 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from worldloom.world.eval.metrics import MISSION_SHIFT as SHIFT, MISSION_STEPS as STEPS, by_step  # noqa: E402 - as the pipeline
-
-
-def rotated(missions: list[str]) -> list[str]:
-    return [missions[(i + SHIFT) % len(missions)] for i in range(len(missions))]
+from worldloom.world.eval.metrics import MISSION_STEPS as STEPS, by_step  # noqa: E402 - as the pipeline
+from worldloom.world.eval.metrics import rotated_missions as rotated  # noqa: E402
 
 
 def probe_run(run_dir: Path, episodes: list) -> dict:

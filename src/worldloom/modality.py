@@ -78,6 +78,17 @@ def policy_slot(slots: int) -> int:
     return slots - 4
 
 
+def _episode_keys(idx: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bos: int) -> torch.Tensor:
+    """(B * T,) a key per flat position of id rows ``idx``/``slots`` (B, T): the same for the positions of one
+    episode (row, and episodes begun by a <bos> at slot 0 before it), increasing along the flattened rows.
+    Raises where a step position of ``at`` has no <bos> before it in its row."""
+    B, T = idx.shape
+    seg = torch.cumsum((idx == bos) & (slots == 0), dim=1)  # episode number within the row (0 = before any <bos>)
+    if len(at) and bool(((seg.reshape(-1)[at] == 0) & (slots.reshape(-1)[at] > 0)).any()):
+        raise ValueError("a frame has no mission prefix before it in its row: pass the rows' mission prefixes as mission=")
+    return (torch.arange(B, device=idx.device).unsqueeze(1) * (T + 1) + seg).reshape(-1)
+
+
 def mission_vectors(emb: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bos: int,
                     first_word: int) -> torch.Tensor:
     """The mean embedding of the mission words of the episode that flat positions ``at`` (N,) belong to, in
@@ -87,10 +98,7 @@ def mission_vectors(emb: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, a
     prefixes instead); other such positions (the left padding of a prefill) get zeros."""
     B, T = idx.shape
     C = emb.shape[-1]
-    seg = torch.cumsum((idx == bos) & (slots == 0), dim=1)  # episode number within the row (0 = before any <bos>)
-    if len(at) and bool(((seg.reshape(-1)[at] == 0) & (slots.reshape(-1)[at] > 0)).any()):
-        raise ValueError("a frame has no mission prefix before it in its row: pass the rows' mission prefixes as mission=")
-    key = (torch.arange(B, device=idx.device).unsqueeze(1) * (T + 1) + seg).reshape(-1)
+    key = _episode_keys(idx, slots, at, bos)
     word = ((slots == 0) & (idx >= first_word)).reshape(-1)
     sums = emb.new_zeros(B * (T + 1), C).index_add(0, key[word], emb.reshape(-1, C)[word])
     counts = emb.new_zeros(B * (T + 1)).index_add(0, key[word], emb.new_ones(int(word.sum())))
@@ -98,17 +106,12 @@ def mission_vectors(emb: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, a
     return sums[k] / counts[k].clamp(min=1).unsqueeze(1)
 
 
-
 def mission_words(idx: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bos: int, first_word: int):
     """The mission words of the episodes that flat positions ``at`` (N,) belong to, in id rows ``idx``/``slots``
     (B, T) laid out as for ``mission_vectors``: (words (S, L) ids padded with 0, lengths (S,), which (N,) = the
     row of ``words`` of each position or -1 where its episode has no words). For encoders that read the words
     in order (a GRU) rather than their mean."""
-    B, T = idx.shape
-    seg = torch.cumsum((idx == bos) & (slots == 0), dim=1)
-    if len(at) and bool(((seg.reshape(-1)[at] == 0) & (slots.reshape(-1)[at] > 0)).any()):
-        raise ValueError("a frame has no mission prefix before it in its row: pass the rows' mission prefixes as mission=")
-    key = (torch.arange(B, device=idx.device).unsqueeze(1) * (T + 1) + seg).reshape(-1)
+    key = _episode_keys(idx, slots, at, bos)
     pos = torch.nonzero(((slots == 0) & (idx >= first_word)).reshape(-1)).squeeze(1)  # in order: keys never decrease
     if not len(pos):
         return idx.new_zeros(0, 1), idx.new_zeros(0), torch.full_like(at, -1)

@@ -152,7 +152,7 @@ def mission_reading(model, layout: StreamLayout, episodes: list, context: int, b
     lo, hi = layout.offset["action"], layout.offset["action"] + layout.n_actions
     cost = step_positions(layout.step_len, model.cfg.obs_len, model.cfg.obs_vectors)
     out = {"episodes": len(episodes), "same_mission": 0, "own": {}, "other": {}}
-    other = [missions[(i + MISSION_SHIFT) % len(missions)] for i in range(len(missions))]
+    other = rotated_missions(missions)
     out["same_mission"] = sum(a == b for a, b in zip(missions, other))
     for name, ms in (("own", missions), ("other", other)):
         eps = [layout.episode(dataclasses.replace(e, mission=m)) for e, m in zip(episodes, ms)]
@@ -174,6 +174,11 @@ def mission_reading(model, layout: StreamLayout, episodes: list, context: int, b
                     by.setdefault(min(j, MISSION_STEPS), []).append((nll[j], ok[j]))
         out[name] = by_step(by)
     return out
+
+
+def rotated_missions(missions: list[str]) -> list[str]:
+    """mission_reading's other missions: each episode gets that of the episode MISSION_SHIFT places on."""
+    return [missions[(i + MISSION_SHIFT) % len(missions)] for i in range(len(missions))]
 
 
 def by_step(by: dict[int, list[tuple[float, int]]]) -> dict:
