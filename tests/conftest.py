@@ -6,6 +6,7 @@ suite runs anywhere and in seconds.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -17,6 +18,10 @@ from hypothesis import settings
 from worldloom.config import RunConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Every `worldloom` or benchmark process a test starts runs on one thread (their `threads=0` reads this): tiny
+# models are fastest so, and the suite's two workers (pytest-xdist, one per core) must not ask for four threads.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 settings.register_profile("worldloom", deadline=None, database=None)
 settings.load_profile("worldloom")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,16 @@ def test_denormals_are_flushed_after_startup():
     flush_denormals()
     tiny = torch.tensor([3e-39, 1e-30])  # the first is below fp32's smallest normal number (1.2e-38)
     assert (tiny * 1.0).tolist()[0] == 0.0 and (tiny * 1.0).tolist()[1] > 0.0
+
+
+def test_threads_zero_follows_omp_num_threads_else_every_core(monkeypatch):
+    from worldloom.runtime import default_threads, set_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    set_threads(0)
+    assert torch.get_num_threads() == 3
+    for unset in ("", "0", "two"):  # unset, zero or not a number: every core this process may use
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert default_threads() == len(os.sched_getaffinity(0))
+    set_threads(1)

@@ -394,7 +394,7 @@ class TrainConfig:
     eval_batches: int = 20
     log_interval: int = 10
     seed: int = 1337
-    threads: int = 0  # torch CPU threads; 0 = all cores
+    threads: int = 0  # torch CPU threads; 0 = OMP_NUM_THREADS if set, else all cores
     compile: bool = False  # torch.compile the model (costs 15-30 s at start on CPU)
     dist: str = "none"  # under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard); batch_size is the global batch
     objective: str = "next"  # next | masked (fill-mask, attending both ways) | combined (next + mask_alpha * masked); text recipe

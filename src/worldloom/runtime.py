@@ -36,9 +36,20 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
+def default_threads() -> int:
+    """The thread count `threads=0` means: OMP_NUM_THREADS when it is set (as torch itself reads it), else every
+    core this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def set_threads(n: int) -> None:
     flush_denormals()
-    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+    torch.set_num_threads(n if n > 0 else default_threads())
 
 
 def _matmul_seconds(dtype: torch.dtype, device: torch.device, n: int = 768, reps: int = 6) -> float:
