@@ -376,3 +376,23 @@ def test_mission_reading_needs_two_missions_and_scores_every_action(layout, epis
     assert set(res["own"]) == set(res["other"]) and "0" in res["own"] and "all" in res["own"]
     assert res["own"]["all"]["n"] == sum(v["n"] for k, v in res["own"].items() if k != "all")
     assert res["own"]["0"]["n"] == len(val)  # every episode's first action
+
+
+@pytest.mark.parametrize("film", [False, True])
+def test_teacher_forced_pass_gives_mission_reading_its_own_rows(layout, episodes, film):
+    """evaluate_world runs the forward pass behind the own missions once: the rows teacher_forced_accuracy
+    collects are those mission_reading computes itself."""
+    from worldloom.world.eval.metrics import mission_reading, teacher_forced_accuracy
+
+    model = encoded_model(layout, film=film)
+    val = episodes[1][:6]
+    rows: dict = {}
+    with torch.no_grad():
+        teacher_forced_accuracy(model, layout, [layout.episode(e) for e in val], [False] * len(val),
+                                [np.zeros(e.length, bool) for e in val], 256, action_steps=rows)
+        again = mission_reading(model, layout, val, 256, own=rows)
+        alone = mission_reading(model, layout, val, 256)
+    assert rows and again["other"] == alone["other"]
+    for k, v in alone["own"].items():
+        assert again["own"][k]["n"] == v["n"] and again["own"][k]["accuracy"] == v["accuracy"]
+        assert abs(again["own"][k]["nll"] - v["nll"]) < 1e-5

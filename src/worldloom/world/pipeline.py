@@ -109,9 +109,10 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     adapter = make_adapter(cfg.env.id)  # made once: an Atari adapter makes a gym env to read its actions
     novel = adapter.novel_objects(val)  # never-seen objects each next frame reveals (or None)
     read_cells = cell_reader(val)  # pixel worlds with symbolic views stored: predicted frames read back as cells
+    own_actions: dict = {}  # the policy's loss on the expert actions behind their own missions, for mission_reading
     wm = teacher_forced_accuracy(model, layout, [layout.episode(e) for e in val], perturbed, after_random,
                                  cfg.model.context, precision=precision, novel=novel, read_cells=read_cells,
-                                 views=[e.obs["image"] for e in val] if read_cells else None)
+                                 views=[e.obs["image"] for e in val] if read_cells else None, action_steps=own_actions)
     result["world_model"] = wm
     log(f"world model (held-out, {len(val)} episodes): next-frame exact {pct(wm, 'expert', 'frame')} expert, "
         f"{pct(wm, 'perturbed', 'frame')} perturbed, {pct(wm, 'after_random', 'frame')} after a random action")
@@ -123,7 +124,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
             f"object never seen before in the episode (no model can predict those exactly); on the others: "
             f"{pct(wm, 'expert', 'frame_known')} expert, {pct(wm, 'perturbed', 'frame_known')} perturbed")
 
-    reading = mission_reading(model, layout, val, cfg.model.context, precision=precision)
+    reading = mission_reading(model, layout, val, cfg.model.context, precision=precision, own=own_actions)
     if reading is not None:  # the policy's loss on the expert's actions behind another episode's mission
         result["mission_reading"] = reading
         o, x = reading["own"], reading["other"]

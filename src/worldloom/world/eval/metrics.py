@@ -55,7 +55,7 @@ class _Tally:
 def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeTokens], perturbed: list[bool],
                             after_random: list[np.ndarray], context: int, batch_size: int = 16, precision: str = "fp32",
                             novel: list[np.ndarray | None] | None = None, read_cells=None,
-                            views: list[np.ndarray] | None = None) -> dict:
+                            views: list[np.ndarray] | None = None, action_steps: dict | None = None) -> dict:
     """Accuracy of next-observation frames and tokens, rewards, ends and expert actions.
 
     ``perturbed[i]`` marks episode i as perturbed; ``after_random[i]`` (T,) marks the steps whose
@@ -67,6 +67,9 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
     frames to views, as ``open_loop_accuracy`` takes it) also gets ``frame_cells``: the predicted next
     frame's codes decoded to pixels and read back as cells, exact on every cell of the real view (the
     symbolic world model's ``frame``, measured through the image tokenizer), and ``cell_cells``.
+
+    ``action_steps``, a dict, is filled with ``mission_reading``'s rows for these episodes behind their own
+    missions ({step: [(nll, right), ...]}), from the same forward passes, so that it need not run them again.
     """
     model.eval()
     data = EpisodeData(layout, episodes, episodes, _weights_all(), frame_head=model.frame is not None,
@@ -80,6 +83,8 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
         with autocast(precision, torch.device("cpu")):
             out = model(**model_inputs(batch))
             logits = out.logits.float()
+        if action_steps is not None:
+            _add_action_rows(action_steps, logits, batch, layout)
         inp, slots, tgt = batch["input"].numpy(), batch["slots"].numpy(), batch["target"].numpy()
         lo, hi = _target_ranges(layout, inp, slots)
         ids = torch.arange(logits.shape[-1])
@@ -137,43 +142,53 @@ MISSION_STEPS = 4  # steps reported one by one; the later ones together
 
 
 def mission_reading(model, layout: StreamLayout, episodes: list, context: int, batch_size: int = 16,
-                    precision: str = "fp32") -> dict | None:
+                    precision: str = "fp32", own: dict | None = None) -> dict | None:
     """How much the policy reads its mission: its loss (nats) and argmax accuracy on the expert's action at every
     step of ``episodes`` (Episode objects; each one's first window), behind each episode's own mission (``own``)
     and behind the mission of the episode ``MISSION_SHIFT`` places on (``other``), by step of the episode
     ("0".."3", "4+") and over ``all``. A policy that reads its mission loses more behind the wrong one, above all
-    before its path shows the target. None when the episodes share one mission (nothing to swap)."""
+    before its path shows the target. None when the episodes share one mission (nothing to swap). ``own``: the
+    own-mission rows already collected by ``teacher_forced_accuracy(action_steps=...)`` over the same episodes."""
     import dataclasses
 
     missions = [e.mission for e in episodes]
     if len(set(missions)) < 2:
         return None
     model.eval()
-    lo, hi = layout.offset["action"], layout.offset["action"] + layout.n_actions
     cost = step_positions(layout.step_len, model.cfg.obs_len, model.cfg.obs_vectors)
     out = {"episodes": len(episodes), "same_mission": 0, "own": {}, "other": {}}
     other = rotated_missions(missions)
     out["same_mission"] = sum(a == b for a, b in zip(missions, other))
     for name, ms in (("own", missions), ("other", other)):
+        if name == "own" and own:
+            out[name] = by_step(own)
+            continue
         eps = [layout.episode(dataclasses.replace(e, mission=m)) for e, m in zip(episodes, ms)]
         data = EpisodeData(layout, eps[:1], eps, _weights_all(), step_skip=model.skip_proj is not None, step_cost=cost)
         by: dict[int, list] = {}
         for batch in data.windows("val", context, batch_size):  # each episode's first window: action j is step j
             with torch.no_grad(), autocast(precision, torch.device("cpu")):
                 logits = model(**model_inputs(batch)).logits
-            logp = torch.log_softmax(logits[..., lo:hi].float(), -1)
-            tgt = batch["target"]
-            is_act = (tgt >= lo) & (tgt < hi) & (batch["weight"] > 0)
-            for b in range(tgt.shape[0]):
-                pos = torch.nonzero(is_act[b]).flatten()
-                t = tgt[b, pos] - lo
-                lp = logp[b, pos]
-                nll = (-lp.gather(1, t.unsqueeze(1)).squeeze(1)).tolist()
-                ok = (lp.argmax(-1) == t).tolist()
-                for j in range(len(pos)):
-                    by.setdefault(min(j, MISSION_STEPS), []).append((nll[j], ok[j]))
+            _add_action_rows(by, logits.float(), batch, layout)
         out[name] = by_step(by)
     return out
+
+
+def _add_action_rows(by: dict, logits: torch.Tensor, batch: dict, layout: StreamLayout) -> None:
+    """Append (nll, right) of every weighted expert action in a batch of first windows to by[step] (steps past
+    MISSION_STEPS together): mission_reading's rows."""
+    lo, hi = layout.offset["action"], layout.offset["action"] + layout.n_actions
+    logp = torch.log_softmax(logits[..., lo:hi].float(), -1)
+    tgt = batch["target"]
+    is_act = (tgt >= lo) & (tgt < hi) & (batch["weight"] > 0)
+    for b in range(tgt.shape[0]):
+        pos = torch.nonzero(is_act[b]).flatten()
+        t = tgt[b, pos] - lo
+        lp = logp[b, pos]
+        nll = (-lp.gather(1, t.unsqueeze(1)).squeeze(1)).tolist()
+        ok = (lp.argmax(-1) == t).tolist()
+        for j in range(len(pos)):
+            by.setdefault(min(j, MISSION_STEPS), []).append((nll[j], ok[j]))
 
 
 def rotated_missions(missions: list[str]) -> list[str]:
