@@ -134,6 +134,12 @@ def test_novelty_and_frame_head_rows_only_when_measured(tmp_path):
     assert "| Next observations that reveal a never-seen object (unpredictable): expert / perturbed | 26.6% / 23.3% |" in md
     assert "| Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed | 84.0% / 76.9% |" in md
     assert "50.0% (n=7) / 50.0% (n=7) / 50.0% (n=7)" in md and "frame head" in md
+    assert "by the action that led to it" not in md  # not measured: no row
+    res["world_model"]["by_action"] = {"2": {"name": "forward", "frame": 0.9, "frame_n": 50, "frame_known": 0.99, "frame_known_n": 40},
+                                       "0": {"name": "left", "frame": 0.1, "frame_n": 30, "frame_known": 0.25, "frame_known_n": 8}}
+    md = write_report(tmp_path / "c", res).read_text()
+    assert ("| Next observation, exact frame by the action that led to it (frames that reveal nothing new) | "
+            "left 25.0% (n=8) · forward 99.0% (n=40) |") in md
     plain = copy.deepcopy(FULL)
     del plain["world_model"]["expert"]["frame_parallel"]
     md = write_report(tmp_path / "b", plain).read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,15 @@ def test_teacher_forced_accuracy_is_consistent(world_run, episodes):
         assert 0 <= g["frame"] <= g["token"] <= 1  # a right frame needs all its tokens right
         assert g["frame_n"] > 0 and g["token_n"] == 50 * g["frame_n"]
         assert 0 <= g["frame_parallel"] <= 1
+    # the same frames again, by the action that led to each (a_{t-1} of o_t): counts and exact frames add up
+    by = acc["by_action"]
+    taken = collections.Counter()
+    for e in val:
+        m = min(e.length, (run.cfg.model.context + 1 - len(run.layout.episode(e).prefix)) // run.layout.step_len)
+        taken.update(str(int(a)) for a in e.action[: m - 1])
+    assert {k: v["frame_n"] for k, v in by.items()} == dict(taken)
+    exact = sum(acc[g]["frame"] * acc[g]["frame_n"] for g in ("expert", "perturbed"))
+    assert abs(sum(v["frame"] * v["frame_n"] for v in by.values()) - exact) < 1e-6
 
 
 def test_novel_objects_counts_only_first_sightings(episodes):
@@ -214,6 +225,8 @@ def test_frame_accuracy_splits_by_novelty(world_run, episodes):
         assert g["novel_n"] == g["frame_n"] and round(g["novel"] * g["novel_n"]) == n_new  # o_1.. are scored
         assert g["frame_known_n"] == g["frame_n"] - n_new
         assert "frame_known" not in everything_new[group] and everything_new[group]["novel"] == 1.0
+    assert sum(v.get("frame_known_n", 0) for v in acc["by_action"].values()) == sum(
+        acc[g]["frame_known_n"] for g in ("expert", "perturbed"))
 
 
 def test_agent_acts_in_the_real_env(world_run):

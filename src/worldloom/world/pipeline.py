@@ -33,7 +33,7 @@ from ..config import RunConfig
 from ..io import write_json
 from ..runtime import resolve_device, set_threads
 from ..train import dist as D
-from .eval.report import pct
+from .eval.report import by_action_text, pct
 from ..vision.stage import ensure_tokenizer, has_pixels
 from .task import dataset_dir
 
@@ -123,6 +123,12 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         log(f"  {pct(wm, 'expert', 'novel')} of expert / {pct(wm, 'perturbed', 'novel')} of perturbed next frames reveal an "
             f"object never seen before in the episode (no model can predict those exactly); on the others: "
             f"{pct(wm, 'expert', 'frame_known')} expert, {pct(wm, 'perturbed', 'frame_known')} perturbed")
+    names = list(getattr(adapter, "action_names", ()) or ())
+    for k, v in wm.get("by_action", {}).items():  # next frames by the action that led to them
+        v["name"] = names[int(k)] if int(k) < len(names) else k
+    if wm.get("by_action"):
+        log("  next frames exact by the action that led to them" + (" (those that reveal nothing new)" if "novel" in wm.get("expert", {}) else "")
+            + ": " + by_action_text(wm["by_action"]))
 
     reading = mission_reading(model, layout, val, cfg.model.context, precision=precision, own=own_actions)
     if reading is not None:  # the policy's loss on the expert's actions behind another episode's mission

@@ -68,6 +68,10 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
     frame's codes decoded to pixels and read back as cells, exact on every cell of the real view (the
     symbolic world model's ``frame``, measured through the image tokenizer), and ``cell_cells``.
 
+    ``by_action`` holds the next frames (expert and perturbed together) by the action that led to them (keys
+    "0", "1", ...: ``frame`` and, with ``novel``, ``frame_known``): a world model that cannot yet carry what it saw
+    through a turn scores well after "forward" and badly after "left" and "right".
+
     ``action_steps``, a dict, is filled with ``mission_reading``'s rows for these episodes behind their own
     missions ({step: [(nll, right), ...]}), from the same forward passes, so that it need not run them again.
     """
@@ -107,11 +111,14 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
                     if read_cells is not None:
                         predicted.append((group, pred[b, base : base + L], views[e][t]))
                     tally.add(f"{group}/token", frame)
+                    moved = f"action{int(ep.steps[t - 1, L]) - layout.offset['action']}"  # the action that led to o_t
+                    tally.add(f"{moved}/frame", frame.all())
                     if novel is not None and novel[e] is not None:
                         new = bool(novel[e][t - 1] > 0)
                         tally.add(f"{group}/novel", new)
                         if not new:
                             tally.add(f"{group}/frame_known", frame.all())
+                            tally.add(f"{moved}/frame_known", frame.all())
                     if group == "perturbed" and after_random[e][t - 1]:
                         tally.add("after_random/frame", frame.all())
                         tally.add("after_random/token", frame)
@@ -132,8 +139,12 @@ def teacher_forced_accuracy(model, layout: StreamLayout, episodes: list[EpisodeT
     out = {}
     for key, v in res.items():
         group, what = key.split("/")
-        out.setdefault(group, {})[what] = v["accuracy"]
-        out[group][f"{what}_n"] = v["n"]
+        if group.startswith("action"):  # by the action that led to the frame: out["by_action"]["0"], ...
+            into = out.setdefault("by_action", {}).setdefault(group[len("action"):], {})
+        else:
+            into = out.setdefault(group, {})
+        into[what] = v["accuracy"]
+        into[f"{what}_n"] = v["n"]
     return out
 
 

@@ -52,6 +52,17 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def by_action_text(by_action: dict) -> str:
+    """teacher_forced_accuracy's by_action -> "left 12.0% (n=40) · right ...": the frames that reveal nothing new
+    where the adapter could tell, else all."""
+    parts = []
+    key = "frame_known" if any("frame_known" in v for v in by_action.values()) else "frame"
+    for k, v in sorted(by_action.items(), key=lambda kv: int(kv[0])):
+        if v.get(f"{key}_n"):
+            parts.append(f"{v.get('name', k)} {pct(v.get(key))} (n={v[f'{key}_n']})")
+    return " · ".join(parts) or DASH
+
+
 def pct(x, *keys) -> str:
     """A fraction as a percentage with one decimal ("41.7%"), or a dash if it is missing; with keys,
     the fraction at ``x[key0][key1]...`` (any missing level gives the dash)."""
@@ -296,6 +307,9 @@ def _table(result) -> list[str]:
         *([("Next observations that reveal a never-seen object (unpredictable): expert / perturbed", groups("novel", ("expert", "perturbed"))),
            ("Next observation, exact frame on the others (a perfect model: 100%): expert / perturbed", groups("frame_known", ("expert", "perturbed")))]
           if replayed else []),
+        *([("Next observation, exact frame by the action that led to it" + (" (frames that reveal nothing new)" if replayed else ""),
+            by_action_text(_get(wm, "by_action")))]
+          if _get(wm, "by_action") else []),
         *([("Next observation, exact frame in one pass (frame head): expert / perturbed", groups("frame_parallel", ("expert", "perturbed")))]
           if has_frame_head else []),
         *([("Next observation decoded and read back as MiniGrid cells (pixel world), exact frame: expert / perturbed",
