@@ -19,8 +19,6 @@ Prints a table (NLL in nats per action, accuracy of the argmax) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 from pathlib import Path
 
@@ -97,8 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "probe_mission.json")
     a = ap.parse_args(argv)
-    from worldloom.io import write_json
     from worldloom.world.data.episodes import load_dataset
+    from worldloom.world.pipeline import write_bench_result
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -112,14 +110,10 @@ def main(argv=None) -> int:
     results = {a.run.name: probe_run(a.run, episodes)}
     if a.baseline_minutes > 0:
         results["BabyAI-1.1-style baseline"] = probe_baseline(data, episodes, a.baseline_minutes)
-    out = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.processor() or platform.machine(), "run": str(a.run), "data": str(data),
-           "episodes": len(episodes), "same_mission_after_rotation": same, "results": results}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(a.out, out)  # a temporary file, then renamed
     print(f"{len(episodes)} validation episodes of {data} ({same} keep their own mission after the rotation)")
     print(table(results))
-    print(f"wrote {a.out}")
+    write_bench_result(a.out, __file__, argv, run=str(a.run), data=str(data), episodes=len(episodes),
+                       same_mission_after_rotation=same, results=results)
     return 0
 
 

@@ -167,9 +167,8 @@ def mission_reading(model, layout: StreamLayout, episodes: list, context: int, b
         return None
     model.eval()
     cost = step_positions(layout.step_len, model.cfg.obs_len, model.cfg.obs_vectors)
-    out = {"episodes": len(episodes), "same_mission": 0, "own": {}, "other": {}}
     other = rotated_missions(missions)
-    out["same_mission"] = sum(a == b for a, b in zip(missions, other))
+    out = {"episodes": len(episodes), "same_mission": sum(a == b for a, b in zip(missions, other)), "own": {}, "other": {}}
     for name, ms in (("own", missions), ("other", other)):
         if name == "own" and own:
             out[name] = by_step(own)
