@@ -192,3 +192,18 @@ def test_main_job_with_dagger_pauses_collects_and_resumes(tmp_path):
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in x and "val" not in x]
     assert steps == list(range(1, 9))  # one schedule across the pause, no step repeated
     assert "onpolicy_s" in res["timing"]
+
+
+def test_a_run_without_stop_at_is_done_not_paused_when_its_clocks_disagree(tmp_path):
+    """The wall clock can reach max_minutes while the clock extrapolated from the last checkpoint is just short
+    of it (fraction 0.998, budget left): that run ended its schedule and says "done"; with stop_at it paused."""
+    from types import SimpleNamespace
+
+    from worldloom.train.loop import _finish
+
+    tr = SimpleNamespace(budget_left=lambda: True, fraction=lambda: 0.998, step=1044, val_loss=0.22, elapsed=lambda: 630.0,
+                         run_dir=tmp_path, model=SimpleNamespace(num_params=lambda: 1), precision="fp32")
+    said = []
+    _finish(tr, said.append)
+    _finish(tr, said.append, stop_at=0.5)
+    assert said[0].startswith("done: step 1044") and said[1].startswith("paused at step 1044")

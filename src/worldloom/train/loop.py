@@ -275,13 +275,14 @@ def train(cfg: RunConfig | None = None, resume: Path | None = None, overrides: l
     if tr.saved_step != tr.step:
         evaluate_and_save(tr)
     D.barrier(tr.dist)  # every rank leaves once rank 0 has written the last checkpoint
-    return _finish(tr, say)
+    return _finish(tr, say, stop_at)
 
 
-def _finish(tr: Trainer, say) -> dict:
+def _finish(tr: Trainer, say, stop_at: float = 1.0) -> dict:
     """The summary of a run that stopped (budget spent or paused at stop_at), said in one line."""
-    if tr.budget_left() and tr.fraction() < 1.0:  # the loop ended at stop_at (a schedule at its end is done,
-        # also when the clock extrapolated from the last checkpoint reached max_minutes before the wall clock did)
+    if stop_at < 1.0 and tr.budget_left() and tr.fraction() < 1.0:  # the loop ended at stop_at (a schedule at its
+        # end is done, also when one of the clocks -- the wall clock, or the one extrapolated from the last
+        # checkpoint -- reached max_minutes before the other did; a run without stop_at is never paused)
         say(f"paused at step {tr.step} ({tr.fraction():.0%} of the budget), held-out loss {tr.val_loss:.4f}, "
             f"{tr.elapsed() / 60:.1f} min")
     else:
