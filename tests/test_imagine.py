@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from worldloom.world.data.packing import skip_ids
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
@@ -203,7 +202,7 @@ def test_cached_imagination_equals_one_teacher_forced_forward(run, val_episodes)
         prefix = lay.prefix(ep.mission)
         ids = np.concatenate([prefix, fed])
         slots = np.concatenate([np.zeros(len(prefix), np.int64), np.tile(lay.step_slots, 2)[: len(fed)]])
-        skip = skip_ids(ids, len(prefix), lay.step_len)
+        skip = lay.skip_ids(ids, len(prefix))
         h = model(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None]).hidden
         logits = model.head(model.norm(h))[0].float()
         P = len(prefix)
@@ -238,7 +237,7 @@ def test_after_a_context_rebuild_imagination_equals_a_forward_of_the_kept_window
     assert len(window) % lay.step_len == lay.obs_len
     ids = np.concatenate([prefix, window])
     slots = np.concatenate([np.zeros(len(prefix), np.int64), np.tile(lay.step_slots, len(window) // lay.step_len + 1)[: len(window)]])
-    skip = skip_ids(ids, len(prefix), lay.step_len)
+    skip = lay.skip_ids(ids, len(prefix))
     h = model(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None]).hidden
     logits = model.head(model.norm(h))[0].float()
     n = len(ids)

@@ -83,6 +83,10 @@ class StreamConfig:
     mission_encoder: str = "mean"  # the mission vector of obs_film / mission_vec: mean (of the word embeddings) | gru (a GRU read of the words, as BabyAI 1.1's agent)
     parallel_obs: bool = False  # also predict all tokens of the next observation in one pass (frame head; stream.obs=tokens)
     step_skip: bool = True  # each position also sees the token at its target's place one step earlier (stream.obs=tokens; the encoded decoder reads the previous frame itself)
+    # the step-skip input of an observation cell reads the last id seen at the world place that cell shows (the
+    # environment's place rule: dead reckoning from views and actions, worldloom.world.places), not the same cell
+    # of the previous view; needs stream.step_skip and stream.obs=tokens and an environment with a place rule
+    places: bool = False
     grid_pos: bool = False  # observation cells also embed their row and column in the view (2-D position)
     tokenizer: str = ""  # pixel environments (rgb:<MiniGrid id>, crafter, ALE/*): an image-tokenizer run folder whose codes are the observation tokens; empty: the world pipeline trains one first in <run>/tokenizer (vision.*, vision.minutes)
     weight_obs: float = 1.0
@@ -114,6 +118,8 @@ class StreamConfig:
             raise ConfigError(f"stream.mission_encoder must be mean or gru; got {self.mission_encoder!r}")
         if self.obs_film and self.obs != "encoded":
             raise ConfigError("stream.obs_film conditions the frame encoder of stream.obs=encoded; set stream.obs=encoded or drop stream.obs_film")
+        if self.places and (self.obs != "tokens" or not self.step_skip):
+            raise ConfigError("stream.places changes what the step-skip input reads; it needs stream.obs=tokens and stream.step_skip=true")
         if self.obs == "encoded" and self.parallel_obs:
             raise ConfigError("stream.parallel_obs is the token stream's frame head; stream.obs=encoded has its own frame decoder: drop stream.parallel_obs")
         for name in ("weight_obs", "weight_first_obs", "weight_action", "weight_reward", "weight_done", "weight_mission", "weight_frame"):

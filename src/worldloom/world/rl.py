@@ -81,7 +81,6 @@ from ..rl.runs import ppo_epochs as run_epochs
 from ..run import CONFIG, METRICS, load_world_run
 from ..runtime import set_threads
 from .data.collect import SEEDS_PER_SPLIT, split_seed
-from .data.packing import skip_ids
 from .data.episodes import load_dataset, read_shard, write_shard
 from .rollout.agent import EpisodeResult, run_episodes
 from .rollout.imagine import MODES
@@ -211,7 +210,7 @@ class Rollout:
 def _row(lay: StreamLayout, seq: np.ndarray, P: int, pos: np.ndarray, index: np.ndarray) -> tuple:
     slots = np.zeros(len(seq), np.int64)
     slots[P:] = lay.slots_at(0, len(seq) - P)
-    return seq, slots, skip_ids(seq, P, lay.step_len), pos, index
+    return seq, slots, lay.skip_ids(seq, P), pos, index
 
 
 def _tail(lay: StreamLayout, ep, tok, index: int, step_cost: int, context: int, obs_cost: int) -> tuple:

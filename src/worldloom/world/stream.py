@@ -35,6 +35,7 @@ from ..config import StreamConfig
 from ..errors import CheckpointError
 from ..io import read_json, write_json
 from ..tokenize import ObsTokenizer, ScalarBins, TextTokenizer, load_obs_tokenizer
+from .places import place_rule
 
 from ..modality import BOS, N_SPECIAL, PAD, SEP  # noqa: F401 - the special ids, shared with the model
 KINDS = ("pad", "mission", "obs", "action", "reward", "done")
@@ -56,7 +57,8 @@ class EpisodeTokens:
 
 
 class StreamLayout:
-    def __init__(self, mission: TextTokenizer, obs: ObsTokenizer, n_actions: int, reward: ScalarBins, audio=None):
+    def __init__(self, mission: TextTokenizer, obs: ObsTokenizer, n_actions: int, reward: ScalarBins, audio=None,
+                 places: str = ""):
         self.mission, self.obs, self.n_actions, self.reward = mission, obs, n_actions, reward
         self.audio = audio  # an AudioTokenizer: missions may be heard (prefix(mission, voice)); None: words only
         self._heard: dict[tuple[str, object], np.ndarray] = {}  # (mission, voice) -> codes, each spoken once
@@ -81,6 +83,8 @@ class StreamLayout:
         ranges = [(lo + o["obs"], hi + o["obs"]) for lo, hi in obs.token_ranges()]
         ranges += [(o["action"], o["action"] + n_actions), (o["reward"], o["reward"] + reward.vocab_size), (o["done"], o["done"] + 3)]
         self.step_ranges = np.array(ranges, dtype=np.int64)  # (step_len, 2)
+        self.places = places  # the place rule the step-skip input of observation cells follows ("" = the same cell)
+        self.place_rule = place_rule(places, obs, o["obs"], o["action"]) if places else None
 
     def slots_at(self, start: int, n: int) -> np.ndarray:
         """The slots of n consecutive step positions, the first at position ``start`` of the steps."""
@@ -90,13 +94,41 @@ class StreamLayout:
         """The kinds (K_*) of n consecutive step positions, the first at position ``start`` of the steps."""
         return self.step_kinds[(start + np.arange(n)) % self.step_len]
 
+    def step_skip(self, steps: np.ndarray, remembered: np.ndarray | None = None) -> np.ndarray:
+        """Step ids (B, n), the first a frame's first token -> the step-skip ids of those positions (B, n), aligned
+        with them as inputs: position k gets the id at k + 1 - step_len (its target's counterpart one step earlier,
+        0 when that is before the first step); with a place rule, a position whose target is a cell of a later
+        frame gets instead the last id seen at the place that cell shows (worldloom.world.places). ``remembered``:
+        the rule's output for these steps or a prefix of them that reaches every action in them (a cache)."""
+        B, n = steps.shape
+        out = np.zeros((B, n), np.int64)
+        src = np.arange(n) + 1 - self.step_len
+        ok = src >= 0
+        out[:, ok] = steps[:, src[ok]]
+        if self.place_rule is not None:
+            rem = self.place_rule.remembered(steps, self.step_len) if remembered is None else remembered
+            if rem.shape[1] < n + 1:
+                rem = np.pad(rem, ((0, 0), (0, n + 1 - rem.shape[1])))
+            q = np.arange(1, n + 1)
+            cell = (q >= self.step_len) & (q % self.step_len < self.place_rule.cells)
+            out[:, cell] = rem[:, 1 : n + 1][:, cell]
+        return out
+
+    def skip_ids(self, seq: np.ndarray, P: int) -> np.ndarray:
+        """``step_skip`` of one segment (a prefix of P tokens, then steps), for every position of it (the prefix's 0)."""
+        out = np.zeros(len(seq), np.int64)
+        out[P:] = self.step_skip(np.asarray(seq[P:], np.int64)[None])[0]
+        return out
+
     @classmethod
-    def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, obs: ObsTokenizer, audio=None) -> "StreamLayout":
+    def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, obs: ObsTokenizer, audio=None,
+              places: str = "") -> "StreamLayout":
         """A layout for a new run: the mission vocabulary is learned from the training missions; ``obs``
         is the observation tokenizer the environment adapter declares (``adapter.obs_tokenizer(meta)``);
-        ``audio`` an audio tokenizer for spoken missions (stream.spoken > 0), or None."""
+        ``audio`` an audio tokenizer for spoken missions (stream.spoken > 0), or None; ``places`` the adapter's
+        place rule when stream.places is on."""
         return cls(TextTokenizer.train("word", "\n".join(missions) or "mission"), obs, n_actions,
-                   ScalarBins(cfg.reward_bins, lo=cfg.reward_lo), audio)
+                   ScalarBins(cfg.reward_bins, lo=cfg.reward_lo), audio, places)
 
     # -- encoding
     def prefix(self, mission: str, voice=None) -> np.ndarray:
@@ -199,6 +231,7 @@ class StreamLayout:
         write_json(folder / "stream.json", {"n_actions": self.n_actions, "reward_bins": self.reward.n_bins,
                                             "reward_hi": self.reward.hi, "vocab_size": self.vocab_size, "obs_tokenizer": self.obs.kind,
                                             **({"reward_lo": self.reward.lo} if self.reward.lo else {}),
+                                            **({"places": self.places} if self.places else {}),
                                             **({"audio_tokenizer": self.audio.kind} if self.audio is not None else {})})
 
     @classmethod
@@ -210,7 +243,8 @@ class StreamLayout:
         audio = load_obs_tokenizer(str(meta["audio_tokenizer"]), folder) if meta.get("audio_tokenizer") else None
         try:
             layout = cls(TextTokenizer.load(folder / "mission"), obs, int(meta["n_actions"]),
-                         ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"]), float(meta.get("reward_lo", 0.0))), audio)
+                         ScalarBins(int(meta["reward_bins"]), float(meta["reward_hi"]), float(meta.get("reward_lo", 0.0))), audio,
+                         str(meta.get("places", "")))
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"stream layout {folder / 'stream.json'} is incomplete; the run folder is damaged") from None
         if layout.vocab_size != meta.get("vocab_size"):

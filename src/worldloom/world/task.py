@@ -64,6 +64,17 @@ def observation_tokenizer(cfg: RunConfig, run_dir: Path, meta: dict):
     return make_adapter(cfg.env.id).obs_tokenizer(meta)
 
 
+def place_rule_for(cfg: RunConfig, obs) -> str:
+    """The place rule a new run's layout follows: the environment's when stream.places is on, else ""."""
+    if not cfg.stream.places:
+        return ""
+    rule = make_adapter(cfg.env.id).place_rule
+    if not rule or obs.kind != "grid":
+        raise DataError(f"stream.places follows an environment's place rule, and {cfg.env.id} streamed through the "
+                        f"{obs.kind} tokenizer has none (today: MiniGrid and BabyAI symbolic views); drop stream.places")
+    return rule
+
+
 def audio_tokenizer_for(cfg: RunConfig, run_dir: Path):
     """A new run's audio tokenizer when its missions are spoken (``stream.spoken`` > 0), else None."""
     if not cfg.stream.spoken:
@@ -111,7 +122,7 @@ class WorldTask:
         else:
             obs = observation_tokenizer(cfg, run_dir, ds.meta)
             self.layout = StreamLayout.build([e.mission for e in train_eps], int(ds.meta["n_actions"]), cfg.stream, obs,
-                                             audio_tokenizer_for(cfg, Path(run_dir)))
+                                             audio_tokenizer_for(cfg, Path(run_dir)), place_rule_for(cfg, obs))
         lay = self.layout
         sizes = stream_model_sizes(lay, cfg.stream)  # the model's stream inputs decide the batches' shape
         voices = {s: mission_voices(lay, eps, cfg.stream.spoken) for s, eps in (("train", train_eps), ("val", val_eps))}

@@ -39,6 +39,7 @@ class EpisodeData:
         w[K_MISSION], w[K_OBS], w[K_ACTION] = cfg.weight_mission, cfg.weight_obs, cfg.weight_action
         w[K_REWARD], w[K_DONE] = cfg.weight_reward, cfg.weight_done
         self.kind_weight = w
+        self._skips: dict = {}  # (P, segment bytes) -> step-skip ids, with a place rule
 
     def tokens(self, split: str) -> int:
         return sum(len(e.prefix) + e.steps.size for e in self.splits[split])
@@ -63,6 +64,19 @@ class EpisodeData:
         policy = ep.policy[start : start + m]
         return seq, len(ep.prefix), policy
 
+    def _skip_ids(self, seq: np.ndarray, P: int) -> np.ndarray:
+        """The layout's step-skip ids of a segment; a place rule's (a loop over its frames, ~10x the rest of a
+        batch) are kept per distinct segment, since the same windows come back every epoch."""
+        if self.layout.place_rule is None:
+            return self.layout.skip_ids(seq, P)
+        key = (P, seq.tobytes())
+        got = self._skips.get(key)
+        if got is None:
+            got = self.layout.skip_ids(seq, P)
+            if len(self._skips) < 200_000:
+                self._skips[key] = got
+        return got
+
     def segment(self, seq: np.ndarray, P: int, policy: np.ndarray):
         """One episode's tokens -> ids, slots, kinds, weights and target ids of each position (as a
         target): the target ids are the ids, except at action positions, which hold the policy label."""
@@ -79,7 +93,7 @@ class EpisodeData:
         weight[act] *= (label >= 0).astype(np.float32)  # steps without a label are not policy targets
         target = seq.copy()
         target[act] = np.where(label >= 0, label, seq[act])
-        return seq, slots, kinds, weight, skip_ids(seq, P, lay.step_len), target
+        return seq, slots, kinds, weight, self._skip_ids(seq, P), target
 
     def collate(self, rows: list[list[tuple[np.ndarray, int, np.ndarray]]], length: int | None = None) -> dict:
         """Rows of one or more episode segments (each from `row`) -> a padded batch.
@@ -159,13 +173,3 @@ class EpisodeData:
         for i in range(0, len(eps), batch_size):
             yield self.collate([[self.row(e, context, start=0)] for e in eps[i : i + batch_size]])
 
-
-def skip_ids(seq: np.ndarray, P: int, period: int) -> np.ndarray:
-    """For each input position j of a segment (prefix of P tokens, then steps), the id at j + 1 - period
-    when that is a step token, else 0 (PAD: none). Aligned with the inputs (position j)."""
-    out = np.zeros(len(seq), np.int64)
-    j = np.arange(len(seq))
-    src = j + 1 - period
-    ok = src >= P
-    out[ok] = seq[src[ok]]
-    return out

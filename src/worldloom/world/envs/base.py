@@ -43,6 +43,7 @@ class EnvAdapter:
 
     kind: ClassVar[str] = ""  # recorded in meta.json, e.g. "minigrid"
     prefixes: ClassVar[tuple[str, ...]] = ()  # gymnasium id prefixes this adapter handles
+    place_rule: ClassVar[str] = ""  # the worldloom.world.places rule of its views (stream.places); "" = none
 
     def __init__(self, env_id: str):
         self.env_id = env_id

@@ -28,6 +28,7 @@ class MiniGridAdapter(EnvAdapter):
 
     kind = "minigrid"
     prefixes = ("MiniGrid-", "BabyAI-")
+    place_rule = "minigrid"
 
     def __init__(self, env_id: str):
         super().__init__(env_id)

@@ -52,6 +52,7 @@ class StreamRunner:
         self.prefixes: list[np.ndarray] = []
         self.steps = np.zeros((0, 0), np.int64)  # (B, n) step tokens fed so far, all rows aligned
         self.cache = None
+        self._remembered = None  # (actions in the steps, the layout's place memory of them) while no action is fed
         self.rebuilds = 0
         self.forwards = 0  # model passes so far (prefills included)
 
@@ -98,12 +99,18 @@ class StreamRunner:
         return self._missions_of[1]
 
     def _skip(self, start: int, n: int) -> np.ndarray:
-        """Step-skip ids (B, n) of step positions start .. start+n-1 (see LWM.hidden)."""
-        src = np.arange(start, start + n) + 1 - self.layout.step_len
-        out = np.zeros((self.batch, n), np.int64)
-        ok = src >= 0
-        out[:, ok] = self.steps[:, src[ok]]
-        return out
+        """Step-skip ids (B, n) of step positions start .. start+n-1 (see LWM.hidden and StreamLayout.step_skip).
+        A place rule's memory changes only when an action joins the steps, so it is kept until one does."""
+        lay = self.layout
+        if self.model.skip_proj is None:
+            return np.zeros((self.batch, n), np.int64)
+        rem = None
+        if lay.place_rule is not None:
+            acted = (self.steps.shape[1] + lay.step_len - lay.obs_len - 1) // lay.step_len  # actions in the steps
+            if self._remembered is None or self._remembered[0] != acted:
+                self._remembered = (acted, lay.place_rule.remembered(self.steps, lay.step_len))
+            rem = self._remembered[1]
+        return lay.step_skip(self.steps[:, : start + n], None if rem is None else rem[:, : start + n + 1])[:, start:]
 
     def _prefill(self, keep_steps: int | None = None) -> torch.Tensor:
         """Rebuild the cache from every row's prefix and its last `keep_steps` whole steps (all if None)."""
@@ -113,6 +120,7 @@ class StreamRunner:
             whole = (n // lay.step_len) * lay.step_len
             start = max(0, whole - keep_steps * lay.step_len)
             self.steps = self.steps[:, start:]
+        self._remembered = None
         P = max(len(p) for p in self.prefixes)
         L = P + self.steps.shape[1]
         ids = np.full((self.batch, L), PAD, np.int64)
@@ -175,6 +183,7 @@ class StreamRunner:
         refeed = verify.rewind(self.cache, cache_mark, cache_mark.length + keep - at)
         out = self.steps[:, at:keep] if refeed else self.steps[:, keep:keep]
         self.steps = self.steps[:, : at if refeed else keep]
+        self._remembered = None  # a dropped action may come back as another
         return out
 
     def keep(self, rows, append: np.ndarray | None = None) -> torch.Tensor | None:
@@ -183,6 +192,7 @@ class StreamRunner:
         rows = np.asarray(rows, np.int64)
         self.prefixes = [self.prefixes[r] for r in rows]
         self.steps = self.steps[rows]
+        self._remembered = None
         if append is not None:
             self.steps = np.concatenate([self.steps, np.asarray(append, np.int64).reshape(len(rows), -1)], axis=1)
         if not len(rows):
