@@ -155,7 +155,7 @@ def test_imagination_through_the_cache_uses_the_same_skip_as_one_forward(places_
     prefix = lay.prefix(ep.mission)
     P = len(prefix)
     ids = np.concatenate([prefix, fed])
-    skip = lay.skip_ids(ids, P)
+    skip = lay.skip_ids(ids, P, sim.runner.dropped[0])  # (the window may have rolled over: the steps before it)
     assert np.array_equal(sim.runner._skip(0, len(fed)), skip[None, P:])
     slots = np.concatenate([np.zeros(P, np.int64), lay.slots_at(0, len(fed))])
     h = model(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None]).hidden
@@ -165,3 +165,60 @@ def test_imagination_through_the_cache_uses_the_same_skip_as_one_forward(places_
             continue  # actions are the caller's
         lo, hi = lay.step_ranges[(j + 1 - P) % lay.step_len]
         assert lo + int(logits[j, lo:hi].argmax()) == ids[j + 1]
+
+
+@torch.no_grad()
+def test_after_a_roll_over_the_skip_still_reads_the_dropped_steps(places_run, world_dataset):
+    """Past a context roll-over the runner's window loses its first steps, but the place memory does not: its skip
+    ids are the layout's for the window with the dropped steps before it, and the next predictions are the argmax
+    of one forward of the window with those ids."""
+    from worldloom.world.data.episodes import load_dataset
+    from worldloom.world.rollout.imagine import BatchedWorldModelEnv
+
+    model, lay = places_run.model, places_run.layout
+    ep = load_dataset(world_dataset).episodes("val")[1]
+    sim = BatchedWorldModelEnv(model, lay, "tokens")
+    sim.reset([ep.mission], {"image": ep.obs["image"][:1], "direction": ep.obs["direction"][:1]})
+    k = 0
+    while sim.runner.rebuilds == 0:
+        sim.step([(0, 2, 2, 1)[k % 4]])
+        k += 1
+    sim.step([2])
+    run = sim.runner
+    assert run.dropped.shape[1] > 0 and run.dropped.shape[1] % lay.step_len == 0
+    window, before = run.steps[0], run.dropped[0]
+    prefix = lay.prefix(ep.mission)
+    P = len(prefix)
+    ids = np.concatenate([prefix, window])
+    skip = lay.skip_ids(ids, P, before)
+    assert np.array_equal(run._skip(0, len(window)), skip[None, P:])
+    assert not np.array_equal(skip, lay.skip_ids(ids, P))  # the dropped steps matter
+    slots = np.concatenate([np.zeros(P, np.int64), lay.slots_at(0, len(window))])
+    h = model(torch.from_numpy(ids)[None], None, torch.from_numpy(slots)[None], torch.from_numpy(skip)[None]).hidden
+    logits = model.head(model.norm(h))[0].float()
+    n = len(ids)
+    for j in range(n - lay.obs_len - 2, n - 1):  # the last step's r, d and o tokens
+        lo, hi = lay.step_ranges[(j + 1 - P) % lay.step_len]
+        assert lo + int(logits[j, lo:hi].argmax()) == ids[j + 1]
+
+
+def test_training_windows_read_the_episode_before_them():
+    """A window that starts after step 0 of a long episode gets the whole episode's skip ids for its steps; a layout
+    without a place rule keeps its skip inside the window."""
+    from worldloom.world.data.packing import EpisodeData
+    from worldloom.world.stream import EpisodeTokens
+
+    lay, steps = _walk(1, 30, (0, 1, 2))
+    ep = EpisodeTokens(lay.prefix("go to the red ball"), steps, np.full(len(steps), -1))
+    P, S = len(ep.prefix), lay.step_len
+    for layout in (lay, _layout("")):
+        data = EpisodeData(layout, [ep], [ep], StreamConfig(), step_skip=True)
+        seq, P_, policy, *skip = data.row(ep, context=P + 5 * S - 1, start=7)
+        assert P_ == P and len(seq) == P + 5 * S
+        got = data.segment(seq, P, policy, *skip)[4]
+        whole = layout.skip_ids(np.concatenate([ep.prefix, steps.reshape(-1)]), P)
+        if layout.place_rule is not None:
+            assert np.array_equal(got[P:], whole[P + 7 * S : P + 12 * S])
+            assert np.array_equal(got, layout.skip_ids(seq, P, steps[:7].reshape(-1)))
+        else:
+            assert not skip and np.array_equal(got, layout.skip_ids(seq, P)) and not got[P : P + S - 1].any()

@@ -161,9 +161,9 @@ class TalkData(EpisodeData):
             seg.view, seg.view_at = image, P
         return seq, P, seg
 
-    def segment(self, seq: np.ndarray, P: int, policy):
+    def segment(self, seq: np.ndarray, P: int, policy, skip: np.ndarray | None = None):
         if not isinstance(policy, TalkSegment):
-            return super().segment(seq, P, policy)
+            return super().segment(seq, P, policy, skip)
         kinds = policy.kinds.copy()
         kinds[0] = 0  # <bos> is never a target
         return seq, policy.slots, kinds, policy.weight, np.zeros(len(seq), np.int64), seq.copy()

@@ -207,10 +207,11 @@ class Rollout:
     tails: list = field(default_factory=list)
 
 
-def _row(lay: StreamLayout, seq: np.ndarray, P: int, pos: np.ndarray, index: np.ndarray) -> tuple:
+def _row(lay: StreamLayout, seq: np.ndarray, P: int, pos: np.ndarray, index: np.ndarray, before: np.ndarray) -> tuple:
+    """A window's row; ``before``: the episode's steps before the window (a place rule's skip reads them)."""
     slots = np.zeros(len(seq), np.int64)
     slots[P:] = lay.slots_at(0, len(seq) - P)
-    return seq, slots, lay.skip_ids(seq, P), pos, index
+    return seq, slots, lay.skip_ids(seq, P, before), pos, index
 
 
 def _tail(lay: StreamLayout, ep, tok, index: int, step_cost: int, context: int, obs_cost: int) -> tuple:
@@ -223,7 +224,7 @@ def _tail(lay: StreamLayout, ep, tok, index: int, step_cost: int, context: int, 
         steps[-1, -1] = lay.done_ids(np.zeros(1, bool), np.zeros(1, bool))[0]
     last = lay.encode_obs({k: v[T : T + 1] for k, v in ep.obs.items()})[0]  # (obs_len,)
     seq = np.concatenate([tok.prefix, steps.reshape(-1), last])
-    return _row(lay, seq, P, np.array([len(seq) - 1]), np.array([index]))
+    return _row(lay, seq, P, np.array([len(seq) - 1]), np.array([index]), tok.steps[:start])
 
 
 def build_rollout(layout: StreamLayout, results, context: int, step_cost: int | None = None,
@@ -246,7 +247,7 @@ def build_rollout(layout: StreamLayout, results, context: int, step_cost: int | 
                 seq = seq[: len(seq) - (lay.step_len - lay.obs_len)]
             t = np.arange(scored, end)
             pos = P + (t - start) * lay.step_len + lay.obs_len - 1  # the last observation token of step t
-            rows.append(_row(lay, seq, P, pos, first + t))
+            rows.append(_row(lay, seq, P, pos, first + t, tok.steps[:start]))
         if cut > 0 and T == cut and ep.truncated and not ep.terminated:
             tails.append(_tail(lay, ep, tok, i, step_cost, context, obs_cost))
         actions.append(ep.action)

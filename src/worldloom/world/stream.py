@@ -114,10 +114,18 @@ class StreamLayout:
             out[:, cell] = rem[:, 1 : n + 1][:, cell]
         return out
 
-    def skip_ids(self, seq: np.ndarray, P: int) -> np.ndarray:
-        """``step_skip`` of one segment (a prefix of P tokens, then steps), for every position of it (the prefix's 0)."""
+    def skip_ids(self, seq: np.ndarray, P: int, before: np.ndarray | None = None) -> np.ndarray:
+        """``step_skip`` of one segment (a prefix of P tokens, then steps), for every position of it (the prefix's 0).
+        ``before``: the episode's step ids before the segment's first step (a later window of a long episode, whole
+        steps). With a place rule the skip ids read them too (what was seen before the window, as the runner keeps
+        it past a roll-over); without one they are ignored (the plain skip stays inside the window)."""
         out = np.zeros(len(seq), np.int64)
-        out[P:] = self.step_skip(np.asarray(seq[P:], np.int64)[None])[0]
+        steps = np.asarray(seq[P:], np.int64)
+        if self.place_rule is not None and before is not None and len(before):
+            d = len(before)
+            out[P:] = self.step_skip(np.concatenate([np.asarray(before, np.int64).reshape(-1), steps])[None])[0][d:]
+        else:
+            out[P:] = self.step_skip(steps[None])[0]
         return out
 
     @classmethod

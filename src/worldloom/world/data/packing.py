@@ -39,7 +39,7 @@ class EpisodeData:
         w[K_MISSION], w[K_OBS], w[K_ACTION] = cfg.weight_mission, cfg.weight_obs, cfg.weight_action
         w[K_REWARD], w[K_DONE] = cfg.weight_reward, cfg.weight_done
         self.kind_weight = w
-        self._skips: dict = {}  # (P, segment bytes) -> step-skip ids, with a place rule
+        self._skips: dict = {}  # id(episode) -> its steps' step-skip ids, with a place rule (the episodes stay alive in splits)
 
     def tokens(self, split: str) -> int:
         return sum(len(e.prefix) + e.steps.size for e in self.splits[split])
@@ -62,24 +62,25 @@ class EpisodeData:
         steps = ep.steps[start : start + m]
         seq = np.concatenate([ep.prefix, steps.reshape(-1)])
         policy = ep.policy[start : start + m]
-        return seq, len(ep.prefix), policy
-
-    def _skip_ids(self, seq: np.ndarray, P: int) -> np.ndarray:
-        """The layout's step-skip ids of a segment; a place rule's (a loop over its frames, ~10x the rest of a
-        batch) are kept per distinct segment, since the same windows come back every epoch."""
         if self.layout.place_rule is None:
-            return self.layout.skip_ids(seq, P)
-        key = (P, seq.tobytes())
-        got = self._skips.get(key)
+            return seq, len(ep.prefix), policy
+        S, P = self.layout.step_len, len(ep.prefix)
+        skip = np.zeros(len(seq), np.int64)
+        skip[P:] = self._episode_skip(ep)[start * S : start * S + len(seq) - P]
+        return seq, P, policy, skip
+
+    def _episode_skip(self, ep: EpisodeTokens) -> np.ndarray:
+        """The step-skip ids of a whole episode's steps (positions from its first step), once per episode: a place
+        rule's memory is a loop over frames, ~10x the rest of a batch, and windows read it from the episode start."""
+        got = self._skips.get(id(ep))
         if got is None:
-            got = self.layout.skip_ids(seq, P)
-            if len(self._skips) < 200_000:
-                self._skips[key] = got
+            got = self._skips[id(ep)] = self.layout.step_skip(ep.steps.reshape(1, -1))[0]
         return got
 
-    def segment(self, seq: np.ndarray, P: int, policy: np.ndarray):
+    def segment(self, seq: np.ndarray, P: int, policy: np.ndarray, skip: np.ndarray | None = None):
         """One episode's tokens -> ids, slots, kinds, weights and target ids of each position (as a
-        target): the target ids are the ids, except at action positions, which hold the policy label."""
+        target): the target ids are the ids, except at action positions, which hold the policy label.
+        ``skip``: its step-skip ids when `row` has them (a place rule reads the episode before the window)."""
         lay = self.layout
         slots = np.zeros(len(seq), np.int64)
         kinds = np.full(len(seq), K_MISSION, np.int64)
@@ -93,7 +94,7 @@ class EpisodeData:
         weight[act] *= (label >= 0).astype(np.float32)  # steps without a label are not policy targets
         target = seq.copy()
         target[act] = np.where(label >= 0, label, seq[act])
-        return seq, slots, kinds, weight, self._skip_ids(seq, P), target
+        return seq, slots, kinds, weight, lay.skip_ids(seq, P) if skip is None else skip, target
 
     def collate(self, rows: list[list[tuple[np.ndarray, int, np.ndarray]]], length: int | None = None) -> dict:
         """Rows of one or more episode segments (each from `row`) -> a padded batch.
@@ -109,7 +110,7 @@ class EpisodeData:
             frames = []
             if self.frame_head:  # each done token followed by a whole observation predicts that observation
                 off = 0
-                for seq, P, _ in segments:
+                for seq, P, *_ in segments:
                     n_steps = (len(seq) - P) // lay.step_len
                     frames += [off + P + t * lay.step_len + lay.step_len - 1 for t in range(n_steps - 1)]
                     off += len(seq)
@@ -153,17 +154,18 @@ class EpisodeData:
         for _ in range(batch_size):
             segments, n = [], 0
             while n < context + 1:
-                seq, P, policy = self.row(eps[int(torch.randint(len(eps), (1,), generator=generator))], context, gen=generator)
+                seq, P, policy, *skip = self.row(eps[int(torch.randint(len(eps), (1,), generator=generator))], context, gen=generator)
                 if self.step_cost != self.layout.step_len:  # cut at whole steps, counted in model positions
                     fit = (context + 1 - n - P) // self.step_cost
                     if fit < 1:
                         break
                     steps = min(fit, (len(seq) - P) // self.layout.step_len)
                     seq, policy = seq[: P + steps * self.layout.step_len], policy[:steps]
+                    skip = [k[: len(seq)] for k in skip]
                     n += P + steps * self.step_cost
                 else:
                     n += len(seq)
-                segments.append((seq, P, policy))
+                segments.append((seq, P, policy, *skip))
             rows.append(segments)
         return self.collate(rows, length=context + 1 if self.step_cost == self.layout.step_len else None)
 

@@ -52,7 +52,8 @@ class StreamRunner:
         self.prefixes: list[np.ndarray] = []
         self.steps = np.zeros((0, 0), np.int64)  # (B, n) step tokens fed so far, all rows aligned
         self.cache = None
-        self._remembered = None  # (actions in the steps, the layout's place memory of them) while no action is fed
+        self.dropped = np.zeros((0, 0), np.int64)  # (B, m) whole steps before `steps` that roll-overs dropped
+        self._remembered = None  # (actions in dropped + steps, the layout's place memory of them) while no action is fed
         self.rebuilds = 0
         self.forwards = 0  # model passes so far (prefills included)
 
@@ -100,17 +101,19 @@ class StreamRunner:
 
     def _skip(self, start: int, n: int) -> np.ndarray:
         """Step-skip ids (B, n) of step positions start .. start+n-1 (see LWM.hidden and StreamLayout.step_skip).
-        A place rule's memory changes only when an action joins the steps, so it is kept until one does."""
+        A place rule reads the whole episode, also the steps a roll-over dropped (as `EpisodeData` and the PPO
+        windows do); its memory changes only when an action joins the steps, so it is kept until one does."""
         lay = self.layout
         if self.model.skip_proj is None:
             return np.zeros((self.batch, n), np.int64)
-        rem = None
-        if lay.place_rule is not None:
-            acted = (self.steps.shape[1] + lay.step_len - lay.obs_len - 1) // lay.step_len  # actions in the steps
-            if self._remembered is None or self._remembered[0] != acted:
-                self._remembered = (acted, lay.place_rule.remembered(self.steps, lay.step_len))
-            rem = self._remembered[1]
-        return lay.step_skip(self.steps[:, : start + n], None if rem is None else rem[:, : start + n + 1])[:, start:]
+        if lay.place_rule is None:
+            return lay.step_skip(self.steps[:, : start + n])[:, start:]
+        d = self.dropped.shape[1]
+        history = np.concatenate([self.dropped, self.steps[:, : start + n]], axis=1)
+        acted = (history.shape[1] + lay.step_len - lay.obs_len - 1) // lay.step_len  # actions in the history
+        if self._remembered is None or self._remembered[0] != acted:
+            self._remembered = (acted, lay.place_rule.remembered(history, lay.step_len))
+        return lay.step_skip(history, self._remembered[1][:, : history.shape[1] + 1])[:, d + start :]
 
     def _prefill(self, keep_steps: int | None = None) -> torch.Tensor:
         """Rebuild the cache from every row's prefix and its last `keep_steps` whole steps (all if None)."""
@@ -119,8 +122,8 @@ class StreamRunner:
         if keep_steps is not None:
             whole = (n // lay.step_len) * lay.step_len
             start = max(0, whole - keep_steps * lay.step_len)
+            self.dropped = np.concatenate([self.dropped, self.steps[:, :start]], axis=1)
             self.steps = self.steps[:, start:]
-        self._remembered = None
         P = max(len(p) for p in self.prefixes)
         L = P + self.steps.shape[1]
         ids = np.full((self.batch, L), PAD, np.int64)
@@ -141,6 +144,8 @@ class StreamRunner:
         hidden state of the last position (B, C): the policy's input for the first action."""
         self.prefixes = [np.asarray(p, np.int64) for p in prefixes]
         self.steps = np.asarray(first_obs, np.int64).reshape(len(prefixes), -1)
+        self.dropped = np.zeros((len(prefixes), 0), np.int64)
+        self._remembered = None
         return self._prefill()[:, -1]
 
     def feed(self, ids: np.ndarray) -> torch.Tensor:
@@ -192,6 +197,7 @@ class StreamRunner:
         rows = np.asarray(rows, np.int64)
         self.prefixes = [self.prefixes[r] for r in rows]
         self.steps = self.steps[rows]
+        self.dropped = self.dropped[rows]
         self._remembered = None
         if append is not None:
             self.steps = np.concatenate([self.steps, np.asarray(append, np.int64).reshape(len(rows), -1)], axis=1)
@@ -234,6 +240,7 @@ class StreamRunner:
         out.context = self.context
         out.prefixes = [self.prefixes[r] for r in rows]
         out.steps = self.steps[rows].copy()
+        out.dropped = self.dropped[rows].copy()
         if self.cache is not None:
             max_len = None if room is None else min(self.cache.max_len, self.cache.length + room)
             out.cache = self.cache.select(torch.from_numpy(rows).to(self.device), max_len)
