@@ -75,6 +75,10 @@ class LWM(nn.Module):
         self.slot_embed = nn.Embedding(cfg.slots, cfg.d_model) if cfg.slots else None
         self.mission_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.mission_vec else None
         self.skip_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.period else None
+        self.attr_embed = None
+        if cfg.name_attrs:  # stream.names: ids that show or name an attribute add its vector (id_attrs: 0 = none)
+            self.attr_embed = nn.Embedding(cfg.name_attrs + 1, cfg.d_model, padding_idx=0)
+            self.register_buffer("id_attrs", torch.zeros(cfg.vocab_size, 2, dtype=torch.long))
         reads_mission = bool(cfg.mission_vec or cfg.obs_film)
         self.mission_gru = (nn.GRU(cfg.d_model, cfg.d_model, batch_first=True)
                             if reads_mission and cfg.mission_encoder == "gru" else None)
@@ -97,6 +101,9 @@ class LWM(nn.Module):
         if self.grid_embed is not None:
             with torch.no_grad():
                 self.grid_embed.weight[0].zero_()  # "not a grid cell" adds nothing (padding_idx: never trained)
+        if self.attr_embed is not None:
+            with torch.no_grad():
+                self.attr_embed.weight[0].zero_()
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
         self._moe = [m for m in self.modules() if isinstance(m, MoEFeedForward)]  # a plain list: not registered twice
@@ -165,7 +172,7 @@ class LWM(nn.Module):
         B, T = idx.shape
         plan = FramePlan.build(slots, cfg.obs_len, cfg.slots - 1, cfg.obs_vectors, idx)
         tokens, m = self._embed(idx, slots, None, mission)
-        vectors = self.obs_encoder(self.embed(plan.frames(idx, plan.frame_src, cfg.obs_len)),
+        vectors = self.obs_encoder(self.token_embed(plan.frames(idx, plan.frame_src, cfg.obs_len)),
                                    m.flatten(0, 1)[plan.frame_src] if cfg.obs_film else None)  # (N, K, C)
         vectors = vectors + self.slot_embed.weight[1 : 1 + cfg.obs_vectors]
         hc, cache = self.backbone(self.drop(plan.compress(tokens, vectors, B)), cache, causal=causal)
@@ -196,20 +203,20 @@ class LWM(nn.Module):
                 which = torch.where(lengths > 0, torch.arange(B, device=idx.device), -1).repeat_interleave(T)
             if not len(words):
                 return x.new_zeros(B, T, x.shape[-1])
-            out, _ = self.mission_gru(self.embed(words).to(x.dtype))
+            out, _ = self.mission_gru(self.token_embed(words).to(x.dtype))
             last = out[torch.arange(len(words), device=idx.device), (lengths - 1).clamp(min=0)]  # (S, C)
             return torch.where((which >= 0).unsqueeze(1), last[which.clamp(min=0)], 0.0).view(B, T, -1)
         if mission is None:
             return mission_vectors(x, idx, slots, torch.arange(B * T, device=idx.device), BOS, N_SPECIAL).view(B, T, -1)
         words = (mission >= N_SPECIAL).unsqueeze(-1)
-        e = self.embed(mission) * words
+        e = self.token_embed(mission) * words
         return (e.sum(1) / words.sum(1).clamp(min=1)).unsqueeze(1).expand(B, T, -1)
 
     def _embed(self, idx: torch.Tensor, slots: torch.Tensor | None, skip: torch.Tensor | None,
                mission: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings (B, T, C), plus slot, 2-D cell position, step-skip and mission inputs where the model has
         them; and the mission vector of every position (B, T, C) for a model that reads it (else None)."""
-        x = self.embed(idx)
+        x = self.token_embed(idx)
         m = None
         if slots is not None and (self.mission_proj is not None or self.cfg.obs_film):
             m = self._mission_of(x, idx, slots, mission)
@@ -226,8 +233,16 @@ class LWM(nn.Module):
         if self.skip_proj is not None:
             if skip is None:
                 raise ValueError("this model has a step-skip input (a world-model stream); pass skip=")
-            x = x + self.skip_proj(self.embed(skip) * (skip != 0).unsqueeze(-1))
+            x = x + self.skip_proj(self.token_embed(skip) * (skip != 0).unsqueeze(-1))
         return x, m
+
+    def token_embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ids: the token table, plus the vectors of the attributes an id shows or names
+        (model.name_attrs, stream.names)."""
+        x = self.embed(idx)
+        if self.attr_embed is not None:
+            x = x + self.attr_embed(self.id_attrs[idx]).sum(-2)
+        return x
 
     def _moe_aux(self) -> dict[str, torch.Tensor]:
         """The MoE layers' auxiliary loss (summed) and load (averaged) of the forward that just ran."""
@@ -248,7 +263,7 @@ class LWM(nn.Module):
         if self.obs_decoder is not None:
             if prev is None:
                 raise ValueError("this model's frame decoder reads the previous frame: pass prev=")
-            cells = self.embed(prev)
+            cells = self.token_embed(prev)
             if self.grid_embed is not None:
                 slots = self.obs_cell + 1
                 cells = cells + self.grid_embed(self.slot_row[slots]) + self.grid_embed(self.slot_col[slots])

@@ -128,6 +128,25 @@ class StreamLayout:
             out[P:] = self.step_skip(steps[None])[0]
         return out
 
+    def name_attributes(self, object_names: dict[int, str], color_names: dict[int, str]) -> np.ndarray:
+        """(vocab_size, 2) the attributes (1-based; 0 = none) each id shows or names, for stream.names: a grid cell
+        shows its object (1 .. n_objects) and its colour (n_objects + 1 ..); a mission word that is one of those
+        names (the environment's own, e.g. MiniGrid's "ball", "red") names it."""
+        obs = self.obs
+        if not all(hasattr(obs, k) for k in ("n_objects", "n_colors", "n_states", "n_cell_codes")):
+            raise ValueError(f"stream.names ties mission words to the attributes of grid cells; the {obs.kind} tokenizer has none")
+        out = np.zeros((self.vocab_size, 2), np.int64)
+        code = np.arange(obs.n_cell_codes)
+        out[self.offset["obs"] + code, 0] = code // (obs.n_colors * obs.n_states) + 1
+        out[self.offset["obs"] + code, 1] = obs.n_objects + (code // obs.n_states) % obs.n_colors + 1
+        vocab = self.mission.tok.get_vocab()
+        for attr, names in ((0, object_names), (1, color_names)):
+            for index, name in names.items():
+                word = vocab.get(str(name))
+                if word is not None and word > 0 and 0 <= index < (obs.n_objects if attr == 0 else obs.n_colors):
+                    out[self.offset["mission"] + word, 0] = index + 1 + (obs.n_objects if attr else 0)
+        return out
+
     @classmethod
     def build(cls, missions: list[str], n_actions: int, cfg: StreamConfig, obs: ObsTokenizer, audio=None,
               places: str = "") -> "StreamLayout":

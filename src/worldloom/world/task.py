@@ -43,6 +43,9 @@ def stream_model_sizes(lay: StreamLayout, sc) -> dict:
     skip, frame head or encoded observations)."""
     grid = getattr(lay.obs, "view", 0)  # a grid view's cells are a step's first slots
     encoded = sc.obs == "encoded"
+    if sc.names and lay.obs.kind != "grid":
+        raise DataError(f"stream.names ties mission words to the object and colour of grid cells; the {lay.obs.kind} "
+                        "tokenizer has none (today: MiniGrid and BabyAI symbolic views); drop stream.names")
     if encoded and not grid:
         raise DataError(f"stream.obs=encoded reads observations as a grid of cells; the {lay.obs.kind} tokenizer has none")
     return {"vocab_size": lay.vocab_size, "slots": lay.n_slots,
@@ -51,7 +54,8 @@ def stream_model_sizes(lay: StreamLayout, sc) -> dict:
             "slot_grid": grid if sc.grid_pos else 0,
             "obs_vectors": sc.obs_vectors if encoded else 0, "obs_len": lay.obs_len if encoded else 0,
             "obs_grid": grid if encoded else 0, "obs_film": bool(sc.obs_film and encoded),
-            "mission_vec": sc.mission_vec, "mission_encoder": sc.mission_encoder}
+            "mission_vec": sc.mission_vec, "mission_encoder": sc.mission_encoder,
+            "name_attrs": lay.obs.n_objects + lay.obs.n_colors if sc.names and grid else 0}
 
 
 def observation_tokenizer(cfg: RunConfig, run_dir: Path, meta: dict):
@@ -137,6 +141,12 @@ class WorldTask:
 
     def model_sizes(self) -> dict:
         return stream_model_sizes(self.layout, self.cfg.stream)
+
+    def prepare_model(self, model) -> None:
+        """stream.names: which ids show or name which attribute (a resumed run's checkpoint holds the same)."""
+        if getattr(model, "attr_embed", None) is not None:
+            object_names, color_names = make_adapter(self.cfg.env.id).cell_names()
+            model.id_attrs.copy_(torch.from_numpy(self.layout.name_attributes(object_names, color_names)))
 
     def save(self, run_dir: Path) -> None:
         self.layout.save(Path(run_dir) / STREAM_DIR)
