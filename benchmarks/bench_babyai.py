@@ -64,6 +64,8 @@ def figures(res: dict) -> list[dict]:
         ("open loop exact frame after 10 steps", _get(ol, "10", "frame"), None),
         ("open loop after 10 steps, frames exact on cells seen before", _get(ol, "10", "frame_seen"), 0.80),
         ("open loop after 10 steps, cells seen before that are right", _get(ol, "10", "cell_seen"), 0.98),
+        ("open loop after 10 steps, frames exact on cells o_0 showed (all the model was shown)", _get(ol, "10", "frame_shown"), None),
+        ("open loop after 10 steps, cells o_0 showed that are right", _get(ol, "10", "cell_shown"), None),
         ("main job wall time, minutes (collect + train + evaluate)", wall / 60 if wall else None, 15.0),
     ]
     out = []

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             designs["parallel"] = (model, layout)
     else:
         designs, res["model"] = {}, {}
-        for name, overrides in (("tokens", ["stream.parallel_obs=true"]), ("encoded", ["stream.obs=encoded", "stream.places=false"])):
+        for name, overrides in (("tokens", ["stream.parallel_obs=true"]), ("encoded", ["stream.obs=encoded", "stream.places=false", "stream.match=false"])):
             model, layout = preset_model(overrides, eps, args.quick)
             designs[name] = (model, layout)
             res["model"][name] = {"preset": f"babyai + {' '.join(overrides)}", "params": model.num_params(),

@@ -103,9 +103,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     from worldloom.world.data.collect import collect_dataset
 
-    cases = [("tokens", []), ("encoded", ["stream.obs=encoded", "stream.places=false", "train.batch_size=8"]),
-             ("encoded+film", ["stream.obs=encoded", "stream.places=false", "stream.obs_film=true", "train.batch_size=8"]),
-             ("encoded, torch decoder", ["stream.obs=encoded", "stream.places=false", "train.batch_size=8"])]
+    cases = [("tokens", []), ("encoded", ["stream.obs=encoded", "stream.places=false", "stream.match=false", "train.batch_size=8"]),
+             ("encoded+film", ["stream.obs=encoded", "stream.places=false", "stream.match=false", "stream.obs_film=true", "train.batch_size=8"]),
+             ("encoded, torch decoder", ["stream.obs=encoded", "stream.places=false", "stream.match=false", "train.batch_size=8"])]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"

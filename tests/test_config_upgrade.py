@@ -38,7 +38,7 @@ def test_fixtures_are_old_format():
 
 def test_old_babyai_config_reads_as_the_preset_does_now():
     # keys the preset gained after fe7e378 read as their defaults in the old file: name them here
-    later = ["stream.places=false"]
+    later = ["stream.places=false", "stream.match=false"]
     assert from_dict(RunConfig, read_yaml(OLD_BABYAI)) == build_config("babyai", later)
 
 

@@ -69,3 +69,93 @@ def test_names_need_grid_cells():
     lay.obs = Pixels()
     with pytest.raises(DataError, match="stream.names"):
         stream_model_sizes(lay, StreamConfig(names=True))
+
+
+def _match_model(lay: StreamLayout, backbone: str = "transformer"):
+    from worldloom.model import LWM
+
+    cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}", "model.context=256"]).model
+    cfg.vocab_size, cfg.slots = lay.vocab_size, lay.n_slots
+    cfg.name_attrs, cfg.name_vectors, cfg.mission_match = lay.obs.n_objects + lay.obs.n_colors, False, True
+    torch.manual_seed(0)
+    model = LWM(cfg).eval()
+    model.id_attrs.copy_(torch.from_numpy(lay.name_attributes(*MiniGridAdapter.cell_names())))
+    return model
+
+
+def test_mission_match_marks_the_cells_the_mission_names():
+    """Worked by hand: behind "go to the red ball", a red ball is 1 + 1 + 2 = 4, a red key 3 (colour), a blue
+    ball 2 (object), a grey wall 1 (neither); words, actions and the direction get 0. Behind "go to the blue
+    ball" in the same row (a second episode), the blue ball is 4 and the red ball 2. The cached form (the rows'
+    prefixes as mission=) gives the same marks."""
+    from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
+
+    lay = StreamLayout.build(["go to the red ball", "go to the blue ball"], 7, StreamConfig(), GridTokenizer())
+    tok = lay.obs
+    model = _match_model(lay)
+
+    def cell(obj, colour):
+        return lay.offset["obs"] + (OBJECT_TO_IDX[obj] * tok.n_colors + COLOR_TO_IDX[colour]) * tok.n_states
+
+    cells = [cell("ball", "red"), cell("key", "red"), cell("ball", "blue"), cell("wall", "grey")]
+    rows, slots = [], []
+    for mission in ("go to the red ball", "go to the blue ball"):
+        p = lay.prefix(mission)
+        rows += [p, np.array(cells)]
+        slots += [np.zeros(len(p), np.int64), np.arange(1, 5)]
+    idx, sl = torch.from_numpy(np.concatenate(rows))[None], torch.from_numpy(np.concatenate(slots))[None]
+    marks = model._mission_match(idx, sl, None)[0].tolist()
+    P = len(lay.prefix("go to the red ball"))
+    assert marks[:P] == [0] * P
+    assert marks[P : P + 4] == [4, 3, 2, 1]
+    assert marks[-4:] == [2, 1, 4, 1]
+    pre = torch.from_numpy(lay.prefix("go to the red ball"))[None]
+    cached = model._mission_match(torch.tensor([cells]), torch.arange(1, 5)[None], pre)[0].tolist()
+    assert cached == [4, 3, 2, 1]
+    with pytest.raises(ValueError, match="mission"):
+        model._mission_match(torch.tensor([cells]), torch.arange(1, 5)[None], None)
+
+
+def test_mission_match_runner_matches_the_training_forward(world_dataset):
+    """The runner's cached calls (no prefix in the rows fed) pass the missions and reproduce the full forward's
+    policy logits; another mission moves them."""
+    from worldloom.world.data.episodes import load_dataset
+    from worldloom.world.rollout.runner import StreamRunner
+
+    eps = load_dataset(world_dataset).episodes("train")
+    lay = StreamLayout.build(sorted({e.mission for e in eps}), 7, StreamConfig(), GridTokenizer())
+    model = _match_model(lay)
+    assert model.reads_mission
+    ep = lay.episode(max(eps, key=lambda e: e.length))
+    T, S, L = min(ep.length, 3), lay.step_len, lay.obs_len
+    runner = StreamRunner(model, lay)
+    got = [runner.logits(runner.reset([ep.prefix], ep.steps[:1, :L]))[0]]
+    for t in range(T - 1):
+        runner.feed(ep.steps[t : t + 1, L:])
+        got.append(runner.logits(runner.feed(ep.steps[t + 1 : t + 2, :L])[:, -1])[0])
+    seq = torch.from_numpy(np.concatenate([ep.prefix, ep.steps[:T].reshape(-1)]))[None]
+    slots = torch.zeros_like(seq)
+    slots[0, len(ep.prefix):] = torch.from_numpy(lay.slots_at(0, T * S))
+    skip = torch.from_numpy(lay.skip_ids(seq[0].numpy(), len(ep.prefix)))[None]
+    P = len(ep.prefix)
+    with torch.no_grad():
+        full = model(seq, slots=slots, skip=skip).logits[0]
+    for t in range(T):
+        ok = torch.isfinite(got[t])
+        torch.testing.assert_close(got[t][ok], full[P + t * S + L - 1][ok], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the mission matters: with the marks zeroed the logits move
+        model.match_embed.weight.zero_()
+        assert not torch.allclose(model(seq, slots=slots, skip=skip).logits[0][P + L - 1], full[P + L - 1])
+
+
+def test_a_run_with_match_trains_and_keeps_its_marks(tmp_path, world_dataset):
+    from worldloom.run import load_world_run
+    from worldloom.train import train
+
+    cfg = build_config(None, [*TINY_WORLD, f"data.path={world_dataset}", f"out_dir={tmp_path}", "name=match", "stream.match=true"])
+    train(cfg, progress=False, log=lambda *a: None)
+    run = load_world_run(cfg.run_dir)
+    assert run.model.match_embed is not None and run.model.attr_embed is None and run.model.reads_mission
+    assert np.array_equal(run.model.id_attrs.numpy(), run.layout.name_attributes(*MiniGridAdapter.cell_names()))
+    with pytest.raises(Exception, match="stream.match"):
+        build_config(None, [*TINY_WORLD, "stream.match=true", "stream.obs=encoded", "stream.places=false"])

@@ -49,6 +49,22 @@ def test_seen_cells_of_a_hand_made_episode():
     assert np.array_equal(mask[2], want2)
 
 
+def test_shown_cells_count_only_the_first_observation():
+    """Worked by hand. Turning right twice at (1, 1): o_0 faces east (in-grid places x 1..7, y 0..4), o_1 faces
+    south (x 0..4, y 1..7), o_2 faces west (x 0..1, y 0..4: 10 places). Every earlier observation: o_0 showed
+    x = 1, y 0..4 and o_1 added x = 0, y 1..4, so 9 of o_2's places count ((0, 0) no view showed). Shown o_0
+    alone (open-loop imagination): the 5 places x = 1; the 4 that only real o_1 showed are not counted."""
+    ep = empty_room_episode((RIGHT, RIGHT))
+    adapter = make_adapter("MiniGrid-Empty-8x8-v0")
+    every, first = adapter.seen_cells([ep])[0], adapter.seen_cells([ep], shown=1)[0]
+    assert every.sum(axis=(1, 2)).tolist()[2] == 9
+    assert first.sum(axis=(1, 2)).tolist()[2] == 5
+    assert not (first & ~every).any() and np.array_equal(first[:2], every[:2])
+    assert np.array_equal(adapter.seen_cells([ep], shown=3)[0], every)  # shown all: the full mask
+    with pytest.raises(ValueError, match="at least 1"):
+        adapter.seen_cells([ep], shown=0)
+
+
 def test_seen_cells_none_when_the_replay_differs():
     ep = empty_room_episode()
     ep.obs["image"][1, 3, 3, 0] = 7  # a box the environment never showed
@@ -107,3 +123,10 @@ def test_open_loop_accuracy_with_seen_masks(run, world_dataset):
         if v["n"]:
             assert v["n_seen"] == v["n"] and v["frame"] <= v["frame_seen"] <= 1
     assert len(res["curve"]["frame_seen"]) == 4
+    shown = make_adapter(run.cfg.env.id).seen_cells(eps, shown=1)
+    res2 = open_loop_accuracy(run.model, run.layout, eps, horizons=(1, 4), batch=3, seen=real, shown=shown)
+    for k, v in res2["horizons"].items():
+        if v["n"]:  # fewer cells count, so a frame exact on the seen cells is exact on the shown ones
+            assert v["n_shown"] == v["n"] and v["cells_shown"] <= v["cells_seen"] and v["frame_shown"] >= v["frame_seen"]
+        assert v["frame_seen"] == res["horizons"][k]["frame_seen"]  # the other figures do not move
+    assert res2["horizons"]["1"]["cells_shown"] == res2["horizons"]["1"]["cells_seen"]  # before o_1, o_0 is all there is

@@ -91,6 +91,10 @@ class StreamConfig:
     # names) and the cells that show it share that attribute's learned vector, added to their embeddings, so that
     # "red ball" in the mission and a red ball in the view start alike (a grid tokenizer's cells)
     names: bool = False
+    # every observation cell also embeds whether its object type and its colour are named by the episode's mission
+    # (four learned vectors: neither, object, colour, both), so the cells the mission speaks of stand out in the
+    # model's input before any attention reads the mission (a grid tokenizer's cells; the token stream)
+    match: bool = False
     grid_pos: bool = False  # observation cells also embed their row and column in the view (2-D position)
     tokenizer: str = ""  # pixel environments (rgb:<MiniGrid id>, crafter, ALE/*): an image-tokenizer run folder whose codes are the observation tokens; empty: the world pipeline trains one first in <run>/tokenizer (vision.*, vision.minutes)
     weight_obs: float = 1.0
@@ -124,6 +128,8 @@ class StreamConfig:
             raise ConfigError("stream.obs_film conditions the frame encoder of stream.obs=encoded; set stream.obs=encoded or drop stream.obs_film")
         if self.places and (self.obs != "tokens" or not self.step_skip):
             raise ConfigError("stream.places changes what the token stream's step-skip input reads; it needs stream.obs=tokens and stream.step_skip=true (the babyai preset sets it: add stream.places=false)")
+        if self.match and self.obs != "tokens":
+            raise ConfigError("stream.match marks the token stream's observation cells; it needs stream.obs=tokens (the babyai preset sets it: add stream.match=false)")
         if self.obs == "encoded" and self.parallel_obs:
             raise ConfigError("stream.parallel_obs is the token stream's frame head; stream.obs=encoded has its own frame decoder: drop stream.parallel_obs")
         for name in ("weight_obs", "weight_first_obs", "weight_action", "weight_reward", "weight_done", "weight_mission", "weight_frame"):
@@ -291,7 +297,9 @@ class ModelConfig:
     mission_encoder: str = "mean"  # the mission vector (obs_film, mission_vec): mean word embedding | gru (a GRU over the words); set from the stream
     obs_decoder_layers: int = 2  # encoded observations: bidirectional layers of the frame decoder (next frame from the step's state and the previous frame)
     value_head: bool = False  # a scalar head on the last hidden state (reward models); set by the reward recipe
-    name_attrs: int = 0  # world streams with stream.names: named attributes (their vectors; which ids show or name them is a buffer); set from the stream
+    name_attrs: int = 0  # world streams with stream.names or stream.match: named attributes (which ids show or name them is a buffer); set from the stream
+    name_vectors: bool = True  # stream.names: a learned vector per named attribute, added to the ids that show or name it
+    mission_match: bool = False  # stream.match: cells embed which of their attributes the episode's mission names
 
     def __post_init__(self):
         for name, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("mamba2", Mamba2Config)):

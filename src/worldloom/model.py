@@ -75,10 +75,14 @@ class LWM(nn.Module):
         self.slot_embed = nn.Embedding(cfg.slots, cfg.d_model) if cfg.slots else None
         self.mission_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.mission_vec else None
         self.skip_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.period else None
-        self.attr_embed = None
-        if cfg.name_attrs:  # stream.names: ids that show or name an attribute add its vector (id_attrs: 0 = none)
-            self.attr_embed = nn.Embedding(cfg.name_attrs + 1, cfg.d_model, padding_idx=0)
-            self.register_buffer("id_attrs", torch.zeros(cfg.vocab_size, 2, dtype=torch.long))
+        self.attr_embed = self.match_embed = None
+        # the attributes each id shows (a cell: object, colour) or names (a word), 0 = none; filled by the world task
+        self.register_buffer("id_attrs", torch.zeros(cfg.vocab_size, 2, dtype=torch.long) if cfg.name_attrs else None)
+        if cfg.name_attrs:
+            if cfg.name_vectors:  # stream.names: ids that show or name an attribute add its vector
+                self.attr_embed = nn.Embedding(cfg.name_attrs + 1, cfg.d_model, padding_idx=0)
+            if cfg.mission_match:  # stream.match: a cell adds 1 + [mission names its object] + 2 [... its colour]
+                self.match_embed = nn.Embedding(5, cfg.d_model, padding_idx=0)
         reads_mission = bool(cfg.mission_vec or cfg.obs_film)
         self.mission_gru = (nn.GRU(cfg.d_model, cfg.d_model, batch_first=True)
                             if reads_mission and cfg.mission_encoder == "gru" else None)
@@ -101,9 +105,10 @@ class LWM(nn.Module):
         if self.grid_embed is not None:
             with torch.no_grad():
                 self.grid_embed.weight[0].zero_()  # "not a grid cell" adds nothing (padding_idx: never trained)
-        if self.attr_embed is not None:
-            with torch.no_grad():
-                self.attr_embed.weight[0].zero_()
+        for table in (self.attr_embed, self.match_embed):
+            if table is not None:
+                with torch.no_grad():
+                    table.weight[0].zero_()
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
         self._moe = [m for m in self.modules() if isinstance(m, MoEFeedForward)]  # a plain list: not registered twice
@@ -218,6 +223,8 @@ class LWM(nn.Module):
         them; and the mission vector of every position (B, T, C) for a model that reads it (else None)."""
         x = self.token_embed(idx)
         m = None
+        if self.match_embed is not None and slots is not None:
+            x = x + self.match_embed(self._mission_match(idx, slots, mission))
         if slots is not None and (self.mission_proj is not None or self.cfg.obs_film):
             m = self._mission_of(x, idx, slots, mission)
         if self.mission_proj is not None and slots is not None:  # step positions hear the mission (model.mission_vec)
@@ -235,6 +242,34 @@ class LWM(nn.Module):
                 raise ValueError("this model has a step-skip input (a world-model stream); pass skip=")
             x = x + self.skip_proj(self.token_embed(skip) * (skip != 0).unsqueeze(-1))
         return x, m
+
+    @property
+    def reads_mission(self) -> bool:
+        """Whether positions read their episode's mission directly (FiLM, mission vector, mission match): cached
+        decoding then passes the rows' mission prefixes as ``forward(mission=)``."""
+        cfg = self.cfg
+        return bool(cfg.obs_film or cfg.mission_vec or self.match_embed is not None)
+
+    def _mission_match(self, idx: torch.Tensor, slots: torch.Tensor, mission: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) index into ``match_embed``: at an observation cell (an id showing an object and a colour),
+        1 + [its object is named by its episode's mission] + 2 [its colour is]; 0 elsewhere."""
+        B, T = idx.shape
+        A = self.cfg.name_attrs + 1
+        attrs = self.id_attrs[idx]  # (B, T, 2)
+        if mission is None:  # the words of each position's episode, found from its <bos> in the row
+            named = F.one_hot(attrs[..., 0], A).to(torch.float32)
+            present = mission_vectors(named, idx, slots, torch.arange(B * T, device=idx.device), BOS, N_SPECIAL).view(B, T, A)
+        else:
+            if mission.shape[0] != B:
+                raise ValueError(f"mission= has {mission.shape[0]} rows for {B} rows of ids")
+            words = (mission >= N_SPECIAL).unsqueeze(-1)
+            named = F.one_hot(self.id_attrs[mission][..., 0], A) * words
+            present = named.sum(1, keepdim=True).expand(B, T, A)
+        present = (present > 0).long()
+        present[..., 0] = 0
+        obj, col = attrs[..., 0], attrs[..., 1]
+        hit = present.gather(-1, obj.unsqueeze(-1)).squeeze(-1) + 2 * present.gather(-1, col.unsqueeze(-1)).squeeze(-1)
+        return torch.where(col > 0, 1 + hit, 0)
 
     def token_embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The embeddings of ids: the token table, plus the vectors of the attributes an id shows or names

@@ -143,13 +143,14 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     order = sorted(range(len(val)), key=lambda i: -val[i].length)[: ec.open_loop]
     ol_eps, ol_novel = [val[i] for i in order], [novel[i] for i in order]
     ol_seen = adapter.seen_cells(ol_eps)  # the cells an earlier real observation showed (or None)
+    ol_shown = adapter.seen_cells(ol_eps, shown=1)  # the cells whose place o_0, all the model is given, showed
     ol = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="tokens", precision=precision, novel=ol_novel,
-                            seen=ol_seen, read_cells=read_cells)
+                            seen=ol_seen, read_cells=read_cells, shown=ol_shown)
     ol["curve"] = curve_rows(ol["curve"])
     result["open_loop"] = ol
     if model.frame is not None:
         olp = open_loop_accuracy(model, layout, ol_eps, horizons=HORIZONS, mode="parallel", precision=precision,
-                                 seen=ol_seen, read_cells=read_cells)
+                                 seen=ol_seen, read_cells=read_cells, shown=ol_shown)
         result["open_loop_parallel"] = {"horizons": olp["horizons"], "curve": curve_rows(olp["curve"])}
     log("open-loop imagination, exact frames: " + ", ".join(
         f"{k} steps {ol['horizons'][str(k)]['frame']:.1%} (n={ol['horizons'][str(k)]['n']})" for k in HORIZONS
@@ -162,6 +163,10 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
         log("  on the cells an earlier real observation showed, exact frames / cells right: " + ", ".join(
             f"{k} steps {pct(ol['horizons'], str(k), 'frame_seen')} / {pct(ol['horizons'], str(k), 'cell_seen')}"
             for k in HORIZONS if ol["horizons"].get(str(k), {}).get("n_seen")))
+    if any(ol["horizons"].get(str(k), {}).get("n_shown") for k in HORIZONS):
+        log("  on the cells the first observation (all the model was shown) showed, exact frames / cells right: " + ", ".join(
+            f"{k} steps {pct(ol['horizons'], str(k), 'frame_shown')} / {pct(ol['horizons'], str(k), 'cell_shown')}"
+            for k in HORIZONS if ol["horizons"].get(str(k), {}).get("n_shown")))
 
     # the policy in the real environment, on seeds never used for training or validation
     seeds = eval_seeds(cfg, n_real)

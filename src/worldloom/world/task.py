@@ -43,9 +43,10 @@ def stream_model_sizes(lay: StreamLayout, sc) -> dict:
     skip, frame head or encoded observations)."""
     grid = getattr(lay.obs, "view", 0)  # a grid view's cells are a step's first slots
     encoded = sc.obs == "encoded"
-    if sc.names and lay.obs.kind != "grid":
-        raise DataError(f"stream.names ties mission words to the object and colour of grid cells; the {lay.obs.kind} "
-                        "tokenizer has none (today: MiniGrid and BabyAI symbolic views); drop stream.names")
+    for key in ("names", "match"):
+        if getattr(sc, key) and lay.obs.kind != "grid":
+            raise DataError(f"stream.{key} ties mission words to the object and colour of grid cells; the {lay.obs.kind} "
+                            f"tokenizer has none (today: MiniGrid and BabyAI symbolic views); drop stream.{key}")
     if encoded and not grid:
         raise DataError(f"stream.obs=encoded reads observations as a grid of cells; the {lay.obs.kind} tokenizer has none")
     return {"vocab_size": lay.vocab_size, "slots": lay.n_slots,
@@ -55,7 +56,8 @@ def stream_model_sizes(lay: StreamLayout, sc) -> dict:
             "obs_vectors": sc.obs_vectors if encoded else 0, "obs_len": lay.obs_len if encoded else 0,
             "obs_grid": grid if encoded else 0, "obs_film": bool(sc.obs_film and encoded),
             "mission_vec": sc.mission_vec, "mission_encoder": sc.mission_encoder,
-            "name_attrs": lay.obs.n_objects + lay.obs.n_colors if sc.names and grid else 0}
+            "name_attrs": lay.obs.n_objects + lay.obs.n_colors if (sc.names or sc.match) and grid else 0,
+            "name_vectors": bool(sc.names), "mission_match": bool(sc.match)}
 
 
 def observation_tokenizer(cfg: RunConfig, run_dir: Path, meta: dict):
@@ -143,8 +145,8 @@ class WorldTask:
         return stream_model_sizes(self.layout, self.cfg.stream)
 
     def prepare_model(self, model) -> None:
-        """stream.names: which ids show or name which attribute (a resumed run's checkpoint holds the same)."""
-        if getattr(model, "attr_embed", None) is not None:
+        """stream.names, stream.match: which ids show or name which attribute (a resumed run's checkpoint holds the same)."""
+        if getattr(model, "id_attrs", None) is not None:
             object_names, color_names = make_adapter(self.cfg.env.id).cell_names()
             model.id_attrs.copy_(torch.from_numpy(self.layout.name_attributes(object_names, color_names)))
 

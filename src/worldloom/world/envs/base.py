@@ -105,10 +105,12 @@ class EnvAdapter:
         """
         return [None for _ in episodes]
 
-    def seen_cells(self, episodes: list) -> list[np.ndarray | None]:
+    def seen_cells(self, episodes: list, shown: int | None = None) -> list[np.ndarray | None]:
         """For each Episode, (T+1, *cells) bool: which cells of each observation o_t show a place that
         an earlier real observation o_0..o_{t-1} of the episode showed (None where this environment
-        cannot tell). Open-loop imagination is scored on those cells only (the rest were never seen)."""
+        cannot tell). Open-loop imagination is scored on those cells only (the rest were never seen).
+        With ``shown=n``, only the first n real observations count as showing places (open-loop
+        imagination from o_0 is shown o_0 alone: ``shown=1``)."""
         return [None for _ in episodes]
 
     def describe(self) -> dict:

@@ -111,12 +111,15 @@ class MiniGridAdapter(EnvAdapter):
         empty nor wall. An episode whose replay does not reproduce its stored observations gets None."""
         return self._per_episode(episodes, self._novel)
 
-    def seen_cells(self, episodes: list) -> list[np.ndarray | None]:
+    def seen_cells(self, episodes: list, shown: int | None = None) -> list[np.ndarray | None]:
         """For each Episode, (T+1, V, V) bool over the view cells ``image[vx, vy]`` of o_0..o_T: the
         cell's place in the grid was shown (visible, not "unseen") by an earlier REAL observation
-        o_0..o_{t-1} of the episode. Places outside the grid are never counted; o_0 has none.
-        By replay, as ``novel_objects``; None where the replay does not reproduce the episode."""
-        return self._per_episode(episodes, self._seen)
+        o_0..o_{t-1} of the episode (with ``shown=n``: by one of o_0..o_{min(t, n)-1}). Places outside
+        the grid are never counted; o_0 has none. By replay, as ``novel_objects``; None where the
+        replay does not reproduce the episode."""
+        if shown is not None and shown < 1:
+            raise ValueError(f"shown counts the real observations given, at least 1; got {shown}")
+        return self._per_episode(episodes, lambda env, ep: self._seen(env, ep, shown))
 
     def _per_episode(self, episodes: list, fn) -> list:
         env = self.make()
@@ -177,7 +180,7 @@ class MiniGridAdapter(EnvAdapter):
         return counts
 
     @classmethod
-    def _seen(cls, env: gym.Env, ep) -> np.ndarray | None:
+    def _seen(cls, env: gym.Env, ep, shown: int | None = None) -> np.ndarray | None:
         places = cls._places(env, ep)
         if places is None:
             return None
@@ -187,5 +190,6 @@ class MiniGridAdapter(EnvAdapter):
         for t, place in enumerate(places):
             for p, v in place.items():
                 mask[t][v] = p in seen
-            seen.update(cls._visible(place, ep.obs["image"][t]))
+            if shown is None or t < shown:
+                seen.update(cls._visible(place, ep.obs["image"][t]))
         return mask

@@ -163,6 +163,7 @@ def plot_learning_curves(rows: list[dict], path: Path, title: str = "") -> bool:
 
 
 OPEN_LOOP_LINES = (("frame", "exact frame", "tab:blue", "o"), ("frame_seen", "exact on the cells seen before", "tab:green", "^"),
+                   ("frame_shown", "exact on the cells o_0 showed", "tab:olive", "P"),
                    ("frame_known", "exact, episodes that revealed nothing new", "tab:purple", "v"),
                    ("cell", "cells right", "tab:orange", "s"), ("cell_seen", "seen-before cells right", "tab:red", "D"))
 DESIGN_STYLES = ("-", "--", ":", "-.")
@@ -332,6 +333,9 @@ def _table(result) -> list[str]:
            ("Open loop on the cells seen before (restated): share of those cells right after 1 / 5 / 10 steps",
             " / ".join(pct(_get(o, "cell_seen")) for o in ol))]
           if any(_num(_get(o, "n_seen")) for o in ol) else []),
+        *([("Open loop on the cells the model was shown (o_0): exact frame / share of those cells right after 1 / 5 / 10 steps",
+            " / ".join(f"{pct(_get(o, 'frame_shown'))} / {pct(_get(o, 'cell_shown'))}" for o in ol))]
+          if any(_num(_get(o, "n_shown")) for o in ol) else []),
         *([("Open loop with the frame head (one pass per frame), exact frame after 1 / 5 / 10 steps",
             " / ".join(pct(_get(result, "open_loop_parallel", "horizons", str(k), "frame")) for k in (1, 5, 10)))]
           if has_frame_head else []),
@@ -394,6 +398,9 @@ def _how_measured(result) -> list[str]:
         "and direction, found by replaying the episode in the environment (places outside the grid never count). "
         "A frame is *exact* when every such cell (object, color, state) and the agent's direction are right; the "
         "second figure is the share of such cells right over all scored frames.",
+        "- **Open loop on the cells the model was shown**: the same, but only the places that o_0 showed count. "
+        "Open-loop imagination is given o_0 alone: a place that real o_1 .. o_k-1 first showed was never shown to "
+        "the model (it imagined those frames itself), so this is the part of the frame it could know.",
         "- **Losses** are per-modality cross-entropies of the training batches (nats per token); the held-out loss "
         "is the weighted next-token loss on the validation episodes.",
     ]

@@ -323,11 +323,15 @@ class WorldModelEnv(gym.Env):
 class _OpenLoopTally:
     """Counts of right imagined frames and cells per horizon k = 1..K (see open_loop_accuracy)."""
 
-    NAMES = ("frame", "cell", "cells", "dir", "n", "known", "n_known", "seen", "seen_right", "seen_cells", "n_seen")
+    NAMES = ("frame", "cell", "cells", "dir", "n", "known", "n_known")
+    MASKS = ("seen", "shown")  # scored on the cells an earlier real observation showed / the model was shown
 
-    def __init__(self, K: int, novel, seen):
-        self.K, self.seen = K, seen
+    def __init__(self, K: int, novel, seen, shown=None):
+        self.K, self.masks = K, {"seen": seen, "shown": shown}
         self.c = {name: np.zeros(K, np.int64) for name in self.NAMES}
+        for m in self.MASKS:
+            self.c.update({m: np.zeros(K, np.int64), f"{m}_right": np.zeros(K, np.int64),
+                           f"{m}_cells": np.zeros(K, np.int64), f"n_{m}": np.zeros(K, np.int64)})
         # per episode, (T,) bool: o_1..o_k revealed nothing new (None: the adapter cannot tell)
         self.clean = None if novel is None else [None if v is None else np.cumsum(np.asarray(v) > 0) == 0 for v in novel]
 
@@ -348,14 +352,15 @@ class _OpenLoopTally:
                 if self.clean[e] is not None and self.clean[e][i]:
                     c["n_known"][i] += 1
                     c["known"][i] += int(cells[j].all() and dirs[j])
-        have = [j for j, e in enumerate(episodes) if self.seen is not None and self.seen[e] is not None]
-        if have:
-            exact, right, counted = seen_cell_accuracy(pred_img[have], real_img[have], pred_dir[have], real_dir[have],
-                                                       np.stack([self.seen[episodes[j]][k] for j in have]))
-            c["seen"][i] += int(exact.sum())
-            c["seen_right"][i] += int(right.sum())
-            c["seen_cells"][i] += int(counted.sum())
-            c["n_seen"][i] += len(have)
+        for m, mask in self.masks.items():
+            have = [j for j, e in enumerate(episodes) if mask is not None and mask[e] is not None]
+            if have:
+                exact, right, counted = seen_cell_accuracy(pred_img[have], real_img[have], pred_dir[have], real_dir[have],
+                                                           np.stack([mask[episodes[j]][k] for j in have]))
+                c[m][i] += int(exact.sum())
+                c[f"{m}_right"][i] += int(right.sum())
+                c[f"{m}_cells"][i] += int(counted.sum())
+                c[f"n_{m}"][i] += len(have)
 
     def curve(self) -> dict:
         c, K = self.c, self.K
@@ -368,9 +373,10 @@ class _OpenLoopTally:
                  "n": c["n"].tolist()}
         if self.clean is not None:
             curve.update(frame_known=ratio(c["known"], c["n_known"]), n_known=c["n_known"].tolist())
-        if self.seen is not None:
-            curve.update(frame_seen=ratio(c["seen"], c["n_seen"]), cell_seen=ratio(c["seen_right"], c["seen_cells"]),
-                         n_seen=c["n_seen"].tolist(), cells_seen=c["seen_cells"].tolist())
+        for m, mask in self.masks.items():
+            if mask is not None:
+                curve.update({f"frame_{m}": ratio(c[m], c[f"n_{m}"]), f"cell_{m}": ratio(c[f"{m}_right"], c[f"{m}_cells"]),
+                              f"n_{m}": c[f"n_{m}"].tolist(), f"cells_{m}": c[f"{m}_cells"].tolist()})
         return curve
 
 
@@ -392,7 +398,7 @@ def _compared(layout: StreamLayout, obs: dict, ids: np.ndarray, real: dict, read
 def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1, 5, 10), mode: str = "tokens",
                        batch: int = 64, precision: str = "fp32", device: str | torch.device = "cpu",
                        novel: list[np.ndarray | None] | None = None, seen: list[np.ndarray | None] | None = None,
-                       read_cells=None) -> dict:
+                       read_cells=None, shown: list[np.ndarray | None] | None = None) -> dict:
     """Greedy open-loop imagination of held-out episodes under their real actions.
 
     Each episode starts from its real o_0 and mission; the model imagines every observation from
@@ -415,7 +421,10 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
     tell), each horizon also gets the restated figures (`eval.metrics.seen_cell_accuracy`):
     ``frame_seen`` = the fraction of imagined o_k exact on every cell an earlier real observation
     of the episode showed (and the direction), ``cell_seen`` = the fraction of those cells right,
-    ``n_seen`` = frames scored and ``cells_seen`` = cells scored.
+    ``n_seen`` = frames scored and ``cells_seen`` = cells scored. With ``shown`` (the same masks counting
+    only the places o_0 showed: ``EnvAdapter.seen_cells(episodes, shown=1)``), the same four figures
+    as ``frame_shown``, ``cell_shown``, ``n_shown``, ``cells_shown``: open-loop imagination is given o_0
+    alone, so a place that real o_1..o_{k-1} first showed was never shown to the model.
 
     Pixel worlds (``_compared``): with the symbolic views stored beside the frames (``rgb:`` MiniGrid) and
     ``read_cells`` (frames (N, H, W, 3) -> views (N, V, V, 3), e.g. ``worldloom.vision.cells.CellReader.
@@ -430,7 +439,7 @@ def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1,
         raise ValueError(f"batch must be at least 1, got {batch}")
     model.eval()
     K = horizons[-1]
-    tally = _OpenLoopTally(K, novel, seen)
+    tally = _OpenLoopTally(K, novel, seen, shown)
     sim = BatchedWorldModelEnv(model, layout, mode, greedy=True, precision=precision, device=device)
     for i0 in range(0, len(episodes), batch):
         index = [i for i in range(i0, min(i0 + batch, len(episodes))) if episodes[i].length > 0]

@@ -77,8 +77,7 @@ class StreamRunner:
     def _forward(self, ids: np.ndarray, slots: np.ndarray, skip: np.ndarray) -> torch.Tensor:
         dev = self.device
         skip_t = torch.from_numpy(np.ascontiguousarray(skip)).to(dev) if self.model.skip_proj is not None else None
-        cfg = self.model.cfg
-        extra = {"mission": self._missions()} if getattr(cfg, "obs_film", False) or getattr(cfg, "mission_vec", "") else {}
+        extra = {"mission": self._missions()} if getattr(self.model, "reads_mission", False) else {}
         with autocast(self.precision, dev):
             out = self.model(torch.from_numpy(ids).to(dev), self.cache, torch.from_numpy(slots).to(dev), skip_t, head=False,
                              **extra)
