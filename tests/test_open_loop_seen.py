@@ -130,3 +130,19 @@ def test_open_loop_accuracy_with_seen_masks(run, world_dataset):
             assert v["n_shown"] == v["n"] and v["cells_shown"] <= v["cells_seen"] and v["frame_shown"] >= v["frame_seen"]
         assert v["frame_seen"] == res["horizons"][k]["frame_seen"]  # the other figures do not move
     assert res2["horizons"]["1"]["cells_shown"] == res2["horizons"]["1"]["cells_seen"]  # before o_1, o_0 is all there is
+
+
+def test_open_loop_bound_of_a_collected_dataset(world_dataset):
+    """benchmarks/open_loop_bound.py: after one step every counted cell's place was shown by o_0 (the bound is
+    every frame); later, the frames it allows are those whose counted cells hold no object o_0 did not show."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("olb", Path(__file__).parents[1] / "benchmarks" / "open_loop_bound.py")
+    olb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(olb)
+    res = olb.bound(world_dataset, 12, horizons=(1, 3))
+    ok1, n1 = res[1]
+    assert n1 > 0 and ok1 == n1
+    ok3, n3 = res[3]
+    assert 0 <= ok3 <= n3 <= n1
