@@ -253,3 +253,30 @@ def make_adapter_run(base: Path, run_dir: Path, *, rank: int = 4, alpha: float =
     shutil.copytree(Path(base) / "tokenizer", run_dir / "tokenizer")
     save_yaml(to_dict(cfg), run_dir / "config.yaml")
     return run_dir, model
+
+
+def runner_matches_forward(model, layout, ep, steps: int = 3):
+    """Feeds EpisodeTokens ``ep`` through a StreamRunner (cached calls, no prefix in the rows fed) and checks its
+    policy logits at each of the first ``steps`` steps against one full forward of the same ids. Returns
+    (seq, slots, skip, full logits (T, V), P) for further checks."""
+    import numpy as np
+
+    from worldloom.world.rollout.runner import StreamRunner
+
+    T, S, L = min(ep.length, steps), layout.step_len, layout.obs_len
+    runner = StreamRunner(model, layout)
+    got = [runner.logits(runner.reset([ep.prefix], ep.steps[:1, :L]))[0]]
+    for t in range(T - 1):
+        runner.feed(ep.steps[t : t + 1, L:])
+        got.append(runner.logits(runner.feed(ep.steps[t + 1 : t + 2, :L])[:, -1])[0])
+    P = len(ep.prefix)
+    seq = torch.from_numpy(np.concatenate([ep.prefix, ep.steps[:T].reshape(-1)]))[None]
+    slots = torch.zeros_like(seq)
+    slots[0, P:] = torch.from_numpy(layout.slots_at(0, T * S))
+    skip = torch.from_numpy(layout.skip_ids(seq[0].numpy(), P))[None] if model.skip_proj is not None else None
+    with torch.no_grad():
+        full = model(seq, slots=slots, skip=skip).logits[0]
+    for t in range(T):
+        ok = torch.isfinite(got[t])
+        torch.testing.assert_close(got[t][ok], full[P + t * S + L - 1][ok], rtol=1e-4, atol=1e-4)
+    return seq, slots, skip, full, P

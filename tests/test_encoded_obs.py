@@ -11,7 +11,7 @@ from worldloom.model import LWM
 from worldloom.modality import FrameDecoder, FrameEncoder, FramePlan, backbone_positions
 from worldloom.world.data.packing import EpisodeData
 
-from conftest import TINY_WORLD
+from conftest import TINY_WORLD, runner_matches_forward
 
 
 def longest(eps):
@@ -178,34 +178,20 @@ def test_mission_vector_runner_matches_the_training_forward(layout, episodes, ba
     """stream.mission_vec (token stream): the runner's cached calls (which hold no prefix) get the rows'
     missions and reproduce the full forward's policy logits; the mission moves them; a cached call
     without it is refused."""
-    from worldloom.world.rollout.runner import StreamRunner
-
     cfg = build_config(None, [*TINY_WORLD, f"model.backbone={backbone}", "model.context=256"]).model
     cfg.vocab_size, cfg.slots, cfg.mission_vec = layout.vocab_size, layout.n_slots, where
     torch.manual_seed(0)
     model = LWM(cfg).eval()
     ep = layout.episode(longest(episodes[1]))
-    T, S, L = min(ep.length, 3), layout.step_len, layout.obs_len
-    runner = StreamRunner(model, layout)
-    got = [runner.logits(runner.reset([ep.prefix], ep.steps[:1, :L]))[0]]
-    for t in range(T - 1):
-        runner.feed(ep.steps[t : t + 1, L:])
-        got.append(runner.logits(runner.feed(ep.steps[t + 1 : t + 2, :L])[:, -1])[0])
-    seq = torch.from_numpy(np.concatenate([ep.prefix, ep.steps[:T].reshape(-1)]))[None]
-    slots = torch.zeros_like(seq)
-    slots[0, len(ep.prefix):] = torch.from_numpy(layout.slots_at(0, T * S))
+    L = layout.obs_len
+    seq, slots, skip, full, P = runner_matches_forward(model, layout, ep)
     with torch.no_grad():
-        full = model(seq, slots=slots).logits[0]
         other = seq.clone()
-        other[0, 1 : len(ep.prefix) - 1] = N_WORD  # another mission, same length
-        moved = model(other, slots=slots).logits[0]
-    P = len(ep.prefix)
-    for t in range(T):
-        ok = torch.isfinite(got[t])
-        torch.testing.assert_close(got[t][ok], full[P + t * S + L - 1][ok], rtol=1e-4, atol=1e-4)
+        other[0, 1 : P - 1] = N_WORD  # another mission, same length
+        moved = model(other, slots=slots, skip=skip).logits[0]
     assert not torch.allclose(full[P + L - 1], moved[P + L - 1])
     with pytest.raises(ValueError, match="mission"):
-        model(seq[:, P:], slots=slots[:, P:])
+        model(seq[:, P:], slots=slots[:, P:], skip=None if skip is None else skip[:, P:])
 
 
 N_WORD = 3  # the first mission word id (N_SPECIAL): a mission of one repeated word

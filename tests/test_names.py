@@ -12,7 +12,7 @@ from worldloom.tokenize.grid import GridTokenizer
 from worldloom.world.envs.minigrid import MiniGridAdapter
 from worldloom.world.stream import StreamLayout
 
-from conftest import TINY_WORLD
+from conftest import TINY_WORLD, runner_matches_forward
 
 
 def _ids(lay: StreamLayout):
@@ -120,29 +120,13 @@ def test_mission_match_runner_matches_the_training_forward(world_dataset):
     """The runner's cached calls (no prefix in the rows fed) pass the missions and reproduce the full forward's
     policy logits; another mission moves them."""
     from worldloom.world.data.episodes import load_dataset
-    from worldloom.world.rollout.runner import StreamRunner
 
     eps = load_dataset(world_dataset).episodes("train")
     lay = StreamLayout.build(sorted({e.mission for e in eps}), 7, StreamConfig(), GridTokenizer())
     model = _match_model(lay)
     assert model.reads_mission
-    ep = lay.episode(max(eps, key=lambda e: e.length))
-    T, S, L = min(ep.length, 3), lay.step_len, lay.obs_len
-    runner = StreamRunner(model, lay)
-    got = [runner.logits(runner.reset([ep.prefix], ep.steps[:1, :L]))[0]]
-    for t in range(T - 1):
-        runner.feed(ep.steps[t : t + 1, L:])
-        got.append(runner.logits(runner.feed(ep.steps[t + 1 : t + 2, :L])[:, -1])[0])
-    seq = torch.from_numpy(np.concatenate([ep.prefix, ep.steps[:T].reshape(-1)]))[None]
-    slots = torch.zeros_like(seq)
-    slots[0, len(ep.prefix):] = torch.from_numpy(lay.slots_at(0, T * S))
-    skip = torch.from_numpy(lay.skip_ids(seq[0].numpy(), len(ep.prefix)))[None]
-    P = len(ep.prefix)
-    with torch.no_grad():
-        full = model(seq, slots=slots, skip=skip).logits[0]
-    for t in range(T):
-        ok = torch.isfinite(got[t])
-        torch.testing.assert_close(got[t][ok], full[P + t * S + L - 1][ok], rtol=1e-4, atol=1e-4)
+    seq, slots, skip, full, P = runner_matches_forward(model, lay, lay.episode(max(eps, key=lambda e: e.length)))
+    L = lay.obs_len
     with torch.no_grad():  # the mission matters: with the marks zeroed the logits move
         model.match_embed.weight.zero_()
         assert not torch.allclose(model(seq, slots=slots, skip=skip).logits[0][P + L - 1], full[P + L - 1])
