@@ -220,5 +220,6 @@ def test_training_windows_read_the_episode_before_them():
         if layout.place_rule is not None:
             assert np.array_equal(got[P:], whole[P + 7 * S : P + 12 * S])
             assert np.array_equal(got, layout.skip_ids(seq, P, steps[:7].reshape(-1)))
+            assert np.array_equal(got, layout.skip_ids(seq, P, steps[:7]))  # whole steps as (steps, step_len): PPO's rows
         else:
             assert not skip and np.array_equal(got, layout.skip_ids(seq, P)) and not got[P : P + S - 1].any()

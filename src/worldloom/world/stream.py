@@ -121,9 +121,10 @@ class StreamLayout:
         it past a roll-over); without one they are ignored (the plain skip stays inside the window)."""
         out = np.zeros(len(seq), np.int64)
         steps = np.asarray(seq[P:], np.int64)
+        before = None if before is None else np.asarray(before, np.int64).reshape(-1)  # (steps, step_len) or flat
         if self.place_rule is not None and before is not None and len(before):
             d = len(before)
-            out[P:] = self.step_skip(np.concatenate([np.asarray(before, np.int64).reshape(-1), steps])[None])[0][d:]
+            out[P:] = self.step_skip(np.concatenate([before, steps])[None])[0][d:]
         else:
             out[P:] = self.step_skip(steps[None])[0]
         return out
