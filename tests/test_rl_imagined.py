@@ -289,3 +289,11 @@ def test_tune_in_imagination_on_an_encoded_run(world_dataset, tmp_path):
                            "rl.value_warmup=0", f"out_dir={tmp_path}", "name=dream"], **QUIET)
     row = rows(tmp_path / "dream")[0]
     assert row["real_steps"] == 2 and row["imagined_steps"] >= 2 and row["kl"] == 0.0
+
+
+def test_a_minutes_budget_stops_before_the_next_update(world_run, tmp_path):
+    """rl.max_minutes: the first update always runs; none starts after the budget (here a few milliseconds)."""
+    wrl.tune(world_run, [*TINY_IMAGINED, "rl.updates=3", "rl.max_minutes=0.00001", f"out_dir={tmp_path}", "name=b"], **QUIET)
+    assert [r["update"] for r in rows(tmp_path / "b")] == [1]
+    with pytest.raises(Exception, match="rl.max_minutes"):
+        wrl.tune(world_run, [*TINY_IMAGINED, "rl.max_minutes=-1", f"out_dir={tmp_path}", "name=c"], **QUIET)

@@ -101,6 +101,7 @@ class RLConfig(PPOConfig):
     """The ``rl.*`` keys of `worldloom tune ppo`: the PPO settings and how the world run plays."""
 
     updates: int = 50  # PPO updates (each: collect, score, epochs)
+    max_minutes: float = 0.0  # wall-clock budget (0 = none): no update starts after it
     envs: int = 32  # real environments played at once
     episodes: int = 0  # episodes collected per update (0 = rl.envs)
     seed: int = 0  # the RL generator: sampling seeds, minibatch order, value-head init
@@ -128,6 +129,8 @@ class RLConfig(PPOConfig):
         self._check_world()
         if self.horizon < 0:
             raise ConfigError(f"rl.horizon must be >= 0 (0: the environment's step limit), got {self.horizon}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"rl.max_minutes must be >= 0 (0: no budget), got {self.max_minutes}")
         if self.episodes < 0 or self.seed < 0 or self.wm_coef < 0:
             raise ConfigError("rl.episodes, rl.seed and rl.wm_coef must be >= 0, got "
                               f"{self.episodes}, {self.seed}, {self.wm_coef}")
@@ -620,7 +623,7 @@ def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
                       lambda r: {key: f"{r[key]:.0%}", "episodes": tu.episodes, "kl": f"{r.get('kl', 0):.3f}"},
                       lambda r: f"update {tu.update}: {key.replace('_', ' ')} {r[key]:.1%}, {tu.episodes} episodes, "
                                 f"{tu.real_steps} real env calls",
-                      progress=progress, log=log)
+                      progress=progress, log=log, max_seconds=tu.cfg.max_minutes * 60)
     where = "" if tu.cfg.world == "real" else f" ({tu.imagined_steps} imagined)"
     log(f"done: {tu.update} updates, {tu.episodes} episodes ({tu.cfg.world}), real environment: {tu.real_steps} calls "
         f"(resets + {tu.env_steps} steps){where}; run folder {tu.run_dir} (evaluate with `worldloom eval {tu.run_dir}`)")
