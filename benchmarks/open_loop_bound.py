@@ -30,10 +30,11 @@ def bound(data: Path, episodes: int, horizons=(1, 5, 10)) -> dict:
 
     from worldloom.world.data.episodes import load_dataset
     from worldloom.world.envs import make_adapter
+    from worldloom.world.rollout.imagine import open_loop_order
 
     ds = load_dataset(data)
     val = ds.episodes("val")
-    eps = [val[i] for i in sorted(range(len(val)), key=lambda i: -val[i].length)[:episodes]]
+    eps = [val[i] for i in open_loop_order(val, episodes)]
     adapter = make_adapter(ds.meta["env_id"])
     seen, shown = adapter.seen_cells(eps), adapter.seen_cells(eps, shown=1)
     plain = {OBJECT_TO_IDX[k] for k in ("empty", "wall", "floor", "unseen")}

@@ -195,8 +195,6 @@ class LWM(nn.Module):
         """The mission vector (mean word embedding) of the episode each position of idx (B, T) is in: (B, T, C);
         ``x`` = the token embeddings of idx, looked up already."""
         B, T = idx.shape
-        if mission is not None and mission.shape[0] != B:
-            raise ValueError(f"mission= has {mission.shape[0]} rows for {B} rows of ids")
         if self.mission_gru is not None:  # the words in order, through a GRU: its last state
             if mission is None:
                 words, lengths, which = mission_words(idx, slots, torch.arange(B * T, device=idx.device), BOS, N_SPECIAL)
@@ -221,6 +219,8 @@ class LWM(nn.Module):
                mission: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings (B, T, C), plus slot, 2-D cell position, step-skip and mission inputs where the model has
         them; and the mission vector of every position (B, T, C) for a model that reads it (else None)."""
+        if mission is not None and mission.shape[0] != idx.shape[0]:
+            raise ValueError(f"mission= has {mission.shape[0]} rows for {idx.shape[0]} rows of ids")
         x = self.token_embed(idx)
         m = None
         if self.match_embed is not None and slots is not None:
@@ -260,8 +260,6 @@ class LWM(nn.Module):
             named = F.one_hot(attrs[..., 0], A).to(torch.float32)
             present = mission_vectors(named, idx, slots, torch.arange(B * T, device=idx.device), BOS, N_SPECIAL).view(B, T, A)
         else:
-            if mission.shape[0] != B:
-                raise ValueError(f"mission= has {mission.shape[0]} rows for {B} rows of ids")
             words = (mission >= N_SPECIAL).unsqueeze(-1)
             named = F.one_hot(self.id_attrs[mission][..., 0], A) * words
             present = named.sum(1, keepdim=True).expand(B, T, A)

@@ -91,7 +91,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
     from .rollout.agent import run_episodes
     from .envs import make_adapter
     from .data.episodes import load_dataset
-    from .rollout.imagine import open_loop_accuracy
+    from .rollout.imagine import open_loop_accuracy, open_loop_order
     from .eval.metrics import episode_flags, mission_reading, teacher_forced_accuracy
     from .rollout.plan import ImaginationPlanner
 
@@ -140,7 +140,7 @@ def evaluate_world(run, progress: bool = True, log=print, episodes: int | None =
 
     # open-loop imagination from the real first observation, fed the episode's real actions:
     # token by token (the accurate way); with a frame head, also in one pass per frame
-    order = sorted(range(len(val)), key=lambda i: -val[i].length)[: ec.open_loop]
+    order = open_loop_order(val, ec.open_loop)
     ol_eps, ol_novel = [val[i] for i in order], [novel[i] for i in order]
     ol_seen = adapter.seen_cells(ol_eps)  # the cells an earlier real observation showed (or None)
     ol_shown = adapter.seen_cells(ol_eps, shown=1)  # the cells whose place o_0, all the model is given, showed

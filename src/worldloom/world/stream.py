@@ -130,12 +130,12 @@ class StreamLayout:
         return out
 
     def name_attributes(self, object_names: dict[int, str], color_names: dict[int, str]) -> np.ndarray:
-        """(vocab_size, 2) the attributes (1-based; 0 = none) each id shows or names, for stream.names: a grid cell
+        """(vocab_size, 2) the attributes (1-based; 0 = none) each id shows or names, for stream.names and stream.match: a grid cell
         shows its object (1 .. n_objects) and its colour (n_objects + 1 ..); a mission word that is one of those
         names (the environment's own, e.g. MiniGrid's "ball", "red") names it."""
         obs = self.obs
         if not all(hasattr(obs, k) for k in ("n_objects", "n_colors", "n_states", "n_cell_codes")):
-            raise ValueError(f"stream.names ties mission words to the attributes of grid cells; the {obs.kind} tokenizer has none")
+            raise ValueError(f"stream.names and stream.match tie mission words to the attributes of grid cells; the {obs.kind} tokenizer has none")
         out = np.zeros((self.vocab_size, 2), np.int64)
         code = np.arange(obs.n_cell_codes)
         out[self.offset["obs"] + code, 0] = code // (obs.n_colors * obs.n_states) + 1

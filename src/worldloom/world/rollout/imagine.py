@@ -394,6 +394,11 @@ def _compared(layout: StreamLayout, obs: dict, ids: np.ndarray, real: dict, read
     return (ids[..., None], none), (codes[..., None], none)
 
 
+def open_loop_order(episodes: list, n: int) -> list[int]:
+    """The indices of the episodes open-loop imagination is scored on: the ``n`` longest (eval.open_loop)."""
+    return sorted(range(len(episodes)), key=lambda i: -episodes[i].length)[:n]
+
+
 @torch.no_grad()
 def open_loop_accuracy(model, layout: StreamLayout, episodes: list, horizons=(1, 5, 10), mode: str = "tokens",
                        batch: int = 64, precision: str = "fp32", device: str | torch.device = "cpu",
