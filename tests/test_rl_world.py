@@ -174,3 +174,57 @@ def test_world_model_loss_on_collected_transitions(world_run, tmp_path):
                          "rl.wm_coef=0.5", f"out_dir={tmp_path}", "name=wm"], progress=False, log=lambda *a: None)
     row = rows(tmp_path / "wm")[0]
     assert row["wm"] > 0 and not row["value_only"]
+
+
+def test_update_seeds_replay_the_screened_failures_in_rotation():
+    from types import SimpleNamespace
+
+    cfg = wrl.RLConfig(envs=4, screen=10, replay=0.5)
+    tu = SimpleNamespace(cfg=cfg, hard=[7, 8, 9], update=0, episodes=0, data_seed=0)
+    fresh = lambda i: split_seed("rl", 0, i)  # noqa: E731
+    assert wrl.update_seeds(tu) == ([7, 8, fresh(0), fresh(1)], 2)
+    tu.update, tu.episodes = 1, 4
+    assert wrl.update_seeds(tu) == ([9, 7, fresh(4), fresh(5)], 2)
+    tu.hard = []  # the screen found nothing: every episode is fresh
+    assert wrl.update_seeds(tu) == ([fresh(4 + i) for i in range(4)], 0)
+    tu.hard, tu.cfg = [7], wrl.RLConfig(envs=2, screen=10, replay=0.9)
+    assert wrl.update_seeds(tu)[1] == 1  # at least one fresh seed per update
+    screened = {split_seed("rl", 0, wrl.SCREEN_BASE + i) for i in range(3)}
+    assert not screened & {fresh(i) for i in range(wrl.SCREEN_BASE)}  # disjoint from the updates' seeds
+
+
+def test_screen_replays_what_the_greedy_policy_failed_and_resumes(world_run, tmp_path, monkeypatch):
+    from worldloom.config import read_yaml
+    from worldloom.world.rollout.agent import run_episodes
+
+    run = load_run(world_run)
+    seeds = [split_seed("rl", 0, wrl.SCREEN_BASE + i) for i in range(6)]
+    greedy = run_episodes(run.model, run.layout, run.cfg.env.id, seeds, envs=6, greedy=True)
+    want = [r.seed for r in greedy if not r.success]
+    assert 0 < len(want), "the tiny run should fail some seeds, or replay is not exercised"
+    args = [*TINY_RL, "rl.screen=6", "rl.replay=0.67"]
+    played = []
+    real = wrl.collect
+    monkeypatch.setattr(wrl, "collect", lambda tu, s, *a, **k: (played.append(list(s)), real(tu, s, *a, **k))[1])
+    wrl.tune(world_run, [*args, f"out_dir={tmp_path}", "name=a"], progress=False, log=lambda *a: None)
+    saved = read_yaml(tmp_path / "a" / "rl.yaml")["screened"]
+    assert saved["failed"] == want and saved["env_steps"] == sum(r.length for r in greedy)
+    got = rows(tmp_path / "a")
+    k = 2
+    assert [s[:k] for s in played] == [[want[(u * k + i) % len(want)] for i in range(k)] for u in range(2)]
+    # the screen's real steps and resets are counted before update 1's (3 episodes)
+    assert got[0]["env_steps"] == saved["env_steps"] + round(got[0]["length"] * 3)
+    assert got[0]["real_steps"] == got[0]["env_steps"] + 6 + 3
+    assert 0.0 <= got[0]["replayed_success"] <= 1.0
+    # killed after update 1, resumed: the same sequence as the run never stopped
+    monkeypatch.setattr(wrl, "collect", real)
+    wrl.tune(world_run, [*args, "rl.updates=1", f"out_dir={tmp_path}", "name=b"], progress=False, log=lambda *a: None)
+    assert tune_cli("--resume", str(tmp_path / "b"), "rl.updates=2") == 0
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert tune_cli("--resume", str(tmp_path / "b"), "rl.screen=8") == 2  # fixed when the run starts
+
+
+def test_screen_is_refused_in_imagination(world_run, tmp_path, capsys):
+    assert tune_cli(str(world_run), "rl.screen=10", "rl.world=imagined", f"out_dir={tmp_path}") == 2
+    assert "rl.screen is for rl.world=real" in capsys.readouterr().err

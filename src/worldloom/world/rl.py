@@ -94,6 +94,8 @@ COUNTS = ("episodes", "env_steps", "real_steps", "imagined_steps", "collected") 
 COLLECTED = "collected"  # the RL run's folder of the real episodes the agent played for the world model (rl.collect_every)
 COLLECT_SEEDS = SEEDS_PER_SPLIT // 2  # collection seeds: the upper half of the rl split (updates take the lower half)
 WORLDS = ("real", "imagined")
+SCREEN_BASE = COLLECT_SEEDS // 2  # rl.screen's seeds: the rl split's second quarter (updates take the first)
+SCREEN_SEEDS = COLLECT_SEEDS - SCREEN_BASE
 
 
 @dataclass
@@ -120,6 +122,10 @@ class RLConfig(PPOConfig):
     collect_every: int = 0
     collect_episodes: int = 0  # real episodes per collection (0 = rl.envs)
     collect_steps: int = 0  # collected real episodes cut after this many steps (0: the environment's limit)
+    # real world: before update 1 the starting policy plays this many rl-split seeds greedily; the seeds it fails
+    # make rl.replay of every update's episodes, in rotation (a policy near 100% sampled gives PPO no signal elsewhere)
+    screen: int = 0
+    replay: float = 0.5  # share of each update's episodes replayed from the screened failures (with rl.screen)
 
     def __post_init__(self):
         super().__post_init__()
@@ -135,6 +141,7 @@ class RLConfig(PPOConfig):
             raise ConfigError("rl.episodes, rl.seed and rl.wm_coef must be >= 0, got "
                               f"{self.episodes}, {self.seed}, {self.wm_coef}")
         self._check_collection()
+        self._check_screen()
         if self.updates * self.per_update > SEEDS_PER_SPLIT:
             raise ConfigError(f"rl.updates x episodes per update = {self.updates * self.per_update:,} is more than the "
                               f"{SEEDS_PER_SPLIT:,} seeds of the rl split")
@@ -152,6 +159,17 @@ class RLConfig(PPOConfig):
         rounds = -(-self.updates // self.collect_every)
         if self.updates * self.per_update > COLLECT_SEEDS or rounds * (self.collect_episodes or self.envs) > COLLECT_SEEDS:
             raise ConfigError(f"with rl.collect_every, updates and collections each have {COLLECT_SEEDS:,} seeds of the rl split")
+
+    def _check_screen(self) -> None:
+        if self.screen < 0 or not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"rl.screen must be >= 0 and rl.replay in [0, 1), got {self.screen}, {self.replay}")
+        if not self.screen:
+            return
+        if self.world != "real":
+            raise ConfigError("rl.screen is for rl.world=real (it plays real episodes; imagination uses none)")
+        if self.screen > SCREEN_SEEDS or self.updates * self.per_update > SCREEN_BASE:
+            raise ConfigError(f"with rl.screen, the screen has {SCREEN_SEEDS:,} seeds of the rl split and the updates "
+                              f"{SCREEN_BASE:,}; got rl.screen={self.screen:,} and {self.updates * self.per_update:,} episodes")
 
     def _check_world(self) -> None:
         if self.world not in WORLDS:
@@ -439,6 +457,7 @@ class Tuner:
     collected: int = 0  # real episodes the agent played for the world model (rl.collect_every)
     elapsed: float = 0.0
     real_rows: list | None = None  # imagination with rl.wm_coef > 0: windows of real episodes for the world-model loss
+    hard: list = field(default_factory=list)  # rl.screen: the seeds the starting policy failed, greedy (replayed)
 
 
 def parse_run_overrides(overrides: list[str], allow_run_keys: bool) -> tuple[dict, dict]:
@@ -481,17 +500,22 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
     if run_dir.resolve() == Path(source).resolve():
         raise ConfigError("the tuned run needs its own folder; choose another name=")
     real_rows = real_windows(cfg, src.model, src.layout, Path(new.data.path))
+    screened = screen_seeds(src.model, src.layout, new.env.id, new.data.seed, cfg, log) if cfg.screen else None
     src.layout.save(run_dir / STREAM_DIR)
     save_yaml(run_cfg, run_dir / CONFIG)
     weights = _unique_state(src.model)
     save_tensors(run_dir / REFERENCE, {k: v.contiguous() for k, v in weights.items()})
-    save_yaml({"source": str(source), "source_step": src.state.get("step"), "rl": to_dict(cfg)}, run_dir / RL_FILE)
+    save_yaml({"source": str(source), "source_step": src.state.get("step"), "rl": to_dict(cfg),
+               **({"screened": screened} if screened else {})}, run_dir / RL_FILE)
     torch.manual_seed(cfg.seed)
     value_head = ValueHead(src.model.cfg.d_model)
     model = src.model
     log(f"tune ppo: {source} (step {src.state.get('step')}) -> {run_dir}")
     tu = Tuner(run_dir, cfg, new.env.id, new.data.seed, model, _reference(model, weights), value_head,
                _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed), real_rows=real_rows)
+    if screened:
+        tu.hard = screened["failed"]
+        tu.env_steps, tu.real_steps = screened["env_steps"], screened["seeds"] + screened["env_steps"]
     save(tu)  # update 0: a run killed before its first checkpoint resumes from the start
     return tu
 
@@ -499,7 +523,11 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
 def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
     """An RL run folder back at its last checkpoint (``rl.*`` overrides, e.g. more updates, apply)."""
     rl_dict, _ = parse_run_overrides(overrides, allow_run_keys=False)
-    _, cfg = read_rl_file(run_dir, RLConfig, rl_dict)
+    saved, cfg = read_rl_file(run_dir, RLConfig, rl_dict)
+    screened = saved.get("screened") or {}
+    if cfg.screen != screened.get("seeds", 0):
+        raise ConfigError(f"{run_dir} was started with rl.screen={screened.get('seeds', 0)}; rl.screen is fixed when a "
+                          "run starts (start a new run to screen differently)")
     run = load_world_run(run_dir)
     state = run.state
     value_head = ValueHead(run.model.cfg.d_model)
@@ -515,7 +543,8 @@ def resume_tune(run_dir: Path, overrides: list[str], log=print) -> Tuner:
         counts["real_steps"] = counts["episodes"] + counts["env_steps"]
     return Tuner(run_dir, cfg, run.cfg.env.id, run.cfg.data.seed, run.model, ref, value_head, opt, run.layout, gen,
                  update=state["step"], elapsed=float(state["elapsed"]), **counts,
-                 real_rows=real_windows(cfg, run.model, run.layout, dataset_dir(run.cfg, run_dir), run_dir, state["step"]))
+                 real_rows=real_windows(cfg, run.model, run.layout, dataset_dir(run.cfg, run_dir), run_dir, state["step"]),
+                 hard=[int(x) for x in screened.get("failed", [])])
 
 
 def save(tu: Tuner) -> None:
@@ -544,6 +573,28 @@ def collect(tu: Tuner, seeds: list[int], sample_seed: int, progress: bool = Fals
     tu.real_steps += len(seeds)  # the resets that gave the first observations
     tu.imagined_steps += sum(r.length for r in res)
     return res
+
+
+def screen_seeds(model, layout: StreamLayout, env_id: str, data_seed: int, cfg: RLConfig, log=print) -> dict:
+    """rl.screen: the starting policy plays rl.screen seeds of the rl split's second quarter greedily; the seeds
+    it fails are the ones later updates replay. Greedy, because the sampled policy's rare failures are where its
+    argmax loops (e.g. left, right, left, ... until the time limit), and those states are what PPO should see."""
+    seeds = [split_seed("rl", data_seed, SCREEN_BASE + i) for i in range(cfg.screen)]
+    res = run_episodes(model, layout, env_id, seeds, envs=max(cfg.envs, 64), greedy=True, progress=True, desc="screen")
+    failed = [r.seed for r in res if not r.success]
+    steps = int(sum(r.length for r in res))
+    log(f"screen: the greedy policy failed {len(failed)} of {cfg.screen} rl seeds ({steps} real steps); "
+        + (f"{cfg.replay:.0%} of every update's episodes replay them" if failed else "nothing to replay"))
+    return {"seeds": cfg.screen, "failed": failed, "env_steps": steps}
+
+
+def update_seeds(tu: Tuner) -> tuple[list[int], int]:
+    """This update's seeds and how many of them (the first ones) replay screened failures: fresh seeds of the
+    rl split's first quarter, and with rl.screen a share of the failed seeds taken in rotation."""
+    n = tu.cfg.per_update
+    k = min(round(tu.cfg.replay * n), n - 1) if tu.hard else 0
+    replay = [tu.hard[(tu.update * k + i) % len(tu.hard)] for i in range(k)]
+    return replay + [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n - k)], k
 
 
 def _collected_shard(run_dir: Path, k: int) -> Path:
@@ -600,7 +651,7 @@ def outcome_row(tu: Tuner, res: list) -> dict:
 def one_update(tu: Tuner, progress: bool = False) -> dict:
     """Collect, score, PPO epochs; the metrics row of this update."""
     cfg, n = tu.cfg, tu.cfg.per_update
-    seeds = [split_seed("rl", tu.data_seed, tu.episodes + i) for i in range(n)]
+    seeds, k = update_seeds(tu)
     collected = {}
     if cfg.collect_every and tu.update % cfg.collect_every == 0:
         collected = {"collected_success": gather_real(tu, progress)}
@@ -612,7 +663,9 @@ def one_update(tu: Tuner, progress: bool = False) -> dict:
     parts = ppo_epochs(tu.model, tu.value_head, tu.opt, tu.layout, ro, sc, cfg, value_only, tu.gen, tu.real_rows)
     tu.update += 1
     tu.episodes += n
-    return {"update": tu.update, **outcome_row(tu, res), **collected, "value_only": value_only, **parts}
+    replayed = {"replayed_success": float(np.mean([r.success for r in res[:k]])),
+                "replayed_length": float(np.mean([r.length for r in res[:k]]))} if k else {}
+    return {"update": tu.update, **outcome_row(tu, res), **replayed, **collected, "value_only": value_only, **parts}
 
 
 def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
