@@ -481,7 +481,7 @@ def _reference(model, weights: dict) -> torch.nn.Module:
     return ref
 
 
-def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
+def start_tune(source: Path, overrides: list[str], log=print, progress: bool = False) -> Tuner:
     """A new RL run folder from a trained world run (the source is only read)."""
     from ..checkpoint import _unique_state
 
@@ -500,7 +500,7 @@ def start_tune(source: Path, overrides: list[str], log=print) -> Tuner:
     if run_dir.resolve() == Path(source).resolve():
         raise ConfigError("the tuned run needs its own folder; choose another name=")
     real_rows = real_windows(cfg, src.model, src.layout, Path(new.data.path))
-    screened = screen_seeds(src.model, src.layout, new.env.id, new.data.seed, cfg, log) if cfg.screen else None
+    screened = screen_seeds(src.model, src.layout, new.env.id, new.data.seed, cfg, log, progress) if cfg.screen else None
     src.layout.save(run_dir / STREAM_DIR)
     save_yaml(run_cfg, run_dir / CONFIG)
     weights = _unique_state(src.model)
@@ -575,12 +575,13 @@ def collect(tu: Tuner, seeds: list[int], sample_seed: int, progress: bool = Fals
     return res
 
 
-def screen_seeds(model, layout: StreamLayout, env_id: str, data_seed: int, cfg: RLConfig, log=print) -> dict:
+def screen_seeds(model, layout: StreamLayout, env_id: str, data_seed: int, cfg: RLConfig, log=print,
+                 progress: bool = False) -> dict:
     """rl.screen: the starting policy plays rl.screen seeds of the rl split's second quarter greedily; the seeds
     it fails are the ones later updates replay. Greedy, because the sampled policy's rare failures are where its
     argmax loops (e.g. left, right, left, ... until the time limit), and those states are what PPO should see."""
     seeds = [split_seed("rl", data_seed, SCREEN_BASE + i) for i in range(cfg.screen)]
-    res = run_episodes(model, layout, env_id, seeds, envs=max(cfg.envs, 64), greedy=True, progress=True, desc="screen")
+    res = run_episodes(model, layout, env_id, seeds, envs=max(cfg.envs, 64), greedy=True, progress=progress, desc="screen")
     failed = [r.seed for r in res if not r.success]
     steps = int(sum(r.length for r in res))
     log(f"screen: the greedy policy failed {len(failed)} of {cfg.screen} rl seeds ({steps} real steps); "
@@ -686,6 +687,6 @@ def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
 
 def tune(source: Path | None, overrides: list[str], resume: Path | None = None, progress: bool = True, log=print) -> dict:
     """`worldloom tune ppo`: a new RL run from ``source``, or ``resume`` an RL run folder."""
-    tu = resume_tune(resume, overrides, log) if resume is not None else start_tune(source, overrides, log)
+    tu = resume_tune(resume, overrides, log) if resume is not None else start_tune(source, overrides, log, progress)
     set_threads(read_yaml(tu.run_dir / CONFIG).get("train", {}).get("threads", 0))
     return tune_ppo(tu, progress=progress, log=log)
