@@ -511,11 +511,11 @@ def start_tune(source: Path, overrides: list[str], log=print, progress: bool = F
     value_head = ValueHead(src.model.cfg.d_model)
     model = src.model
     log(f"tune ppo: {source} (step {src.state.get('step')}) -> {run_dir}")
+    screen = {"hard": screened["failed"], "env_steps": screened["env_steps"],
+              "real_steps": screened["seeds"] + screened["env_steps"]} if screened else {}
     tu = Tuner(run_dir, cfg, new.env.id, new.data.seed, model, _reference(model, weights), value_head,
-               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed), real_rows=real_rows)
-    if screened:
-        tu.hard = screened["failed"]
-        tu.env_steps, tu.real_steps = screened["env_steps"], screened["seeds"] + screened["env_steps"]
+               _optimizer(model, value_head, cfg), src.layout, torch.Generator().manual_seed(cfg.seed), real_rows=real_rows,
+               **screen)
     save(tu)  # update 0: a run killed before its first checkpoint resumes from the start
     return tu
 
@@ -581,7 +581,7 @@ def screen_seeds(model, layout: StreamLayout, env_id: str, data_seed: int, cfg: 
     it fails are the ones later updates replay. Greedy, because the sampled policy's rare failures are where its
     argmax loops (e.g. left, right, left, ... until the time limit), and those states are what PPO should see."""
     seeds = [split_seed("rl", data_seed, SCREEN_BASE + i) for i in range(cfg.screen)]
-    res = run_episodes(model, layout, env_id, seeds, envs=max(cfg.envs, 64), greedy=True, progress=progress, desc="screen")
+    res = run_episodes(model, layout, env_id, seeds, envs=cfg.envs, greedy=True, progress=progress, desc="screen")
     failed = [r.seed for r in res if not r.success]
     steps = int(sum(r.length for r in res))
     log(f"screen: the greedy policy failed {len(failed)} of {cfg.screen} rl seeds ({steps} real steps); "
