@@ -239,6 +239,33 @@ def test_train_eval_resume_and_refusals(tmp_path, capsys):
     assert "image-tokenizer run" in line and "worldloom eval" in line
 
 
+def test_rare_colour_weights_and_the_weighted_objective():
+    from worldloom.losses import image_objective
+    from worldloom.vision.autoencoder import VisionOutput, colour_weights
+
+    px = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
+    px[0, 0, 0] = torch.tensor([255, 0, 0])  # one red pixel among three black ones
+    w = colour_weights(px, 1.0)
+    # counts 1 and 3 -> raw weights 1 and 1/3, scaled to mean 1 (sum of raw weights 2, over 4 pixels)
+    assert w.shape == (1, 1, 2, 2) and torch.allclose(w.flatten(), torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3]))
+    assert torch.allclose(colour_weights(px, 0.0), torch.ones(1, 1, 2, 2))
+    target = torch.zeros(1, 3, 2, 2)
+    recon = target.clone()
+    recon[0, :, 0, 0] = 0.5  # the red pixel wrong by 0.5 in each channel
+    zero = torch.tensor(0.0)
+    plain = image_objective(VisionOutput(recon, target, None, zero, {}), None)
+    weighted = image_objective(VisionOutput(recon, target, None, zero, {}, w), None)
+    assert plain.parts["loss"] == pytest.approx(0.25 * 3 / 12) and "weighted" not in plain.parts
+    assert weighted.parts["loss"] == pytest.approx(plain.parts["loss"])  # the reported loss stays the plain MSE
+    assert float(weighted.total) == pytest.approx(2.0 * 0.25 * 3 / 12)  # the rare pixel counts twice
+    model = ImageAutoencoder(tiny_vision(rare_weight=0.5))
+    frames = torch.from_numpy(tiles_frames(4, 0)[0])
+    assert model.train()(frames).weight is not None and model.eval()(frames).weight is None
+    assert ImageAutoencoder(tiny_vision()).train()(frames).weight is None
+    with pytest.raises(ConfigError, match="vision.rare_weight must be in"):
+        build_config("tokenizer-vq", ["vision.rare_weight=-1"])
+
+
 def test_vision_config_errors(tmp_path, capsys):
     for bad, msg in [("vision.quantizer=pq", "vision.quantizer must be one of"), ("vision.fsq_levels=8,1", "fsq_levels"),
                      ("vision.downsample=3", "power of 2"), ("vision.codebok=5", "did you mean 'vision.codebook'")]:

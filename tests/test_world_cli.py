@@ -49,10 +49,14 @@ def test_train_runs_the_whole_pipeline(pipeline_run):
 
 
 def test_eval_json_and_imagine(pipeline_run, capsys, tmp_path):
+    before = (pipeline_run / "eval.json").read_bytes()
     rc, out, _ = run_cli(capsys, "eval", str(pipeline_run), "--json", "--episodes", "3", "--plan-episodes", "0")
     assert rc == 0
     res = json.loads(out)
     assert res["real"]["episodes"] == 3 and "plan" not in res
+    # other settings than the run's own: the run's figures stay, these go to a file of their own
+    assert (pipeline_run / "eval.json").read_bytes() == before
+    assert json.loads((pipeline_run / "eval-3ep-0plan.json").read_text()) == res
     gif = tmp_path / "r.gif"
     rc, out, _ = run_cli(capsys, "imagine", str(pipeline_run), "--seed", "3", "--steps", "4", "--out", str(gif))
     assert rc == 0 and "real (left) beside imagined (right)" in out

@@ -604,6 +604,7 @@ class VisionConfig:
     beta: float = 0.25  # vq: commitment loss weight
     ema_decay: float = 0.99  # vq: codebook EMA
     dead_code: float = 0.03  # vq: a code whose EMA count per batch falls below this is restarted at a batch vector
+    rare_weight: float = 0.0  # reconstruction loss: each pixel weighed by (how many pixels of the batch share its exact colour)^-rare_weight, mean 1 (0: plain MSE)
     frames: int = 20000  # training frames collected from env.id (held-out frames come from other seeds)
     val_frames: int = 1000
     policy: str = "random"  # how the frames are played: random actions | bot (BabyAI levels: the BabyAI bot, mostly)
@@ -627,6 +628,8 @@ class VisionConfig:
                               f"{self.codebook}, {self.code_dim}, {self.channels}")
         if not 0 <= self.ema_decay < 1 or self.beta < 0 or self.dead_code < 0:
             raise ConfigError("vision.ema_decay must be in [0, 1), vision.beta and vision.dead_code >= 0")
+        if not 0 <= self.rare_weight <= 2:
+            raise ConfigError(f"vision.rare_weight must be in [0, 2] (0: plain MSE; 0.5: rare colours weigh more), got {self.rare_weight}")
         if self.frames < 1 or self.val_frames < 1:
             raise ConfigError(f"vision.frames and vision.val_frames must be >= 1, got {self.frames}, {self.val_frames}")
         if not (0 <= self.minutes <= 10_000 and 0 <= self.max_steps <= 10**9) or not (self.minutes or self.max_steps):
