@@ -152,6 +152,8 @@ def test_rl_seeds_are_their_own_split():
     (["rl.clipp=0.1"], "rl.clipp"),
     (["model.n_layer=2"], "tune ppo takes rl.<key>"),
     (["rl.envs=0"], "rl.envs must be >= 1"),
+    (["train.threads=-1"], "train.threads must be an integer from 0"),
+    (["train.lr=0.1"], "tune ppo takes rl.<key>, train.threads, name and out_dir"),
 ])
 def test_tune_config_errors_are_one_line(world_run, tmp_path, capsys, args, message):
     assert tune_cli(str(world_run), *args, f"out_dir={tmp_path}") == 2
@@ -166,6 +168,14 @@ def test_tune_refuses_to_overwrite_or_resume_the_wrong_folder(tuned, world_run, 
     assert "not an RL run folder" in capsys.readouterr().err
     assert tune_cli("--resume", str(tuned), "name=other") == 2
     assert "fixed once a run exists" in capsys.readouterr().err
+
+
+def test_threads_come_from_the_command_line_else_the_run(world_run, tuned):
+    assert wrl.threads_of(world_run, ["rl.updates=1", "train.threads=1", "name=x"], allow_run_keys=True) == 1
+    own = (load_run(world_run).cfg.train.threads)
+    assert wrl.threads_of(world_run, ["rl.updates=1"], allow_run_keys=True) == own
+    assert wrl.threads_of(tuned, ["train.threads=2"], allow_run_keys=False) == 2  # --resume takes it too
+    assert wrl.parse_run_overrides(["rl.lr=0.1", "train.threads=3", "name=n"], True) == ({"lr": 0.1}, {"threads": 3, "name": "n"})
 
 
 def test_world_model_loss_on_collected_transitions(world_run, tmp_path):

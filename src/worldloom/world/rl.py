@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import latest_checkpoint, save_checkpoint
-from ..config import RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
+from ..config import MAX_THREADS, RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
 from ..errors import ConfigError, DataError
 from ..io import load_tensors, save_tensors
 from ..losses.next_token import next_token_loss
@@ -461,10 +461,28 @@ class Tuner:
 
 
 def parse_run_overrides(overrides: list[str], allow_run_keys: bool) -> tuple[dict, dict]:
-    """`rl.key=value` (and, for a new run, `name=` / `out_dir=`) -> (rl dict, run keys)."""
-    allowed = "rl.<key>, name and out_dir" if allow_run_keys else "rl.<key> (name and out_dir are fixed once a run exists)"
-    rl, rest = parse_rl_overrides(overrides, lambda keys: allow_run_keys and keys in (["name"], ["out_dir"]), allowed)
-    return rl, dict((parse_override(t)[0][0], parse_override(t)[1]) for t in rest)
+    """`rl.key=value`, `train.threads=N` (and, for a new run, `name=` / `out_dir=`) -> (rl dict, run keys:
+    "name", "out_dir", "threads")."""
+    allowed = ("rl.<key>, train.threads, name and out_dir" if allow_run_keys else
+               "rl.<key> and train.threads (name and out_dir are fixed once a run exists)")
+    rl, rest = parse_rl_overrides(
+        overrides, lambda keys: keys == ["train", "threads"] or (allow_run_keys and keys in (["name"], ["out_dir"])), allowed)
+    run_keys = {}
+    for text in rest:
+        keys, value = parse_override(text)
+        run_keys[keys[-1]] = value
+    return rl, run_keys
+
+
+def threads_of(run_dir: Path, overrides: list[str], allow_run_keys: bool) -> int:
+    """The torch threads of a `tune ppo` process: `train.threads=N` on its command line, else the run's own."""
+    threads = parse_run_overrides(overrides, allow_run_keys)[1].get("threads")
+    if threads is None:  # (a folder that is not a run is reported by what loads it)
+        cfg_file = Path(run_dir) / CONFIG
+        threads = (read_yaml(cfg_file).get("train") or {}).get("threads", 0) if cfg_file.is_file() else 0
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+        raise ConfigError(f"train.threads must be an integer from 0 (all cores) to {MAX_THREADS}, got {threads!r}")
+    return threads
 
 
 def _optimizer(model, value_head, cfg: RLConfig) -> torch.optim.Optimizer:
@@ -687,6 +705,6 @@ def tune_ppo(tu: Tuner, progress: bool = True, log=print) -> dict:
 
 def tune(source: Path | None, overrides: list[str], resume: Path | None = None, progress: bool = True, log=print) -> dict:
     """`worldloom tune ppo`: a new RL run from ``source``, or ``resume`` an RL run folder."""
+    set_threads(threads_of(resume if resume is not None else source, overrides, allow_run_keys=resume is None))
     tu = resume_tune(resume, overrides, log) if resume is not None else start_tune(source, overrides, log, progress)
-    set_threads(read_yaml(tu.run_dir / CONFIG).get("train", {}).get("threads", 0))
     return tune_ppo(tu, progress=progress, log=log)
