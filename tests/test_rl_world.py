@@ -152,7 +152,7 @@ def test_rl_seeds_are_their_own_split():
     (["rl.clipp=0.1"], "rl.clipp"),
     (["model.n_layer=2"], "tune ppo takes rl.<key>"),
     (["rl.envs=0"], "rl.envs must be >= 1"),
-    (["train.threads=-1"], "train.threads must be an integer from 0"),
+    (["train.threads=-1"], "train.threads must be between 0 (all cores)"),
     (["train.lr=0.1"], "tune ppo takes rl.<key>, train.threads, name and out_dir"),
 ])
 def test_tune_config_errors_are_one_line(world_run, tmp_path, capsys, args, message):

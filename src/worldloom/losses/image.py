@@ -14,7 +14,7 @@ def image_objective(out, batch) -> LossOutput:
     mse = sq.mean()
     parts = {"loss": mse.item(), "commit": float(out.aux_loss.detach()), **{k: float(v) for k, v in out.stats.items()}}
     rec = mse
-    if getattr(out, "weight", None) is not None:
+    if out.weight is not None:
         rec = (sq * out.weight).mean()
         parts["weighted"] = rec.item()
     return LossOutput(rec + out.aux_loss, parts)

@@ -43,19 +43,18 @@ def load(run_dir: Path) -> tuple[int, dict]:
 
 def evaluate(args, run) -> int:
     """`worldloom eval RUN` of a world run: every figure of evaluate_world, eval.json and report.md."""
+    from ..io import write_json
     from ..world.pipeline import evaluate_world, write_outputs
 
-    from ..io import write_json
-
+    ec = run.cfg.eval
+    episodes = ec.episodes if args.episodes is None else args.episodes
+    plan = ec.plan_episodes if args.plan_episodes is None else args.plan_episodes
     quiet = (lambda *a: None) if args.json else print
-    result = evaluate_world(run, progress=not args.json, log=quiet, episodes=args.episodes, plan_episodes=args.plan_episodes)
-    own = own_eval_settings(run.cfg.eval, args.episodes, args.plan_episodes)
-    if own:
+    result = evaluate_world(run, progress=not args.json, log=quiet, episodes=episodes, plan_episodes=plan)
+    own = (episodes, plan) == (ec.episodes, ec.plan_episodes)
+    if own:  # the run's own settings: its figures are these
         report = write_outputs(run, result, log=quiet)
-    else:  # other settings than the run's own: eval.json and report.md keep the run's figures
-        ec = run.cfg.eval
-        episodes = ec.episodes if args.episodes is None else args.episodes
-        plan = ec.plan_episodes if args.plan_episodes is None else args.plan_episodes
+    else:  # other settings: eval.json and report.md keep the run's own figures, these go to a file of their own
         report = Path(run.run_dir) / f"eval-{episodes}ep-{plan}plan.json"
         write_json(report, result)
     if args.json:
@@ -63,12 +62,6 @@ def evaluate(args, run) -> int:
     else:
         print(f"report: {report}" if own else f"figures: {report} (eval.json and report.md keep the run's own settings)")
     return 0
-
-
-def own_eval_settings(ec, episodes: int | None, plan_episodes: int | None) -> bool:
-    """Whether `worldloom eval` runs with the run's own eval.episodes / eval.plan_episodes (its figures then
-    replace eval.json and report.md; with others they go to a file of their own)."""
-    return episodes in (None, ec.episodes) and plan_episodes in (None, ec.plan_episodes)
 
 
 RECIPE = Recipe("world", "collect episodes, train a world model + policy, evaluate, report", make_task, run, resume, load,

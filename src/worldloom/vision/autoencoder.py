@@ -106,7 +106,7 @@ class ImageAutoencoder(nn.Module):
         x = self.to_float(idx)
         q, codes, out = self._quantize(self.encoder(x))
         recon = torch.sigmoid(self.decoder(q))
-        power = getattr(self.cfg, "rare_weight", 0.0)
+        power = self.cfg.rare_weight
         weight = colour_weights(idx, power) if self.training and power > 0 else None
         return VisionOutput(recon, x, codes, out.loss, out.stats, weight)
 

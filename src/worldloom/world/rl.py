@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import latest_checkpoint, save_checkpoint
-from ..config import MAX_THREADS, RunConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
+from ..config import RunConfig, TrainConfig, from_dict, parse_override, read_yaml, save_yaml, to_dict
 from ..errors import ConfigError, DataError
 from ..io import load_tensors, save_tensors
 from ..losses.next_token import next_token_loss
@@ -480,9 +480,7 @@ def threads_of(run_dir: Path, overrides: list[str], allow_run_keys: bool) -> int
     if threads is None:  # (a folder that is not a run is reported by what loads it)
         cfg_file = Path(run_dir) / CONFIG
         threads = (read_yaml(cfg_file).get("train") or {}).get("threads", 0) if cfg_file.is_file() else 0
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
-        raise ConfigError(f"train.threads must be an integer from 0 (all cores) to {MAX_THREADS}, got {threads!r}")
-    return threads
+    return from_dict(TrainConfig, {"threads": threads}, prefix="train.").threads  # its type and range checks
 
 
 def _optimizer(model, value_head, cfg: RLConfig) -> torch.optim.Optimizer:
