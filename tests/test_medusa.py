@@ -194,8 +194,8 @@ def test_tune_medusa_end_to_end(trained_run, tmp_path, capsys):
 
 
 def test_resume_trains_on_the_cached_generations(trained_run, tmp_path, monkeypatch):
-    from worldloom.recipes.medusa import MedusaTask
     from worldloom.tune.common import tune_recipe
+    from worldloom.tune.distill import Generations
 
     quiet = {"progress": False, "log": lambda *a: None}
     tiny = ["heads=1", f"out_dir={tmp_path}", "name=m", "medusa.samples=8", "medusa.prompt=4", "medusa.length=8",
@@ -206,7 +206,7 @@ def test_resume_trains_on_the_cached_generations(trained_run, tmp_path, monkeypa
     def no(*a):
         raise AssertionError("generated again on resume")
 
-    monkeypatch.setattr(MedusaTask, "_generate", no)
+    monkeypatch.setattr(Generations, "generate", no)
     s = tune_recipe("medusa", None, ["train.max_steps=4"], resume=tmp_path / "m", **quiet)
     assert s["step"] == 4 and len(s["head_accuracy"]) == 1
     assert torch.equal(load_tensors(tmp_path / "m" / "distill.safetensors")["train"], before["train"])

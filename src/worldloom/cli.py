@@ -45,11 +45,13 @@ examples (docs/tuning.md has the whole path, data formats included):
   worldloom tune dpo  runs/babyai wdpo.seeds=256 name=babyai-dpo          # a world run: trajectory DPO
   worldloom tune dpo --resume runs/dpo                                      # continue after a kill
   worldloom tune medusa runs/big heads=4 name=big-medusa                    # Medusa heads (generate --medusa)
+  worldloom tune draft runs/big name=big-draft                              # a draft model distilled from runs/big (--draft)
 
 Keys: lora.* (rank: 0 = every weight trains; alpha, dropout, targets), dpo.* (beta, loss), orpo.lam,
 tune.* (prompt_format, stop, val_fraction, eval_rows), train.* (max_steps, lr, batch_size, ...),
 rl.* (ppo: updates, batch, kl_reward, lr, eval_path, world=real|imagined, ...), wdpo.* (trajectory DPO:
-seeds, samples, beta, lr, epochs, eval_episodes), medusa.* (heads, samples, prompt, length, temperature), name, out_dir.
+seeds, samples, beta, lr, epochs, eval_episodes), medusa.* (heads, samples, prompt, length, temperature),
+draft.* (samples, prompt, length, temperature, init) and model.* (the draft's size), name, out_dir.
 """
 
 
@@ -131,7 +133,7 @@ def _cmd_imagine(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    """`tune sft|dpo|orpo|reward RUN` (text runs, through the training loop), `tune prefs RUN`
+    """`tune sft|dpo|orpo|reward|medusa|draft RUN` (text runs, through the training loop), `tune prefs RUN`
     (sample preference pairs), `tune ppo RUN` (a world run: PPO in its environment; a text run: RLHF)."""
     if args.run and "=" in args.run:  # `tune ppo --resume RL_RUN rl.updates=100`: an override, not a run
         args.overrides.insert(0, args.run)
@@ -569,13 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true", help="frame-head drafts verified token by token: the same frames, fewer forwards")
     s.set_defaults(fn=_cmd_imagine)
 
-    s = sub.add_parser("tune", help="adapt and align a run: SFT, DPO/IPO, ORPO, reward model, preference pairs, PPO",
+    s = sub.add_parser("tune", help="adapt and align a run: SFT, DPO/IPO, ORPO, reward model, preference pairs, PPO, Medusa heads, draft models",
                        epilog=EPILOG_TUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("method", choices=["sft", "dpo", "orpo", "reward", "prefs", "ppo", "medusa"],
+    s.add_argument("method", choices=["sft", "dpo", "orpo", "reward", "prefs", "ppo", "medusa", "draft"],
                    help="sft: supervised fine-tuning on responses | dpo: direct preference optimisation (dpo.loss=ipo: IPO) | "
                         "orpo: SFT + odds ratio, no reference | reward: a Bradley-Terry reward model | prefs: sample and "
                         "label preference pairs | ppo: RL against a reward (world runs: in their environment) | medusa: "
-                        "Medusa heads (heads=K) on the run's own generations, base frozen")
+                        "Medusa heads (heads=K) on the run's own generations, base frozen | draft: a small draft model "
+                        "(model.* its size) trained on the run's own generations, for generate --draft")
     s.add_argument("run", nargs="?", help="the run to start from")
     s.add_argument("overrides", nargs="*", help="key=value: data.path=..., lora.rank=8, dpo.beta=0.1, train.max_steps=..., name=...")
     s.add_argument("--resume", metavar="TUNED_RUN", help="continue a tuning run in this folder from its last checkpoint")

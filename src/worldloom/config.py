@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -511,29 +512,51 @@ class ORPOConfig:
             raise ConfigError(f"orpo.lam must be >= 0, got {self.lam}")
 
 
-
 @dataclass
-class MedusaConfig:
-    """Medusa heads (recipe medusa: `worldloom tune medusa RUN heads=K`) and their self-distillation data."""
+class DistillConfig:
+    """A base run's own generations to learn from (self-distillation): what Medusa heads (``medusa.*``)
+    and a draft model (``draft.*``) are trained on. Prompts are cut from the base's training text."""
 
-    heads: int = 4  # extra heads: head k (1..K) predicts the token k+1 positions after the model's own next token
+    section: ClassVar[str] = "distill"
     samples: int = 512  # the base model's own generations to train on (prompts cut from its training text)
     prompt: int = 16  # tokens of each prompt
     length: int = 96  # tokens generated after each prompt (at most model.context + 1 - prompt are used)
-    temperature: float = 0.0  # of those generations: 0 = greedy (the decoding Medusa speeds up), > 0 sampled
-    val_fraction: float = 0.1  # generations held out (loss, per-head top-1 accuracy)
+    temperature: float = 0.0  # of those generations: 0 = greedy (the decoding they speed up), > 0 sampled
+    val_fraction: float = 0.1  # generations held out (loss, top-1 agreement with the base)
     seed: int = 0  # prompt places and sampling
+
+    def __post_init__(self):
+        n = self.section
+        if self.samples < 2 or self.prompt < 1 or self.length < 2:
+            raise ConfigError(f"{n}.samples must be >= 2, {n}.prompt >= 1 and {n}.length >= 2; got "
+                              f"{self.samples}, {self.prompt}, {self.length}")
+        if self.temperature < 0:
+            raise ConfigError(f"{n}.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"{n}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class MedusaConfig(DistillConfig):
+    """Medusa heads (recipe medusa: `worldloom tune medusa RUN heads=K`) and their self-distillation data."""
+
+    section: ClassVar[str] = "medusa"
+    heads: int = 4  # extra heads: head k (1..K) predicts the token k+1 positions after the model's own next token
 
     def __post_init__(self):
         if not 1 <= self.heads <= 16:
             raise ConfigError(f"medusa.heads must be from 1 to 16, got {self.heads}")
-        if self.samples < 2 or self.prompt < 1 or self.length < 2:
-            raise ConfigError(f"medusa.samples must be >= 2, medusa.prompt >= 1 and medusa.length >= 2; got "
-                              f"{self.samples}, {self.prompt}, {self.length}")
-        if self.temperature < 0:
-            raise ConfigError(f"medusa.temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError(f"medusa.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        super().__post_init__()
+
+
+@dataclass
+class DraftConfig(DistillConfig):
+    """A draft model distilled from a target run (recipe draft: `worldloom tune draft RUN model.n_layer=2 ...`)."""
+
+    section: ClassVar[str] = "draft"
+    samples: int = 2048
+    length: int = 128
+    init: str = ""  # a text run with the target's tokenizer and this run's model settings to start from ("" = fresh weights)
 
 
 QUANT_BITS = (0.0, 8.0, 1.58)  # quant.bits: full precision, weight-only int8, ternary (BitNet b1.58)
@@ -779,6 +802,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     medusa: MedusaConfig = field(default_factory=MedusaConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     talk: TalkConfig = field(default_factory=TalkConfig)
@@ -846,7 +870,9 @@ def _check_objective(cfg: RunConfig) -> None:
 
 
 def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The types of a config dataclass's fields (class constants such as ``section`` are not fields)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
 
 
 def _check_value(path: str, value: Any, tp: Any) -> Any:

@@ -38,6 +38,7 @@ _MODULES = {  # recipe name -> the module that defines its RECIPE
     "reward": "worldloom.recipes.reward",
     "ppo": "worldloom.recipes.ppo",
     "medusa": "worldloom.recipes.medusa",
+    "draft": "worldloom.recipes.draft",
     "ternary": "worldloom.recipes.ternary",
     "image-tokenizer": "worldloom.recipes.image_tokenizer",
     "talk": "worldloom.recipes.talk",

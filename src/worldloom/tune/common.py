@@ -178,7 +178,7 @@ def finish(summary: dict, run_dir: Path, log=print) -> dict:
 
 def tune_recipe(method: str, run: Path | None, overrides: list[str], resume: Path | None = None,
                 progress: bool = True, log=print) -> dict:
-    """`worldloom tune sft|dpo|orpo|reward|medusa RUN ...` (or --resume): a new tuned run through the training loop."""
+    """`worldloom tune sft|dpo|orpo|reward|medusa|draft RUN ...` (or --resume): a new tuned run through the training loop."""
     import importlib
 
     from ..train import train
@@ -187,7 +187,8 @@ def tune_recipe(method: str, run: Path | None, overrides: list[str], resume: Pat
     module = importlib.import_module(f"worldloom.recipes.{method}")
     if resume is None:
         overrides = getattr(module, "tune_overrides", lambda _, o: o)(run, list(overrides))  # a recipe's shorthands
-        return run_tuned(tuned_config(run, method, overrides, module.TRAIN_DEFAULTS), progress, log)
+        config = getattr(module, "tuned_config", tuned_config)  # a draft has a model of its own
+        return run_tuned(config(run, method, overrides, module.TRAIN_DEFAULTS), progress, log)
     return _after(method, train(resume=resume, overrides=overrides, progress=progress, log=log), log)
 
 
