@@ -5,10 +5,13 @@ same weights, in one process, on tinyshakespeare prompts.
     python benchmarks/bench_decode.py --dir /tmp/dec              # trains runs/big and runs/small if absent
     python benchmarks/bench_decode.py --dir /tmp/dec --quick      # tiny models, a smoke test (a minute)
     python benchmarks/bench_decode.py --dir /tmp/dec --medusa runs/big-medusa --quant runs/big-int8 runs/big-ternary
+    python benchmarks/bench_decode.py --dir /tmp/dec --distilled runs/big-draft   # + drafts made by `tune draft`
 
 Rows (batch 1, greedy, ``--new`` tokens per prompt, the same prompts for every row):
 - plain: `decode.generate_ids` with the KV cache (the peer of every ratio);
 - draft k=K: speculative decoding with runs/small as the draft (``--draft-tokens``);
+- distilled NAME k=K (with ``--distilled RUN ...``): the same with a draft `worldloom tune draft`
+  distilled from runs/big's own generations;
 - lookup (grounded / open): prompt lookup on prompts that quote a held-out passage and then start
   it again (the continuation can be copied) and on open-ended held-out openings;
 - medusa (with ``--medusa RUN``), quantised runs (``--quant RUN ...``: their own plain decoding);
@@ -107,6 +110,13 @@ def methods(big, small, args, log) -> dict:
             for k in args.draft_tokens},
          "lookup (open)": ("open", lambda ids: decode_row(big.model, ids, args.new, LookupDrafter(), max(args.draft_tokens))),
          "lookup (grounded)": ("grounded", lambda ids: decode_row(big.model, ids, args.new, LookupDrafter(), max(args.draft_tokens)))}
+    for d in args.distilled or []:
+        from worldloom.run import load_run
+
+        dm = load_run(Path(d)).model
+        for k in args.draft_tokens:
+            m[f"distilled {Path(d).name} k={k}"] = (
+                "open", lambda ids, dm=dm, k=k: decode_row(big.model, ids, args.new, ModelDrafter(dm), k))
     if args.medusa:
         from worldloom.inference.medusa import medusa_ids
         from worldloom.run import load_run
@@ -194,6 +204,7 @@ def main() -> int:
     ap.add_argument("--draft-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[4],
                     help="most drafts per verification; a comma list gives one draft row each (e.g. 3,5)")
     ap.add_argument("--medusa", help="a run made by `worldloom tune medusa` from runs/big")
+    ap.add_argument("--distilled", nargs="*", help="draft runs made by `worldloom tune draft` from runs/big")
     ap.add_argument("--quant", nargs="*", help="quantised runs of runs/big (`worldloom quantize`)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers anchors")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")

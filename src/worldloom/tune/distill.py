@@ -52,9 +52,11 @@ class Generations:
         write_json(Path(run_dir) / f"{DISTILL}.json", self.key())  # written last: the pair is complete
 
     @torch.no_grad()
-    def generate(self, model, cfg, tokenizer, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, model, cfg, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts cut from the base's training text (cfg.data), continued by ``model``: (train, val) (N, P + G) ids.
-        ``progress(done)`` after each batch."""
+        A progress bar (with its ETA) on a terminal."""
+        from tqdm import tqdm
+
         from ..decode import SamplingConfig, generate_ids
         from ..recipes.text import prepare_text
 
@@ -71,13 +73,13 @@ class Generations:
         was = model.training
         model.eval()
         out = []
-        for i in range(0, dc.samples, GEN_BATCH):
-            p = prompts[i : i + GEN_BATCH]
-            sc = SamplingConfig(max_new_tokens=self.length, temperature=dc.temperature, seed=dc.seed + i)
-            new = torch.stack(list(generate_ids(model, p.tolist(), sc)), 1).cpu()  # (b, G)
-            out.append(torch.cat([p, new.clone()], 1))
-            if progress:
-                progress(min(i + GEN_BATCH, dc.samples))
+        with tqdm(total=dc.samples, desc="generations of the base", unit="row", disable=None, dynamic_ncols=True) as bar:
+            for i in range(0, dc.samples, GEN_BATCH):
+                p = prompts[i : i + GEN_BATCH]
+                sc = SamplingConfig(max_new_tokens=self.length, temperature=dc.temperature, seed=dc.seed + i)
+                new = torch.stack(list(generate_ids(model, p.tolist(), sc)), 1).cpu()  # (b, G)
+                out.append(torch.cat([p, new.clone()], 1))
+                bar.update(len(p))
         model.train(was)
         rows = torch.cat(out)
         n_val = max(1, round(dc.samples * dc.val_fraction))
