@@ -13,6 +13,9 @@ each mode of `BatchedWorldModelEnv`:
   same streams as ``tokens`` (checked: ``identical``), fewer forwards where the drafts are right;
 * ``fast_head``: the same with the head's own drafts after a rejection (``redraft="head"``;
   ``fast`` redrafts from the verification's choices); which is faster depends on the model;
+* ``fast_paced``: ``fast`` as `BatchedWorldModelEnv` runs it by default, with a `Pace`: each frame
+  drafted or token by token, whichever the clock says is faster at this batch (``fast`` and
+  ``fast_head`` draft every frame);
 * ``parallel``: the frame head's frame as it is (not the token-by-token result; a bound).
 
 Measured (wall clock, `time.perf_counter`, the step loop only; one warm-up step per mode first,
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("tokens", "fast", "fast_head", "parallel")  # fast_head: fast with redraft="head"
+MODES = ("tokens", "fast", "fast_head", "fast_paced", "parallel")  # fast_head: redraft="head"; fast_paced: with a Pace
 
 
 def real_starts(env_id: str, n: int) -> tuple[list[str], dict]:
@@ -57,7 +60,8 @@ def measure(model, layout, missions, first, actions: np.ndarray, mode: str) -> d
     from worldloom.world.rollout.imagine import BatchedWorldModelEnv
 
     redraft = "head" if mode == "fast_head" else "verify"
-    sim = BatchedWorldModelEnv(model, layout, "fast" if mode == "fast_head" else mode, greedy=True, redraft=redraft)
+    sim = BatchedWorldModelEnv(model, layout, "fast" if mode.startswith("fast") else mode, greedy=True, redraft=redraft,
+                               pace=mode == "fast_paced")
     sim.reset(missions, first)
     sim.step(actions[0])  # warm-up
     sim.stats = type(sim.stats)()  # count the timed steps only
@@ -70,8 +74,8 @@ def measure(model, layout, missions, first, actions: np.ndarray, mode: str) -> d
 
 
 def bench(run, batches: list[int], steps: int, seed: int = 0, log=print) -> list[dict]:
-    """Rows {batch, tokens, fast, fast_head, parallel (steps/s), ratio, forwards_per_step, fast_stats,
-    fast_head_stats, rebuilds, identical}."""
+    """Rows {batch, tokens, fast, fast_head, fast_paced, parallel (steps/s), ratio, forwards_per_step, fast_stats,
+    fast_head_stats, fast_paced_stats, rebuilds, identical}."""
     model, layout = run.model, run.layout
     missions, first = real_starts(run.cfg.env.id, max(batches))
     rows = []
@@ -84,8 +88,9 @@ def bench(run, batches: list[int], steps: int, seed: int = 0, log=print) -> list
                "ratio": {m: round(got[m]["steps_per_s"] / tok, 2) for m in MODES if m != "tokens"},
                "forwards_per_step": {m: got[m]["stats"]["forwards_per_step"] for m in MODES},
                "fast_stats": got["fast"]["stats"], "fast_head_stats": got["fast_head"]["stats"],
+               "fast_paced_stats": got["fast_paced"]["stats"],
                "rebuilds": got["tokens"]["rebuilds"],
-               "identical": all(np.array_equal(got["tokens"]["streams"], got[m]["streams"]) for m in ("fast", "fast_head"))}
+               "identical": all(np.array_equal(got["tokens"]["streams"], got[m]["streams"]) for m in ("fast", "fast_head", "fast_paced"))}
         rows.append(row)
         log(f"batch {b:>3}: " + "  ".join(f"{m} {row[m]:.1f}" + (f" ({row['ratio'][m]:.2f}x)" if m != "tokens" else "")
                                           for m in MODES)

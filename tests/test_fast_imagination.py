@@ -13,7 +13,7 @@ from worldloom.cli import main
 from worldloom.config import build_config
 from worldloom.model import LWM
 from worldloom.world.data.episodes import load_dataset
-from worldloom.world.rollout.fast import ImagineStats, imagine_frame
+from worldloom.world.rollout.fast import ImagineStats, Pace, imagine_frame
 from worldloom.world.rollout.imagine import (
     BatchedWorldModelEnv,
     WorldModelEnv,
@@ -66,8 +66,9 @@ def _start(episodes, batch):
 
 
 def _imagine(model, layout, mode, missions, first, actions, **kw):
-    """Every step's outputs and the whole fed stream of a BatchedWorldModelEnv under given actions."""
-    sim = BatchedWorldModelEnv(model, layout, mode, **kw)
+    """Every step's outputs and the whole fed stream of a BatchedWorldModelEnv under given actions
+    (fast: every frame drafted, unless ``pace`` is given)."""
+    sim = BatchedWorldModelEnv(model, layout, mode, **{"pace": False, **kw})
     sim.reset(missions, first)
     outs = []
     for a in actions:
@@ -178,7 +179,7 @@ def test_right_drafts_cost_one_forward_per_frame(wrong, per_step, run, val_episo
     tok, tsim = _imagine(run.model, run.layout, "tokens", missions, first, actions)
     L = run.layout.obs_len
     frames = [tsim.runner.steps[:, L + 3 + t * (L + 3): L + 3 + t * (L + 3) + L] for t in range(3)]
-    sim = BatchedWorldModelEnv(run.model, run.layout, "fast", redraft="head")
+    sim = BatchedWorldModelEnv(run.model, run.layout, "fast", redraft="head", pace=False)
     sim.runner.frame = _Oracle(sim.runner, frames, wrong)
     sim.reset(missions, first)
     fast = []
@@ -206,7 +207,7 @@ def test_sampling_keeps_the_token_by_token_distribution(run, val_episodes):
     L = run.layout.obs_len
     frames = {}
     for mode, seed in (("tokens", 0), ("fast", 1), ("parallel", 2)):
-        sim = BatchedWorldModelEnv(model, run.layout, mode, greedy=False, seed=seed)
+        sim = BatchedWorldModelEnv(model, run.layout, mode, greedy=False, seed=seed, pace=False)
         sim.reset(missions, first)
         sim.step(action[0])
         frames[mode] = sim.runner.steps[:, -L:]
@@ -272,7 +273,8 @@ def test_open_loop_throughput_and_the_gif_rollout_take_fast(run, val_episodes, c
     missions, first = _start(eps, 2)
     stats = ImagineStats()
     assert imagination_throughput(run.model, run.layout, first, missions, batch=2, steps=2, mode="fast", stats=stats) > 0
-    assert stats.steps == 2 and stats.frame_passes == 2 and 0 < stats.forwards_per_step
+    assert stats.steps == 2 and stats.frame_passes >= 1 and stats.frame_passes + stats.token_frames == 2  # paced
+    assert 0 < stats.forwards_per_step
     frames_tok = imagined_vs_real(run, seed=3, steps=3)
     frames_fast = imagined_vs_real(run, seed=3, steps=3, mode="fast")
     for a, b in zip(frames_tok, frames_fast):
@@ -284,7 +286,7 @@ def test_open_loop_throughput_and_the_gif_rollout_take_fast(run, val_episodes, c
         (o1, *rest1), (o2, *rest2) = (env.step(a) for env in envs)
         np.testing.assert_array_equal(o1["image"], o2["image"])
         assert o1["direction"] == o2["direction"] and rest1 == rest2
-    assert envs[1]._sim.stats.frame_passes == 4
+    assert envs[1]._sim.stats.frame_passes >= 1 and envs[1]._sim.stats.frame_passes + envs[1]._sim.stats.token_frames == 4
     rc = main(["imagine", str(world_run), "--seed", "3", "--steps", "3", "--fast", "--out", str(tmp_path / "f.gif")])
     out = capsys.readouterr().out
     assert rc == 0 and "forwards per imagined step" in out and "drafts accepted" in out
@@ -296,3 +298,34 @@ def test_imagine_frame_refuses_an_unknown_redraft(run, val_episodes):
     sim.reset(missions, first)
     with pytest.raises(ValueError, match="redraft"):
         imagine_frame(sim.runner, sim.h, redraft="guess")
+
+
+def test_pace_drafts_only_where_drafting_is_faster():
+    pace = Pace(retry=3)
+    assert pace.drafts(64, 53)  # nothing timed yet: draft (and time it)
+    pace.tokens(64, 0.03, 3)  # a one-token step: 10 ms; 53 of them: 0.53 s
+    pace.drafted(64, 0.2)
+    assert pace.drafts(64, 53) and pace.drafts(64, 53)  # a drafted frame is faster
+    pace.drafted(64, 1.5)  # now slower than 53 steps
+    assert [pace.drafts(64, 53) for _ in range(6)] == [False, False, True, False, False, True]  # retried every 3rd
+    assert pace.drafts(1, 53)  # another batch size is timed apart
+    with pytest.raises(ValueError, match="retry"):
+        Pace(retry=0)
+
+
+def test_a_paced_frame_taken_token_by_token_is_the_same_frame(run, val_episodes):
+    missions, first = _start(val_episodes, 3)
+    actions = np.random.default_rng(4).integers(run.layout.n_actions, size=(3, 3))
+    tok, _ = _imagine(run.model, run.layout, "tokens", missions, first, actions)
+    sim = BatchedWorldModelEnv(run.model, run.layout, "fast")
+    sim.pace.retry = 3
+    sim.pace.drafted(3, 1e9)  # as if a drafted frame had taken forever at batch 3
+    sim.reset(missions, first)
+    fast = []
+    for a in actions:
+        obs, reward, term, trunc = sim.step(a)
+        fast.append((obs["image"].copy(), obs["direction"].copy(), reward, term, trunc))
+    _assert_same(tok, fast)
+    assert sim.stats.token_frames == 2 and sim.stats.frame_passes == 1  # two frames token by token, then a retry
+    assert BatchedWorldModelEnv(run.model, run.layout, "fast", pace=False).pace is None
+    assert BatchedWorldModelEnv(run.model, run.layout, "tokens").pace is None

@@ -38,10 +38,21 @@ draft that already passed a test cannot be tested again without bias).
 
 **Roll-over**: a verification feeds at most `StreamRunner.room` ids, so the runner rolls over at
 exactly the token where ``tokens`` mode does, and the output stays exact past the context.
+
+**Pace** (`Pace`, ``imagine_frame(pace=)``): drafting pays where a forward's cost hardly grows
+with the ids it is given (batch 1 on a CPU reads the weights once either way). A large batch is
+compute-bound: a verification over 64 rows × 53 drafts costs ~19 one-token steps, and 64 rows
+keep the smallest accepted count, so drafting is slower than token by token there (BENCHMARKS.md:
+0.34× at batch 64). A `Pace` times both ways at each batch size (a drafted frame when one runs;
+one-token forwards from the caller's own action, reward and done feeds, `Pace.tokens`) and imagines
+each frame the faster way (token by token: ``tokens`` mode's own loop, `tokens_frame`), drafting
+again every ``retry`` frames to re-measure. Both ways give the same frames (greedy) or the same
+distribution (sampled; other draws), so the choice changes only the speed.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +77,7 @@ class ImagineStats:
     verifications: int = 0
     drafted: int = 0
     accepted: int = 0
+    token_frames: int = 0  # frames a `Pace` had imagined token by token (the faster way at that batch)
 
     @property
     def forwards_per_step(self) -> float:
@@ -85,7 +97,57 @@ class ImagineStats:
         return {"steps": self.steps, "forwards": self.forwards, "forwards_per_step": round(self.forwards_per_step, 3),
                 "frame_passes": self.frame_passes, "verifications": self.verifications,
                 "verifications_per_frame": round(self.verifications_per_frame, 3), "drafted": self.drafted,
-                "accepted": self.accepted, "acceptance": round(self.acceptance, 4)}
+                "accepted": self.accepted, "acceptance": round(self.acceptance, 4), "token_frames": self.token_frames}
+
+
+class Pace:
+    """Frame by frame, drafts verified or token by token: the faster way at each batch size, by the clock.
+
+    ``tokens(batch, seconds, n)``: n one-token steps (logits, pick, feed) took ``seconds``; the
+    caller times those it makes anyway. ``drafts(batch, obs_len)``: whether the next frame is
+    drafted: yes until both ways are timed, while a drafted frame costs no more than ``obs_len``
+    one-token steps, and once every ``retry`` frames otherwise (to see whether that changed)."""
+
+    def __init__(self, retry: int = 32):
+        if retry < 1:
+            raise ValueError(f"retry must be at least 1, got {retry}")
+        self.retry = retry
+        self.step_s: dict[int, float] = {}  # batch -> seconds of one one-token step (running mean)
+        self.frame_s: dict[int, float] = {}  # batch -> seconds of the latest drafted frame
+        self.since: dict[int, int] = {}  # batch -> token-by-token frames since the latest drafted one
+
+    def tokens(self, batch: int, seconds: float, n: int = 1) -> None:
+        one = seconds / max(n, 1)
+        old = self.step_s.get(batch)
+        self.step_s[batch] = one if old is None else 0.8 * old + 0.2 * one
+
+    def drafts(self, batch: int, obs_len: int) -> bool:
+        frame, step = self.frame_s.get(batch), self.step_s.get(batch)
+        if frame is None or step is None or frame <= obs_len * step:
+            return True
+        self.since[batch] = self.since.get(batch, 0) + 1
+        if self.since[batch] >= self.retry:
+            self.since[batch] = 0
+            return True
+        return False
+
+    def drafted(self, batch: int, seconds: float) -> None:
+        self.frame_s[batch] = seconds
+
+
+def tokens_frame(run: StreamRunner, h: torch.Tensor, temperature: float, generator=None,
+                 pace: Pace | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """The next observation (B, obs_len) token by token (``tokens`` mode) and the hidden state after it;
+    ``pace`` learns how long a step took."""
+    L = run.layout.obs_len
+    obs = np.empty((run.batch, L), np.int64)
+    t0 = time.perf_counter()
+    for i in range(L):
+        obs[:, i] = sample(run.logits(h), temperature, generator=generator).cpu().numpy()
+        h = run.feed(obs[:, i : i + 1])[:, -1]
+    if pace is not None:
+        pace.tokens(run.batch, time.perf_counter() - t0, L)
+    return obs, h
 
 
 def check_fast(model) -> None:
@@ -113,14 +175,29 @@ def _choices(run: StreamRunner, hs: torch.Tensor, first: int) -> torch.Tensor:
 
 @torch.no_grad()
 def imagine_frame(run: StreamRunner, h: torch.Tensor, greedy: bool = True, generator: torch.Generator | None = None,
-                  stats: ImagineStats | None = None, redraft: str = "verify") -> tuple[np.ndarray, torch.Tensor]:
+                  stats: ImagineStats | None = None, redraft: str = "verify",
+                  pace: Pace | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """The next observation (B, obs_len) ids of every stream of ``run``, which is right after a
     ``done`` token whose hidden state is h (B, C), fed into the runner; returns it and the hidden
-    state after its last token (B, C). Greedy: exactly ``tokens`` mode's frame (module doc)."""
+    state after its last token (B, C). Greedy: exactly ``tokens`` mode's frame (module doc).
+    ``pace``: drafted or token by token, whichever is faster at this batch size (module doc)."""
     if redraft not in REDRAFTS:
         raise ValueError(f"redraft must be one of {', '.join(REDRAFTS)}, got {redraft!r}")
-    L = run.layout.obs_len
     stats = stats if stats is not None else ImagineStats()
+    if pace is None:
+        return _drafted_frame(run, h, greedy, generator, stats, redraft)
+    if not pace.drafts(run.batch, run.layout.obs_len):
+        stats.token_frames += 1
+        return tokens_frame(run, h, 0.0 if greedy else 1.0, generator, pace)
+    t0 = time.perf_counter()
+    out = _drafted_frame(run, h, greedy, generator, stats, redraft)
+    pace.drafted(run.batch, time.perf_counter() - t0)
+    return out
+
+
+def _drafted_frame(run: StreamRunner, h: torch.Tensor, greedy: bool, generator, stats: ImagineStats,
+                   redraft: str) -> tuple[np.ndarray, torch.Tensor]:
+    L = run.layout.obs_len
     draft, q = _draft(run.frame(h), greedy, generator)  # (B, L)
     stats.frame_passes += 1
     frame = draft.clone()

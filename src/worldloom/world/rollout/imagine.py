@@ -45,7 +45,7 @@ from ..envs import make_adapter
 from ..envs.pixels import PIXELS
 from ..eval.metrics import seen_cell_accuracy
 from ...inference.sampling import sample
-from .fast import ImagineStats, check_fast, imagine_frame
+from .fast import ImagineStats, Pace, check_fast, imagine_frame, tokens_frame
 from .runner import StreamRunner
 from ..stream import StreamLayout
 
@@ -102,7 +102,10 @@ class BatchedWorldModelEnv:
     mode: "tokens" (token-by-token observations), "parallel" (the frame head) or "fast" (the frame
         head's drafts verified: the tokens result; worldloom.world.rollout.fast). The last two
         need a frame head (ValueError otherwise); ``redraft``: fast mode's drafts after a
-        rejection ("verify" or "head", see worldloom.world.rollout.fast).
+        rejection ("verify" or "head", see worldloom.world.rollout.fast); ``pace``: fast mode
+        imagines a frame token by token where the clock says that is faster at this batch size
+        (large batches on a CPU; the same frames: `worldloom.world.rollout.fast.Pace`); False:
+        always drafts.
     greedy: argmax tokens (deterministic) or samples from the softmax (seeded by ``seed``).
     temperature: (overrides ``greedy``) the sampling temperature of every imagined token; 0 is argmax.
         Below 1 the world keeps fewer unlikely tokens: sampled at 1, the token stream of the BabyAI
@@ -119,7 +122,8 @@ class BatchedWorldModelEnv:
 
     def __init__(self, model, layout: StreamLayout, mode: str = "tokens", greedy: bool = True, seed: int = 0,
                  max_steps: int | None = None, env_id: str | None = None, precision: str = "fp32",
-                 device: str | torch.device = "cpu", redraft: str = "verify", temperature: float | None = None):
+                 device: str | torch.device = "cpu", redraft: str = "verify", temperature: float | None = None,
+                 pace: bool = True):
         mode = _check_mode(model, mode)
         temperature = (0.0 if greedy else 1.0) if temperature is None else float(temperature)
         if temperature < 0:
@@ -133,6 +137,7 @@ class BatchedWorldModelEnv:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
         self.model, self.layout, self.mode, self.greedy, self.temperature = model, layout, mode, bool(greedy), temperature
         self.max_steps, self.redraft = max_steps, redraft
+        self.pace = Pace() if mode == "fast" and pace else None
         self.runner = StreamRunner(model, layout, precision, device)
         self.generator = torch.Generator(device=self.runner.device)
         self.reseed(seed)
@@ -194,23 +199,22 @@ class BatchedWorldModelEnv:
             raise ValueError(f"step needs {B} actions (one per stream), got {len(actions)}")
         if actions.min() < 0 or actions.max() >= lay.n_actions:
             raise ValueError(f"actions must be in [0, {lay.n_actions}), got {actions.tolist()}")
-        before = run.forwards
+        before, t0 = run.forwards, time.perf_counter()
         h = run.feed(lay.action_ids(actions)[:, None])[:, -1]
         r_id = self._pick(run.logits(h))
         h = run.feed(r_id[:, None])[:, -1]
         d_id = self._pick(run.logits(h))
         h = run.feed(d_id[:, None])[:, -1]
+        if self.pace is not None:  # three one-token steps: what a token-by-token frame's steps cost
+            self.pace.tokens(B, time.perf_counter() - t0, 3)
         if self.mode == "parallel":
             obs = self._pick(run.frame(h)).reshape(B, lay.obs_len)  # the whole next observation at once
             self.stats.frame_passes += 1
             h = run.feed(obs)[:, -1]
         elif self.mode == "fast":
-            obs, h = imagine_frame(run, h, self.greedy, self.generator, self.stats, self.redraft)
+            obs, h = imagine_frame(run, h, self.greedy, self.generator, self.stats, self.redraft, self.pace)
         else:
-            obs = np.empty((B, lay.obs_len), np.int64)
-            for i in range(lay.obs_len):
-                obs[:, i] = self._pick(run.logits(h))
-                h = run.feed(obs[:, i : i + 1])[:, -1]
+            obs, h = tokens_frame(run, h, self.temperature, self.generator)
         self.h, self.last_ids = h, obs  # (B, obs_len) the imagined observation's stream ids
         self.stats.steps += 1
         self.stats.forwards += run.forwards - before

@@ -57,13 +57,14 @@ policy's top 2 instead of all 7 BabyAI actions makes those rows 3.5 times fewer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ...inference.sampling import sample
-from .fast import ImagineStats, check_fast, imagine_frame
+from .fast import ImagineStats, Pace, check_fast, imagine_frame, tokens_frame
 from .runner import StreamRunner
 
 MODES = ("auto", "tokens", "parallel", "fast")
@@ -94,7 +95,8 @@ class ImaginationPlanner:
         take, and its reward predictions for them are not to be trusted.
     mode: how imagined observations are predicted — "tokens" (token by token), "parallel"
         (the frame head, one pass; the model must have one), "fast" (the frame head's drafts
-        verified: exactly "tokens", faster where the head is right; needs one too) or "auto"
+        verified: exactly "tokens", faster where the head is right, token by token where the clock
+        says drafting is slower at this batch, `fast.Pace`, unless ``pace=False``; needs one too) or "auto"
         (parallel when the model has a frame head). ``stats`` (`ImagineStats`) counts imagined
         steps, forwards and (fast) drafts accepted.
 
@@ -105,7 +107,7 @@ class ImaginationPlanner:
 
     def __init__(self, horizon: int = 4, candidates=None, greedy_rollout: bool = True, discount: float = 1.0,
                  mode: str = "auto", seed: int = 0, margin: float = 0.2, greedy: bool = True, top_k: int | None = 2,
-                 confidence: float = 0.5):
+                 confidence: float = 0.5, pace: bool = True):
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if mode not in MODES:
@@ -129,6 +131,7 @@ class ImaginationPlanner:
         self.decisions = 0  # real actions chosen (rows of every choose())
         self.overrides = 0  # of them, how many were not the policy's own action
         self.stats = ImagineStats()
+        self.pace = Pace() if pace else None  # fast mode: drafted frames only where they are faster at this batch size
 
     # -- helpers
     def _candidates(self, layout) -> np.ndarray:
@@ -206,6 +209,7 @@ class ImaginationPlanner:
                 act = lay.decode_action(sample(scratch.logits(h), 0.0 if self.greedy_rollout else 1.0,
                                                      generator=self.generator).cpu().numpy())
             actions[:, t] = act
+            t0 = time.perf_counter()
             h = scratch.feed(lay.action_ids(act)[:, None])[:, -1]
             r_logits = scratch.logits(h)
             r_id = sample(r_logits, 0.0).cpu().numpy()
@@ -213,6 +217,8 @@ class ImaginationPlanner:
             h = scratch.feed(r_id[:, None])[:, -1]
             d_id = sample(scratch.logits(h), 0.0).cpu().numpy()
             h = scratch.feed(d_id[:, None])[:, -1]
+            if self.pace is not None:
+                self.pace.tokens(B * K, time.perf_counter() - t0, 3)  # what a token-by-token frame's steps cost
             term, trunc = lay.decode_done(d_id)
             ends[:, t] = term | trunc
             if t == H - 1 or ends[:, : t + 1].any(axis=1).all():
@@ -221,12 +227,10 @@ class ImaginationPlanner:
                 obs = sample(scratch.frame(h), 0.0).cpu().numpy()  # (B*K, obs_len)
                 self.stats.frame_passes += 1
                 h = scratch.feed(obs)[:, -1]
-            elif obs_mode == "fast":  # the same observation as token by token, from verified drafts
-                _, h = imagine_frame(scratch, h, stats=self.stats)
+            elif obs_mode == "fast":  # the same observation as token by token, from verified drafts (where faster)
+                _, h = imagine_frame(scratch, h, stats=self.stats, pace=self.pace)
             else:
-                for _ in range(lay.obs_len):
-                    tok = sample(scratch.logits(h), 0.0).cpu().numpy()
-                    h = scratch.feed(tok[:, None])[:, -1]
+                _, h = tokens_frame(scratch, h, 0.0)
         self.stats.forwards += scratch.forwards - before
         return Imagined(cand, rewards.reshape(B, K, H), ends.reshape(B, K, H), actions.reshape(B, K, H))
 
